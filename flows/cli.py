@@ -1,0 +1,116 @@
+"""The `stillhouse` command line.
+
+    stillhouse run configs/demo.yaml [--set train.max_steps=100 ...] [--until STAGE]
+    stillhouse validate configs/demo.yaml [--set ...]
+    stillhouse schema
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from stillhouse.config import ConfigError, PipelineConfig, load_config
+from stillhouse.errors import StillhouseError
+
+STAGE_NAMES = ("curate", "sample", "train", "evaluate", "register", "publish")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stillhouse",
+        description="Distill open-weights language models: curate prompts, sample a teacher, train and evaluate a student, "
+        "register it in MLflow and publish it to the Hugging Face Hub.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(command: argparse.ArgumentParser) -> None:
+        command.add_argument("config", type=Path, help="experiment YAML, e.g. configs/demo.yaml")
+        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                             help="override one config value (YAML-parsed), e.g. --set train.max_steps=100; repeatable")
+
+    run = commands.add_parser("run", help="run the distillation pipeline of a config (reusing every stage already in the store)",
+                              description="Run curate → sample → train → evaluate → register → publish as a Prefect flow.")
+    with_config(run)
+    run.add_argument("--until", choices=STAGE_NAMES, default="publish", help="stop after this stage (default: publish)")
+    validate = commands.add_parser("validate", help="check a config and its inputs (files, models, k) without running anything")
+    with_config(validate)
+    commands.add_parser("schema", help="print every config field with its type, default and description (JSON Schema)")
+    return parser
+
+
+def print_summary(result, config: PipelineConfig, command: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    metrics = result.report.metrics if result.report else {}
+    comparison = Table(title=f"Stillhouse · {config.name}", show_lines=False)
+    comparison.add_column("")
+    comparison.add_column("teacher", justify="right")
+    comparison.add_column("student", justify="right")
+    for label, key, fmt in [("exact match (vs references)", "exact_match", "{:.1%}"), ("perplexity on teacher responses", "perplexity", "{:.3f}"),
+                            ("parameters", "parameters", "{:,.0f}")]:
+        if f"student_{key}" in metrics:
+            comparison.add_row(label, fmt.format(metrics[f"teacher_{key}"]), fmt.format(metrics[f"student_{key}"]))
+    for label, key, fmt in [("student agrees with teacher", "student_teacher_agreement", "{:.1%}"), ("KL(teacher‖student) per token", "kl_teacher_student", "{:.4f}"),
+                            ("student / teacher parameters", "parameter_ratio", "{:.1%}")]:
+        if key in metrics:
+            comparison.add_row(label, "", fmt.format(metrics[key]))
+    categories = sorted({k.split("/", 1)[1] for k in metrics if k.startswith("student_exact_match/")})
+    for category in categories:
+        comparison.add_row(f"  exact match · {category}", f"{metrics[f'teacher_exact_match/{category}']:.1%}", f"{metrics[f'student_exact_match/{category}']:.1%}")
+    console.print(comparison)
+
+    stages = Table(title="Stages")
+    stages.add_column("stage")
+    stages.add_column("seconds", justify="right")
+    stages.add_column("")
+    for stage, seconds in result.seconds.items():
+        stages.add_row(stage, f"{seconds:.1f}", "reused from store" if result.cached.get(stage) else "")
+    stages.add_row("total", f"{sum(result.seconds.values()):.1f}", "")
+    console.print(stages)
+
+    console.print(f"MLflow run: [bold]{result.mlflow_run_id}[/bold] (experiment {result.experiment_id})")
+    console.print(f"  browse:  mlflow ui --backend-store-uri {result.tracking_uri} --port 5000   then open "
+                  f"http://127.0.0.1:5000/#/experiments/{result.experiment_id}/runs/{result.mlflow_run_id}")
+    if result.registered:
+        console.print(f"Registered: {result.registered.model_uri} (version {result.registered.version})")
+    if result.published:
+        where = f"https://huggingface.co/{result.published.repo_id}" if result.published.repo_id and not config.publish.endpoint else result.published.repo_id
+        console.print(f"Published folder: {result.published.folder}" + (f"\n  pushed to {where} ({result.published.commit_oid})" if result.published.repo_id else
+                      "  (set publish.repo_id and a token to push it to the Hub)"))
+    console.print(f"Rerun: {command}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    if arguments.command == "schema":
+        print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
+        return 0
+    try:
+        config = load_config(arguments.config, arguments.overrides)
+        if config.publish.endpoint and "huggingface.co" not in config.publish.endpoint:
+            os.environ.setdefault("HF_HUB_DISABLE_XET", "1")  # a self-hosted Hub speaks plain LFS, not xet
+        from stillhouse.preflight import preflight
+
+        preflight(config)  # before Prefect starts or any model loads
+        if arguments.command == "validate":
+            print(f"{arguments.config}: OK ({config.name})")
+            return 0
+        from flows.distill import distill
+
+        result = distill(config, until=arguments.until)
+    except (ConfigError, StillhouseError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print_summary(result, config, "stillhouse " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The distillation pipeline as one Prefect flow: curate → sample → train → evaluate → register → publish.
+
+    stillhouse run configs/demo.yaml                         # the whole pipeline
+    stillhouse run configs/demo.yaml --until sample          # stop after a stage (earlier ones come from the store)
+    python -c "from flows.distill import distill; ..."       # or call the flow from Python
+
+Every stage output is content-addressed in the store, so a rerun reuses what is done and a
+changed training section reuses curation and sampling. Without PREFECT_API_URL the flow runs on
+Prefect's ephemeral API; without MLFLOW_TRACKING_URI it tracks into sqlite:///.stillhouse/mlflow.db.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from prefect import flow
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+import tasks  # noqa: F401  (embedded defaults)
+from registry.model_registry import RegisteredModel
+from registry.publish import PublishedModel
+from registry.tracking import finish_pipeline_run, start_pipeline_run
+from stillhouse.config import PipelineConfig
+from stillhouse.preflight import preflight
+from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
+from tasks.stages import curate_task, evaluate_task, publish_task, register_task, sample_task, train_task
+
+STAGES = ("curate", "sample", "train", "evaluate", "register", "publish")
+Stage = Literal["curate", "sample", "train", "evaluate", "register", "publish"]
+
+
+class PipelineResult(BaseModel):
+    """What a pipeline run produced: references only, plus where to look."""
+
+    name: str
+    mlflow_run_id: str
+    tracking_uri: str
+    experiment_id: str
+    seconds: dict[str, float]
+    cached: dict[str, bool]
+    dataset: DatasetRef | None = None
+    samples: SamplesRef | None = None
+    student: ModelRef | None = None
+    report: EvalReport | None = None
+    registered: RegisteredModel | None = None
+    published: PublishedModel | None = None
+
+
+@flow(name="distill", log_prints=True)
+def distill(config: PipelineConfig, until: Stage = "publish") -> PipelineResult:
+    """Run the pipeline up to and including ``until``."""
+    preflight(config)
+    tracking = start_pipeline_run(config, flow_run.get_id())
+    last = STAGES.index(until)
+    result = PipelineResult(name=config.name, mlflow_run_id=tracking.parent_run_id, tracking_uri=tracking.tracking_uri,
+                            experiment_id=tracking.experiment_id, seconds={}, cached={})
+
+    def timed(stage: str, call):
+        started = time.perf_counter()
+        value = call()
+        result.seconds[stage] = round(time.perf_counter() - started, 2)
+        result.cached[stage] = bool(getattr(value, "cached", False))
+        return value
+
+    try:
+        result.dataset = timed("curate", lambda: curate_task(config, tracking))
+        if last >= 1:
+            result.samples = timed("sample", lambda: sample_task(config, result.dataset, tracking))
+        if last >= 2:
+            result.student = timed("train", lambda: train_task(config, result.dataset, result.samples, tracking))
+        if last >= 3:
+            result.report = timed("evaluate", lambda: evaluate_task(config, result.dataset, result.samples, result.student, tracking))
+        if last >= 4 and config.registry.enabled:
+            result.registered = timed("register", lambda: register_task(config, result.student, result.report, tracking))
+        if last >= 5:
+            result.published = timed("publish", lambda: publish_task(
+                config, result.dataset, result.samples, result.student, result.report, result.registered, tracking))
+    except BaseException:
+        finish_pipeline_run(tracking, {}, status="FAILED")
+        raise
+    finish_pipeline_run(tracking, {**(result.report.metrics if result.report else {}), **{f"seconds.{k}": v for k, v in result.seconds.items()}})
+    return result

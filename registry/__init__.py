@@ -1,0 +1,1 @@
+"""MLflow tracking and model registry; Hub publishing and model cards."""

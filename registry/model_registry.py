@@ -1,0 +1,61 @@
+"""Registering the student in the MLflow model registry, as a version with an alias (never stages)."""
+
+from __future__ import annotations
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from pydantic import BaseModel
+
+from registry.tracking import TrackingContext
+from stillhouse.config import RegisterConfig
+from stillhouse.models import load_causal_lm, load_tokenizer
+from stillhouse.refs import ModelRef
+
+# mlflow.transformers.log_model infers torchvision otherwise, which breaks beside the CPU torch build.
+PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers"]
+
+
+class RegisteredModel(BaseModel):
+    name: str
+    version: str
+    alias: str
+    model_uri: str
+    run_id: str
+    cached: bool
+
+
+def find_version(client: MlflowClient, name: str, train_fingerprint: str):
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    matching = [v for v in versions if v.tags.get("stillhouse.train_fingerprint") == train_fingerprint]
+    return max(matching, key=lambda v: int(v.version)) if matching else None
+
+
+def register_student(config: RegisterConfig, context: TrackingContext, student: ModelRef, run_id: str, tags: dict[str, str]) -> RegisteredModel:
+    """Log the student as an MLflow transformers model under ``run_id`` and register a version.
+
+    A version already registered for the same trained student (same train fingerprint) is reused,
+    so rerunning an unchanged config does not pile up identical versions.
+    """
+    mlflow.set_tracking_uri(context.tracking_uri)
+    client = MlflowClient(context.tracking_uri)
+    existing = find_version(client, config.model_name, student.fingerprint)
+    if existing is not None:
+        client.set_registered_model_alias(config.model_name, config.alias, existing.version)
+        return RegisteredModel(name=config.model_name, version=existing.version, alias=config.alias,
+                               model_uri=f"models:/{config.model_name}@{config.alias}", run_id=existing.run_id, cached=True)
+    model, tokenizer = load_causal_lm(student.model_path, device="cpu"), load_tokenizer(student.model_path)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer}, name="student", task="text-generation",
+            pip_requirements=PIP_REQUIREMENTS, registered_model_name=config.model_name,
+        )
+    version = str(info.registered_model_version)
+    for key, value in {"stillhouse.train_fingerprint": student.fingerprint, **tags}.items():
+        client.set_model_version_tag(config.model_name, version, key, value)
+    client.set_registered_model_alias(config.model_name, config.alias, version)
+    return RegisteredModel(name=config.model_name, version=version, alias=config.alias,
+                           model_uri=f"models:/{config.model_name}@{config.alias}", run_id=run_id, cached=False)

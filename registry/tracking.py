@@ -1,0 +1,107 @@
+"""MLflow tracking: one parent run per pipeline run, one nested run per stage.
+
+Params are the flattened config; tags carry the Prefect flow-run id, the stage fingerprints and the
+teacher and student ids. The tracking URI is the config's, else $MLFLOW_TRACKING_URI, else the
+embedded default ``sqlite:///.stillhouse/mlflow.db`` with artifacts in ``.stillhouse/mlartifacts``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from pydantic import BaseModel
+
+from stillhouse.config import PipelineConfig, TrackingConfig
+
+DEFAULT_HOME = Path(".stillhouse")
+
+
+class TrackingContext(BaseModel):
+    """What a task needs to log under the pipeline's parent run."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def tracking_uri(config: TrackingConfig) -> str:
+    if config.uri:
+        return config.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    DEFAULT_HOME.mkdir(exist_ok=True)
+    return f"sqlite:///{(DEFAULT_HOME / 'mlflow.db').resolve()}"
+
+
+def ensure_experiment(name: str, uri: str) -> str:
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):  # embedded: keep artifacts beside the database, not in ./mlruns
+        artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=artifact_location)
+
+
+def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"train": {"lr": 1}} -> {"train.lr": "1"}; MLflow params are flat strings."""
+    flat: dict[str, str] = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def start_pipeline_run(config: PipelineConfig, flow_run_id: str | None) -> TrackingContext:
+    uri = tracking_uri(config.tracking)
+    experiment_id = ensure_experiment(config.tracking.experiment, uri)
+    client = MlflowClient(uri)
+    run = client.create_run(experiment_id, run_name=config.name, tags={
+        "stillhouse.pipeline": config.name,
+        "prefect.flow_run_id": flow_run_id or "",
+        "teacher": config.sample.teacher,
+        "student": config.train.student or "scratch:" + str(config.train.architecture.model_dump() if config.train.architecture else ""),
+        "method": config.train.method,
+    })
+    params = flatten(config.model_dump(mode="json"))
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in params.items()])
+    return TrackingContext(tracking_uri=uri, experiment_id=experiment_id, parent_run_id=run.info.run_id)
+
+
+def log_stage(
+    context: TrackingContext, stage: str, *, fingerprint: str, cached: bool, seconds: float,
+    params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,
+    metric_history: list[dict[str, float]] | None = None,
+) -> str:
+    """Record a stage as a nested run of the pipeline run; returns the nested run id."""
+    client = MlflowClient(context.tracking_uri)
+    run = client.create_run(context.experiment_id, run_name=stage, tags={
+        "mlflow.parentRunId": context.parent_run_id, "stillhouse.stage": stage,
+        "stillhouse.fingerprint": fingerprint, "stillhouse.cached": str(cached).lower(), **(tags or {}),
+    })
+    run_id = run.info.run_id
+    entities = mlflow.entities
+    client.log_batch(
+        run_id,
+        params=[entities.Param(k, v[:6000]) for k, v in flatten(params or {}).items()],
+        metrics=[entities.Metric(k.replace("/", "."), float(v), 0, 0) for k, v in (metrics or {}).items()]
+        + [entities.Metric("stage_seconds", seconds, 0, 0)]
+        + [entities.Metric(k, float(v), 0, int(point["step"])) for point in metric_history or [] for k, v in point.items() if k != "step"],
+    )
+    client.set_tag(context.parent_run_id, f"stillhouse.fingerprint.{stage}", fingerprint)
+    client.set_terminated(run_id)
+    return run_id
+
+
+def finish_pipeline_run(context: TrackingContext, metrics: dict[str, float], status: str = "FINISHED") -> None:
+    client = MlflowClient(context.tracking_uri)
+    client.log_batch(context.parent_run_id, metrics=[mlflow.entities.Metric(k.replace("/", "."), float(v), 0, 0) for k, v in metrics.items()])
+    client.set_terminated(context.parent_run_id, status=status)

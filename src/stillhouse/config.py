@@ -1,0 +1,229 @@
+"""Typed configuration: one pydantic model per stage and `PipelineConfig` holding them.
+
+Every field carries a description (it becomes help text and the Prefect form). Unknown keys,
+wrong types and impossible values are refused when the YAML is loaded, with the field's dotted
+path and the reason, before any stage runs.
+
+    from stillhouse.config import load_config
+    config = load_config("configs/demo.yaml", overrides=["train.max_steps=50"])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEMO_SOURCE = "builtin:demo"
+DEMO_TEACHER = "builtin:demo-teacher"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the file, the field and the fix."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class CurateConfig(StrictModel):
+    """Where prompts come from and how they are split."""
+
+    source: str = Field(
+        description="A local .jsonl/.parquet/.csv file, a local `datasets` folder, a Hub dataset id, "
+        f"or `{DEMO_SOURCE}` for the bundled demo tasks."
+    )
+    prompt_column: str = Field("prompt", min_length=1, description="Column holding the prompt text (or a list of chat messages).")
+    reference_column: str | None = Field(
+        "reference", description="Column holding a reference answer for exact-match evaluation; null if the data has none."
+    )
+    category_column: str | None = Field(None, description="Optional column naming each row's category, for per-category accuracy.")
+    split: str = Field("train", description="Split to read when `source` is a `datasets` id or folder.")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of prompts held out for evaluation, chosen by a hash of the prompt.")
+    split_salt: str = Field("stillhouse", description="Salt of the split hash; change it to draw a different, equally stable split.")
+    max_rows: int | None = Field(None, gt=0, description="Keep at most this many prompts after filtering (first by hash order); null keeps all.")
+    demo_rows: int = Field(4000, gt=0, description=f"Rows to generate when `source` is `{DEMO_SOURCE}`.")
+    demo_seed: int = Field(0, description=f"Seed of the generated rows when `source` is `{DEMO_SOURCE}`.")
+
+
+class SampleConfig(StrictModel):
+    """How the teacher answers the prompts."""
+
+    teacher: str = Field(description=f"Teacher model: a local folder, a Hub id such as `Qwen/Qwen2.5-1.5B-Instruct`, or `{DEMO_TEACHER}`.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the teacher; ignored for local folders.")
+    engine: Literal["hf"] = Field("hf", description="Generation engine. `hf` runs transformers in this process.")
+    max_new_tokens: int = Field(64, gt=0, le=32768, description="Most tokens the teacher may generate per response.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (used when temperature > 0).")
+    top_k_logprobs: int = Field(
+        16, ge=0, description="Teacher top-k token ids and log-probs stored per generated position for white-box training; 0 stores none."
+    )
+    batch_size: int = Field(64, gt=0, description="Prompts per generate call (sorted by length, left-padded).")
+    shard_rows: int = Field(2048, gt=0, description="Rows per Parquet shard of the teacher-output store.")
+    seed: int = Field(0, description="Seed of sampling; fixed seeds give identical outputs on the same hardware.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description="Teacher weights' dtype.")
+    device: str = Field("auto", description="`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`.")
+
+    @model_validator(mode="after")
+    def _sampling_rules(self) -> SampleConfig:
+        if self.temperature == 0 and self.top_p != 1.0:
+            raise ValueError("top_p only applies when temperature > 0; set temperature or leave top_p at 1.0")
+        return self
+
+
+class StudentArchitecture(StrictModel):
+    """A Llama-style student built from scratch with the teacher's tokenizer."""
+
+    hidden_size: int = Field(gt=0, description="Width of the residual stream.")
+    num_layers: int = Field(gt=0, description="Transformer blocks.")
+    intermediate_size: int = Field(gt=0, description="Width of each MLP.")
+    num_heads: int = Field(gt=0, description="Attention heads; must divide hidden_size.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> StudentArchitecture:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
+        return self
+
+
+class TrainConfig(StrictModel):
+    """How the student learns from the teacher's outputs."""
+
+    student: str | None = Field(None, description="Pretrained student: a local folder or a Hub id. Leave null and set `architecture` to build one from scratch.")
+    architecture: StudentArchitecture | None = Field(None, description="Build the student from scratch with this shape and the teacher's tokenizer.")
+    method: Literal["sft", "kd"] = Field(
+        "sft",
+        description="`sft`: cross-entropy on the teacher's response tokens (black-box). "
+        "`kd`: forward KL to the stored teacher top-k, mixed with cross-entropy by `kd_weight` and `ce_weight` (white-box).",
+    )
+    kd_weight: float = Field(1.0, ge=0, description="Weight of the forward-KL term when method is `kd`.")
+    ce_weight: float = Field(0.5, ge=0, description="Weight of the cross-entropy term when method is `kd`.")
+    max_steps: int = Field(500, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(64, gt=0, description="Sequences per optimizer step.")
+    learning_rate: float = Field(1e-3, gt=0, lt=1, description="Peak learning rate of AdamW.")
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    max_seq_len: int = Field(512, gt=0, description="Prompt + response tokens kept per example; longer ones are cut from the right.")
+    seed: int = Field(0, description="Seed of initialization and data order.")
+    logging_steps: int = Field(25, gt=0, description="Log the training loss every this many steps.")
+    threads: int | None = Field(None, gt=0, description="CPU threads for torch; null keeps torch's default. One is fastest for tiny models.")
+    device: Literal["auto", "cpu"] = Field("auto", description="`auto` trains on the GPU when one is present; `cpu` forces the CPU.")
+    bf16: bool = Field(False, description="Train in bfloat16 mixed precision (GPU).")
+
+    @model_validator(mode="after")
+    def _one_student(self) -> TrainConfig:
+        if (self.student is None) == (self.architecture is None):
+            raise ValueError("set exactly one of `student` (a pretrained model) or `architecture` (a student built from scratch)")
+        if self.method == "kd" and self.kd_weight == 0 and self.ce_weight == 0:
+            raise ValueError("kd_weight and ce_weight are both 0: nothing to learn from")
+        return self
+
+
+class EvaluateConfig(StrictModel):
+    """How the student (and the teacher, on the same prompts) is measured."""
+
+    max_prompts: int | None = Field(None, gt=0, description="Evaluate on at most this many held-out prompts; null uses the whole eval split.")
+    max_new_tokens: int = Field(64, gt=0, description="Tokens generated per prompt for exact-match accuracy.")
+    batch_size: int = Field(64, gt=0, description="Prompts per batch for generation and scoring.")
+
+
+class TrackingConfig(StrictModel):
+    """Where MLflow records runs."""
+
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; null uses $MLFLOW_TRACKING_URI or, without it, sqlite:///.stillhouse/mlflow.db."
+    )
+    experiment: str = Field("stillhouse", min_length=1, description="MLflow experiment name.")
+
+
+class RegisterConfig(StrictModel):
+    """Registration of the student in the MLflow model registry."""
+
+    enabled: bool = Field(True, description="Log the student as an MLflow model and register a version.")
+    model_name: str = Field(min_length=1, description="Registered model name in the MLflow registry.")
+    alias: str = Field("candidate", pattern=r"^[A-Za-z][\w-]*$", description="Alias set on the new version (e.g. `candidate`).")
+
+
+class PublishConfig(StrictModel):
+    """What is written for the Hub, and where it is pushed."""
+
+    repo_id: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$", description="Hub repo `namespace/name` to push to; null only writes the folder.")
+    endpoint: str | None = Field(None, description="Hub endpoint URL; null uses $HF_ENDPOINT or huggingface.co.")
+    token_env: str = Field("HF_TOKEN", min_length=1, description="Environment variable holding the Hub token (the token itself never goes in a config).")
+    private: bool = Field(True, description="Create the Hub repo as private.")
+    license: str = Field("apache-2.0", description="License identifier written into the model card.")
+
+
+class PipelineConfig(StrictModel):
+    """One distillation experiment: every stage's settings."""
+
+    name: str = Field(min_length=1, pattern=r"^[\w.-]+$", description="Experiment name: used for run names and the published folder.")
+    store: str = Field(".stillhouse/store", description="Root of the content-addressed artifact store.")
+    curate: CurateConfig = Field(description="Prompt curation.")
+    sample: SampleConfig = Field(description="Teacher sampling.")
+    train: TrainConfig = Field(description="Student training.")
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
+    registry: RegisterConfig = Field(description="MLflow model registry: where the student is registered.")
+    publish: PublishConfig = Field(default_factory=PublishConfig, description="Hub publishing.")
+
+    @model_validator(mode="after")
+    def _cross_stage_rules(self) -> PipelineConfig:
+        if self.train.method == "kd" and self.sample.top_k_logprobs == 0:
+            raise ValueError("train.method is `kd` but sample.top_k_logprobs is 0: store the teacher's top-k (e.g. 16) or use method `sft`")
+        return self
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides; values are parsed as YAML (`3`, `true`, `null`, `[a, b]`)."""
+    for override in overrides:
+        path, separator, value = override.partition("=")
+        if not separator or not path:
+            raise ConfigError(f"--set {override!r}: expected section.key=value, e.g. train.max_steps=100")
+        node = raw
+        *parents, leaf = path.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {override!r}: {part!r} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def format_validation_error(error: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: invalid configuration ({error.error_count()} problem(s)):"]
+    for problem in error.errors():
+        location = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        reason = problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            reason = "unknown key; check its spelling against `stillhouse schema`"
+        elif problem["type"] == "missing":
+            reason = "required field is missing"
+        given = "" if problem["type"] in ("missing", "extra_forbidden") else f" (got {problem.get('input')!r})"
+        lines.append(f"  {location}: {reason}{given}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict[str, Any], origin: str = "<config>") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, origin)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML experiment, apply overrides, and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass a YAML file such as configs/demo.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (curate, sample, train, ...) at the top level")
+    return parse_config(apply_overrides(raw, overrides or []), origin=str(path))

@@ -1,0 +1,1 @@
+"""Loading, normalizing, filtering and splitting prompts."""

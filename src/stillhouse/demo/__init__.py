@@ -1,0 +1,1 @@
+"""The bundled demo: verifiable instruction tasks and a tiny teacher trained on them."""

@@ -1,0 +1,85 @@
+"""Resolving model references (local folders, Hub ids, the bundled demo teacher) and loading them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from stillhouse.config import DEMO_TEACHER
+from stillhouse.errors import InputError
+from stillhouse.store import file_sha256
+
+DEMO_TEACHER_DIR = Path(__file__).parent / "demo" / "teacher"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model(reference: str, field: str) -> str:
+    """A loadable path or Hub id for ``reference``; raises `InputError` naming ``field`` otherwise."""
+    if reference == DEMO_TEACHER:
+        if not (DEMO_TEACHER_DIR / "config.json").is_file():
+            raise InputError(f"{field}: the bundled demo teacher is missing at {DEMO_TEACHER_DIR}; run `python -m stillhouse.demo.train_teacher`")
+        return str(DEMO_TEACHER_DIR)
+    path = Path(reference).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise InputError(f"{field}: {reference!r} is a folder without config.json; point it at a folder written by save_pretrained")
+        return str(path.resolve())
+    looks_like_path = reference.startswith((".", "/", "~")) or reference.count("/") != 1
+    if looks_like_path or not _HUB_ID.match(reference):
+        raise InputError(f"{field}: model path {reference!r} does not exist; give an existing folder, a Hub id like `org/name`, or `{DEMO_TEACHER}`")
+    return reference
+
+
+def vocab_size(model: str, revision: str | None = None) -> int:
+    """The vocabulary size from the model's config alone (cheap: no weights are read)."""
+    return AutoConfig.from_pretrained(model, revision=revision).vocab_size
+
+
+def load_tokenizer(model: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_causal_lm(model: str, *, revision: str | None = None, dtype: str = "float32", device: str = "auto"):
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    loaded = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=torch_dtype)
+    return loaded.to(pick_device(device)).eval()
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of the vocabulary, special tokens and chat template: equal means token ids are interchangeable."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": tokenizer.all_special_tokens,
+        "chat_template": tokenizer.chat_template,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_revision(model: str, revision: str | None) -> str:
+    """The exact revision: for a local folder, a hash of its config and weight files; else the Hub revision."""
+    path = Path(model)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in {".json", ".safetensors", ".bin"})
+        digest = hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}" for p in files).encode()).hexdigest()
+        return f"local-sha256:{digest[:16]}"
+    config = AutoConfig.from_pretrained(model, revision=revision)
+    return getattr(config, "_commit_hash", None) or revision or "main"
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())

@@ -1,0 +1,1 @@
+"""Teacher sampling: generation engines and the teacher-output store."""
