@@ -45,7 +45,7 @@ def register_student(config: RegisterConfig, context: TrackingContext, student: 
     existing = find_version(client, config.model_name, student.fingerprint)
     if existing is not None:
         client.set_registered_model_alias(config.model_name, config.alias, existing.version)
-        return RegisteredModel(name=config.model_name, version=existing.version, alias=config.alias,
+        return RegisteredModel(name=config.model_name, version=str(existing.version), alias=config.alias,
                                model_uri=f"models:/{config.model_name}@{config.alias}", run_id=existing.run_id, cached=True)
     model, tokenizer = load_causal_lm(student.model_path, device="cpu"), load_tokenizer(student.model_path)
     with mlflow.start_run(run_id=run_id):

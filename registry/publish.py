@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants
 from pydantic import BaseModel
 
 from stillhouse.config import PipelineConfig
@@ -58,6 +58,7 @@ METHODS = {"sft": "black-box: SFT on the teacher's responses", "kd": "white-box:
 
 class PublishedModel(BaseModel):
     folder: str
+    cached: bool = False
     repo_id: str | None = None
     commit_url: str | None = None
     commit_oid: str | None = None
@@ -110,6 +111,9 @@ def push_folder(folder: Path, config: PipelineConfig) -> PublishedModel:
     token = os.environ.get(settings.token_env)
     if not token:
         raise InputError(f"publish.repo_id is set but ${settings.token_env} is empty; export a Hub token with write access in {settings.token_env}, or set publish.repo_id: null")
+    if settings.endpoint and "huggingface.co" not in settings.endpoint:
+        # A self-hosted Hub speaks plain LFS, not xet; the client reads this constant on every call.
+        constants.HF_HUB_DISABLE_XET = True
     api = HfApi(endpoint=settings.endpoint, token=token)
     api.create_repo(settings.repo_id, private=settings.private, exist_ok=True, repo_type="model")
     commit = api.upload_folder(folder_path=str(folder), repo_id=settings.repo_id, commit_message=f"Stillhouse: publish {config.name}")

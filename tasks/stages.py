@@ -109,17 +109,22 @@ def publish_task(
     store = Store(config.store)
     publish_fingerprint = fingerprint("publish", config.publish.model_dump(mode="json", exclude={"token_env"}),
                                       {"student": student.fingerprint, "evaluate": report.fingerprint}, 1)
-    folder = store.path("publish", publish_fingerprint) / config.name
     provenance = {
         "mlflow": {"tracking_uri": tracking.tracking_uri, "run_id": tracking.parent_run_id,
-                   "registered_model": registered.model_dump() if registered else None},
+                   "registered_model": registered.model_dump(exclude={"cached"}) if registered else None},
         "teacher": {"id": config.sample.teacher, "revision": samples.teacher_revision},
         "store": config.store,
     }
-    write_publish_folder(folder, config, dataset, samples, student, report, provenance)
-    published = PublishedModel(folder=str(folder))
-    if config.publish.repo_id:
-        published = push_task(str(folder), config)
-    log_stage(tracking, "publish", fingerprint=publish_fingerprint, cached=False, seconds=time.perf_counter() - started,
-              params=config.publish.model_dump(mode="json"), tags={"folder": str(folder), "repo_id": published.repo_id or "", "commit": published.commit_oid or ""})
+
+    def compute(stage_folder: Path) -> dict:
+        folder = write_publish_folder(stage_folder / config.name, config, dataset, samples, student, report, provenance)
+        pushed = push_task(str(folder), config) if config.publish.repo_id else PublishedModel(folder=str(folder))
+        return pushed.model_dump()
+
+    # Sealed like any stage: an unchanged rerun neither rewrites the folder nor pushes a new commit.
+    output = store.build("publish", publish_fingerprint, compute)
+    published = PublishedModel.model_validate({**output.manifest, "cached": output.cached})
+    get_run_logger().info("publish: %s %s", "reused" if output.cached else "wrote", published.folder)
+    log_stage(tracking, "publish", fingerprint=publish_fingerprint, cached=output.cached, seconds=time.perf_counter() - started,
+              params=config.publish.model_dump(mode="json"), tags={"folder": published.folder, "repo_id": published.repo_id or "", "commit": published.commit_oid or ""})
     return published

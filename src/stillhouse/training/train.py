@@ -155,7 +155,7 @@ def train_student(config: TrainConfig, dataset: DatasetRef, samples: SamplesRef,
             learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio,
             weight_decay=config.weight_decay, logging_steps=config.logging_steps, save_strategy="no", report_to="none",
             seed=config.seed, data_seed=config.seed, remove_unused_columns=False, use_cpu=config.device == "cpu",
-            bf16=config.bf16, dataloader_drop_last=len(examples) >= config.batch_size,
+            bf16=config.bf16, dataloader_pin_memory=torch.cuda.is_available(), dataloader_drop_last=len(examples) >= config.batch_size,
         )
         weights = {"ce_weight": 1.0, "kd_weight": 0.0} if config.method == "sft" else {"ce_weight": config.ce_weight, "kd_weight": config.kd_weight}
         trainer = DistillationTrainer(

@@ -1,0 +1,112 @@
+"""Shared fixtures: tiny models built on the spot, an isolated Hub/MLflow/Prefect per test session.
+
+Nothing here touches the network: models are 2-layer random Llamas with the demo's character
+tokenizer, the Hub is the loopback server in hub_server.py, MLflow is a sqlite file in tmp_path.
+"""
+
+import os
+
+# Before anything imports huggingface_hub or Prefect (they read these at import time).
+os.environ["HF_HUB_DISABLE_XET"] = "1"  # the loopback Hub speaks plain LFS (shared/hub-protocol.md)
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("HF_TOKEN", None)
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models on a 2-core machine: one thread avoids the contention measured in ENVIRONMENT.md.
+torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def build_tiny_model(folder: Path, *, hidden_size: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A random 2-layer Llama with the demo's character tokenizer and chat template, saved to ``folder``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stillhouse.demo.tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    ))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("teacher"), hidden_size=48, seed=1)
+
+
+@pytest.fixture(scope="session")
+def prompts_jsonl(tmp_path_factory) -> Path:
+    """120 demo-style prompts with references and categories, one duplicate and one empty row."""
+    from stillhouse.demo.tasks import make_examples
+
+    rows = make_examples(120, seed=7)
+    rows += [rows[0], {"prompt": "   ", "reference": "x", "task": "reverse"}]
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def pipeline_raw(tmp_path, tiny_teacher, prompts_jsonl) -> dict:
+    """A small, fast pipeline config (as a dict) over the tiny teacher and the prompts file."""
+    return {
+        "name": "tiny",
+        "store": str(tmp_path / "store"),
+        "curate": {"source": str(prompts_jsonl), "category_column": "task", "eval_fraction": 0.2},
+        "sample": {"teacher": str(tiny_teacher), "max_new_tokens": 8, "top_k_logprobs": 4, "batch_size": 16, "shard_rows": 40},
+        "train": {"architecture": {"hidden_size": 16, "num_layers": 2, "intermediate_size": 32, "num_heads": 2},
+                  "method": "kd", "max_steps": 6, "batch_size": 8, "logging_steps": 2, "learning_rate": 0.01},
+        "evaluate": {"max_new_tokens": 8, "batch_size": 16},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tests"},
+        "registry": {"model_name": "tiny-student"},
+    }
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server for the whole session (~13 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A loopback Hub accepting token `hf_test_token` for user `alice`; HF caches kept in tmp_path."""
+    from huggingface_hub import constants
+
+    from hub_server import LoopbackHub
+
+    home = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(home))
+    for name, value in {"HF_HOME": home, "HF_HUB_CACHE": home / "hub", "HF_TOKEN_PATH": home / "token",
+                        "HF_STORED_TOKENS_PATH": home / "stored_tokens"}.items():
+        monkeypatch.setattr(constants, name, str(value))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    with LoopbackHub(tokens={"hf_test_token": "alice"}) as server:
+        yield server
+        assert not server.server_errors, server.server_errors

@@ -1,0 +1,80 @@
+"""End to end: the Prefect flow with MLflow on sqlite, publishing to a loopback Hub, and the cache."""
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from flows.distill import distill
+from stillhouse.config import parse_config
+
+TOKEN = "hf_test_token"
+
+pytestmark = pytest.mark.slow
+
+
+def all_text(folder: Path) -> str:
+    return "\n".join(p.read_bytes().decode("utf-8", "replace") for p in folder.rglob("*") if p.is_file())
+
+
+def test_pipeline_end_to_end_then_from_cache(prefect_harness, pipeline_raw, hub, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    pipeline_raw["publish"] = {"repo_id": "alice/tiny-student", "endpoint": hub.url}
+    config = parse_config(pipeline_raw)
+    result = distill(config)
+
+    # Stage outputs, each sealed by its manifest in the store.
+    store = Path(config.store)
+    for ref in (result.dataset, result.samples, result.student, result.report):
+        assert (store / ref.stage / ref.fingerprint / "manifest.json").is_file()
+        assert not ref.cached
+    assert result.samples.rows == result.dataset.train_rows + result.dataset.eval_rows
+    assert set(result.seconds) == {"curate", "sample", "train", "evaluate", "register", "publish"}
+
+    # MLflow: a parent run, a nested run per stage, params, metrics, and a registered version with alias.
+    client = MlflowClient(config.tracking.uri)
+    parent = client.get_run(result.mlflow_run_id)
+    assert parent.data.params["train.method"] == "kd" and parent.data.params["sample.top_k_logprobs"] == "4"
+    assert "student_exact_match" in parent.data.metrics and parent.data.tags["prefect.flow_run_id"]
+    children = client.search_runs([result.experiment_id], f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'")
+    by_stage = {run.data.tags["stillhouse.stage"]: run for run in children}
+    assert set(by_stage) == {"curate", "sample", "train", "evaluate", "register", "publish"}
+    assert by_stage["train"].data.tags["stillhouse.fingerprint"] == result.student.fingerprint
+    assert len(client.get_metric_history(by_stage["train"].info.run_id, "train_loss")) == 3
+    assert by_stage["evaluate"].data.metrics["kl_teacher_student"] > 0
+    version = client.get_model_version_by_alias("tiny-student", "candidate")
+    assert str(version.version) == result.registered.version and version.run_id == by_stage["register"].info.run_id
+
+    # The published folder loads with plain transformers and generates; the Hub got it in one commit.
+    folder = Path(result.published.folder)
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md", "provenance.json"} <= {p.name for p in folder.iterdir()}
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "reverse: abc"}], tokenize=False, add_generation_prompt=True)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    assert model.generate(**inputs, max_new_tokens=4).shape[1] > inputs["input_ids"].shape[1]
+    card = (folder / "README.md").read_text()
+    assert "license: apache-2.0" in card and "stillhouse" in card and str(config.sample.teacher) in card
+    provenance = json.loads((folder / "provenance.json").read_text())
+    assert provenance["mlflow"]["run_id"] == result.mlflow_run_id and provenance["fingerprints"]["train"] == result.student.fingerprint
+    assert hub.files("alice/tiny-student").keys() >= {"model.safetensors", "README.md", "provenance.json"}
+    assert [c["message"] for c in hub.commits("alice/tiny-student")][0] == "Stillhouse: publish tiny"
+    assert result.published.commit_oid == hub.commits("alice/tiny-student")[0]["sha"]
+
+    # The token reached the Hub and nowhere else: not the folder, the store, or MLflow.
+    assert any(request.token == TOKEN for request in hub.requests)
+    assert TOKEN not in all_text(store)
+    assert TOKEN not in (tmp_path / "mlflow.db").read_bytes().decode("utf-8", "replace")
+
+    # A rerun of the unchanged config reuses every stage and registers no new version.
+    rerun = distill(config)
+    assert all(rerun.cached[stage] for stage in ("curate", "sample", "train", "evaluate"))
+    assert rerun.registered.cached and rerun.registered.version == result.registered.version and rerun.cached["publish"]
+    assert len(hub.commits("alice/tiny-student")) == 2  # the repo's initial commit + one publish commit
+
+    # Changing only the training section reuses curation and sampling.
+    pipeline_raw["train"]["max_steps"] = 4
+    changed = distill(parse_config(pipeline_raw), until="train")
+    assert changed.cached == {"curate": True, "sample": True, "train": False}
+    assert changed.report is None

@@ -1,0 +1,49 @@
+"""The content-addressed store: stable fingerprints, reuse of complete outputs, redo of incomplete ones."""
+
+import json
+
+import pytest
+
+from stillhouse.config import EvaluateConfig
+from stillhouse.store import MANIFEST, Store, fingerprint
+
+
+def test_fingerprint_is_stable_and_sensitive_to_config_inputs_and_code():
+    base = fingerprint("train", EvaluateConfig(), {"samples": "abc"}, 1)
+    assert base == fingerprint("train", EvaluateConfig(), {"samples": "abc"}, 1)
+    assert base != fingerprint("train", EvaluateConfig(max_new_tokens=3), {"samples": "abc"}, 1)
+    assert base != fingerprint("train", EvaluateConfig(), {"samples": "abd"}, 1)
+    assert base != fingerprint("train", EvaluateConfig(), {"samples": "abc"}, 2)
+    assert base != fingerprint("evaluate", EvaluateConfig(), {"samples": "abc"}, 1)
+
+
+def test_build_reuses_a_completed_output(tmp_path):
+    store, calls = Store(tmp_path), []
+
+    def compute(folder):
+        calls.append(folder)
+        (folder / "data.txt").write_text("hello")
+        return {"rows": 1}
+
+    first = store.build("curate", "f1", compute)
+    second = store.build("curate", "f1", compute)
+    assert (first.cached, second.cached) == (False, True)
+    assert len(calls) == 1
+    assert second.manifest["rows"] == 1 and second.manifest["fingerprint"] == "f1"
+    assert (tmp_path / "curate" / "f1" / "data.txt").read_text() == "hello"
+
+
+def test_a_failed_compute_leaves_no_manifest_and_is_redone(tmp_path):
+    store = Store(tmp_path)
+
+    def failing(folder):
+        (folder / "partial.txt").write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        store.build("sample", "f2", failing)
+    assert not (tmp_path / "sample" / "f2" / MANIFEST).exists()
+    assert store.manifest("sample", "f2") is None
+    redone = store.build("sample", "f2", lambda folder: {"ok": True})
+    assert not redone.cached
+    assert json.loads((tmp_path / "sample" / "f2" / MANIFEST).read_text())["ok"] is True

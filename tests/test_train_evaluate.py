@@ -1,0 +1,87 @@
+"""Training on transformers.Trainer (SFT and top-k KD) and evaluation against the teacher."""
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from conftest import build_tiny_model
+from stillhouse.config import CurateConfig, EvaluateConfig, SampleConfig, TrainConfig
+from stillhouse.data.curate import curate
+from stillhouse.errors import InputError
+from stillhouse.evaluation.evaluate import evaluate_student
+from stillhouse.models import load_tokenizer
+from stillhouse.refs import ModelRef
+from stillhouse.sampling.sample import sample_teacher
+from stillhouse.store import Store
+from stillhouse.training.train import build_examples, train_student
+
+ARCHITECTURE = {"hidden_size": 16, "num_layers": 2, "intermediate_size": 32, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory, tiny_teacher, prompts_jsonl):
+    store = Store(tmp_path_factory.mktemp("store"))
+    dataset = curate(CurateConfig(source=str(prompts_jsonl), category_column="task", eval_fraction=0.2), store)
+    samples = sample_teacher(SampleConfig(teacher=str(tiny_teacher), max_new_tokens=8, top_k_logprobs=4, batch_size=32), dataset, store)
+    return store, dataset, samples
+
+
+def test_examples_mask_the_prompt_and_align_top_k_with_labels(sampled, tiny_teacher):
+    _, dataset, samples = sampled
+    tokenizer = load_tokenizer(str(tiny_teacher))
+    example = build_examples(dataset, samples, tokenizer, split="train", same_tokenizer=True, with_top_k=True, max_seq_len=512)[0]
+    prompt_length = example["labels"].count(-100)
+    assert example["labels"][:prompt_length] == [-100] * prompt_length
+    assert example["labels"][prompt_length:] == example["input_ids"][prompt_length:]
+    assert tokenizer.decode(example["input_ids"][:prompt_length]).endswith("<|assistant|>")
+    assert len(example["top_k_ids"]) == len(example["input_ids"])
+    # The teacher's top-1 at a greedy-generated position is the token it generated there.
+    assert [ids[0] for ids in example["top_k_ids"][prompt_length:]] == example["labels"][prompt_length:]
+
+
+@pytest.mark.parametrize("method", ["sft", "kd"])
+def test_training_lowers_the_loss_and_saves_a_loadable_student(sampled, method):
+    store, dataset, samples = sampled
+    config = TrainConfig(architecture=ARCHITECTURE, method=method, max_steps=40, batch_size=16, learning_rate=0.01, logging_steps=5, warmup_ratio=0.0)
+    student = train_student(config, dataset, samples, store)
+    losses = [point["loss"] for point in student.loss_history]
+    assert len(losses) == 8 and losses[-1] < losses[0] * 0.8
+    model = AutoModelForCausalLM.from_pretrained(student.model_path)
+    assert sum(p.numel() for p in model.parameters()) == student.parameters
+    assert train_student(config, dataset, samples, store).cached
+
+
+def test_kd_refuses_a_student_with_another_tokenizer(sampled, tmp_path):
+    store, dataset, samples = sampled
+    other = build_tiny_model(tmp_path / "other", hidden_size=16)
+    tokenizer = load_tokenizer(str(other))
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(other)
+    with pytest.raises(InputError, match="`kd` needs a student with the teacher's tokenizer"):
+        train_student(TrainConfig(student=str(other), method="kd", max_steps=1), dataset, samples, store)
+
+
+def test_evaluating_the_teacher_against_itself_gives_zero_kl_and_full_agreement(sampled, tiny_teacher):
+    store, dataset, samples = sampled
+    as_student = ModelRef(stage="train", fingerprint="teacher-copy", path=str(tiny_teacher), cached=True, model_path=str(tiny_teacher),
+                          parameters=0, train_seconds=0, final_loss=None)
+    report = evaluate_student(EvaluateConfig(max_new_tokens=8, max_prompts=15), dataset, samples, as_student, store)
+    metrics = report.metrics
+    assert metrics["kl_teacher_student"] < 1e-3  # float16 storage of the top-k is the only difference
+    assert metrics["student_teacher_agreement"] == 1.0 and metrics["parameter_ratio"] == 1.0
+    assert metrics["student_exact_match"] == metrics["teacher_exact_match"]
+    assert metrics["student_perplexity"] == pytest.approx(metrics["teacher_perplexity"])
+    assert {"student_exact_match/reverse", "teacher_exact_match/sort_letters"} <= set(metrics)
+
+
+def test_evaluation_scores_exact_match_against_references(sampled):
+    store, dataset, samples = sampled
+    config = TrainConfig(architecture=ARCHITECTURE, method="sft", max_steps=2, batch_size=8)
+    student = train_student(config, dataset, samples, store)
+    report = evaluate_student(EvaluateConfig(max_new_tokens=8), dataset, samples, student, store)
+    from stillhouse.evaluation.evaluate import read_generations
+
+    table = read_generations(report)
+    assert len(table) == dataset.eval_rows
+    expected = (table["student_answer"].str.strip() == table["reference"].str.strip()).mean()
+    assert report.metrics["student_exact_match"] == pytest.approx(expected)
+    assert 0 < report.metrics["parameter_ratio"] < 1
