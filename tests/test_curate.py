@@ -46,13 +46,16 @@ def test_split_is_stable_under_row_order_and_changes_with_the_salt(prompts_jsonl
 def test_chat_message_prompts_are_kept_and_normalized_duplicates_dropped():
     frame = pd.DataFrame({"prompt": [
         [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Hello  there"}],
-        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}],
-        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],  # no final user turn
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}],  # same, normalized
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],  # answered: cut to the user turn
+        [{"role": "assistant", "content": "no user turn"}],
+        "  ",
     ] * 3 + [f"plain prompt {i}" for i in range(20)]})
     train, evaluation, counts = curate_frame(frame, CurateConfig(source="x", reference_column=None, eval_fraction=0.5))
-    assert counts["dropped_empty"] == 3 and counts["dropped_duplicate"] == 5
+    assert counts["dropped_empty"] == 6 and counts["dropped_duplicate"] == 7
     kept = [json.loads(m) for m in pd.concat([train, evaluation])["messages"]]
-    assert sorted(len(m) for m in kept) == [1] * 20 + [2]
+    assert sorted(len(m) for m in kept) == [1] * 21 + [2]
+    assert [{"role": "user", "content": "q"}] in kept
 
 
 def test_missing_file_empty_file_and_missing_column_name_the_fix(tmp_path):

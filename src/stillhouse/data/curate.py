@@ -99,7 +99,9 @@ def curate_frame(frame: pd.DataFrame, config: CurateConfig) -> tuple[pd.DataFram
     rows, seen = [], set()
     for record in frame.to_dict("records"):
         messages = to_messages(record[config.prompt_column])
-        if not messages or messages[-1]["role"] != "user":
+        while messages and messages[-1]["role"] != "user":
+            messages.pop()  # a full conversation: the teacher answers its last user turn
+        if not messages:
             counts["dropped_empty"] += 1
             continue
         prompt_id = prompt_hash(messages)[:16]
@@ -118,7 +120,7 @@ def curate_frame(frame: pd.DataFrame, config: CurateConfig) -> tuple[pd.DataFram
             "split_key": int(prompt_hash(messages, config.split_salt)[:15], 16) / 16**15,
         })
     if not rows:
-        raise InputError(f"curate.source: every row of {config.source!r} was empty or lacked a final user turn in column {config.prompt_column!r}")
+        raise InputError(f"curate.source: every row of {config.source!r} was empty or had no user turn in column {config.prompt_column!r}")
     curated = pd.DataFrame(rows).sort_values("split_key", kind="stable")
     if config.max_rows is not None:
         curated = curated.head(config.max_rows)

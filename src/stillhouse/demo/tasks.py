@@ -5,7 +5,7 @@ arithmetic and counting did not learn in the budget, so they are left out):
 
     sort letters: qdmx      ->  dmqx
     reverse: kfpa           ->  apfk
-    sort numbers: 52 17 88  ->  17 52 88
+    sort numbers: 52 17 88  ->  17 52 88      (two or three numbers)
 
 Every example is drawn from a seeded `random.Random`, so the same seed gives the same rows.
 """
@@ -31,7 +31,7 @@ def make_example(rng: random.Random) -> dict[str, str]:
     if task == "reverse":
         word = _letters(rng)
         return {"prompt": f"reverse: {word}", "reference": word[::-1], "task": task}
-    numbers = rng.sample(range(10, 100), rng.randint(2, 4))
+    numbers = rng.sample(range(10, 100), rng.randint(2, 3))
     return {
         "prompt": "sort numbers: " + " ".join(map(str, numbers)),
         "reference": " ".join(map(str, sorted(numbers))),

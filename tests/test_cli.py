@@ -1,0 +1,70 @@
+"""The `stillhouse` command: help, validation, and bad input refused before any model loads."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main
+
+REPO = Path(__file__).parents[1]
+
+
+def write_config(tmp_path, raw) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_help_describes_every_command():
+    completed = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert completed.returncode == 0
+    for command in ("run", "validate", "schema"):
+        assert command in completed.stdout
+    run_help = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--help"], capture_output=True, text=True, cwd=REPO, timeout=120).stdout
+    assert "--set SECTION.KEY=VALUE" in run_help and "--until" in run_help
+
+
+def test_schema_lists_fields_with_descriptions(capsys):
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert "top_k_logprobs" in json.dumps(schema) and schema["properties"]["train"]
+
+
+def test_validate_accepts_a_good_config(tmp_path, pipeline_raw, capsys):
+    assert main(["validate", str(write_config(tmp_path, pipeline_raw))]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda raw, tmp: raw["curate"].update(source=str(tmp / "missing.jsonl")), "curate.source: dataset file"),
+    (lambda raw, tmp: raw["sample"].update(teacher=str(tmp / "no-teacher")), "sample.teacher: model path"),
+    (lambda raw, tmp: raw["sample"].update(top_k_logprobs=100_000), "sample.top_k_logprobs: k=100000 is larger than the teacher's vocabulary"),
+    (lambda raw, tmp: raw["train"].update(learning_rate=-1), "train.learning_rate: Input should be greater than 0"),
+])
+def test_bad_input_is_refused_with_the_field_and_exit_code_2(tmp_path, pipeline_raw, capsys, change, message):
+    change(pipeline_raw, tmp_path)
+    assert main(["run", str(write_config(tmp_path, pipeline_raw))]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()  # refused before any stage ran
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("content, message", [
+    ("", "has no rows"),
+    ('{"question": "sort letters: cba", "reference": "abc"}\n', "curate.prompt_column: column 'prompt' is not in"),
+])
+def test_bad_data_fails_in_curation_before_the_teacher_is_loaded(prefect_harness, tmp_path, pipeline_raw, content, message):
+    from flows.distill import distill
+    from stillhouse.config import parse_config
+    from stillhouse.errors import InputError
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    pipeline_raw["curate"]["source"] = str(data)
+    with pytest.raises(InputError, match=message):
+        distill(parse_config(pipeline_raw))
+    assert not (tmp_path / "store" / "sample").exists()
