@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlflow
+from huggingface_hub import ModelCard
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
@@ -34,7 +35,9 @@ def find_version(client: MlflowClient, name: str, train_fingerprint: str):
     return max(matching, key=lambda v: int(v.version)) if matching else None
 
 
-def register_student(config: RegisterConfig, context: TrackingContext, student: ModelRef, run_id: str, tags: dict[str, str]) -> RegisteredModel:
+def register_student(
+    config: RegisterConfig, context: TrackingContext, student: ModelRef, run_id: str, tags: dict[str, str], license: str,
+) -> RegisteredModel:
     """Log the student as an MLflow transformers model under ``run_id`` and register a version.
 
     A version already registered for the same trained student (same train fingerprint) is reused,
@@ -52,6 +55,8 @@ def register_student(config: RegisterConfig, context: TrackingContext, student: 
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer}, name="student", task="text-generation",
             pip_requirements=PIP_REQUIREMENTS, registered_model_name=config.model_name,
+            # Our own card: without one MLflow tries to fetch the model's card and license from the Hub.
+            model_card=ModelCard(f"---\nlicense: {license}\nlibrary_name: transformers\n---\n# {config.model_name}\n"),
         )
     version = str(info.registered_model_version)
     for key, value in {"stillhouse.train_fingerprint": student.fingerprint, **tags}.items():

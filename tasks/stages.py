@@ -89,7 +89,8 @@ def evaluate_task(config: PipelineConfig, dataset: DatasetRef, samples: SamplesR
 def register_task(config: PipelineConfig, student: ModelRef, report: EvalReport, tracking: TrackingContext) -> RegisteredModel:
     started = time.perf_counter()
     run_id = log_stage(tracking, "register", fingerprint=student.fingerprint, cached=False, seconds=0.0, metrics=report.metrics)
-    registered = register_student(config.registry, tracking, student, run_id, tags={"stillhouse.pipeline": config.name, "stillhouse.eval_fingerprint": report.fingerprint})
+    registered = register_student(config.registry, tracking, student, run_id, tags={"stillhouse.pipeline": config.name, "stillhouse.eval_fingerprint": report.fingerprint},
+                                  license=config.publish.license)
     get_run_logger().info("register: %s version %s (alias @%s)%s in %.1fs", registered.name, registered.version, registered.alias,
                           ", reused" if registered.cached else "", time.perf_counter() - started)
     return registered

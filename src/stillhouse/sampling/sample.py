@@ -18,7 +18,7 @@ from stillhouse.errors import InputError
 from stillhouse.models import load_causal_lm, load_tokenizer, model_revision, resolve_model, tokenizer_fingerprint, vocab_size
 from stillhouse.refs import DatasetRef, SamplesRef
 from stillhouse.sampling.hf_engine import generate, render_prompts
-from stillhouse.sampling.teacher_outputs import shard_name, write_shard
+from stillhouse.sampling.teacher_outputs import read_teacher_outputs, shard_name, write_shard
 from stillhouse.store import Store, file_sha256, fingerprint
 
 CODE_VERSION = 1
@@ -67,9 +67,7 @@ def sample_teacher(config: SampleConfig, dataset: DatasetRef, store: Store, prog
             write_shard(path, shard["prompt_id"].tolist(), shard["split"].tolist(), generations)
         bar.close()
         shards = [{"name": shard_name(i), "sha256": file_sha256(folder / shard_name(i))} for i in range(len(shard_starts))]
-        import pyarrow.parquet as pq
-
-        generated = sum(pq.read_table(folder / s["name"], columns=["response_token_ids"]).column(0).combine_chunks().value_lengths().to_numpy().sum() for s in shards)
+        generated = sum(len(ids) for ids in read_teacher_outputs(folder)["response_token_ids"])
         return {
             "teacher": config.teacher, "teacher_path": teacher, "teacher_revision": revision,
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "chat_template": tokenizer.chat_template,
