@@ -25,7 +25,12 @@ from registry.tracking import finish_pipeline_run, start_pipeline_run
 from stillhouse.config import PipelineConfig
 from stillhouse.preflight import preflight
 from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
-from tasks.stages import curate_task, evaluate_task, publish_task, register_task, sample_task, train_task
+from tasks.curate import curate_task
+from tasks.evaluate import evaluate_task
+from tasks.publish import publish_task
+from tasks.register import register_task
+from tasks.sample import sample_task
+from tasks.train import train_task
 
 STAGES = ("curate", "sample", "train", "evaluate", "register", "publish")
 Stage = Literal["curate", "sample", "train", "evaluate", "register", "publish"]

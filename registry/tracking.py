@@ -68,7 +68,7 @@ def start_pipeline_run(config: PipelineConfig, flow_run_id: str | None) -> Track
         "stillhouse.pipeline": config.name,
         "prefect.flow_run_id": flow_run_id or "",
         "teacher": config.sample.teacher,
-        "student": config.train.student or "scratch:" + str(config.train.architecture.model_dump() if config.train.architecture else ""),
+        "student": config.train.student or "scratch:{hidden_size}x{num_layers}".format(**config.train.architecture.model_dump()),
         "method": config.train.method,
     })
     params = flatten(config.model_dump(mode="json"))
