@@ -28,24 +28,148 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
-class CurateConfig(StrictModel):
-    """Where prompts come from and how they are split."""
+ChatFormat = Literal["auto", "columns", "messages", "sharegpt", "alpaca"]
+FORMAT_HELP = (
+    "How rows become chat messages. `columns`: `prompt_column` holds the prompt text (or a message list), with an optional "
+    "`system_column`; `messages`: OpenAI-style list of {role, content} in `prompt_column` (or a `messages` column); "
+    "`sharegpt`: a `conversations` list of {from, value}; `alpaca`: instruction/input(/output) columns; "
+    "`auto`: `prompt_column` if the data has it, else the first of messages, conversations, instruction."
+)
 
-    source: str = Field(
-        description="A local .jsonl/.parquet/.csv file, a local `datasets` folder, a Hub dataset id, "
-        f"or `{DEMO_SOURCE}` for the bundled demo tasks."
-    )
+
+class SourceConfig(StrictModel):
+    """One source of a mixture: where its rows come from, how they map to chat messages, and its share."""
+
+    source: str = Field(description=f"A local .jsonl/.parquet/.csv file, a local `datasets` folder, a Hub dataset id, or `{DEMO_SOURCE}`.")
+    name: str | None = Field(None, min_length=1, description="Label of this source in the output's `source` column; null uses the file stem or dataset id.")
+    weight: float = Field(1.0, gt=0, description="Relative share of this source in the mixture's output (after filtering and deduplication).")
+    max_rows: int | None = Field(None, gt=0, description="Cap on the rows this source contributes; null leaves it uncapped.")
+    format: ChatFormat = Field("auto", description=FORMAT_HELP)
     prompt_column: str = Field("prompt", min_length=1, description="Column holding the prompt text (or a list of chat messages).")
+    system_column: str | None = Field(None, description="Optional column holding a system prompt (format `columns`).")
+    reference_column: str | None = Field(None, description="Column holding a reference answer for exact-match evaluation; null if the data has none.")
+    category_column: str | None = Field(None, description="Optional column naming each row's category, for per-category accuracy.")
+    split: str = Field("train", description="Split to read when `source` is a `datasets` id or folder.")
+    streaming: bool = Field(False, description="Stream a Hub dataset instead of downloading it first (Hub ids only).")
+
+
+class LengthFilterConfig(StrictModel):
+    """Bounds on a prompt's length, in characters and in teacher tokens; a bound left null is not checked."""
+
+    min_chars: int | None = Field(None, ge=0, description="Drop prompts with fewer characters (all turns' content together).")
+    max_chars: int | None = Field(None, gt=0, description="Drop prompts with more characters (all turns' content together).")
+    min_tokens: int | None = Field(None, ge=0, description="Drop prompts shorter than this many tokens of `tokenizer`, chat template applied.")
+    max_tokens: int | None = Field(None, gt=0, description="Drop prompts longer than this many tokens of `tokenizer`, chat template applied.")
+    tokenizer: str | None = Field(
+        None, description=f"The teacher's tokenizer for the token bounds: a local model folder, a Hub id, or `{DEMO_TEACHER}`. "
+        "Loaded only when a token bound is set."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> LengthFilterConfig:
+        for low, high in (("min_chars", "max_chars"), ("min_tokens", "max_tokens")):
+            if getattr(self, low) is not None and getattr(self, high) is not None and getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low} ({getattr(self, low)}) is larger than {high} ({getattr(self, high)}); no prompt could pass")
+        if (self.min_tokens is not None or self.max_tokens is not None) and self.tokenizer is None:
+            raise ValueError("min_tokens/max_tokens need `tokenizer`: set it to the teacher (e.g. the value of sample.teacher)")
+        return self
+
+
+class NearDuplicateConfig(StrictModel):
+    """Near-duplicate removal with MinHash LSH over character shingles of the prompt's user turns."""
+
+    enabled: bool = Field(False, description="Remove near-duplicates; off by default because short templated prompts look alike.")
+    threshold: float = Field(0.6, gt=0, lt=1, description="Estimated Jaccard similarity of shingle sets at or above which two prompts are duplicates.")
+    shingle_size: int = Field(5, ge=1, le=64, description="Characters per shingle (of the lowercased, whitespace-collapsed text).")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations: more is more accurate, slower and larger.")
+
+
+class RepetitionFilterConfig(StrictModel):
+    """Drop degenerate prompts whose word n-grams repeat."""
+
+    max_repeated_share: float = Field(0.3, gt=0, le=1, description="Drop a prompt when more than this share of its word n-grams repeat an earlier one.")
+    ngram: int = Field(3, ge=1, le=32, description="Words per n-gram.")
+
+
+class FilterConfig(StrictModel):
+    """Row filters, each optional and each counted in the curation report."""
+
+    empty: bool = Field(True, description="Drop prompts that are empty or whitespace-only.")
+    length: LengthFilterConfig = Field(default_factory=LengthFilterConfig, description="Length bounds in characters and teacher tokens.")
+    exact_duplicates: bool = Field(True, description="Drop prompts whose normalized text (lowercase, collapsed whitespace) repeats an earlier one.")
+    near_duplicates: NearDuplicateConfig = Field(default_factory=NearDuplicateConfig, description="MinHash LSH near-duplicate removal.")
+    repetition: RepetitionFilterConfig | None = Field(None, description="Repeated n-gram filter; null disables it.")
+    mask_pii: list[Literal["email", "phone", "api_key"]] = Field(
+        default_factory=list, description="Replace these patterns in message text by <EMAIL>, <PHONE>, <API_KEY>; rows are kept."
+    )
+
+
+class DecontaminateConfig(StrictModel):
+    """Drop training prompts that share an n-gram with the eval split or with a benchmark."""
+
+    eval_split: bool = Field(True, description="Check training prompts against the pipeline's own eval split.")
+    benchmarks: list[str] = Field(
+        default_factory=list, description="Benchmark files (.jsonl/.parquet/.csv); every string field of every row is reference text."
+    )
+    ngram: int = Field(13, ge=1, le=64, description="Words per n-gram (normalized: lowercase, punctuation stripped). Shorter texts count as one n-gram.")
+    ignore_common: int | None = Field(
+        10, gt=0, description="Ignore n-grams found in more than this many reference rows (shared boilerplate, not leaks); null keeps all."
+    )
+
+
+class CurateConfig(StrictModel):
+    """Where prompts come from, how they are cleaned, and how they are split.
+
+    One source (`source` plus the column fields) or a mixture (`sources`, a list with weights and caps).
+    """
+
+    source: str | None = Field(
+        None, description="A local .jsonl/.parquet/.csv file, a local `datasets` folder, a Hub dataset id, "
+        f"or `{DEMO_SOURCE}` for the bundled demo tasks. Leave null when `sources` lists a mixture."
+    )
+    sources: list[SourceConfig] | None = Field(None, min_length=1, description="A mixture of sources with weights and caps, instead of `source`.")
+    format: ChatFormat = Field("auto", description=FORMAT_HELP + " (for `source`; each mixture entry has its own)")
+    prompt_column: str = Field("prompt", min_length=1, description="Column holding the prompt text (or a list of chat messages).")
+    system_column: str | None = Field(None, description="Optional column holding a system prompt (format `columns`).")
     reference_column: str | None = Field(
         "reference", description="Column holding a reference answer for exact-match evaluation; null if the data has none."
     )
     category_column: str | None = Field(None, description="Optional column naming each row's category, for per-category accuracy.")
     split: str = Field("train", description="Split to read when `source` is a `datasets` id or folder.")
+    streaming: bool = Field(False, description="Stream a Hub dataset instead of downloading it first (Hub ids only).")
+    mixture_seed: int = Field(0, description="Seed of the rows drawn from each source of a mixture.")
+    filters: FilterConfig = Field(default_factory=FilterConfig, description="Row filters and deduplication.")
+    decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig, description="N-gram decontamination.")
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="A malformed row (bad JSON, invalid UTF-8, missing column, not a conversation): `fail` stops, `skip` drops and counts it."
+    )
+    batch_rows: int = Field(10000, ge=100, le=1_000_000, description="Rows read and processed per batch.")
+    report_examples: int = Field(5, ge=0, le=100, description="Examples of removed rows kept per filter in the curation report.")
     eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of prompts held out for evaluation, chosen by a hash of the prompt.")
     split_salt: str = Field("stillhouse", description="Salt of the split hash; change it to draw a different, equally stable split.")
     max_rows: int | None = Field(None, gt=0, description="Keep at most this many prompts after filtering (first by hash order); null keeps all.")
     demo_rows: int = Field(4000, gt=0, description=f"Rows to generate when `source` is `{DEMO_SOURCE}`.")
     demo_seed: int = Field(0, description=f"Seed of the generated rows when `source` is `{DEMO_SOURCE}`.")
+
+    @model_validator(mode="after")
+    def _one_source_form(self) -> CurateConfig:
+        if (self.source is None) == (self.sources is None):
+            raise ValueError("set exactly one of `source` (one dataset) or `sources` (a mixture: a list of {source, weight, max_rows, ...})")
+        if self.sources is not None:
+            per_source = {"format", "prompt_column", "system_column", "reference_column", "category_column", "split", "streaming"}
+            misplaced = sorted(per_source & self.model_fields_set)
+            if misplaced:
+                raise ValueError(f"{', '.join(misplaced)} apply to `source` only; with `sources`, set them in each mixture entry")
+        return self
+
+    def source_list(self) -> list[SourceConfig]:
+        """The sources to read: the mixture's entries, or `source` with the top-level column fields."""
+        if self.sources is not None:
+            return list(self.sources)
+        return [SourceConfig(
+            source=self.source, format=self.format, prompt_column=self.prompt_column, system_column=self.system_column,
+            reference_column=self.reference_column, category_column=self.category_column, split=self.split, streaming=self.streaming,
+        )]
 
 
 class SampleConfig(StrictModel):

@@ -1,164 +1,448 @@
-"""Curation: load prompts, normalize them to chat messages, drop empty and duplicate ones, split.
+"""Curation: read sources in batches, map rows to chat messages, filter, deduplicate, mix, split, decontaminate.
 
-Output: ``train.parquet`` and ``eval.parquet`` in the store, columns ``prompt_id`` (hash of the
-normalized prompt), ``messages`` (JSON list of ``{role, content}``), ``reference`` (or null) and
-``category`` (or null).
+    from stillhouse.data.curate import curate, read_split
+    dataset = curate(config.curate, Store(".stillhouse/store"))
+    train = read_split(dataset, "train")
+
+Output in the store under the stage fingerprint: ``train.parquet`` and ``eval.parquet`` with columns
+``prompt_id`` (hash of the normalized prompt), ``messages`` (JSON list of ``{role, content}`` ending on
+a user turn), ``reference`` (or null), ``category`` (or null) and ``source`` (the mixture entry it came
+from); and ``report/`` (counts per filter, length histograms, examples of removed rows).
+
+The steps, in order, each counted:
+
+1. read every source in batches; malformed rows fail or are skipped (``on_error``);
+2. per batch, row filters: empty, PII masking (kept), characters, teacher tokens, repetition,
+   benchmark contamination; survivors go to temporary Parquet shards, and their ids, split keys,
+   lengths and MinHash signatures to numpy arrays (no per-row Python objects are kept);
+3. over those arrays: exact duplicates, near duplicates, the mixture's weights and caps, ``max_rows``;
+4. the split, by a salted hash of the normalized prompt (stable across reruns and row order);
+5. training prompts that share an n-gram with the eval split are dropped; the splits are written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import xxhash
+from tqdm.auto import tqdm
 
-from stillhouse.config import DEMO_SOURCE, CurateConfig
+from stillhouse.config import CurateConfig
+from stillhouse.data.decontaminate import ReferenceNgrams, benchmark_rows, check_benchmarks
+from stillhouse.data.dedup import MinHasher, band_parameters, first_occurrences, near_duplicates
+from stillhouse.data.filters import TokenCounter, char_length, mask_pii, repeated_ngram_share
+from stillhouse.data.report import CurationReport
+from stillhouse.data.schema import RowError, normalized_messages, optional_text, resolve_mapping, to_messages, user_text
+from stillhouse.data.sources import Problems, RawBatch, Source, count_rows, read_batches, resolve_sources, source_identity, source_kind
 from stillhouse.errors import InputError
 from stillhouse.refs import DatasetRef
-from stillhouse.store import Store, fingerprint
+from stillhouse.store import Store, file_sha256, fingerprint
 
-CODE_VERSION = 1
-FILE_READERS = {".jsonl": lambda path: pd.read_json(path, lines=True), ".json": lambda path: pd.read_json(path, lines=True),
-                ".parquet": pd.read_parquet, ".csv": pd.read_csv}
+CODE_VERSION = 2
+SPLITS = ("train", "eval")
+OUTPUT_SCHEMA = pa.schema([(name, pa.string()) for name in ("prompt_id", "messages", "reference", "category", "source")])
+WORK_SCHEMA = OUTPUT_SCHEMA.append(pa.field("text", pa.string())).append(pa.field("where", pa.string()))
 
-
-def source_kind(source: str) -> str:
-    """`demo`, `file`, `datasets-folder` or `hub`; raises for a local path that is not there."""
-    if source == DEMO_SOURCE:
-        return "demo"
-    path = Path(source).expanduser()
-    if path.is_file():
-        if path.suffix.lower() not in FILE_READERS:
-            raise InputError(f"curate.source: {source!r} has an unsupported extension; use .jsonl, .parquet or .csv")
-        return "file"
-    if path.is_dir():
-        return "datasets-folder"
-    if path.suffix.lower() in FILE_READERS or source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise InputError(f"curate.source: dataset file {source!r} does not exist; check the path (relative paths start from {Path.cwd()})")
-    return "hub"
-
-
-def load_source(config: CurateConfig) -> pd.DataFrame:
-    kind = source_kind(config.source)
-    if kind == "demo":
-        from stillhouse.demo.tasks import make_examples
-
-        return pd.DataFrame(make_examples(config.demo_rows, config.demo_seed))
-    if kind == "file":
-        path = Path(config.source).expanduser()
-        try:
-            return FILE_READERS[path.suffix.lower()](path)
-        except ValueError as error:
-            raise InputError(f"curate.source: could not read {path}: {error}") from None
-    import datasets
-
-    if kind == "datasets-folder":
-        loaded = datasets.load_from_disk(config.source)
-        if isinstance(loaded, datasets.DatasetDict):
-            if config.split not in loaded:
-                raise InputError(f"curate.split: {config.source} has splits {list(loaded)}, not {config.split!r}")
-            loaded = loaded[config.split]
-    else:
-        loaded = datasets.load_dataset(config.source, split=config.split)
-    return loaded.to_pandas()
-
-
-def to_messages(value: Any) -> list[dict[str, str]]:
-    """A prompt as chat messages: a plain string becomes one user turn; message lists are kept."""
-    if isinstance(value, str):
-        return [{"role": "user", "content": value.strip()}] if value.strip() else []
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        return [{"role": str(m["role"]), "content": str(m["content"])} for m in value if str(m["content"]).strip()]
-    return []
-
-
-def prompt_hash(messages: list[dict[str, str]], salt: str = "") -> str:
-    normalized = json.dumps([[m["role"], " ".join(m["content"].split()).lower()] for m in messages])
-    return hashlib.sha256((salt + normalized).encode()).hexdigest()
-
-
-def check_columns(frame: pd.DataFrame, config: CurateConfig) -> None:
-    columns = list(frame.columns)
-    if frame.empty:
-        raise InputError(f"curate.source: {config.source!r} has no rows; point it at a dataset with prompts")
-    for field in ("prompt_column", "reference_column", "category_column"):
-        column = getattr(config, field)
-        if column is not None and column not in frame.columns:
-            hint = "" if field == "prompt_column" else f", or set curate.{field}: null"
-            raise InputError(f"curate.{field}: column {column!r} is not in {config.source!r} (columns: {columns}); name one of those{hint}")
-
-
-def curate_frame(frame: pd.DataFrame, config: CurateConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
-    """Normalize, filter and split; returns (train, eval, counts)."""
-    check_columns(frame, config)
-    counts = {"rows_in": len(frame), "dropped_empty": 0, "dropped_duplicate": 0}
-    rows, seen = [], set()
-    for record in frame.to_dict("records"):
-        messages = to_messages(record[config.prompt_column])
-        while messages and messages[-1]["role"] != "user":
-            messages.pop()  # a full conversation: the teacher answers its last user turn
-        if not messages:
-            counts["dropped_empty"] += 1
-            continue
-        prompt_id = prompt_hash(messages)[:16]
-        if prompt_id in seen:
-            counts["dropped_duplicate"] += 1
-            continue
-        seen.add(prompt_id)
-        reference = record.get(config.reference_column) if config.reference_column else None
-        category = record.get(config.category_column) if config.category_column else None
-        rows.append({
-            "prompt_id": prompt_id,
-            "messages": json.dumps(messages),
-            "reference": None if reference is None or pd.isna(reference) else str(reference),
-            "category": None if category is None or pd.isna(category) else str(category),
-            # Position in [0, 1) from a salted hash of the prompt: stable across reruns and row order.
-            "split_key": int(prompt_hash(messages, config.split_salt)[:15], 16) / 16**15,
-        })
-    if not rows:
-        raise InputError(f"curate.source: every row of {config.source!r} was empty or had no user turn in column {config.prompt_column!r}")
-    curated = pd.DataFrame(rows).sort_values("split_key", kind="stable")
-    if config.max_rows is not None:
-        curated = curated.head(config.max_rows)
-    is_eval = curated["split_key"] < config.eval_fraction
-    train, evaluation = curated[~is_eval].drop(columns="split_key"), curated[is_eval].drop(columns="split_key")
-    if train.empty or evaluation.empty:
-        raise InputError(f"curate: {len(curated)} prompts give an empty {'train' if train.empty else 'eval'} split; add data or change curate.eval_fraction")
-    counts.update(train_rows=len(train), eval_rows=len(evaluation))
-    return train.reset_index(drop=True), evaluation.reset_index(drop=True), counts
-
-
-def source_identity(config: CurateConfig) -> str:
-    """What the data is, for the fingerprint: a file's content hash, else the source string."""
-    path = Path(config.source).expanduser()
-    if path.is_file():
-        from stillhouse.store import file_sha256
-
-        return f"file-sha256:{file_sha256(path)}"
-    return config.source
-
-
-def curate(config: CurateConfig, store: Store) -> DatasetRef:
-    source_kind(config.source)  # fail on a missing file before anything else
-    stage_fingerprint = fingerprint("curate", config, {"source": source_identity(config)}, CODE_VERSION)
-
-    def compute(folder: Path) -> dict:
-        train, evaluation, counts = curate_frame(load_source(config), config)
-        train.to_parquet(folder / "train.parquet", index=False)
-        evaluation.to_parquet(folder / "eval.parquet", index=False)
-        return {"counts": counts, "has_references": bool(train["reference"].notna().any())}
-
-    output = store.build("curate", stage_fingerprint, compute)
-    return DatasetRef(
-        stage="curate", fingerprint=stage_fingerprint, path=str(output.path), cached=output.cached,
-        train_rows=output.manifest["counts"]["train_rows"], eval_rows=output.manifest["counts"]["eval_rows"],
-        has_references=output.manifest["has_references"], counts=output.manifest["counts"],
-    )
+__all__ = ["curate", "curate_frame", "read_split", "source_kind"]
 
 
 def read_split(dataset: DatasetRef, split: str) -> pd.DataFrame:
     return pd.read_parquet(Path(dataset.path) / f"{split}.parquet")
+
+
+def curate(config: CurateConfig, store: Store, progress: Callable[[float], None] | None = None) -> DatasetRef:
+    sources = resolve_sources(config)  # fail on a missing file before anything else
+    benchmarks = [f"file-sha256:{file_sha256(path)}" for path in check_benchmarks(config.decontaminate.benchmarks)]
+    inputs = {"sources": json.dumps([source_identity(source, config) for source in sources]), "benchmarks": json.dumps(benchmarks)}
+    stage_fingerprint = fingerprint("curate", config, inputs, CODE_VERSION)
+    output = store.build("curate", stage_fingerprint, lambda folder: run_curation(config, sources, folder, read_batches, progress))
+    counts = output.manifest["counts"]
+    return DatasetRef(
+        stage="curate", fingerprint=stage_fingerprint, path=str(output.path), cached=output.cached,
+        train_rows=counts["train_rows"], eval_rows=counts["eval_rows"], has_references=output.manifest["has_references"], counts=counts,
+    )
+
+
+def curate_frame(frame: pd.DataFrame, config: CurateConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+    """Curate an in-memory frame as if it were the (single) source: returns (train, eval, counts)."""
+    source = Source(0, config.source_list()[0], "curate", "frame", "frame")
+
+    def batches(_source: Source, config: CurateConfig, _problems: Problems) -> Iterator[RawBatch]:
+        for start in range(0, len(frame), config.batch_rows):
+            chunk = frame.iloc[start:start + config.batch_rows]
+            yield RawBatch(chunk.to_dict("records"), list(range(start + 1, start + len(chunk) + 1)), list(frame.columns))
+
+    with tempfile.TemporaryDirectory() as folder:
+        manifest = run_curation(config, [source], Path(folder), batches)
+        train, evaluation = (pd.read_parquet(Path(folder) / f"{split}.parquet") for split in SPLITS)
+    return train, evaluation, manifest["counts"]
+
+
+@dataclass
+class Survivors:
+    """Per-row arrays of the rows that passed the row filters, in read order, and the shards holding their text."""
+
+    keys: list[np.ndarray] = field(default_factory=list)
+    split_keys: list[np.ndarray] = field(default_factory=list)
+    sources: list[np.ndarray] = field(default_factory=list)
+    chars: list[np.ndarray] = field(default_factory=list)
+    tokens: list[np.ndarray] = field(default_factory=list)
+    signatures: list[np.ndarray] = field(default_factory=list)
+    shards: list[tuple[Path, int]] = field(default_factory=list)
+
+    def concatenated(self, name: str, dtype) -> np.ndarray:
+        parts = getattr(self, name)
+        return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+
+    def iter_shards(self, columns: list[str]) -> Iterator[tuple[int, pa.Table]]:
+        offset = 0
+        for path, rows in self.shards:
+            yield offset, pq.read_table(path, columns=columns)
+            offset += rows
+
+    def fetch(self, indices: list[int], column: str) -> dict[int, str]:
+        """The values of one column at a few global row indices (for report examples)."""
+        wanted, found, offset = sorted(set(indices)), {}, 0
+        for path, rows in self.shards:
+            local = [i - offset for i in wanted if offset <= i < offset + rows]
+            if local:
+                values = pq.read_table(path, columns=[column]).column(column).take(local).to_pylist()
+                found.update({i + offset: v for i, v in zip(local, values)})
+            offset += rows
+        return found
+
+
+class RowFilters:
+    """The per-batch filters, configured once: masking, lengths, tokens, repetition, benchmark n-grams."""
+
+    def __init__(self, config: CurateConfig, report: CurationReport):
+        filters, length = config.filters, config.filters.length
+        self.config, self.report = config, report
+        self.token_counter = TokenCounter(length.tokenizer) if (length.min_tokens is not None or length.max_tokens is not None) else None
+        self.benchmarks = None
+        if config.decontaminate.benchmarks:
+            labels = [f"benchmark {p}" for p in config.decontaminate.benchmarks]
+            self.benchmarks = ReferenceNgrams.build(benchmark_rows(config.decontaminate.benchmarks, config.batch_rows), labels,
+                                                    config.decontaminate.ngram, config.decontaminate.ignore_common)
+        active = ["skipped_malformed", "dropped_empty"]
+        active += ["masked_pii"] if filters.mask_pii else []
+        active += ["dropped_too_short_chars"] if length.min_chars is not None else []
+        active += ["dropped_too_long_chars"] if length.max_chars is not None else []
+        active += ["dropped_too_short_tokens"] if length.min_tokens is not None else []
+        active += ["dropped_too_long_tokens"] if length.max_tokens is not None else []
+        active += ["dropped_repetitive"] if filters.repetition is not None else []
+        active += ["dropped_contaminated_benchmark"] if self.benchmarks is not None else []
+        for name in active:
+            report.count(name, 0)
+
+    def apply(self, messages: list, texts: list[str], wheres: list[str], source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(keep mask, character lengths, token lengths or -1) for one batch of non-empty prompts; masks PII in place."""
+        filters, length = self.config.filters, self.config.filters.length
+        if filters.mask_pii:
+            for row, conversation in enumerate(messages):
+                messages[row], changed = mask_pii(conversation, filters.mask_pii)
+                if changed:
+                    self.report.count("masked_pii")
+                    texts[row] = user_text(messages[row])
+        chars = np.fromiter((char_length(m) for m in messages), dtype=np.int32, count=len(messages))
+        tokens = np.full(len(messages), -1, dtype=np.int32)
+        keep = np.ones(len(messages), dtype=bool)
+
+        def drop(name: str, rejected: np.ndarray, detail: Callable[[int], dict] = lambda row: {}) -> None:
+            newly = np.flatnonzero(rejected & keep)
+            self.report.count(name, len(newly))
+            for row in newly[: self.report.max_examples]:
+                self.report.add_example(name, source, wheres[row], conversation_text(messages[row]), **detail(row))
+            keep[newly] = False
+
+        if length.min_chars is not None:
+            drop("dropped_too_short_chars", chars < length.min_chars, lambda row: {"chars": str(chars[row])})
+        if length.max_chars is not None:
+            drop("dropped_too_long_chars", chars > length.max_chars, lambda row: {"chars": str(chars[row])})
+        if self.token_counter is not None:
+            rows = np.flatnonzero(keep)
+            tokens[rows] = self.token_counter.count([messages[row] for row in rows])
+            if length.min_tokens is not None:
+                drop("dropped_too_short_tokens", (tokens >= 0) & (tokens < length.min_tokens), lambda row: {"tokens": str(tokens[row])})
+            if length.max_tokens is not None:
+                drop("dropped_too_long_tokens", tokens > length.max_tokens, lambda row: {"tokens": str(tokens[row])})
+        if filters.repetition is not None:
+            rows = np.flatnonzero(keep)
+            shares = np.zeros(len(messages))
+            shares[rows] = [repeated_ngram_share(conversation_text(messages[row]).lower(), filters.repetition.ngram) for row in rows]
+            drop("dropped_repetitive", shares > filters.repetition.max_repeated_share, lambda row: {"repeated_share": f"{shares[row]:.2f}"})
+        if self.benchmarks is not None:
+            rows = np.flatnonzero(keep)
+            hits = np.full(len(messages), -1, dtype=np.int64)
+            hits[rows] = self.benchmarks.match([texts[row] for row in rows])
+            drop("dropped_contaminated_benchmark", hits >= 0, lambda row: self.benchmarks.evidence(texts[row], hits[row]))
+        return keep, chars, tokens
+
+
+def conversation_text(messages: list[dict[str, str]]) -> str:
+    return "\n".join(m["content"] for m in messages)
+
+
+def run_curation(
+    config: CurateConfig, sources: list[Source], folder: Path,
+    batches: Callable[[Source, CurateConfig, Problems], Iterator[RawBatch]], progress: Callable[[float], None] | None = None,
+) -> dict:
+    """Curate into ``folder`` (train/eval Parquet and report/); returns the manifest's content."""
+    work = folder / ".work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        return curate_into(config, sources, folder, work, batches, progress or (lambda fraction: None))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def curate_into(config, sources, folder, work, batches, progress) -> dict:
+    report = CurationReport(max_examples=config.report_examples)
+    report.count("rows_in", 0)
+    problems = Problems(config.on_error, max_examples=config.report_examples)
+    row_filters = RowFilters(config, report)
+    near = config.filters.near_duplicates
+    hasher = MinHasher(near.num_perm, near.shingle_size) if near.enabled else None
+    survivors, chars_read = Survivors(), []
+    totals = [count_rows(source, config) if source.kind != "frame" else None for source in sources]
+    total = sum(totals) if all(t is not None for t in totals) else None
+    bar = tqdm(total=total, unit="rows", desc="curate", mininterval=1.0)
+    for source in sources:
+        mapping, label = None, source.config.source if source.kind != "frame" else "the frame"
+        unit = "line" if source.kind == "file" and source.path.suffix.lower() in (".jsonl", ".json", ".csv") else "row"
+        read = 0
+        for batch in batches(source, config, problems):
+            if mapping is None:
+                mapping = resolve_mapping(source.config, batch.columns, source.field, label)
+                report.sources[source.name] = {"source": label, "format": mapping.format, "rows_in": 0, "rows_out": 0}
+            read += len(batch.records)
+            report.count("rows_in", len(batch.records))
+            report.sources[source.name]["rows_in"] += len(batch.records)
+            process_batch(batch, source, mapping, label, unit, config, report, problems, row_filters, hasher, survivors, chars_read, work)
+            bar.update(len(batch.records))
+            if total:
+                progress(0.85 * report.counts["rows_in"] / total)
+        if read == 0 and not problems.skipped:
+            raise InputError(f"{source.field}.source: {label!r} has no rows; point it at a dataset with prompts")
+    bar.close()
+    report.counts["skipped_malformed"] = problems.skipped
+    if problems.examples:
+        report.examples["skipped_malformed"] = [{"source": "", "where": e["where"], "text": "", "reason": e["reason"]} for e in problems.examples]
+    if not survivors.shards:
+        label = ", ".join(repr(s.config.source) for s in sources)
+        raise InputError(f"curate: every row of {label} was empty, malformed or filtered out; check the prompt column and the filters")
+
+    keys, split_keys = survivors.concatenated("keys", np.uint64), survivors.concatenated("split_keys", np.float64)
+    source_of = survivors.concatenated("sources", np.int16)
+    alive = np.ones(len(keys), dtype=bool)
+    manifest_extra = {}
+    if config.filters.exact_duplicates:
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        duplicate = ~first_occurrences(keys)
+        record_global_drop("dropped_duplicate", duplicate, first[inverse], alive, survivors, report)
+    if near.enabled:
+        signatures = np.concatenate(survivors.signatures)
+        survivors.signatures.clear()
+        found = near_duplicates(signatures, near.threshold, candidates=alive)
+        del signatures
+        record_global_drop("dropped_near_duplicate", found.removed, found.representative, alive, survivors, report)
+        manifest_extra["near_duplicate_lsh"] = dict(zip(("bands", "rows_per_band"), band_parameters(near.threshold, near.num_perm)))
+    if len(sources) > 1 or any(s.config.max_rows is not None for s in sources):
+        record_global_drop("dropped_mixture", alive & ~draw_mixture(config, sources, keys, source_of, alive), None, alive, survivors, report)
+    if config.max_rows is not None and alive.sum() > config.max_rows:
+        rows = np.flatnonzero(alive)
+        beyond = rows[np.argsort(split_keys[rows], kind="stable")[config.max_rows:]]
+        rejected = np.zeros(len(alive), dtype=bool)
+        rejected[beyond] = True
+        record_global_drop("dropped_max_rows", rejected, None, alive, survivors, report)
+    is_eval = split_keys < config.eval_fraction
+    if config.decontaminate.eval_split:
+        contaminated = eval_contamination(config, survivors, alive & is_eval, alive & ~is_eval, report)
+        alive &= ~contaminated
+    progress(0.95)
+
+    counts = {"train_rows": int((alive & ~is_eval).sum()), "eval_rows": int((alive & is_eval).sum())}
+    if counts["train_rows"] == 0 or counts["eval_rows"] == 0:
+        empty = "train" if counts["train_rows"] == 0 else "eval"
+        raise InputError(f"curate: {int(alive.sum())} prompts give an empty {empty} split; add data or change curate.eval_fraction")
+    has_references = write_splits(folder, survivors, alive, is_eval)
+    for index, source in enumerate(sources):
+        kept = int((alive & (source_of == index)).sum())
+        report.sources.setdefault(source.name, {"rows_in": 0})["rows_out"] = kept
+    report.counts.update(counts)
+    chars = survivors.concatenated("chars", np.int32)
+    lengths = {"chars": (np.concatenate(chars_read) if chars_read else np.empty(0, np.int32), chars[alive])}
+    if row_filters.token_counter is not None:
+        tokens = survivors.concatenated("tokens", np.int32)
+        lengths["tokens"] = (tokens[tokens >= 0], tokens[alive])
+    report_files = report.write(folder / "report", lengths)
+    progress(1.0)
+    counts_out = dict(report.counts)
+    for name, info in report.sources.items():
+        counts_out[f"rows_in.{name}"], counts_out[f"rows_out.{name}"] = info["rows_in"], info["rows_out"]
+    return {"counts": counts_out, "has_references": has_references, "sources": report.sources,
+            "report": [f"report/{name}" for name in report_files], "columns": OUTPUT_SCHEMA.names, **manifest_extra}
+
+
+def process_batch(batch, source, mapping, label, unit, config, report, problems, row_filters, hasher, survivors, chars_read, work) -> None:
+    """Map one batch to messages, apply the row filters, and keep the survivors' text in a shard and their keys in arrays."""
+    messages, references, categories, wheres = [], [], [], []
+    for record, position in zip(batch.records, batch.positions):
+        where = f"{label}: {unit} {position}"
+        try:
+            conversation = to_messages(record, mapping)
+        except RowError as error:
+            problems.report(where, f"{error} (format {mapping.format})")
+            continue
+        if not conversation:
+            report.count("dropped_empty")
+            report.add_example("dropped_empty", source.name, where, repr(record.get(mapping.prompt_column)))
+            continue
+        messages.append(conversation)
+        references.append(optional_text(record, mapping.reference_column))
+        categories.append(optional_text(record, mapping.category_column))
+        wheres.append(where)
+    if not messages:
+        return
+    texts = [user_text(m) for m in messages]
+    keep, chars, tokens = row_filters.apply(messages, texts, wheres, source.name)
+    chars_read.append(chars)
+    rows = np.flatnonzero(keep)
+    if not len(rows):
+        return
+    normalized = [normalized_messages(messages[row]) for row in rows]
+    prompt_ids = [short_sha256(text) for text in normalized]
+    survivors.keys.append(np.array([int(p, 16) for p in prompt_ids], dtype=np.uint64))
+    # Position in [0, 1) from a salted hash of the prompt: stable across reruns and row order.
+    survivors.split_keys.append(np.array([int(short_sha256(config.split_salt + text)[:15], 16) / 16**15 for text in normalized]))
+    survivors.sources.append(np.full(len(rows), source.index, dtype=np.int16))
+    survivors.chars.append(chars[rows])
+    survivors.tokens.append(tokens[rows])
+    if hasher is not None:
+        survivors.signatures.append(hasher.signatures([texts[row] for row in rows]))
+    shard = work / f"{len(survivors.shards):06d}.parquet"
+    pq.write_table(pa.table({
+        "prompt_id": prompt_ids, "messages": [json.dumps(messages[row], ensure_ascii=False) for row in rows],
+        "reference": [references[row] for row in rows], "category": [categories[row] for row in rows],
+        "source": [source.name] * len(rows), "text": [texts[row] for row in rows], "where": [wheres[row] for row in rows],
+    }, schema=WORK_SCHEMA), shard)
+    survivors.shards.append((shard, len(rows)))
+
+
+def short_sha256(text: str) -> str:
+    """The first 16 hex digits of sha256: the prompt id format the rest of the pipeline knows."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def record_global_drop(name, rejected, representative, alive, survivors, report) -> None:
+    """Remove ``rejected`` rows that are still alive, count them, and keep examples (with the row each duplicates)."""
+    newly = np.flatnonzero(rejected & alive)
+    report.count(name, len(newly))
+    alive[newly] = False
+    examples = newly[: report.max_examples].tolist()
+    if not examples:
+        return
+    kept_rows = [int(representative[row]) for row in examples] if representative is not None else []
+    texts = survivors.fetch(examples + kept_rows, "messages")
+    wheres = survivors.fetch(examples + kept_rows, "where")
+    names = survivors.fetch(examples, "source")
+    for position, row in enumerate(examples):
+        detail = {}
+        if representative is not None:
+            kept = kept_rows[position]
+            detail = {"duplicate_of": conversation_text(json.loads(texts[kept])), "duplicate_of_where": wheres[kept]}
+        report.add_example(name, names[row], wheres[row], conversation_text(json.loads(texts[row])), **detail)
+
+
+def draw_mixture(config: CurateConfig, sources: list[Source], keys: np.ndarray, source_of: np.ndarray, alive: np.ndarray) -> np.ndarray:
+    """Rows drawn for the mixture: each source's share of the output follows its weight, within its cap.
+
+    The total is the largest the sources can fill; within a source, rows are drawn in the order of
+    a hash of (seed, source name, prompt id), so the draw is deterministic and independent of row order.
+    """
+    weights = np.array([s.config.weight for s in sources], dtype=np.float64)
+    shares = weights / weights.sum()
+    available = np.array([min(int((alive & (source_of == s.index)).sum()), s.config.max_rows or np.iinfo(np.int64).max) for s in sources])
+    for source, count in zip(sources, available):
+        if count == 0:
+            raise InputError(f"{source.field}: no rows of {source.config.source!r} are left after filtering, so its weight can't be met; "
+                             "fix its column mapping or filters, or remove it from the mixture")
+    total = float(np.min(available / shares))
+    drawn = np.zeros(len(keys), dtype=bool)
+    for source, share, count in zip(sources, shares, available):
+        take = min(int(count), int(round(total * share)))
+        rows = np.flatnonzero(alive & (source_of == source.index))
+        salt = np.uint64(xxhash.xxh64_intdigest(f"{config.mixture_seed}:{source.name}".encode()))
+        order = np.argsort(mix64(keys[rows] ^ salt), kind="stable")
+        drawn[rows[order[:take]]] = True
+    return drawn
+
+
+def mix64(values: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a bijective scramble of uint64 values."""
+    values = values.astype(np.uint64)
+    values ^= values >> np.uint64(30)
+    values *= np.uint64(0xBF58476D1CE4E5B9)
+    values ^= values >> np.uint64(27)
+    values *= np.uint64(0x94D049BB133111EB)
+    values ^= values >> np.uint64(31)
+    return values
+
+
+def eval_contamination(config, survivors, eval_rows, train_rows, report) -> np.ndarray:
+    """Training rows sharing an n-gram with the eval split (a boolean mask over all rows)."""
+    decontaminate = config.decontaminate
+    report.count("dropped_contaminated_eval", 0)
+
+    def eval_texts() -> Iterator[tuple[int, list[str]]]:
+        for offset, table in survivors.iter_shards(["text"]):
+            mask = eval_rows[offset:offset + table.num_rows]
+            for text in table.filter(pa.array(mask)).column("text").to_pylist():
+                yield 0, [text]
+
+    reference = ReferenceNgrams.build(eval_texts(), ["eval split"], decontaminate.ngram, decontaminate.ignore_common)
+    contaminated = np.zeros(len(eval_rows), dtype=bool)
+    for offset, table in survivors.iter_shards(["text", "messages", "where", "source"]):
+        mask = train_rows[offset:offset + table.num_rows]
+        local = np.flatnonzero(mask)
+        if not len(local):
+            continue
+        texts = table.column("text").take(local).to_pylist()
+        hits = reference.match(texts)
+        contaminated[offset + local[hits >= 0]] = True
+        for position in np.flatnonzero(hits >= 0)[: report.max_examples]:
+            if report.wants_example("dropped_contaminated_eval"):
+                row = int(local[position])
+                report.add_example("dropped_contaminated_eval", table.column("source")[row].as_py(), table.column("where")[row].as_py(),
+                                   conversation_text(json.loads(table.column("messages")[row].as_py())), **reference.evidence(texts[position], hits[position]))
+    report.count("dropped_contaminated_eval", int(contaminated.sum()))
+    return contaminated
+
+
+def write_splits(folder: Path, survivors: Survivors, alive: np.ndarray, is_eval: np.ndarray) -> bool:
+    """Stream the surviving rows from the shards into train.parquet and eval.parquet; True when any row has a reference."""
+    writers = {split: pq.ParquetWriter(folder / f"{split}.parquet", OUTPUT_SCHEMA) for split in SPLITS}
+    has_references = False
+    try:
+        for offset, table in survivors.iter_shards(OUTPUT_SCHEMA.names):
+            rows = slice(offset, offset + table.num_rows)
+            for split, selected in (("train", alive[rows] & ~is_eval[rows]), ("eval", alive[rows] & is_eval[rows])):
+                chosen = table.filter(pa.array(selected))
+                if chosen.num_rows:
+                    writers[split].write_table(chosen)
+                    has_references = has_references or (split == "train" and chosen.column("reference").null_count < chosen.num_rows)
+    finally:
+        for writer in writers.values():
+            writer.close()
+    return has_references
