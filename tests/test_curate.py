@@ -81,3 +81,17 @@ def test_a_local_datasets_folder_is_read(tmp_path, prompts_jsonl):
     datasets.Dataset.from_pandas(pd.read_json(prompts_jsonl, lines=True)).save_to_disk(str(folder))
     dataset = curate(CurateConfig(source=str(folder)), Store(tmp_path / "store"))
     assert dataset.train_rows + dataset.eval_rows > 100
+
+
+def test_split_is_stable_when_the_file_is_shuffled_and_rows_name_their_source(tmp_path, prompts_jsonl):
+    import random
+
+    lines = prompts_jsonl.read_text().splitlines(keepends=True)
+    random.Random(5).shuffle(lines)
+    shuffled = tmp_path / "prompts.jsonl"
+    shuffled.write_text("".join(lines))
+    first = curate(CurateConfig(source=str(prompts_jsonl)), Store(tmp_path / "a"))
+    second = curate(CurateConfig(source=str(shuffled)), Store(tmp_path / "b"))
+    for split in ("train", "eval"):
+        assert sorted(read_split(first, split)["prompt_id"]) == sorted(read_split(second, split)["prompt_id"])
+    assert set(read_split(first, "train")["source"]) == {"prompts"}

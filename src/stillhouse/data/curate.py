@@ -38,11 +38,11 @@ import xxhash
 from tqdm.auto import tqdm
 
 from stillhouse.config import CurateConfig
-from stillhouse.data.decontaminate import ReferenceNgrams, benchmark_rows, check_benchmarks
+from stillhouse.data.decontaminate import ReferenceNgrams, check_benchmarks
 from stillhouse.data.dedup import MinHasher, band_parameters, first_occurrences, near_duplicates
-from stillhouse.data.filters import TokenCounter, char_length, mask_pii, repeated_ngram_share
+from stillhouse.data.filters import RowFilters
 from stillhouse.data.report import CurationReport
-from stillhouse.data.schema import RowError, normalized_messages, optional_text, resolve_mapping, to_messages, user_text
+from stillhouse.data.schema import ColumnMapping, RowError, conversation_text, normalized_messages, optional_text, resolve_mapping, to_messages, user_text
 from stillhouse.data.sources import Problems, RawBatch, Source, count_rows, read_batches, resolve_sources, source_identity, source_kind
 from stillhouse.errors import InputError
 from stillhouse.refs import DatasetRef
@@ -101,8 +101,7 @@ class Survivors:
     shards: list[tuple[Path, int]] = field(default_factory=list)
 
     def concatenated(self, name: str, dtype) -> np.ndarray:
-        parts = getattr(self, name)
-        return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+        return concatenated(getattr(self, name), dtype)
 
     def iter_shards(self, columns: list[str]) -> Iterator[tuple[int, pa.Table]]:
         offset = 0
@@ -122,77 +121,6 @@ class Survivors:
         return found
 
 
-class RowFilters:
-    """The per-batch filters, configured once: masking, lengths, tokens, repetition, benchmark n-grams."""
-
-    def __init__(self, config: CurateConfig, report: CurationReport):
-        filters, length = config.filters, config.filters.length
-        self.config, self.report = config, report
-        self.token_counter = TokenCounter(length.tokenizer) if (length.min_tokens is not None or length.max_tokens is not None) else None
-        self.benchmarks = None
-        if config.decontaminate.benchmarks:
-            labels = [f"benchmark {p}" for p in config.decontaminate.benchmarks]
-            self.benchmarks = ReferenceNgrams.build(benchmark_rows(config.decontaminate.benchmarks, config.batch_rows), labels,
-                                                    config.decontaminate.ngram, config.decontaminate.ignore_common)
-        active = ["skipped_malformed", "dropped_empty"]
-        active += ["masked_pii"] if filters.mask_pii else []
-        active += ["dropped_too_short_chars"] if length.min_chars is not None else []
-        active += ["dropped_too_long_chars"] if length.max_chars is not None else []
-        active += ["dropped_too_short_tokens"] if length.min_tokens is not None else []
-        active += ["dropped_too_long_tokens"] if length.max_tokens is not None else []
-        active += ["dropped_repetitive"] if filters.repetition is not None else []
-        active += ["dropped_contaminated_benchmark"] if self.benchmarks is not None else []
-        for name in active:
-            report.count(name, 0)
-
-    def apply(self, messages: list, texts: list[str], wheres: list[str], source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(keep mask, character lengths, token lengths or -1) for one batch of non-empty prompts; masks PII in place."""
-        filters, length = self.config.filters, self.config.filters.length
-        if filters.mask_pii:
-            for row, conversation in enumerate(messages):
-                messages[row], changed = mask_pii(conversation, filters.mask_pii)
-                if changed:
-                    self.report.count("masked_pii")
-                    texts[row] = user_text(messages[row])
-        chars = np.fromiter((char_length(m) for m in messages), dtype=np.int32, count=len(messages))
-        tokens = np.full(len(messages), -1, dtype=np.int32)
-        keep = np.ones(len(messages), dtype=bool)
-
-        def drop(name: str, rejected: np.ndarray, detail: Callable[[int], dict] = lambda row: {}) -> None:
-            newly = np.flatnonzero(rejected & keep)
-            self.report.count(name, len(newly))
-            for row in newly[: self.report.max_examples]:
-                self.report.add_example(name, source, wheres[row], conversation_text(messages[row]), **detail(row))
-            keep[newly] = False
-
-        if length.min_chars is not None:
-            drop("dropped_too_short_chars", chars < length.min_chars, lambda row: {"chars": str(chars[row])})
-        if length.max_chars is not None:
-            drop("dropped_too_long_chars", chars > length.max_chars, lambda row: {"chars": str(chars[row])})
-        if self.token_counter is not None:
-            rows = np.flatnonzero(keep)
-            tokens[rows] = self.token_counter.count([messages[row] for row in rows])
-            if length.min_tokens is not None:
-                drop("dropped_too_short_tokens", (tokens >= 0) & (tokens < length.min_tokens), lambda row: {"tokens": str(tokens[row])})
-            if length.max_tokens is not None:
-                drop("dropped_too_long_tokens", tokens > length.max_tokens, lambda row: {"tokens": str(tokens[row])})
-        if filters.repetition is not None:
-            rows = np.flatnonzero(keep)
-            shares = np.zeros(len(messages))
-            shares[rows] = [repeated_ngram_share(conversation_text(messages[row]).lower(), filters.repetition.ngram) for row in rows]
-            drop("dropped_repetitive", shares > filters.repetition.max_repeated_share, lambda row: {"repeated_share": f"{shares[row]:.2f}"})
-        if self.benchmarks is not None:
-            rows = np.flatnonzero(keep)
-            hits = np.full(len(messages), -1, dtype=np.int64)
-            hits[rows] = self.benchmarks.match([texts[row] for row in rows])
-            drop("dropped_contaminated_benchmark", hits >= 0, lambda row: self.benchmarks.evidence(texts[row], hits[row]))
-        return keep, chars, tokens
-
-
-def conversation_text(messages: list[dict[str, str]]) -> str:
-    return "\n".join(m["content"] for m in messages)
-
-
 def run_curation(
     config: CurateConfig, sources: list[Source], folder: Path,
     batches: Callable[[Source, CurateConfig, Problems], Iterator[RawBatch]], progress: Callable[[float], None] | None = None,
@@ -202,167 +130,207 @@ def run_curation(
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        return curate_into(config, sources, folder, work, batches, progress or (lambda fraction: None))
+        return Curation(config, sources, work, progress or (lambda fraction: None)).run(folder, batches)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def curate_into(config, sources, folder, work, batches, progress) -> dict:
-    report = CurationReport(max_examples=config.report_examples)
-    report.count("rows_in", 0)
-    problems = Problems(config.on_error, max_examples=config.report_examples)
-    row_filters = RowFilters(config, report)
-    near = config.filters.near_duplicates
-    hasher = MinHasher(near.num_perm, near.shingle_size) if near.enabled else None
-    survivors, chars_read = Survivors(), []
-    totals = [count_rows(source, config) if source.kind != "frame" else None for source in sources]
-    total = sum(totals) if all(t is not None for t in totals) else None
-    bar = tqdm(total=total, unit="rows", desc="curate", mininterval=1.0)
-    for source in sources:
-        mapping, label = None, source.config.source if source.kind != "frame" else "the frame"
-        unit = "line" if source.kind == "file" and source.path.suffix.lower() in (".jsonl", ".json", ".csv") else "row"
-        read = 0
-        for batch in batches(source, config, problems):
-            if mapping is None:
-                mapping = resolve_mapping(source.config, batch.columns, source.field, label)
-                report.sources[source.name] = {"source": label, "format": mapping.format, "rows_in": 0, "rows_out": 0}
-            read += len(batch.records)
-            report.count("rows_in", len(batch.records))
-            report.sources[source.name]["rows_in"] += len(batch.records)
-            process_batch(batch, source, mapping, label, unit, config, report, problems, row_filters, hasher, survivors, chars_read, work)
-            bar.update(len(batch.records))
-            if total:
-                progress(0.85 * report.counts["rows_in"] / total)
-        if read == 0 and not problems.skipped:
-            raise InputError(f"{source.field}.source: {label!r} has no rows; point it at a dataset with prompts")
-    bar.close()
-    report.counts["skipped_malformed"] = problems.skipped
-    if problems.examples:
-        report.examples["skipped_malformed"] = [{"source": "", "where": e["where"], "text": "", "reason": e["reason"]} for e in problems.examples]
-    if not survivors.shards:
-        label = ", ".join(repr(s.config.source) for s in sources)
-        raise InputError(f"curate: every row of {label} was empty, malformed or filtered out; check the prompt column and the filters")
+class Curation:
+    """One curation run: `run` is the recipe, top to bottom; the other methods are its steps."""
 
-    keys, split_keys = survivors.concatenated("keys", np.uint64), survivors.concatenated("split_keys", np.float64)
-    source_of = survivors.concatenated("sources", np.int16)
-    alive = np.ones(len(keys), dtype=bool)
-    manifest_extra = {}
-    if config.filters.exact_duplicates:
-        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        duplicate = ~first_occurrences(keys)
-        record_global_drop("dropped_duplicate", duplicate, first[inverse], alive, survivors, report)
-    if near.enabled:
-        signatures = np.concatenate(survivors.signatures)
-        survivors.signatures.clear()
-        found = near_duplicates(signatures, near.threshold, candidates=alive)
-        del signatures
-        record_global_drop("dropped_near_duplicate", found.removed, found.representative, alive, survivors, report)
-        manifest_extra["near_duplicate_lsh"] = dict(zip(("bands", "rows_per_band"), band_parameters(near.threshold, near.num_perm)))
-    if len(sources) > 1 or any(s.config.max_rows is not None for s in sources):
-        record_global_drop("dropped_mixture", alive & ~draw_mixture(config, sources, keys, source_of, alive), None, alive, survivors, report)
-    if config.max_rows is not None and alive.sum() > config.max_rows:
-        rows = np.flatnonzero(alive)
-        beyond = rows[np.argsort(split_keys[rows], kind="stable")[config.max_rows:]]
-        rejected = np.zeros(len(alive), dtype=bool)
-        rejected[beyond] = True
-        record_global_drop("dropped_max_rows", rejected, None, alive, survivors, report)
-    is_eval = split_keys < config.eval_fraction
-    if config.decontaminate.eval_split:
-        contaminated = eval_contamination(config, survivors, alive & is_eval, alive & ~is_eval, report)
-        alive &= ~contaminated
-    progress(0.95)
+    def __init__(self, config: CurateConfig, sources: list[Source], work: Path, progress: Callable[[float], None]):
+        self.config, self.sources, self.work, self.progress = config, sources, work, progress
+        self.report = CurationReport(max_examples=config.report_examples)
+        self.report.count("rows_in", 0)
+        self.problems = Problems(config.on_error, max_examples=config.report_examples)
+        self.row_filters = RowFilters(config, self.report)
+        near = config.filters.near_duplicates
+        self.hasher = MinHasher(near.num_perm, near.shingle_size) if near.enabled else None
+        self.survivors = Survivors()
+        self.chars_read: list[np.ndarray] = []
+        self.tokens_read: list[np.ndarray] = []
 
-    counts = {"train_rows": int((alive & ~is_eval).sum()), "eval_rows": int((alive & is_eval).sum())}
-    if counts["train_rows"] == 0 or counts["eval_rows"] == 0:
-        empty = "train" if counts["train_rows"] == 0 else "eval"
-        raise InputError(f"curate: {int(alive.sum())} prompts give an empty {empty} split; add data or change curate.eval_fraction")
-    has_references = write_splits(folder, survivors, alive, is_eval)
-    for index, source in enumerate(sources):
-        kept = int((alive & (source_of == index)).sum())
-        report.sources.setdefault(source.name, {"rows_in": 0})["rows_out"] = kept
-    report.counts.update(counts)
-    chars = survivors.concatenated("chars", np.int32)
-    lengths = {"chars": (np.concatenate(chars_read) if chars_read else np.empty(0, np.int32), chars[alive])}
-    if row_filters.token_counter is not None:
-        tokens = survivors.concatenated("tokens", np.int32)
-        lengths["tokens"] = (tokens[tokens >= 0], tokens[alive])
-    report_files = report.write(folder / "report", lengths)
-    progress(1.0)
-    counts_out = dict(report.counts)
-    for name, info in report.sources.items():
-        counts_out[f"rows_in.{name}"], counts_out[f"rows_out.{name}"] = info["rows_in"], info["rows_out"]
-    return {"counts": counts_out, "has_references": has_references, "sources": report.sources,
-            "report": [f"report/{name}" for name in report_files], "columns": OUTPUT_SCHEMA.names, **manifest_extra}
+    def run(self, folder: Path, batches: Callable[[Source, CurateConfig, Problems], Iterator[RawBatch]]) -> dict:
+        self.read_sources(batches)
+        survivors, report, config = self.survivors, self.report, self.config
+        keys, split_keys = survivors.concatenated("keys", np.uint64), survivors.concatenated("split_keys", np.float64)
+        source_of = survivors.concatenated("sources", np.int16)
+        alive = np.ones(len(keys), dtype=bool)
+        manifest = {}
+        if config.filters.exact_duplicates:
+            _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+            self.drop("dropped_duplicate", ~first_occurrences(keys), alive, duplicate_of=first[inverse])
+        near = config.filters.near_duplicates
+        if near.enabled:
+            signatures = np.concatenate(survivors.signatures)
+            survivors.signatures.clear()
+            found = near_duplicates(signatures, near.threshold, candidates=alive)
+            del signatures
+            self.drop("dropped_near_duplicate", found.removed, alive, duplicate_of=found.representative)
+            manifest["near_duplicate_lsh"] = dict(zip(("bands", "rows_per_band"), band_parameters(near.threshold, near.num_perm)))
+        if len(self.sources) > 1 or any(s.config.max_rows is not None for s in self.sources):
+            self.drop("dropped_mixture", ~draw_mixture(config, self.sources, keys, source_of, alive), alive)
+        if config.max_rows is not None and alive.sum() > config.max_rows:
+            rows = np.flatnonzero(alive)
+            beyond = np.zeros(len(alive), dtype=bool)
+            beyond[rows[np.argsort(split_keys[rows], kind="stable")[config.max_rows:]]] = True
+            self.drop("dropped_max_rows", beyond, alive)
+        is_eval = split_keys < config.eval_fraction
+        if config.decontaminate.eval_split:
+            alive &= ~self.eval_contamination(alive & is_eval, alive & ~is_eval)
+        self.progress(0.95)
+
+        counts = {"train_rows": int((alive & ~is_eval).sum()), "eval_rows": int((alive & is_eval).sum())}
+        if counts["train_rows"] == 0 or counts["eval_rows"] == 0:
+            empty = "train" if counts["train_rows"] == 0 else "eval"
+            raise InputError(f"curate: {int(alive.sum())} prompts give an empty {empty} split; add data or change curate.eval_fraction")
+        has_references = write_splits(folder, survivors, alive, is_eval)
+        for source in self.sources:
+            report.sources.setdefault(source.name, {"rows_in": 0})["rows_out"] = int((alive & (source_of == source.index)).sum())
+        report.counts.update(counts)
+        lengths = {"chars": (concatenated(self.chars_read, np.int32), survivors.concatenated("chars", np.int32)[alive])}
+        if self.row_filters.token_counter is not None:
+            tokens_read = concatenated(self.tokens_read, np.int32)
+            lengths["tokens"] = (tokens_read[tokens_read >= 0], survivors.concatenated("tokens", np.int32)[alive])
+        report_files = report.write(folder / "report", lengths)
+        self.progress(1.0)
+        counts = dict(report.counts)
+        for name, info in report.sources.items():
+            counts[f"rows_in.{name}"], counts[f"rows_out.{name}"] = info["rows_in"], info["rows_out"]
+        return {"counts": counts, "has_references": has_references, "sources": report.sources,
+                "report": [f"report/{name}" for name in report_files], "columns": OUTPUT_SCHEMA.names, **manifest}
+
+    def read_sources(self, batches: Callable[[Source, CurateConfig, Problems], Iterator[RawBatch]]) -> None:
+        """Step 1-2: every batch of every source through the row filters, survivors into shards and arrays."""
+        totals = [count_rows(source, self.config) if source.kind != "frame" else None for source in self.sources]
+        total = sum(totals) if all(t is not None for t in totals) else None
+        report = self.report
+        with tqdm(total=total, unit="rows", desc="curate", mininterval=1.0) as bar:
+            for source in self.sources:
+                mapping, label = None, source.config.source if source.kind != "frame" else "the frame"
+                unit = "line" if source.kind == "file" and source.path.suffix.lower() in (".jsonl", ".json", ".csv") else "row"
+                read = 0
+                for batch in batches(source, self.config, self.problems):
+                    if mapping is None:
+                        mapping = resolve_mapping(source.config, batch.columns, source.field, label)
+                        report.sources[source.name] = {"source": label, "format": mapping.format, "rows_in": 0, "rows_out": 0}
+                    read += len(batch.records)
+                    report.count("rows_in", len(batch.records))
+                    report.sources[source.name]["rows_in"] += len(batch.records)
+                    self.process_batch(batch, source, mapping, f"{label}: {unit}")
+                    bar.update(len(batch.records))
+                    if total:
+                        self.progress(0.85 * report.counts["rows_in"] / total)
+                if read == 0 and not self.problems.skipped:
+                    raise InputError(f"{source.field}.source: {label!r} has no rows; point it at a dataset with prompts")
+        report.counts["skipped_malformed"] = self.problems.skipped
+        if self.problems.examples:
+            report.examples["skipped_malformed"] = [{"source": "", "text": "", **example} for example in self.problems.examples]
+        if not self.survivors.shards:
+            labels = ", ".join(repr(s.config.source) for s in self.sources)
+            raise InputError(f"curate: every row of {labels} was empty, malformed or filtered out; check the prompt column and the filters")
+
+    def process_batch(self, batch: RawBatch, source: Source, mapping: ColumnMapping, place: str) -> None:
+        """Map one batch to messages, apply the row filters, keep the survivors' text in a shard and their keys in arrays."""
+        messages, references, categories, wheres = [], [], [], []
+        for record, position in zip(batch.records, batch.positions):
+            where = f"{place} {position}"
+            try:
+                conversation = to_messages(record, mapping)
+            except RowError as error:
+                self.problems.report(where, f"{error} (format {mapping.format})")
+                continue
+            if not conversation:
+                self.report.count("dropped_empty")
+                self.report.add_example("dropped_empty", source.name, where, repr(record.get(mapping.prompt_column)))
+                continue
+            messages.append(conversation)
+            references.append(optional_text(record, mapping.reference_column))
+            categories.append(optional_text(record, mapping.category_column))
+            wheres.append(where)
+        if not messages:
+            return
+        texts = [user_text(m) for m in messages]
+        keep, chars, tokens = self.row_filters.apply(messages, texts, wheres, source.name)
+        self.chars_read.append(chars)
+        self.tokens_read.append(tokens)
+        rows = np.flatnonzero(keep)
+        if not len(rows):
+            return
+        survivors = self.survivors
+        normalized = [normalized_messages(messages[row]) for row in rows]
+        prompt_ids = [short_sha256(text) for text in normalized]
+        survivors.keys.append(np.array([int(p, 16) for p in prompt_ids], dtype=np.uint64))
+        # Position in [0, 1) from a salted hash of the prompt: stable across reruns and row order.
+        survivors.split_keys.append(np.array([int(short_sha256(self.config.split_salt + text)[:15], 16) / 16**15 for text in normalized]))
+        survivors.sources.append(np.full(len(rows), source.index, dtype=np.int16))
+        survivors.chars.append(chars[rows])
+        survivors.tokens.append(tokens[rows])
+        if self.hasher is not None:
+            survivors.signatures.append(self.hasher.signatures([texts[row] for row in rows]))
+        shard = self.work / f"{len(survivors.shards):06d}.parquet"
+        pq.write_table(pa.table({
+            "prompt_id": prompt_ids, "messages": [json.dumps(messages[row], ensure_ascii=False) for row in rows],
+            "reference": [references[row] for row in rows], "category": [categories[row] for row in rows],
+            "source": [source.name] * len(rows), "text": [texts[row] for row in rows], "where": [wheres[row] for row in rows],
+        }, schema=WORK_SCHEMA), shard)
+        survivors.shards.append((shard, len(rows)))
+
+    def drop(self, name: str, rejected: np.ndarray, alive: np.ndarray, duplicate_of: np.ndarray | None = None) -> None:
+        """Remove ``rejected`` rows that are still alive, count them, and keep examples (with the row each duplicates)."""
+        newly = np.flatnonzero(rejected & alive)
+        self.report.count(name, len(newly))
+        alive[newly] = False
+        examples = newly[: self.report.max_examples].tolist()
+        if not examples:
+            return
+        kept_rows = [int(duplicate_of[row]) for row in examples] if duplicate_of is not None else []
+        texts = self.survivors.fetch(examples + kept_rows, "messages")
+        wheres = self.survivors.fetch(examples + kept_rows, "where")
+        names = self.survivors.fetch(examples, "source")
+        for position, row in enumerate(examples):
+            detail = {}
+            if duplicate_of is not None:
+                kept = kept_rows[position]
+                detail = {"duplicate_of": conversation_text(json.loads(texts[kept])), "duplicate_of_where": wheres[kept]}
+            self.report.add_example(name, names[row], wheres[row], conversation_text(json.loads(texts[row])), **detail)
+
+    def eval_contamination(self, eval_rows: np.ndarray, train_rows: np.ndarray) -> np.ndarray:
+        """Step 5: training rows sharing an n-gram with the eval split (a boolean mask over all rows)."""
+        decontaminate, report, survivors = self.config.decontaminate, self.report, self.survivors
+        report.count("dropped_contaminated_eval", 0)
+
+        def eval_texts() -> Iterator[tuple[int, list[str]]]:
+            for offset, table in survivors.iter_shards(["text"]):
+                for text in table.filter(pa.array(eval_rows[offset:offset + table.num_rows])).column("text").to_pylist():
+                    yield 0, [text]
+
+        reference = ReferenceNgrams.build(eval_texts(), ["eval split"], decontaminate.ngram, decontaminate.ignore_common)
+        contaminated = np.zeros(len(eval_rows), dtype=bool)
+        for offset, table in survivors.iter_shards(["text", "messages", "where", "source"]):
+            local = np.flatnonzero(train_rows[offset:offset + table.num_rows])
+            if not len(local):
+                continue
+            texts = table.column("text").take(local).to_pylist()
+            hits = reference.match(texts)
+            contaminated[offset + local[hits >= 0]] = True
+            for position in np.flatnonzero(hits >= 0)[: report.max_examples]:
+                if report.wants_example("dropped_contaminated_eval"):
+                    row = int(local[position])
+                    report.add_example("dropped_contaminated_eval", table.column("source")[row].as_py(), table.column("where")[row].as_py(),
+                                       conversation_text(json.loads(table.column("messages")[row].as_py())),
+                                       **reference.evidence(texts[position], hits[position]))
+        report.count("dropped_contaminated_eval", int(contaminated.sum()))
+        return contaminated
 
 
-def process_batch(batch, source, mapping, label, unit, config, report, problems, row_filters, hasher, survivors, chars_read, work) -> None:
-    """Map one batch to messages, apply the row filters, and keep the survivors' text in a shard and their keys in arrays."""
-    messages, references, categories, wheres = [], [], [], []
-    for record, position in zip(batch.records, batch.positions):
-        where = f"{label}: {unit} {position}"
-        try:
-            conversation = to_messages(record, mapping)
-        except RowError as error:
-            problems.report(where, f"{error} (format {mapping.format})")
-            continue
-        if not conversation:
-            report.count("dropped_empty")
-            report.add_example("dropped_empty", source.name, where, repr(record.get(mapping.prompt_column)))
-            continue
-        messages.append(conversation)
-        references.append(optional_text(record, mapping.reference_column))
-        categories.append(optional_text(record, mapping.category_column))
-        wheres.append(where)
-    if not messages:
-        return
-    texts = [user_text(m) for m in messages]
-    keep, chars, tokens = row_filters.apply(messages, texts, wheres, source.name)
-    chars_read.append(chars)
-    rows = np.flatnonzero(keep)
-    if not len(rows):
-        return
-    normalized = [normalized_messages(messages[row]) for row in rows]
-    prompt_ids = [short_sha256(text) for text in normalized]
-    survivors.keys.append(np.array([int(p, 16) for p in prompt_ids], dtype=np.uint64))
-    # Position in [0, 1) from a salted hash of the prompt: stable across reruns and row order.
-    survivors.split_keys.append(np.array([int(short_sha256(config.split_salt + text)[:15], 16) / 16**15 for text in normalized]))
-    survivors.sources.append(np.full(len(rows), source.index, dtype=np.int16))
-    survivors.chars.append(chars[rows])
-    survivors.tokens.append(tokens[rows])
-    if hasher is not None:
-        survivors.signatures.append(hasher.signatures([texts[row] for row in rows]))
-    shard = work / f"{len(survivors.shards):06d}.parquet"
-    pq.write_table(pa.table({
-        "prompt_id": prompt_ids, "messages": [json.dumps(messages[row], ensure_ascii=False) for row in rows],
-        "reference": [references[row] for row in rows], "category": [categories[row] for row in rows],
-        "source": [source.name] * len(rows), "text": [texts[row] for row in rows], "where": [wheres[row] for row in rows],
-    }, schema=WORK_SCHEMA), shard)
-    survivors.shards.append((shard, len(rows)))
+def concatenated(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
 
 
 def short_sha256(text: str) -> str:
     """The first 16 hex digits of sha256: the prompt id format the rest of the pipeline knows."""
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def record_global_drop(name, rejected, representative, alive, survivors, report) -> None:
-    """Remove ``rejected`` rows that are still alive, count them, and keep examples (with the row each duplicates)."""
-    newly = np.flatnonzero(rejected & alive)
-    report.count(name, len(newly))
-    alive[newly] = False
-    examples = newly[: report.max_examples].tolist()
-    if not examples:
-        return
-    kept_rows = [int(representative[row]) for row in examples] if representative is not None else []
-    texts = survivors.fetch(examples + kept_rows, "messages")
-    wheres = survivors.fetch(examples + kept_rows, "where")
-    names = survivors.fetch(examples, "source")
-    for position, row in enumerate(examples):
-        detail = {}
-        if representative is not None:
-            kept = kept_rows[position]
-            detail = {"duplicate_of": conversation_text(json.loads(texts[kept])), "duplicate_of_where": wheres[kept]}
-        report.add_example(name, names[row], wheres[row], conversation_text(json.loads(texts[row])), **detail)
 
 
 def draw_mixture(config: CurateConfig, sources: list[Source], keys: np.ndarray, source_of: np.ndarray, alive: np.ndarray) -> np.ndarray:
@@ -398,36 +366,6 @@ def mix64(values: np.ndarray) -> np.ndarray:
     values *= np.uint64(0x94D049BB133111EB)
     values ^= values >> np.uint64(31)
     return values
-
-
-def eval_contamination(config, survivors, eval_rows, train_rows, report) -> np.ndarray:
-    """Training rows sharing an n-gram with the eval split (a boolean mask over all rows)."""
-    decontaminate = config.decontaminate
-    report.count("dropped_contaminated_eval", 0)
-
-    def eval_texts() -> Iterator[tuple[int, list[str]]]:
-        for offset, table in survivors.iter_shards(["text"]):
-            mask = eval_rows[offset:offset + table.num_rows]
-            for text in table.filter(pa.array(mask)).column("text").to_pylist():
-                yield 0, [text]
-
-    reference = ReferenceNgrams.build(eval_texts(), ["eval split"], decontaminate.ngram, decontaminate.ignore_common)
-    contaminated = np.zeros(len(eval_rows), dtype=bool)
-    for offset, table in survivors.iter_shards(["text", "messages", "where", "source"]):
-        mask = train_rows[offset:offset + table.num_rows]
-        local = np.flatnonzero(mask)
-        if not len(local):
-            continue
-        texts = table.column("text").take(local).to_pylist()
-        hits = reference.match(texts)
-        contaminated[offset + local[hits >= 0]] = True
-        for position in np.flatnonzero(hits >= 0)[: report.max_examples]:
-            if report.wants_example("dropped_contaminated_eval"):
-                row = int(local[position])
-                report.add_example("dropped_contaminated_eval", table.column("source")[row].as_py(), table.column("where")[row].as_py(),
-                                   conversation_text(json.loads(table.column("messages")[row].as_py())), **reference.evidence(texts[position], hits[position]))
-    report.count("dropped_contaminated_eval", int(contaminated.sum()))
-    return contaminated
 
 
 def write_splits(folder: Path, survivors: Survivors, alive: np.ndarray, is_eval: np.ndarray) -> bool:

@@ -1,6 +1,6 @@
 """Row filters: the measures they judge by and the optional PII masking.
 
-Each is a plain function of one prompt, so each is tested on crafted rows; `curate` applies them
+Each measure is a plain function of one prompt, tested on crafted rows; `RowFilters` applies them
 in order (empty, mask, characters, tokens, repetition, benchmark contamination) and counts what
 each removes.
 """
@@ -8,9 +8,14 @@ each removes.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from stillhouse.data.schema import Messages
+import numpy as np
+
+from stillhouse.config import CurateConfig
+from stillhouse.data.decontaminate import ReferenceNgrams, benchmark_rows
+from stillhouse.data.report import CurationReport
+from stillhouse.data.schema import Messages, conversation_text, user_text
 
 PII_PATTERNS = {
     "email": (re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"), "<EMAIL>"),
@@ -70,3 +75,70 @@ class TokenCounter:
         else:
             texts = ["\n".join(message["content"] for message in m) for m in conversations]
         return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+class RowFilters:
+    """The per-batch filters, configured once: masking, lengths, tokens, repetition, benchmark n-grams."""
+
+    def __init__(self, config: CurateConfig, report: CurationReport):
+        filters, length = config.filters, config.filters.length
+        self.config, self.report = config, report
+        self.token_counter = TokenCounter(length.tokenizer) if (length.min_tokens is not None or length.max_tokens is not None) else None
+        self.benchmarks = None
+        if config.decontaminate.benchmarks:
+            labels = [f"benchmark {p}" for p in config.decontaminate.benchmarks]
+            self.benchmarks = ReferenceNgrams.build(benchmark_rows(config.decontaminate.benchmarks, config.batch_rows), labels,
+                                                    config.decontaminate.ngram, config.decontaminate.ignore_common)
+        active = ["skipped_malformed", "dropped_empty"]
+        active += ["masked_pii"] if filters.mask_pii else []
+        active += ["dropped_too_short_chars"] if length.min_chars is not None else []
+        active += ["dropped_too_long_chars"] if length.max_chars is not None else []
+        active += ["dropped_too_short_tokens"] if length.min_tokens is not None else []
+        active += ["dropped_too_long_tokens"] if length.max_tokens is not None else []
+        active += ["dropped_repetitive"] if filters.repetition is not None else []
+        active += ["dropped_contaminated_benchmark"] if self.benchmarks is not None else []
+        for name in active:
+            report.count(name, 0)
+
+    def apply(self, messages: list, texts: list[str], wheres: list[str], source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(keep mask, character lengths, token lengths or -1) for one batch of non-empty prompts; masks PII in place."""
+        filters, length = self.config.filters, self.config.filters.length
+        if filters.mask_pii:
+            for row, conversation in enumerate(messages):
+                messages[row], changed = mask_pii(conversation, filters.mask_pii)
+                if changed:
+                    self.report.count("masked_pii")
+                    texts[row] = user_text(messages[row])
+        chars = np.fromiter((char_length(m) for m in messages), dtype=np.int32, count=len(messages))
+        tokens = np.full(len(messages), -1, dtype=np.int32)
+        keep = np.ones(len(messages), dtype=bool)
+
+        def drop(name: str, rejected: np.ndarray, detail: Callable[[int], dict] = lambda row: {}) -> None:
+            newly = np.flatnonzero(rejected & keep)
+            self.report.count(name, len(newly))
+            for row in newly[: self.report.max_examples]:
+                self.report.add_example(name, source, wheres[row], conversation_text(messages[row]), **detail(row))
+            keep[newly] = False
+
+        if length.min_chars is not None:
+            drop("dropped_too_short_chars", chars < length.min_chars, lambda row: {"chars": str(chars[row])})
+        if length.max_chars is not None:
+            drop("dropped_too_long_chars", chars > length.max_chars, lambda row: {"chars": str(chars[row])})
+        if self.token_counter is not None:
+            rows = np.flatnonzero(keep)
+            tokens[rows] = self.token_counter.count([messages[row] for row in rows])
+            if length.min_tokens is not None:
+                drop("dropped_too_short_tokens", (tokens >= 0) & (tokens < length.min_tokens), lambda row: {"tokens": str(tokens[row])})
+            if length.max_tokens is not None:
+                drop("dropped_too_long_tokens", tokens > length.max_tokens, lambda row: {"tokens": str(tokens[row])})
+        if filters.repetition is not None:
+            rows = np.flatnonzero(keep)
+            shares = np.zeros(len(messages))
+            shares[rows] = [repeated_ngram_share(conversation_text(messages[row]).lower(), filters.repetition.ngram) for row in rows]
+            drop("dropped_repetitive", shares > filters.repetition.max_repeated_share, lambda row: {"repeated_share": f"{shares[row]:.2f}"})
+        if self.benchmarks is not None:
+            rows = np.flatnonzero(keep)
+            hits = np.full(len(messages), -1, dtype=np.int64)
+            hits[rows] = self.benchmarks.match([texts[row] for row in rows])
+            drop("dropped_contaminated_benchmark", hits >= 0, lambda row: self.benchmarks.evidence(texts[row], hits[row]))
+        return keep, chars, tokens

@@ -66,6 +66,10 @@ def user_text(messages: Messages) -> str:
     return normalize_text("\n".join(m["content"] for m in messages if m["role"] == "user"))
 
 
+def conversation_text(messages: list[dict[str, str]]) -> str:
+    return "\n".join(m["content"] for m in messages)
+
+
 def resolve_mapping(source: SourceConfig, columns: list[str], field: str, label: str) -> ColumnMapping:
     """Pick the format (for `auto`) and check that the columns it needs exist; errors name the field and the fix."""
     fmt, prompt_column = source.format, source.prompt_column
