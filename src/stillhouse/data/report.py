@@ -16,6 +16,7 @@ import numpy as np
 EXAMPLE_CHARS = 300
 
 FILTER_DESCRIPTIONS = {
+    "rows_in": "rows read",
     "skipped_malformed": "malformed rows skipped (on_error: skip)",
     "dropped_empty": "empty or whitespace-only",
     "masked_pii": "rows with emails, phones or keys masked (kept)",
@@ -30,6 +31,8 @@ FILTER_DESCRIPTIONS = {
     "dropped_mixture": "not drawn by the mixture weights or caps",
     "dropped_max_rows": "beyond max_rows",
     "dropped_contaminated_eval": "training prompt sharing an n-gram with the eval split",
+    "train_rows": "train split",
+    "eval_rows": "eval split",
 }
 
 
@@ -90,8 +93,8 @@ def length_histogram(before: np.ndarray, after: np.ndarray, unit: str, path: Pat
     """Prompt lengths before and after curation, log-spaced bins, as a PNG (matplotlib, no display needed)."""
     from matplotlib.figure import Figure
 
-    high = max(int(before.max()), 2)
-    bins = np.unique(np.geomspace(1, high + 1, 50).astype(int))
+    low, high = max(int(before.min()), 1), max(int(before.max()), 2)
+    bins = np.unique(np.geomspace(low, high + 1, 50).astype(int))
     figure = Figure(figsize=(7, 4), dpi=100)
     axes = figure.add_subplot()
     axes.hist(np.maximum(before, 1), bins=bins, alpha=0.5, label=f"read ({len(before)})")
