@@ -78,3 +78,10 @@ def test_the_curate_task_logs_the_dataset_and_the_report(prefect_harness, pipeli
     child = client.search_runs([tracking.experiment_id], f"tags.mlflow.parentRunId = '{tracking.parent_run_id}'")[0]
     assert child.data.metrics["dropped_duplicate"] >= 1
     assert {i.dataset.digest for i in child.inputs.dataset_inputs} == {dataset.fingerprint}
+
+
+def test_progress_is_reported_from_zero_to_one(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": t} for t in filler(450)])
+    fractions = []
+    curate(CurateConfig(source=str(path), reference_column=None, batch_rows=100), Store(tmp_path / "store"), progress=fractions.append)
+    assert len(fractions) >= 6 and fractions == sorted(fractions) and fractions[-1] == 1.0 and 0 < fractions[0] < 0.5
