@@ -52,6 +52,19 @@ def build_tiny_model(folder: Path, *, hidden_size: int = 32, layers: int = 2, se
     return folder
 
 
+def curate_and_sample(store_root: Path, teacher: Path, prompts: Path):
+    """(store, dataset, samples): the prompts curated (20% eval) and answered by ``teacher`` with top-4 log-probs."""
+    from stillhouse.config import CurateConfig, SampleConfig
+    from stillhouse.data.curate import curate
+    from stillhouse.sampling.sample import sample_teacher
+    from stillhouse.store import Store
+
+    store = Store(store_root)
+    dataset = curate(CurateConfig(source=str(prompts), category_column="task", eval_fraction=0.2), store)
+    samples = sample_teacher(SampleConfig(teacher=str(teacher), max_new_tokens=8, top_k_logprobs=4, batch_size=32), dataset, store)
+    return store, dataset, samples
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("teacher"), hidden_size=48, seed=1)

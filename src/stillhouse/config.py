@@ -266,18 +266,18 @@ class TrainConfig(StrictModel):
     kd_weight: float = Field(1.0, ge=0, description="Weight of the forward-KL term when method is `kd`.")
     ce_weight: float = Field(0.5, ge=0, description="Weight of the cross-entropy term when method is `kd`.")
     max_steps: int = Field(500, gt=0, description="Optimizer steps.")
-    batch_size: int = Field(64, gt=0, description="Sequences per optimizer step.")
+    batch_size: int = Field(64, gt=0, description="Sequences per optimizer step, over all processes and accumulation steps.")
     learning_rate: float = Field(1e-3, gt=0, lt=1, description="Peak learning rate of AdamW.")
     lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     max_seq_len: int = Field(512, gt=0, description="Prompt + response tokens kept per example; longer ones are cut from the right.")
     kd: KDConfig = Field(default_factory=KDConfig, description="White-box settings (used when method is `kd`).")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step; the effective batch is batch_size x this x processes.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step per process (they split batch_size).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
     save_steps: int | None = Field(None, gt=0, description="Checkpoint every this many steps; a rerun after a crash resumes from the newest checkpoint. Null: no checkpoints.")
     lora: LoraSettings | None = Field(None, description="Train LoRA adapters on a pretrained student (merged before saving); null trains every weight.")
-    num_processes: int = Field(1, gt=0, description="Training processes (data parallel), started with `accelerate launch`; CPU runs use the gloo backend.")
+    num_processes: int = Field(1, gt=0, description="Training processes (data parallel), started with torchrun; CPU runs use the gloo backend.")
     seed: int = Field(0, description="Seed of initialization and data order.")
     logging_steps: int = Field(25, gt=0, description="Log the training loss every this many steps.")
     threads: int | None = Field(None, gt=0, description="CPU threads for torch; null keeps torch's default. One is fastest for tiny models.")
@@ -290,6 +290,9 @@ class TrainConfig(StrictModel):
             raise ValueError("set exactly one of `student` (a pretrained model) or `architecture` (a student built from scratch)")
         if self.method == "kd" and self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError("kd_weight and ce_weight are both 0: nothing to learn from")
+        if self.batch_size % (self.num_processes * self.gradient_accumulation_steps):
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by num_processes x gradient_accumulation_steps "
+                             f"({self.num_processes} x {self.gradient_accumulation_steps})")
         if self.lora is not None and self.student is None:
             raise ValueError("lora needs a pretrained `student`; a student built from scratch trains every weight")
         return self

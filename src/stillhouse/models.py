@@ -70,6 +70,24 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def vocabulary_difference(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase) -> str | None:
+    """None when both map every token to the same id (white-box KD can compare them); else what differs.
+
+    Token->id maps are compared, not embedding sizes: Qwen2.5 checkpoints have 151,936 or 152,064
+    embedding rows that differ only by padding, which is fine.
+    """
+    student_vocab, teacher_vocab = student.get_vocab(), teacher.get_vocab()
+    if student_vocab == teacher_vocab:
+        return None
+    missing = sorted(set(teacher_vocab) - set(student_vocab))
+    extra = sorted(set(student_vocab) - set(teacher_vocab))
+    moved = sorted(t for t in set(student_vocab) & set(teacher_vocab) if student_vocab[t] != teacher_vocab[t])
+    parts = [f"{len(missing)} teacher tokens missing (e.g. {missing[:3]})" if missing else "",
+             f"{len(extra)} student-only tokens (e.g. {extra[:3]})" if extra else "",
+             f"{len(moved)} tokens with other ids (e.g. {moved[:3]})" if moved else ""]
+    return "; ".join(p for p in parts if p)
+
+
 def model_revision(model: str, revision: str | None) -> str:
     """The exact revision: for a local folder, a hash of its config and weight files; else the Hub revision."""
     path = Path(model)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from stillhouse.config import EvaluateConfig
 from stillhouse.data.curate import read_split
-from stillhouse.models import count_parameters, load_causal_lm, load_tokenizer, tokenizer_fingerprint
+from stillhouse.models import count_parameters, load_causal_lm, load_tokenizer, vocabulary_difference
 from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
 from stillhouse.sampling.hf_engine import generate, render_prompts
 from stillhouse.store import Store, fingerprint
@@ -33,13 +33,16 @@ CODE_VERSION = 1
 
 
 @torch.inference_mode()
-def score_responses(model, examples: list[dict], pad_token_id: int, batch_size: int) -> dict[str, float]:
-    """Token-weighted mean cross-entropy and (when top-k targets are present) forward KL."""
+def score_responses(model, examples: list[dict], pad_token_id: int, batch_size: int, vocab_size: int) -> dict[str, float]:
+    """Token-weighted mean cross-entropy and (when top-k targets are present) forward KL.
+
+    Logit rows past ``vocab_size`` (embedding padding) are not tokens and are left out.
+    """
     collate = PadCollator(pad_token_id)
     totals = defaultdict(float)
     for start in range(0, len(examples), batch_size):
         batch = {key: value.to(model.device) for key, value in collate(examples[start : start + batch_size]).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :vocab_size]
         targets = batch["labels"][:, 1:]
         tokens = targets.ne(-100).sum().item()
         totals["tokens"] += tokens
@@ -68,16 +71,17 @@ def evaluate_student(
         metrics: dict[str, float] = {}
         answers: dict[str, list[str]] = {}
         roles = {"teacher": samples.teacher, "student": student.model_path}
+        teacher_tokenizer = load_tokenizer(samples.teacher)
         for step, (role, path) in enumerate(roles.items()):
             model, tokenizer = load_causal_lm(path, device="auto"), load_tokenizer(path)
             metrics[f"{role}_parameters"] = count_parameters(model)
-            same_tokenizer = tokenizer_fingerprint(tokenizer) == samples.tokenizer_fingerprint
+            shared_vocabulary = vocabulary_difference(tokenizer, teacher_tokenizer) is None
             examples = build_examples(
-                dataset, samples, tokenizer, split="eval", same_tokenizer=same_tokenizer,
-                with_top_k=role == "student" and same_tokenizer and samples.top_k_logprobs > 0, max_seq_len=100_000,
+                dataset, samples, tokenizer, split="eval", shared_vocabulary=shared_vocabulary,
+                with_top_k=role == "student" and shared_vocabulary and samples.top_k_logprobs > 0, max_seq_len=100_000,
                 prompt_ids=set(prompts["prompt_id"]),
             )
-            scores = score_responses(model, examples, tokenizer.pad_token_id, config.batch_size)
+            scores = score_responses(model, examples, tokenizer.pad_token_id, config.batch_size, vocab_size=len(tokenizer))
             metrics[f"{role}_perplexity"] = math.exp(scores["cross_entropy"])
             if "kl" in scores:
                 metrics["kl_teacher_student"] = scores["kl"]

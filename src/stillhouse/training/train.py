@@ -1,34 +1,49 @@
-"""The training stage: a student learns from the teacher's outputs on `transformers.Trainer`.
+"""The training stage: a student learns from the teacher on `transformers.Trainer`.
 
 - ``method: sft`` (black-box): cross-entropy on the teacher's response tokens; prompt tokens are masked.
-- ``method: kd`` (white-box): ``kd_weight`` x forward KL to the stored teacher top-k (tail bucket)
-  + ``ce_weight`` x cross-entropy. Needs a student that shares the teacher's tokenizer.
+- ``method: kd`` (white-box): ``kd_weight`` x a divergence (``train.kd.kind``) to the teacher's
+  distribution + ``ce_weight`` x cross-entropy. The teacher's distribution is the top-k stored by the
+  sample stage (``kd.teacher: offline``) or the teacher model in memory (``online``: dense, or its
+  top-k). With ``kd.lmbda`` > 0 a batch is, with that probability, replaced by the student's own
+  samples scored by the online teacher (on-policy GKD; no cross-entropy on those). White-box KD needs
+  student and teacher to share a vocabulary (same token->id map).
 
-The student is a pretrained model (``train.student``) or a Llama built from scratch with the
-teacher's tokenizer (``train.architecture``).
+Sequence-level KD (GKD's ``seq_kd``) is what the offline data already is: the teacher's own responses.
+TRL's GKDTrainer is not used because it supports only its JSD on full teacher logits; stored top-k
+teachers and the other divergences go through one trainer here.
+
+The student is a pretrained model (``train.student``, optionally with LoRA adapters) or a Llama built
+from scratch with the teacher's tokenizer (``train.architecture``). ``num_processes`` > 1 runs this
+stage under ``torchrun`` (data parallel; gloo on CPU):
+
+    python -m torch.distributed.run --nproc_per_node 2 -m stillhouse.training.worker STAGE_FOLDER/launch.json
 """
 
 from __future__ import annotations
 
 import json
+import random
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
-from stillhouse.config import TrainConfig
+from stillhouse.config import KDConfig, TrainConfig
 from stillhouse.data.curate import read_split
 from stillhouse.errors import InputError
-from stillhouse.models import count_parameters, load_causal_lm, load_tokenizer, resolve_model, tokenizer_fingerprint
+from stillhouse.models import count_parameters, load_causal_lm, load_tokenizer, resolve_model, vocabulary_difference
 from stillhouse.refs import DatasetRef, ModelRef, SamplesRef
 from stillhouse.sampling.hf_engine import render_prompts
 from stillhouse.sampling.teacher_outputs import read_teacher_outputs
 from stillhouse.store import Store, fingerprint
-from stillhouse.training.losses import TopK, cross_entropy, forward_kl
+from stillhouse.training.losses import TopK, cross_entropy, distillation_loss
 
-CODE_VERSION = 1
+CODE_VERSION = 2
 
 
 def build_student(config: TrainConfig, teacher_path: str):
@@ -49,7 +64,7 @@ def build_student(config: TrainConfig, teacher_path: str):
 
 
 def build_examples(
-    dataset: DatasetRef, samples: SamplesRef, tokenizer, *, split: str, same_tokenizer: bool, with_top_k: bool, max_seq_len: int,
+    dataset: DatasetRef, samples: SamplesRef, tokenizer, *, split: str, shared_vocabulary: bool, with_top_k: bool, max_seq_len: int,
     prompt_ids: set[str] | None = None,
 ) -> list[dict]:
     """Token ids, labels (prompt masked) and, ``with_top_k``, top-k targets aligned with the labels.
@@ -64,12 +79,12 @@ def build_examples(
     examples = []
     for prompt, row in zip(rendered, outputs.itertuples(index=False)):
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if same_tokenizer:
+        if shared_vocabulary:
             response_ids = list(row.response_token_ids)
         else:
             response_ids = tokenizer(row.response_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         input_ids = (prompt_ids + response_ids)[: max_seq_len]
-        example = {"input_ids": input_ids, "labels": ([-100] * len(prompt_ids) + response_ids)[: max_seq_len]}
+        example = {"input_ids": input_ids, "labels": ([-100] * len(prompt_ids) + response_ids)[: max_seq_len], "prompt_length": len(prompt_ids)}
         if with_top_k:
             k = samples.top_k_logprobs
             # Teacher top-k for response token j sits at label position len(prompt) + j.
@@ -80,10 +95,13 @@ def build_examples(
 
 
 class PadCollator:
-    """Right-pads a batch; labels with -100, top-k targets with zeros (masked by the labels)."""
+    """Right-pads a batch; labels with -100, top-k targets with zeros (masked by the labels).
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    With ``with_prompts`` it also returns the prompts alone, left-padded, for on-policy rollouts.
+    """
+
+    def __init__(self, pad_token_id: int, with_prompts: bool = False):
+        self.pad_token_id, self.with_prompts = pad_token_id, with_prompts
 
     def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
         width = max(len(example["input_ids"]) for example in batch)
@@ -104,25 +122,78 @@ class PadCollator:
             if "top_k_ids" in example:
                 collated["top_k_ids"][row, :length] = torch.tensor(example["top_k_ids"])
                 collated["top_k_logprobs"][row, :length] = torch.tensor(example["top_k_logprobs"])
+        if self.with_prompts:
+            prompt_width = max(example["prompt_length"] for example in batch)
+            collated["prompt_input_ids"] = torch.full((len(batch), prompt_width), self.pad_token_id)
+            collated["prompt_attention_mask"] = torch.zeros((len(batch), prompt_width), dtype=torch.long)
+            for row, example in enumerate(batch):
+                length = example["prompt_length"]
+                collated["prompt_input_ids"][row, prompt_width - length :] = torch.tensor(example["input_ids"][:length])
+                collated["prompt_attention_mask"][row, prompt_width - length :] = 1
         return collated
 
 
 class DistillationTrainer(Trainer):
-    """`Trainer` whose loss is ``ce_weight * CE + kd_weight * forward KL`` on shifted positions."""
+    """`Trainer` whose loss is ``ce_weight * CE + kd_weight * divergence`` on shifted positions."""
 
-    def __init__(self, *args, ce_weight: float, kd_weight: float, **kwargs):
+    def __init__(self, *args, ce_weight: float, kd_weight: float, kd: KDConfig, vocab_size: int,
+                 teacher: torch.nn.Module | None = None, pad_token_id: int = 0, eos_token_id: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.ce_weight, self.kd_weight = ce_weight, kd_weight
+        self.ce_weight, self.kd_weight, self.kd = ce_weight, kd_weight, kd
+        self.vocab_size, self.teacher = vocab_size, teacher
+        self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
+        self.on_policy_draws = random.Random(self.args.seed)  # the same draws on every process
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
-        top_k_ids, top_k_logprobs = inputs.pop("top_k_ids", None), inputs.pop("top_k_logprobs", None)
+        stored = TopK(inputs.pop("top_k_ids"), inputs.pop("top_k_logprobs")) if "top_k_ids" in inputs else None
+        prompt_ids, prompt_mask = inputs.pop("prompt_input_ids", None), inputs.pop("prompt_attention_mask", None)
+        ce_weight = self.ce_weight
+        if self.kd.lmbda > 0 and model.training and self.on_policy_draws.random() < self.kd.lmbda:
+            inputs, labels = self.student_rollout(model, prompt_ids, prompt_mask)
+            stored, ce_weight = None, 0.0  # the student's own samples are scored, not imitated
         outputs = model(**inputs)
-        logits, targets = outputs.logits[:, :-1], labels[:, 1:]  # logits at t predict the token at t+1
-        loss = self.ce_weight * cross_entropy(logits, targets)
-        if top_k_ids is not None and self.kd_weight > 0:
-            loss = loss + self.kd_weight * forward_kl(logits, TopK(top_k_ids[:, 1:], top_k_logprobs[:, 1:]), targets)
+        # Logits at t predict the token at t+1; rows past the shared vocabulary are padding.
+        logits, targets = outputs.logits[:, :-1, : self.vocab_size], labels[:, 1:]
+        loss = ce_weight * cross_entropy(logits, targets) if ce_weight > 0 else logits.new_zeros(())
+        if self.kd_weight > 0:
+            teacher = self.teacher_distribution(inputs, stored)
+            loss = loss + self.kd_weight * distillation_loss(
+                logits, teacher, targets, kind=self.kd.kind, beta=self.kd.beta, alpha=self.kd.alpha,
+                temperature=self.kd.temperature, tail=self.kd.tail,
+            )
         return (loss, outputs) if return_outputs else loss
+
+    def teacher_distribution(self, inputs: dict, stored: TopK | None) -> torch.Tensor | TopK:
+        """The teacher at each shifted position: stored top-k, or the online teacher's logits / top-k."""
+        if self.teacher is None:
+            return TopK(stored.ids[:, 1:], stored.logprobs[:, 1:])
+        with torch.no_grad():
+            logits = self.teacher(**inputs).logits[:, :-1, : self.vocab_size].float()
+        if self.kd.online_top_k is None:
+            return logits
+        values, ids = logits.log_softmax(-1).topk(self.kd.online_top_k, dim=-1)
+        return TopK(ids, values)
+
+    def student_rollout(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """Sample responses from the student; labels cover the generated tokens up to the first EOS."""
+        student = self.accelerator.unwrap_model(model)
+        student.eval()
+        with torch.no_grad():
+            sequences = student.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=self.kd.rollout_max_new_tokens,
+                do_sample=True, temperature=self.kd.rollout_temperature, top_k=0, top_p=1.0,
+                pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
+            )
+        student.train()
+        generated = sequences[:, prompt_ids.shape[1] :]
+        is_eos = generated.eq(self.eos_token_id)
+        after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+        attention_mask = torch.cat([prompt_mask, (~after_eos).long()], dim=1)
+        labels = torch.cat([torch.full_like(prompt_ids, -100), generated.masked_fill(after_eos, -100)], dim=1)
+        # Prompts are left-padded here, so positions come from the mask (as generate computed them).
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return {"input_ids": sequences, "attention_mask": attention_mask, "position_ids": position_ids}, labels
 
 
 class ProgressCallback(TrainerCallback):
@@ -134,46 +205,104 @@ class ProgressCallback(TrainerCallback):
             self.progress(state.global_step / state.max_steps)
 
 
+def with_lora(model, config: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    settings = config.lora
+    adapters = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                          target_modules=settings.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, adapters)
+
+
+def run_training(config: TrainConfig, dataset: DatasetRef, samples: SamplesRef, folder: Path,
+                 progress: Callable[[float], None] | None = None) -> dict:
+    """Train in this process (one rank of several under torchrun); returns the manifest's content."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model, tokenizer = build_student(config, samples.teacher)
+    teacher_tokenizer = load_tokenizer(samples.teacher)
+    difference = vocabulary_difference(tokenizer, teacher_tokenizer)
+    if config.method == "kd" and difference is not None:
+        raise InputError(f"train.method: `kd` compares token distributions, but the student's vocabulary differs from the teacher's ({difference}); "
+                         "use method `sft` (black-box) or a student of the teacher's family")
+    if config.lora is not None:
+        model = with_lora(model, config)
+    online = config.method == "kd" and config.kd.teacher == "online"
+    teacher = load_causal_lm(samples.teacher, device="cpu" if config.device == "cpu" else "auto") if online else None
+    if teacher is not None:
+        teacher.requires_grad_(False)
+    examples = build_examples(
+        dataset, samples, tokenizer, split="train", shared_vocabulary=difference is None,
+        with_top_k=config.method == "kd" and not online, max_seq_len=config.max_seq_len,
+    )
+    cpu = config.device == "cpu" or not torch.cuda.is_available()
+    micro_batch = config.batch_size // (config.num_processes * config.gradient_accumulation_steps)
+    checkpoints = folder / "checkpoints"
+    arguments = TrainingArguments(
+        output_dir=str(checkpoints), max_steps=config.max_steps, per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, gradient_checkpointing=config.gradient_checkpointing,
+        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay, logging_steps=config.logging_steps, report_to="none",
+        save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
+        seed=config.seed, data_seed=config.seed, remove_unused_columns=False, use_cpu=config.device == "cpu",
+        bf16=config.bf16, dataloader_pin_memory=not cpu, dataloader_drop_last=len(examples) >= config.batch_size,
+        ddp_backend="gloo" if cpu and config.num_processes > 1 else None,
+    )
+    weights = {"ce_weight": 1.0, "kd_weight": 0.0} if config.method == "sft" else {"ce_weight": config.ce_weight, "kd_weight": config.kd_weight}
+    trainer = DistillationTrainer(
+        model=model, args=arguments, train_dataset=examples,
+        data_collator=PadCollator(tokenizer.pad_token_id, with_prompts=config.method == "kd" and config.kd.lmbda > 0),
+        callbacks=[ProgressCallback(progress)] if progress else None, kd=config.kd, vocab_size=len(teacher_tokenizer),
+        teacher=teacher, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **weights,
+    )
+    if teacher is not None:
+        trainer.teacher = teacher.to(trainer.args.device)
+    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None  # a crashed run's progress
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - started
+    history = [{"step": e["step"], "loss": e["loss"], "learning_rate": e["learning_rate"]} for e in trainer.state.log_history if "loss" in e]
+    result = {"parameters": 0, "train_seconds": round(seconds, 2), "final_loss": history[-1]["loss"] if history else None,
+              "loss_history": history, "examples": len(examples), "resumed_from": resume}
+    if trainer.is_world_process_zero():
+        student = trainer.accelerator.unwrap_model(model)
+        if config.lora is not None:
+            student = student.merge_and_unload()
+        student.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, max_new_tokens=64, do_sample=False)
+        student.save_pretrained(folder / "model")
+        tokenizer.save_pretrained(folder / "model")
+        result["parameters"] = count_parameters(student)
+    return result
+
+
+def launch_training(config: TrainConfig, dataset: DatasetRef, samples: SamplesRef, folder: Path) -> dict:
+    """Run `run_training` in ``config.num_processes`` processes with torchrun; returns rank 0's result."""
+    import socket
+
+    spec = folder / "launch.json"
+    spec.write_text(json.dumps({"config": config.model_dump(mode="json"), "dataset": dataset.model_dump(), "samples": samples.model_dump(), "folder": str(folder)}))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={config.num_processes}", "--master_addr=127.0.0.1",
+               f"--master_port={port}", "-m", "stillhouse.training.worker", str(spec)]
+    completed = subprocess.run(command)
+    if completed.returncode != 0:
+        raise RuntimeError(f"train: {config.num_processes}-process training failed (exit {completed.returncode}); rerun to resume from its last checkpoint")
+    return json.loads((folder / "result.json").read_text())
+
+
 def train_student(config: TrainConfig, dataset: DatasetRef, samples: SamplesRef, store: Store, progress: Callable[[float], None] | None = None) -> ModelRef:
     if config.student is not None:
         resolve_model(config.student, "train.student")
     stage_fingerprint = fingerprint("train", config.model_dump(mode="json", exclude={"threads", "device"}), {"dataset": dataset.fingerprint, "samples": samples.fingerprint}, CODE_VERSION)
 
     def compute(folder: Path) -> dict:
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        model, tokenizer = build_student(config, samples.teacher)
-        same_tokenizer = tokenizer_fingerprint(tokenizer) == samples.tokenizer_fingerprint
-        if config.method == "kd" and not same_tokenizer:
-            raise InputError("train.method: `kd` needs a student with the teacher's tokenizer (the stored top-k are teacher token ids); use method `sft` or a student of the same family")
-        examples = build_examples(
-            dataset, samples, tokenizer, split="train", same_tokenizer=same_tokenizer,
-            with_top_k=config.method == "kd", max_seq_len=config.max_seq_len,
-        )
-        arguments = TrainingArguments(
-            output_dir=str(folder / "trainer"), max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
-            learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio,
-            weight_decay=config.weight_decay, logging_steps=config.logging_steps, save_strategy="no", report_to="none",
-            seed=config.seed, data_seed=config.seed, remove_unused_columns=False, use_cpu=config.device == "cpu",
-            bf16=config.bf16, dataloader_pin_memory=torch.cuda.is_available(), dataloader_drop_last=len(examples) >= config.batch_size,
-        )
-        weights = {"ce_weight": 1.0, "kd_weight": 0.0} if config.method == "sft" else {"ce_weight": config.ce_weight, "kd_weight": config.kd_weight}
-        trainer = DistillationTrainer(
-            model=model, args=arguments, train_dataset=examples, data_collator=PadCollator(tokenizer.pad_token_id),
-            callbacks=[ProgressCallback(progress)] if progress else None, **weights,
-        )
-        started = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - started
-        model_dir = folder / "model"
-        model.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, max_new_tokens=64, do_sample=False)
-        trainer.save_model(str(model_dir))
-        tokenizer.save_pretrained(model_dir)
-        history = [{"step": e["step"], "loss": e["loss"], "learning_rate": e["learning_rate"]} for e in trainer.state.log_history if "loss" in e]
-        return {
-            "model_path": str(model_dir), "parameters": count_parameters(model), "train_seconds": round(seconds, 2),
-            "final_loss": history[-1]["loss"] if history else None, "loss_history": history, "examples": len(examples),
-        }
+        if config.num_processes > 1:
+            result = launch_training(config, dataset, samples, folder)
+        else:
+            result = run_training(config, dataset, samples, folder, progress)
+        return {"model_path": str(folder / "model"), **result}
 
     output = store.build("train", stage_fingerprint, compute)
     manifest = output.manifest
