@@ -139,3 +139,19 @@ def test_two_processes_follow_the_single_process_loss_curve(sampled):
     for a, b in zip(one, two):
         assert abs(a - b) <= 0.05 * a
     assert two[-1] < two[0]
+
+
+def test_gradient_accumulation_and_checkpointing_train_the_same_global_batch(sampled):
+    store, dataset, samples = sampled
+    plain = train_student(kd_config(max_steps=8, logging_steps=4), dataset, samples, store)
+    accumulated = train_student(kd_config(max_steps=8, logging_steps=4, gradient_accumulation_steps=2, gradient_checkpointing=True), dataset, samples, store)
+    assert [p["step"] for p in accumulated.loss_history] == [4, 8]
+    for a, b in zip(plain.loss_history, accumulated.loss_history):
+        assert abs(a["loss"] - b["loss"]) <= 0.05 * a["loss"]
+
+
+@pytest.mark.gpu
+def test_bf16_kd_training_on_gpu(sampled):
+    store, dataset, samples = sampled
+    student = train_student(kd_config(max_steps=4, bf16=True, device="auto"), dataset, samples, store)
+    assert torch.isfinite(torch.tensor(student.final_loss))

@@ -143,6 +143,9 @@ class DistillationTrainer(Trainer):
         self.vocab_size, self.teacher = vocab_size, teacher
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
         self.on_policy_draws = random.Random(self.args.seed)  # the same draws on every process
+        # Our loss is a mean per micro-batch, not a sum over `num_items_in_batch`: let Trainer divide
+        # it by the accumulation steps (it skips that for models that accept loss kwargs).
+        self.model_accepts_loss_kwargs = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
