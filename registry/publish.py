@@ -66,6 +66,9 @@ class PublishedModel(BaseModel):
 
 def model_card(config: PipelineConfig, samples: SamplesRef, student: ModelRef, report: EvalReport) -> ModelCard:
     metrics = report.metrics
+    data_sources = [entry.source for entry in config.curate.source_list()]
+    # Hub dataset ids go into the card's `datasets`; local files and the demo are named in the body only.
+    hub_datasets = [name for name in data_sources if not name.startswith(("builtin:", "/", ".", "~")) and not Path(name).exists()]
     evals = [
         EvalResult(task_type="text-generation", dataset_type="stillhouse-eval", dataset_name=f"{config.name} held-out prompts",
                    metric_type=name, metric_value=round(metrics[f"student_{name}"], 4))
@@ -75,10 +78,10 @@ def model_card(config: PipelineConfig, samples: SamplesRef, student: ModelRef, r
         license=config.publish.license, library_name="transformers", pipeline_tag="text-generation",
         tags=["stillhouse", "distillation", f"distillation-{config.train.method}"],
         base_model=config.train.student, model_name=config.name, eval_results=evals or None,
-        datasets=None if config.curate.source.startswith(("builtin:", "/", ".")) else [config.curate.source],
+        datasets=hub_datasets or None,
     )
     data.stillhouse = {"teacher": config.sample.teacher, "teacher_revision": samples.teacher_revision,
-                       "method": config.train.method, "data": config.curate.source}
+                       "method": config.train.method, "data": data_sources}
     rows = []
     for name in sorted({key.split("_", 1)[1] for key in metrics if key.startswith(("teacher_", "student_"))}):
         cells = [f"{metrics[f'{role}_{name}']:.4g}" if f"{role}_{name}" in metrics else "–" for role in ("teacher", "student")]
@@ -86,7 +89,7 @@ def model_card(config: PipelineConfig, samples: SamplesRef, student: ModelRef, r
     return ModelCard.from_template(
         data, template_str=CARD_TEMPLATE, model_name=config.name, teacher=config.sample.teacher, method_long=METHODS[config.train.method],
         parameters=f"{student.parameters:,}", ratio=f"{metrics.get('parameter_ratio', float('nan')):.1%}", metric_rows="\n".join(rows),
-        repo=config.publish.repo_id or "PATH_TO_THIS_FOLDER", teacher_revision=samples.teacher_revision, data=config.curate.source,
+        repo=config.publish.repo_id or "PATH_TO_THIS_FOLDER", teacher_revision=samples.teacher_revision, data=", ".join(data_sources),
     )
 
 
