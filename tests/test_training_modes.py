@@ -129,7 +129,8 @@ def test_a_crashed_run_resumes_from_its_last_checkpoint(sampled):
 def test_two_processes_follow_the_single_process_loss_curve(sampled):
     store, dataset, samples = sampled
     single = train_student(kd_config(max_steps=20, batch_size=16, threads=1), dataset, samples, store)
-    double = train_student(kd_config(max_steps=20, batch_size=16, threads=1, num_processes=2), dataset, samples, store)
+    # The 2-process run also takes the chunked loss path, which must give the same curve.
+    double = train_student(kd_config(max_steps=20, batch_size=16, threads=1, num_processes=2, loss_chunk_size=64), dataset, samples, store)
     assert double.parameters == single.parameters
     assert (Path(double.path) / "result.json").is_file()  # written by rank 0 of the torchrun launch
     one, two = ([p["loss"] for p in run.loss_history] for run in (single, double))
@@ -155,3 +156,13 @@ def test_bf16_kd_training_on_gpu(sampled):
     store, dataset, samples = sampled
     student = train_student(kd_config(max_steps=4, bf16=True, device="auto"), dataset, samples, store)
     assert torch.isfinite(torch.tensor(student.final_loss))
+
+
+@pytest.mark.parametrize("method, kd", [("sft", {}), ("kd", {}), ("kd", {"teacher": "online", "kind": "jsd"})])
+def test_chunked_losses_train_like_the_logits_path(sampled, method, kd):
+    store, dataset, samples = sampled
+    settings = {"method": method, "kd": kd, "ce_weight": 0.5, "max_steps": 6, "logging_steps": 3}
+    plain = train_student(kd_config(**settings), dataset, samples, store)
+    chunked = train_student(kd_config(**settings, loss_chunk_size=7), dataset, samples, store)
+    for a, b in zip(plain.loss_history, chunked.loss_history, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)

@@ -273,6 +273,10 @@ class TrainConfig(StrictModel):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     max_seq_len: int = Field(512, gt=0, description="Prompt + response tokens kept per example; longer ones are cut from the right.")
     kd: KDConfig = Field(default_factory=KDConfig, description="White-box settings (used when method is `kd`).")
+    loss_chunk_size: int | None = Field(
+        None, gt=0, description="Compute the losses from the last hidden state this many positions at a time, so full-vocabulary "
+        "logits never exist for the whole batch (large vocabularies); null uses the model's logits.",
+    )
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step per process (they split batch_size).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
     save_steps: int | None = Field(None, gt=0, description="Checkpoint every this many steps; a rerun after a crash resumes from the newest checkpoint. Null: no checkpoints.")

@@ -41,7 +41,7 @@ from stillhouse.refs import DatasetRef, ModelRef, SamplesRef
 from stillhouse.sampling.hf_engine import render_prompts
 from stillhouse.sampling.teacher_outputs import read_teacher_outputs
 from stillhouse.store import Store, fingerprint
-from stillhouse.training.losses import TopK, cross_entropy, distillation_loss
+from stillhouse.training.losses import TopK, cross_entropy, distillation_loss, distillation_loss_from_hidden
 
 CODE_VERSION = 2
 
@@ -137,8 +137,10 @@ class DistillationTrainer(Trainer):
     """`Trainer` whose loss is ``ce_weight * CE + kd_weight * divergence`` on shifted positions."""
 
     def __init__(self, *args, ce_weight: float, kd_weight: float, kd: KDConfig, vocab_size: int,
-                 teacher: torch.nn.Module | None = None, pad_token_id: int = 0, eos_token_id: int | None = None, **kwargs):
+                 teacher: torch.nn.Module | None = None, pad_token_id: int = 0, eos_token_id: int | None = None,
+                 loss_chunk_size: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.loss_chunk_size = loss_chunk_size
         self.ce_weight, self.kd_weight, self.kd = ce_weight, kd_weight, kd
         self.vocab_size, self.teacher = vocab_size, teacher
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
@@ -155,17 +157,47 @@ class DistillationTrainer(Trainer):
         if self.kd.lmbda > 0 and model.training and self.on_policy_draws.random() < self.kd.lmbda:
             inputs, labels = self.student_rollout(model, prompt_ids, prompt_mask)
             stored, ce_weight = None, 0.0  # the student's own samples are scored, not imitated
-        outputs = model(**inputs)
-        # Logits at t predict the token at t+1; rows past the shared vocabulary are padding.
-        logits, targets = outputs.logits[:, :-1, : self.vocab_size], labels[:, 1:]
-        loss = ce_weight * cross_entropy(logits, targets) if ce_weight > 0 else logits.new_zeros(())
-        if self.kd_weight > 0:
-            teacher = self.teacher_distribution(inputs, stored)
-            loss = loss + self.kd_weight * distillation_loss(
-                logits, teacher, targets, kind=self.kd.kind, beta=self.kd.beta, alpha=self.kd.alpha,
-                temperature=self.kd.temperature, tail=self.kd.tail,
-            )
+        targets = labels[:, 1:]  # the output at t predicts the token at t+1
+        divergence = {"kind": self.kd.kind, "beta": self.kd.beta, "alpha": self.kd.alpha, "temperature": self.kd.temperature, "tail": self.kd.tail}
+        if self.loss_chunk_size:
+            # Memory-bounded: losses from the final hidden state, [B*T, V] logits never exist at once.
+            outputs, hidden = self.final_hidden_state(model, inputs)
+            weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight[: self.vocab_size]
+
+            def loss_of(teacher, **options):
+                return distillation_loss_from_hidden(hidden[:, :-1], weight, teacher, targets, chunk_size=self.loss_chunk_size, **options)
+
+            # Cross-entropy is forward KL to a one-hot teacher: its only outcome is the label (log-prob 0).
+            one_hot = TopK(targets.clamp(min=0).unsqueeze(-1), torch.zeros(targets.shape + (1,), device=targets.device))
+            loss = ce_weight * loss_of(one_hot, kind="forward_kl") if ce_weight > 0 else hidden.new_zeros(())
+            if self.kd_weight > 0:
+                loss = loss + self.kd_weight * loss_of(self.teacher_distribution(inputs, stored), **divergence)
+        else:
+            outputs = model(**inputs)
+            logits = outputs.logits[:, :-1, : self.vocab_size]  # rows past the shared vocabulary are padding
+            loss = ce_weight * cross_entropy(logits, targets) if ce_weight > 0 else logits.new_zeros(())
+            if self.kd_weight > 0:
+                loss = loss + self.kd_weight * distillation_loss(logits, self.teacher_distribution(inputs, stored), targets, **divergence)
         return (loss, outputs) if return_outputs else loss
+
+    def final_hidden_state(self, model, inputs: dict) -> tuple:
+        """(outputs, the decoder's last hidden state [B, T, H]), computing logits for one position only.
+
+        The forward still goes through ``model`` (the DDP wrapper, when there is one) so gradient
+        synchronisation works; a hook on the decoder catches its output.
+        """
+        decoder = self.accelerator.unwrap_model(model).get_decoder()
+        captured = {}
+
+        def keep_hidden(module, args, output) -> None:  # returning None leaves the output untouched
+            captured["hidden"] = output.last_hidden_state
+
+        handle = decoder.register_forward_hook(keep_hidden)
+        try:
+            outputs = model(**inputs, logits_to_keep=1)
+        finally:
+            handle.remove()
+        return outputs, captured["hidden"]
 
     def teacher_distribution(self, inputs: dict, stored: TopK | None) -> torch.Tensor | TopK:
         """The teacher at each shifted position: stored top-k, or the online teacher's logits / top-k."""
@@ -256,7 +288,8 @@ def run_training(config: TrainConfig, dataset: DatasetRef, samples: SamplesRef, 
         model=model, args=arguments, train_dataset=examples,
         data_collator=PadCollator(tokenizer.pad_token_id, with_prompts=config.method == "kd" and config.kd.lmbda > 0),
         callbacks=[ProgressCallback(progress)] if progress else None, kd=config.kd, vocab_size=len(teacher_tokenizer),
-        teacher=teacher, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **weights,
+        teacher=teacher, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        loss_chunk_size=config.loss_chunk_size, **weights,
     )
     if teacher is not None:
         trainer.teacher = teacher.to(trainer.args.device)
