@@ -11,12 +11,10 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import mlflow
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag
-from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from registry.tracking import TrackingContext
 from stillhouse.refs import DatasetRef
@@ -25,21 +23,21 @@ COLUMNS = (("prompt_id", True), ("messages", True), ("reference", False), ("cate
 SPLIT_CONTEXTS = {"train": "training", "eval": "evaluation"}
 
 
-def dataset_input(dataset: DatasetRef, split: str, name: str) -> DatasetInput:
+def split_dataset(dataset: DatasetRef, split: str, name: str) -> MetaDataset:
     path = Path(dataset.path) / f"{split}.parquet"
     with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns that the choice is ambiguous
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(path.resolve().as_uri())
     schema = Schema([ColSpec("string", column, required=required) for column, required in COLUMNS])
-    meta = MetaDataset(source=source, name=f"{name}-{split}", digest=dataset.fingerprint, schema=schema)
-    # MlflowClient logs inputs as entities; `mlflow.log_input` would need a fluent active run.
-    return DatasetInput(meta._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, SPLIT_CONTEXTS[split])])
+    return MetaDataset(source=source, name=f"{name}-{split}", digest=dataset.fingerprint, schema=schema)
 
 
 def log_curated_dataset(context: TrackingContext, run_id: str, dataset: DatasetRef, name: str) -> None:
     """Log both splits as dataset inputs of ``run_id`` and the curation report folder as its artifacts."""
-    client = MlflowClient(context.tracking_uri)
-    client.log_inputs(run_id, datasets=[dataset_input(dataset, split, name) for split in SPLIT_CONTEXTS])
-    report = Path(dataset.path) / "report"
-    if report.is_dir():
-        client.log_artifacts(run_id, str(report), artifact_path="curation_report")
+    mlflow.set_tracking_uri(context.tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        for split, purpose in SPLIT_CONTEXTS.items():
+            mlflow.log_input(split_dataset(dataset, split, name), context=purpose)
+        report = Path(dataset.path) / "report"
+        if report.is_dir():
+            mlflow.log_artifacts(str(report), artifact_path="curation_report")
