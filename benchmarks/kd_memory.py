@@ -8,8 +8,8 @@ V = 32,000 and V = 151,936 (Qwen2.5's vocabulary):
 - ``naive``: dense teacher logits, full student logits ``hidden @ W.T``, ``F.kl_div`` on both log-softmaxes;
 - ``fused``: `distillation_loss_from_hidden` with a top-k (k = 128) teacher, forward KL, bucket tail.
 
-Each repeat of each case runs in its own process (``--case``), one at a time, so that its peak RSS
-(``ru_maxrss``) is its own. A process reports the RSS with its inputs built (hidden state, weight,
+Each repeat of each case runs in its own process (``--case``), one at a time and alternating
+between the cases, so that its peak RSS (``ru_maxrss``) is its own. A process reports the RSS with its inputs built (hidden state, weight,
 teacher, labels) and the peak; the loss's own peak is the difference. The inputs differ by design:
 the naive case's dense teacher logits are an input, the fused case's teacher is k = 128 ids and
 log-probs. Prints JSON: per case the medians over the repeats, and fused/naive ratios.
@@ -108,10 +108,14 @@ def main() -> None:
         "chunk_size": args.chunk_size, "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "cases": {},
     }
     for vocab_size in VOCAB_SIZES:
-        medians = {}
-        for case in ("naive", "fused"):
-            runs = [run_in_subprocess(case, vocab_size, args.chunk_size) for _ in range(args.repeats)]
-            medians[case] = median_of(runs) | {"seconds_all": [round(run["seconds"], 3) for run in runs]}
+        runs = {"naive": [], "fused": []}
+        for _ in range(args.repeats):  # interleaved, so that load from other processes hits both cases alike
+            for case, case_runs in runs.items():
+                case_runs.append(run_in_subprocess(case, vocab_size, args.chunk_size))
+        medians = {
+            case: median_of(case_runs) | {"seconds_all": [round(run["seconds"], 3) for run in case_runs]}
+            for case, case_runs in runs.items()
+        }
         naive, fused = medians["naive"], medians["fused"]
         report["cases"][str(vocab_size)] = medians | {
             "fused_over_naive": {
