@@ -353,11 +353,15 @@ class _ChunkedLoss(torch.autograd.Function):
         for start in range(0, len(positions), chunk_size):
             chunk = tuple(positions[start : start + chunk_size].T)  # (batch indices [c], time indices [c])
             chunk_hidden = hidden[chunk]  # [c, H]
-            logits = (chunk_hidden @ weight.T).float()  # [c, V]
             if teacher_logits is not None:
-                chunk_total, grad_logits = _dense_chunk(logits, teacher_logits[chunk], loss)
+                chunk_teacher = teacher_logits[chunk]  # [c, V]
             else:
-                chunk_total, grad_logits = _top_k_chunk(logits, TopK(teacher_ids[chunk].long(), teacher_logprobs[chunk]), loss)
+                chunk_teacher = TopK(teacher_ids[chunk].long(), teacher_logprobs[chunk])  # [c, k] each
+            logits = (chunk_hidden @ weight.T).float()  # [c, V]
+            if not (need_hidden_grad or need_weight_grad):  # evaluation: the value alone
+                total += _chunk_value(logits, chunk_teacher, loss)
+                continue
+            chunk_total, grad_logits = (_top_k_chunk if isinstance(chunk_teacher, TopK) else _dense_chunk)(logits, chunk_teacher, loss)
             total += chunk_total
             if need_hidden_grad:
                 grad_hidden.index_put_(chunk, (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype))
@@ -377,6 +381,14 @@ class _ChunkedLoss(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_total).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+
+def _chunk_value(logits: torch.Tensor, teacher: torch.Tensor | TopK, loss: _Divergence) -> torch.Tensor:
+    """A chunk's summed loss, without gradients."""
+    if not isinstance(teacher, TopK):
+        return loss.dense(logits, teacher).sum()
+    top_logprobs, bucket, _ = _student_top_k_forward(logits, teacher.ids, in_place=True)
+    return loss.top_k(top_logprobs, bucket, teacher, logits.shape[-1]).sum()
 
 
 def _top_k_chunk(logits: torch.Tensor, teacher: TopK, loss: _Divergence) -> tuple[torch.Tensor, torch.Tensor]:
