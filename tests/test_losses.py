@@ -36,7 +36,7 @@ def test_forward_kl_is_zero_for_identical_distributions():
     assert forward_kl(teacher, top_k_of(teacher, 4), labels).abs() < 1e-5
 
 
-def test_top_k_with_full_vocabulary_equals_dense():
+def test_forward_kl_wrapper_with_full_vocabulary_top_k_equals_dense():
     student, teacher, labels = random_inputs(1)
     torch.testing.assert_close(forward_kl(student, top_k_of(teacher, V), labels), forward_kl(student, teacher, labels), atol=1e-4, rtol=1e-4)
 
