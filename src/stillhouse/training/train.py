@@ -78,18 +78,18 @@ def build_examples(
     rendered = render_prompts(tokenizer, [json.loads(prompts.at[pid, "messages"]) for pid in outputs["prompt_id"]])
     examples = []
     for prompt, row in zip(rendered, outputs.itertuples(index=False)):
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prompt_tokens = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if shared_vocabulary:
             response_ids = list(row.response_token_ids)
         else:
             response_ids = tokenizer(row.response_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        input_ids = (prompt_ids + response_ids)[: max_seq_len]
-        example = {"input_ids": input_ids, "labels": ([-100] * len(prompt_ids) + response_ids)[: max_seq_len], "prompt_length": len(prompt_ids)}
+        input_ids = (prompt_tokens + response_ids)[: max_seq_len]
+        example = {"input_ids": input_ids, "labels": ([-100] * len(prompt_tokens) + response_ids)[: max_seq_len], "prompt_length": len(prompt_tokens)}
         if with_top_k:
             k = samples.top_k_logprobs
             # Teacher top-k for response token j sits at label position len(prompt) + j.
-            example["top_k_ids"] = ([[0] * k] * len(prompt_ids) + [list(ids) for ids in row.top_k_ids])[: max_seq_len]
-            example["top_k_logprobs"] = ([[0.0] * k] * len(prompt_ids) + [list(lp) for lp in row.top_k_logprobs])[: max_seq_len]
+            example["top_k_ids"] = ([[0] * k] * len(prompt_tokens) + [list(ids) for ids in row.top_k_ids])[: max_seq_len]
+            example["top_k_logprobs"] = ([[0.0] * k] * len(prompt_tokens) + [list(lp) for lp in row.top_k_logprobs])[: max_seq_len]
         examples.append(example)
     return examples
 
