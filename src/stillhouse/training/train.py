@@ -254,18 +254,18 @@ def run_training(config: TrainConfig, dataset: DatasetRef, samples: SamplesRef, 
     """Train in this process (one rank of several under torchrun); returns the manifest's content."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    model, tokenizer = build_student(config, samples.teacher)
     teacher_tokenizer = load_tokenizer(samples.teacher)
-    difference = vocabulary_difference(tokenizer, teacher_tokenizer)
+    if config.student is not None:  # check the vocabularies (tokenizers only) before loading any weights
+        difference = vocabulary_difference(load_tokenizer(resolve_model(config.student, "train.student")), teacher_tokenizer)
+    else:
+        difference = None  # built from scratch with the teacher's tokenizer
     if config.method == "kd" and difference is not None:
         raise InputError(f"train.method: `kd` compares token distributions, but the student's vocabulary differs from the teacher's ({difference}); "
                          "use method `sft` (black-box) or a student of the teacher's family")
+    model, tokenizer = build_student(config, samples.teacher)
     if config.lora is not None:
         model = with_lora(model, config)
     online = config.method == "kd" and config.kd.teacher == "online"
-    teacher = load_causal_lm(samples.teacher, device="cpu" if config.device == "cpu" else "auto") if online else None
-    if teacher is not None:
-        teacher.requires_grad_(False)
     examples = build_examples(
         dataset, samples, tokenizer, split="train", shared_vocabulary=difference is None,
         with_top_k=config.method == "kd" and not online, max_seq_len=config.max_seq_len,
@@ -283,6 +283,7 @@ def run_training(config: TrainConfig, dataset: DatasetRef, samples: SamplesRef, 
         bf16=config.bf16, dataloader_pin_memory=not cpu, dataloader_drop_last=len(examples) >= config.batch_size,
         ddp_backend="gloo" if cpu and config.num_processes > 1 else None,
     )
+    teacher = load_causal_lm(samples.teacher, device="cpu").to(arguments.device).requires_grad_(False) if online else None
     weights = {"ce_weight": 1.0, "kd_weight": 0.0} if config.method == "sft" else {"ce_weight": config.ce_weight, "kd_weight": config.kd_weight}
     trainer = DistillationTrainer(
         model=model, args=arguments, train_dataset=examples,
@@ -291,8 +292,6 @@ def run_training(config: TrainConfig, dataset: DatasetRef, samples: SamplesRef, 
         teacher=teacher, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         loss_chunk_size=config.loss_chunk_size, **weights,
     )
-    if teacher is not None:
-        trainer.teacher = teacher.to(trainer.args.device)
     resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None  # a crashed run's progress
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
