@@ -1,0 +1,1 @@
+"""Feedback-guided distillation: the teacher (or a judge model) judges answers; pairs feed DPO."""

@@ -1,0 +1,112 @@
+"""A language model as judge: pairwise verdicts and pointwise scores read from its log-probs.
+
+Every verdict is the probability the judge gives each answer label after the rubric prompt,
+computed by teacher-forcing each label (so multi-token labels such as "10" under a character
+tokenizer are scored exactly), renormalized over the labels:
+
+- pairwise: P("A") vs P("B"); both orders are judged and averaged to cancel position bias, and a
+  pair whose two orders disagree is marked inconsistent;
+- pointwise: the expected score over the labels "1".."10";
+- verifier: for tasks with one right answer, 1.0 for an exact match of the reference, else 0.0.
+
+Engines that return text only (no log-probs) use `parse_verdict` on constrained text instead.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+PAIRWISE_RUBRIC = (
+    "Which response answers the question better? Reply with A or B only.\n"
+    "Question: {prompt}\nResponse A: {first}\nResponse B: {second}"
+)
+POINTWISE_RUBRIC = "Rate the response to the question from 1 (useless) to 10 (perfect). Reply with the number only.\nQuestion: {prompt}\nResponse: {response}"
+SCORE_LABELS = tuple(str(score) for score in range(1, 11))
+
+
+@torch.inference_mode()
+def label_logprobs(model, tokenizer, prompts: Sequence[str], labels: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+    """``[len(prompts), len(labels)]``: log P(label | rendered prompt), summed over the label's tokens."""
+    sequences, spans = [], []
+    for prompt in prompts:
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for label in labels:
+            label_ids = tokenizer(label, add_special_tokens=False)["input_ids"]
+            sequences.append(prompt_ids + label_ids)
+            spans.append((len(prompt_ids), len(label_ids)))
+    scores = torch.empty(len(sequences))
+    for start in range(0, len(sequences), batch_size):
+        batch = sequences[start : start + batch_size]
+        width = max(map(len, batch))
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, sequence in enumerate(batch):  # right padding: positions stay 0..n-1
+            input_ids[row, : len(sequence)] = torch.tensor(sequence)
+            attention_mask[row, : len(sequence)] = 1
+        logprobs = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits.float().log_softmax(-1)
+        for row, (prompt_length, label_length) in enumerate(spans[start : start + batch_size]):
+            positions = torch.arange(prompt_length - 1, prompt_length + label_length - 1)
+            targets = input_ids[row, prompt_length : prompt_length + label_length].to(logprobs.device)
+            scores[start + row] = logprobs[row, positions, targets].sum().cpu()
+    return scores.view(len(prompts), len(labels))
+
+
+def render_judge_prompts(tokenizer, contents: Sequence[str]) -> list[str]:
+    return [tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True) for content in contents]
+
+
+@dataclass(frozen=True)
+class PairJudgement:
+    """The judge on (prompt, first, second), in both orders.
+
+    ``first_better`` is P(first is better), averaged over the two orders; ``consistent`` says whether
+    both orders preferred the same response.
+    """
+
+    first_better: float
+    consistent: bool
+
+    def verdict(self, tie_margin: float) -> str | None:
+        """"first", "second", or None for a tie or an inconsistent pair."""
+        if not self.consistent or abs(self.first_better - 0.5) < tie_margin:
+            return None
+        return "first" if self.first_better > 0.5 else "second"
+
+
+def judge_pairs(model, tokenizer, prompts: Sequence[str], firsts: Sequence[str], seconds: Sequence[str],
+                rubric: str = PAIRWISE_RUBRIC, batch_size: int = 32) -> list[PairJudgement]:
+    forward = [rubric.format(prompt=p, first=a, second=b) for p, a, b in zip(prompts, firsts, seconds)]
+    swapped = [rubric.format(prompt=p, first=b, second=a) for p, a, b in zip(prompts, firsts, seconds)]
+    logprobs = label_logprobs(model, tokenizer, render_judge_prompts(tokenizer, forward + swapped), ("A", "B"), batch_size)
+    prob_a = logprobs.softmax(-1)[:, 0]
+    in_order, reversed_order = prob_a[: len(prompts)], 1 - prob_a[len(prompts) :]  # both: P(first is better)
+    return [
+        PairJudgement(first_better=float((p + q) / 2), consistent=bool((p > 0.5) == (q > 0.5)))
+        for p, q in zip(in_order, reversed_order)
+    ]
+
+
+def pointwise_scores(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                     rubric: str = POINTWISE_RUBRIC, batch_size: int = 32) -> list[float]:
+    """The expected 1-10 score of each response under the judge."""
+    contents = [rubric.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
+    probabilities = label_logprobs(model, tokenizer, render_judge_prompts(tokenizer, contents), SCORE_LABELS, batch_size).softmax(-1)
+    values = torch.tensor([float(label) for label in SCORE_LABELS])
+    return (probabilities * values).sum(-1).tolist()
+
+
+def verifier_scores(responses: Sequence[str], references: Sequence[str]) -> list[float]:
+    return [float(response.strip() == reference.strip()) for response, reference in zip(responses, references)]
+
+
+_VERDICT = re.compile(r"\b([AB])\b")
+
+
+def parse_verdict(text: str) -> str | None:
+    """"A" or "B" from a judge's text answer, or None when it names neither or both."""
+    found = set(_VERDICT.findall(text.strip()[:20]))
+    return found.pop() if len(found) == 1 else None
