@@ -88,3 +88,14 @@ def test_trl_dpo_starts_at_log_2_and_learns_the_preference(tmp_path):
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
     assert history[-1]["loss"] < 0.6 and history[-1]["rewards/margins"] > 0 and history[-1]["rewards/accuracies"] > 0.5
     assert (tmp_path / "dpo" / "model" / "model.safetensors").is_file()
+
+
+def test_win_rate_counts_ties_half_and_has_a_wilson_interval():
+    from stillhouse.feedback.judge import win_rate
+
+    judgements = [PairJudgement(0.9, True)] * 6 + [PairJudgement(0.1, True)] * 2 + [PairJudgement(0.9, False)] * 2
+    result = win_rate(judgements)
+    assert result.rate == pytest.approx(0.7) and result.pairs == 10
+    # Wilson 95% interval for 7/10: (0.3968, 0.8922).
+    assert result.low == pytest.approx(0.3968, abs=1e-3) and result.high == pytest.approx(0.8922, abs=1e-3)
+    assert math.isnan(win_rate([]).rate)

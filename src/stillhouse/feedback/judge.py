@@ -110,3 +110,26 @@ def parse_verdict(text: str) -> str | None:
     """"A" or "B" from a judge's text answer, or None when it names neither or both."""
     found = set(_VERDICT.findall(text.strip()[:20]))
     return found.pop() if len(found) == 1 else None
+
+
+@dataclass(frozen=True)
+class WinRate:
+    """The share of pairs the first response wins (ties and inconsistent pairs count half), with a 95% Wilson interval."""
+
+    rate: float
+    low: float
+    high: float
+    pairs: int
+
+
+def win_rate(judgements: Sequence[PairJudgement], tie_margin: float = 0.05) -> WinRate:
+    outcomes = {"first": 1.0, "second": 0.0, None: 0.5}
+    scores = [outcomes[judgement.verdict(tie_margin)] for judgement in judgements]
+    n = len(scores)
+    if n == 0:
+        return WinRate(float("nan"), float("nan"), float("nan"), 0)
+    rate, z = sum(scores) / n, 1.959964
+    # Wilson score interval: sensible at small n and at rates near 0 or 1, unlike the normal approximation.
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half_width = z * ((rate * (1 - rate) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return WinRate(rate, max(0.0, centre - half_width), min(1.0, centre + half_width), n)
