@@ -38,3 +38,9 @@ class ModelRef(StageRef):
 
 class EvalReport(StageRef):
     metrics: dict[str, float]
+
+
+class PairsRef(StageRef):
+    pairs: int
+    counts: dict[str, int]
+    judge_consistency: float | None = Field(None, description="Pairwise judges: share of comparisons whose two orders agreed.")

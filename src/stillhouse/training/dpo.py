@@ -1,4 +1,4 @@
-"""Direct preference optimization on judged pairs, on TRL's `DPOTrainer`.
+"""Learning from judged pairs on TRL: DPO (`DPOTrainer`) or best-of-n SFT (`SFTTrainer` on the chosen responses).
 
     dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=0.1)
 
@@ -9,6 +9,7 @@ is the formula as a tensor function, which the tests hold TRL's trainer to.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -47,8 +48,35 @@ def train_dpo(model_path: str, pairs: list[dict], output_dir: Path, *, beta: flo
         dataloader_pin_memory=torch.cuda.is_available(),
     )
     trainer = DPOTrainer(model=model, args=arguments, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    started = time.perf_counter()
     trainer.train()
+    seconds = round(time.perf_counter() - started, 2)
     trainer.save_model(str(output_dir / "model"))
     tokenizer.save_pretrained(output_dir / "model")
     keep = ("step", "loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
-    return {"history": [{k: v for k, v in entry.items() if k in keep} for entry in trainer.state.log_history if "loss" in entry]}
+    return {"history": [{k: v for k, v in entry.items() if k in keep} for entry in trainer.state.log_history if "loss" in entry], "seconds": seconds}
+
+
+def train_best_of_n(model_path: str, pairs: list[dict], output_dir: Path, *, learning_rate: float = 5e-4, max_steps: int = 50,
+                    batch_size: int = 8, seed: int = 0, logging_steps: int = 5, beta: float | None = None) -> dict:
+    """Rejection-sampling SFT: supervised fine-tuning on each pair's chosen response only (``beta`` is unused)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from stillhouse.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(model_path)
+    model = load_causal_lm(model_path, device="cpu")
+    rows = [{"prompt": pair["prompt"], "completion": [{"role": "assistant", "content": pair["chosen"]}]} for pair in pairs]
+    arguments = SFTConfig(
+        output_dir=str(output_dir / "trainer"), learning_rate=learning_rate, max_steps=max_steps, per_device_train_batch_size=batch_size,
+        logging_steps=logging_steps, save_strategy="no", report_to="none", seed=seed, use_cpu=not torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(),  # prompt-completion rows: the loss covers the completion only
+    )
+    trainer = SFTTrainer(model=model, args=arguments, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = round(time.perf_counter() - started, 2)
+    trainer.save_model(str(output_dir / "model"))
+    tokenizer.save_pretrained(output_dir / "model")
+    return {"history": [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e], "seconds": seconds}
