@@ -1,27 +1,136 @@
-"""Teacher sampling as a Prefect task, with a progress artifact."""
+"""Teacher sampling as a Prefect flow: one mapped task per shard, on threads here or on a Ray cluster.
+
+    sample_flow(config, dataset, tracking)      # called by flows/distill.py as a subflow
+
+The core plans the shards (`plan_shards`), each shard task samples one and writes it atomically
+(`sample_shard`), and the manifest is written last (`finish_sampling`), so a rerun after a crash
+samples only what is missing. Shard tasks carry the tag `gpu`: a Prefect tag concurrency limit on it
+(created at `sample.task_runner.gpu_concurrency` when the server has none) bounds shards in flight.
+A progress artifact shows shards done / total and tokens/s.
+"""
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
-from prefect import task
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.exceptions import ObjectNotFound
+from prefect.futures import as_completed
+from prefect.logging import get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import unmapped
 
 from registry.tracking import TrackingContext, log_stage
-from stillhouse.config import PipelineConfig
+from stillhouse.config import PipelineConfig, SampleConfig, TaskRunnerConfig
 from stillhouse.refs import DatasetRef, SamplesRef
-from stillhouse.sampling.sample import sample_teacher
+from stillhouse.sampling.sample import ShardPlan, ShardResult, finish_sampling, plan_shards, sample_shard
 from stillhouse.store import Store
-from tasks.reporting import log_outcome, progress_artifact
+from tasks.reporting import log_outcome
+
+GPU_TAG = "gpu"
 
 
-@task(name="sample-teacher", cache_policy=NO_CACHE)
-def sample_task(config: PipelineConfig, dataset: DatasetRef, tracking: TrackingContext) -> SamplesRef:
+def build_task_runner(settings: TaskRunnerConfig):
+    """Threads in this process, or prefect-ray's RayTaskRunner (optional extra `ray`)."""
+    if settings.kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=settings.max_workers)
+    try:
+        from prefect_ray import RayTaskRunner
+    except ImportError:
+        raise ImportError("sample.task_runner.kind is `ray` but prefect-ray is not installed: pip install 'stillhouse[ray]'") from None
+    init_kwargs = {"include_dashboard": False}
+    if settings.ray_address is None and settings.ray_num_cpus is not None:
+        init_kwargs["num_cpus"] = settings.ray_num_cpus
+    return RayTaskRunner(address=settings.ray_address, init_kwargs=init_kwargs)
+
+
+def ensure_concurrency_limit(tag: str, limit: int) -> int:
+    """Create the tag concurrency limit when the server has none; an operator's existing limit wins. Returns it."""
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_concurrency_limit_by_tag(tag).concurrency_limit
+        except ObjectNotFound:
+            client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
+            return limit
+
+
+@task(name="sample-shard", tags=[GPU_TAG], cache_policy=NO_CACHE)
+def sample_shard_task(config: SampleConfig, dataset: DatasetRef, plan: ShardPlan, index: int) -> ShardResult:
+    result = sample_shard(config, dataset, plan, index)
+    get_run_logger().info("shard %d: %d rows, %d tokens in %.1fs", index, result.rows, result.generated_tokens, result.seconds)
+    return result
+
+
+def _shard_resources(settings: TaskRunnerConfig):
+    """Each shard asks Ray for `gpus_per_shard` GPUs; threads need nothing."""
+    if settings.kind != "ray":
+        return nullcontext()
+    from prefect_ray.context import remote_options
+
+    return remote_options(num_gpus=settings.gpus_per_shard, num_cpus=1)
+
+
+@flow(name="sample-teacher", log_prints=True)
+def sample_flow(config: PipelineConfig, dataset: DatasetRef, tracking: TrackingContext | None = None) -> SamplesRef:
+    """Sample the missing shards as mapped tasks, then seal the output and record the stage."""
     started = time.perf_counter()
-    samples = sample_teacher(config.sample, dataset, Store(config.store), progress=progress_artifact("Teacher sampling"))
+    settings = config.sample
+    store = Store(config.store)
+    plan = plan_shards(settings, dataset, store)
+    if plan.pending:
+        limit = ensure_concurrency_limit(GPU_TAG, settings.task_runner.gpu_concurrency)
+        get_run_logger().info("sampling %d of %d shards (tag %r limit %d, %s runner)", len(plan.pending), plan.shards, GPU_TAG, limit,
+                              settings.task_runner.kind)
+        report = _Progress(plan)
+        with _shard_resources(settings.task_runner):
+            futures = sample_shard_task.map(unmapped(settings), unmapped(dataset), unmapped(plan), plan.pending)
+        for future in as_completed(futures):
+            report.shard_done(future.result())
+    samples = finish_sampling(settings, plan, store)
     seconds = time.perf_counter() - started
     log_outcome("sample", samples, seconds)
-    log_stage(tracking, "sample", fingerprint=samples.fingerprint, cached=samples.cached, seconds=seconds,
-              params=config.sample.model_dump(mode="json"), metrics={"rows": samples.rows, "generated_tokens": samples.generated_tokens},
-              tags={"teacher_revision": samples.teacher_revision, "tokenizer_fingerprint": samples.tokenizer_fingerprint})
+    if tracking is not None:
+        log_stage(tracking, "sample", fingerprint=samples.fingerprint, cached=samples.cached, seconds=seconds,
+                  params=settings.model_dump(mode="json"), metrics={"rows": samples.rows, "generated_tokens": samples.generated_tokens, **plan.counts},
+                  tags={"teacher_revision": samples.teacher_revision, "tokenizer_fingerprint": samples.tokenizer_fingerprint})
     return samples
+
+
+class _Progress:
+    """The Prefect progress artifact: shards done / total and tokens/s of this run, plus a terminal bar."""
+
+    def __init__(self, plan: ShardPlan):
+        from tqdm.auto import tqdm
+
+        self.total = plan.shards
+        self.done = plan.shards - len(plan.pending)
+        self.tokens = 0
+        self.started = time.perf_counter()
+        self.bar = tqdm(total=self.total, initial=self.done, desc="sample shards", unit="shard")
+        self.artifact = create_progress_artifact(progress=self._percent(), key="sample-progress", description=self._describe())
+
+    def _percent(self) -> float:
+        return round(100 * self.done / max(self.total, 1), 1)
+
+    def _describe(self) -> str:
+        rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+        return f"Teacher sampling: {self.done}/{self.total} shards, {rate:.0f} tokens/s"
+
+    def shard_done(self, result: ShardResult) -> None:
+        self.done += 1
+        self.tokens += 0 if result.resumed else result.generated_tokens
+        self.bar.update(1)
+        self.bar.set_postfix_str(self._describe().split(": ", 1)[1])
+        update_progress_artifact(self.artifact, progress=self._percent(), description=self._describe())
+        if self.done == self.total:
+            self.bar.close()
+            create_markdown_artifact(key="sample-summary", markdown=f"**{self._describe()}**")
+
+
+def sample_task(config: PipelineConfig, dataset: DatasetRef, tracking: TrackingContext) -> SamplesRef:
+    """The sampling stage as a subflow on the task runner named in config (kept under its old name for callers)."""
+    return sample_flow.with_options(task_runner=build_task_runner(config.sample.task_runner))(config, dataset, tracking)

@@ -82,3 +82,121 @@ def test_k_larger_than_vocabulary_and_missing_teacher_fail_before_loading(tmp_pa
         check_teacher(SampleConfig(teacher=str(tiny_teacher), top_k_logprobs=500))
     with pytest.raises(InputError, match=r"sample.teacher: model path '.*no-such-teacher' does not exist"):
         check_teacher(SampleConfig(teacher=str(tmp_path / "no-such-teacher")))
+
+
+def test_token_budget_batches_hold_the_budget_and_give_the_same_greedy_outputs(teacher):
+    from stillhouse.sampling.hf_engine import plan_batches
+
+    batches = plan_batches([5, 30, 10, 12, 7], batch_size=4, batch_tokens=100, max_new_tokens=10, n=1)
+    assert sorted(i for batch in batches for i in batch) == [0, 1, 2, 3, 4]
+    assert all(len(b) * (max([5, 30, 10, 12, 7][i] for i in b) + 10) <= 100 or len(b) == 1 for b in batches)
+    assert batches[0] == [0, 4, 2, 3][: len(batches[0])]  # shortest first
+    model, tokenizer = teacher
+    rendered = render_prompts(tokenizer, PROMPTS)
+    budgeted = generate(model, tokenizer, rendered, max_new_tokens=10, batch_size=64, batch_tokens=70)
+    single = generate(model, tokenizer, rendered, max_new_tokens=10, batch_size=1)
+    assert [g.token_ids for g in budgeted] == [g.token_ids for g in single]
+
+
+def test_tail_mass_completes_the_top_k_to_one(teacher):
+    model, tokenizer = teacher
+    (generation,) = generate(model, tokenizer, render_prompts(tokenizer, PROMPTS[:1]), max_new_tokens=5, top_k_logprobs=3)
+    total = torch.tensor(generation.top_k_logprobs).exp().sum(-1) + torch.tensor(generation.tail_logprobs).exp()
+    torch.testing.assert_close(total, torch.ones(len(generation.token_ids)), atol=1e-5, rtol=0)
+
+
+def test_n_samples_per_prompt_are_seeded_and_top_k_1_sampling_is_greedy(teacher):
+    model, tokenizer = teacher
+    rendered = render_prompts(tokenizer, PROMPTS[:2])
+    sampled = generate(model, tokenizer, rendered, max_new_tokens=8, temperature=1.0, n=3, seed=7)
+    assert [g.sample_index for g in sampled] == [0, 1, 2, 0, 1, 2]
+    assert [g.token_ids for g in generate(model, tokenizer, rendered, max_new_tokens=8, temperature=1.0, n=3, seed=7)] == [g.token_ids for g in sampled]
+    assert len({tuple(g.token_ids) for g in sampled[:3]}) > 1  # a random 2-layer model samples different answers
+    greedy = generate(model, tokenizer, rendered, max_new_tokens=8)
+    top_1 = generate(model, tokenizer, rendered, max_new_tokens=8, temperature=1.3, top_k=1, n=2, seed=1)
+    assert [g.token_ids for g in top_1] == [g.token_ids for g in greedy for _ in range(2)]
+
+
+def test_a_stop_string_ends_the_response_at_the_token_that_completes_it(teacher):
+    model, tokenizer = teacher
+    rendered = render_prompts(tokenizer, PROMPTS[:1])
+    (full,) = generate(model, tokenizer, rendered, max_new_tokens=12)
+    stop = full.text[3:5]
+    (stopped,) = generate(model, tokenizer, rendered, max_new_tokens=12, stop=[stop, "never-there"], top_k_logprobs=2)
+    cut = full.text.index(stop) + len(stop)
+    assert stopped.text == full.text[:cut] and stopped.token_ids == full.token_ids[: len(stopped.token_ids)]
+    assert len(stopped.top_k_ids) == len(stopped.tail_logprobs) == len(stopped.token_ids)
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory, prompts_jsonl):
+    return curate(CurateConfig(source=str(prompts_jsonl)), Store(tmp_path_factory.mktemp("curated")))
+
+
+def test_overlong_prompts_fail_before_sampling_or_are_truncated_or_skipped_and_counted(tmp_path, tiny_teacher, small_dataset):
+    from stillhouse.sampling.sample import plan_shards
+
+    settings = {"teacher": str(tiny_teacher), "max_new_tokens": 4, "top_k_logprobs": 2, "context_length": 24, "shard_rows": 50}
+    with pytest.raises(InputError, match=r"prompt '\w+' \((train|eval) split\): \d+ tokens \+ max_new_tokens 4 exceed the teacher's context of 24; set sample.overlong_prompts"):
+        plan_shards(SampleConfig(**settings), small_dataset, Store(tmp_path))
+    assert not list(tmp_path.rglob("shard-*"))
+
+    skipped = sample_teacher(SampleConfig(**settings, overlong_prompts="skip"), small_dataset, Store(tmp_path))
+    counts = json.loads((tmp_path / "sample" / skipped.fingerprint / MANIFEST).read_text())["counts"]
+    assert counts["skipped"] > 0 and counts["truncated"] == 0
+    assert skipped.rows == small_dataset.train_rows + small_dataset.eval_rows - counts["skipped"]
+
+    truncated = sample_teacher(SampleConfig(**settings, overlong_prompts="truncate_left"), small_dataset, Store(tmp_path))
+    counts = json.loads((tmp_path / "sample" / truncated.fingerprint / MANIFEST).read_text())["counts"]
+    assert counts == {"truncated": skipped_count(skipped, small_dataset), "skipped": 0}
+    assert truncated.rows == small_dataset.train_rows + small_dataset.eval_rows
+
+
+def skipped_count(samples, dataset) -> int:
+    return dataset.train_rows + dataset.eval_rows - samples.rows
+
+
+def test_n_samples_land_in_the_store_as_rows_with_a_sample_index(tmp_path, tiny_teacher, small_dataset):
+    config = SampleConfig(teacher=str(tiny_teacher), max_new_tokens=4, top_k_logprobs=2, temperature=0.8, n=2, seed=3)
+    samples = sample_teacher(config, small_dataset, Store(tmp_path))
+    rows = read_teacher_outputs(samples.path)
+    assert samples.rows == 2 * (small_dataset.train_rows + small_dataset.eval_rows) == len(rows)
+    assert all(sorted(indices) == [0, 1] for indices in rows.groupby("prompt_id")["sample_index"].apply(list))
+    assert list(rows.columns) == ["prompt_id", "split", "sample_index", "response_text", "response_token_ids", "top_k_ids",
+                                  "top_k_logprobs", "tail_logprobs"]
+    assert str(rows["top_k_ids"].iloc[0][0].dtype) == "int32" and str(rows["top_k_logprobs"].iloc[0][0].dtype) == "float16"
+
+
+def test_teacher_without_chat_template_and_bad_revision_and_vllm_without_gpu_fail_before_sampling(tmp_path, tiny_teacher, monkeypatch):
+    import shutil
+
+    from stillhouse.sampling.sample import check_teacher
+
+    plain = tmp_path / "plain-teacher"
+    shutil.copytree(tiny_teacher, plain)
+    (plain / "chat_template.jinja").unlink()
+    tokenizer_config = json.loads((plain / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    with pytest.raises(InputError, match=r"sample.teacher: '.*plain-teacher' has no chat template, and the prompts are chat messages"):
+        check_teacher(SampleConfig(teacher=str(plain)))
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no network: the lookup fails at once, as a missing repo would
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    with pytest.raises(InputError, match=r"sample.teacher/sample.revision: cannot read 'no-org/no-model' at revision 'v9'"):
+        check_teacher(SampleConfig(teacher="no-org/no-model", revision="v9"))
+
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match=r"sample.engine: `vllm` needs vLLM and a CUDA GPU; install it with `pip install stillhouse\[vllm\]`"):
+            check_teacher(SampleConfig(teacher=str(tiny_teacher), engine="vllm"))
+
+
+def test_config_refuses_meaningless_sampling_settings():
+    with pytest.raises(ValueError, match="n=2 greedy responses would all be the same"):
+        SampleConfig(teacher="x", n=2)
+    with pytest.raises(ValueError, match="top_k only applies when temperature > 0"):
+        SampleConfig(teacher="x", top_k=5)
+    with pytest.raises(ValueError, match="greater than 0"):
+        SampleConfig(teacher="x", batch_tokens=0)

@@ -172,28 +172,91 @@ class CurateConfig(StrictModel):
         )]
 
 
+class OpenAIEngineConfig(StrictModel):
+    """The `openai` engine: any OpenAI-compatible chat-completions endpoint (vLLM server, TGI, llama.cpp, hosted)."""
+
+    base_url: str = Field("http://127.0.0.1:8000/v1", pattern=r"^https?://", description="Endpoint root; `/chat/completions` is appended.")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", min_length=1,
+        description="Environment variable holding the API key (sent as a Bearer token, never stored or logged); null sends none.",
+    )
+    max_concurrency: int = Field(8, gt=0, le=1024, description="Requests in flight at once, per shard.")
+    max_retries: int = Field(5, ge=0, le=50, description="Retries of one request after a 429, a 5xx, a timeout or a dropped connection.")
+    backoff_seconds: float = Field(1.0, ge=0, le=600, description="First retry delay; it doubles each retry (a server's Retry-After wins).")
+    timeout_seconds: float = Field(120.0, gt=0, le=3600, description="Seconds to wait for one response before retrying.")
+    tokenizer: str | None = Field(
+        None, description="The served model's tokenizer (local folder or Hub id), to map returned tokens to ids and check prompt lengths and k; "
+        "null trusts the server's token ids (`return_token_ids`).",
+    )
+    return_token_ids: bool = Field(
+        True, description="Ask the server for tokens as ids (vLLM's `return_tokens_as_token_ids`); turn off for servers that refuse unknown fields.",
+    )
+
+
+class TaskRunnerConfig(StrictModel):
+    """Where the sampling flow runs its shards: threads in this process, or a Ray cluster (prefect-ray)."""
+
+    kind: Literal["threads", "ray"] = Field("threads", description="`threads`: Prefect's thread pool here. `ray`: RayTaskRunner (pip install stillhouse[ray]).")
+    max_workers: int = Field(1, gt=0, le=256, description="Threads running shards at once (kind `threads`); one per GPU or one on a CPU.")
+    ray_address: str | None = Field(None, description="Ray cluster address (`ray://host:10001` or `auto`); null starts a local Ray.")
+    ray_num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray started when `ray_address` is null; null lets Ray count them.")
+    gpus_per_shard: float = Field(1.0, ge=0, le=8, description="GPUs each shard asks Ray for (kind `ray`); 0 for CPU-only clusters.")
+    gpu_concurrency: int = Field(
+        1, gt=0, le=4096, description="Shards in flight at once, enforced by a Prefect tag concurrency limit on `gpu`, created at this size when absent.",
+    )
+
+
 class SampleConfig(StrictModel):
     """How the teacher answers the prompts."""
 
-    teacher: str = Field(description=f"Teacher model: a local folder, a Hub id such as `Qwen/Qwen2.5-1.5B-Instruct`, or `{DEMO_TEACHER}`.")
+    teacher: str = Field(description=f"Teacher model: a local folder, a Hub id such as `Qwen/Qwen2.5-1.5B-Instruct`, or `{DEMO_TEACHER}`; "
+                         "for engine `openai`, the model name the server serves.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the teacher; ignored for local folders.")
-    engine: Literal["hf"] = Field("hf", description="Generation engine. `hf` runs transformers in this process.")
+    engine: Literal["hf", "vllm", "openai"] = Field(
+        "hf", description="Generation engine. `hf`: transformers in this process. `vllm`: vLLM on a GPU (pip install stillhouse[vllm]). "
+        "`openai`: an OpenAI-compatible HTTP endpoint (see `openai`).",
+    )
     max_new_tokens: int = Field(64, gt=0, le=32768, description="Most tokens the teacher may generate per response.")
-    temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0 means greedy decoding.")
+    temperature: float = Field(0.0, ge=0, le=10, description="Sampling temperature; 0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (used when temperature > 0).")
+    top_k: int = Field(0, ge=0, description="Sample only among the k most likely tokens (used when temperature > 0); 0 turns it off.")
+    n: int = Field(1, gt=0, le=128, description="Responses sampled per prompt (rows get sample_index 0..n-1); n > 1 needs temperature > 0.")
+    stop: list[str] = Field(
+        default_factory=list, max_length=16,
+        description="Stop strings: a response ends with the token that completes one of them (kept in the response, like EOS).",
+    )
     top_k_logprobs: int = Field(
         16, ge=0, description="Teacher top-k token ids and log-probs stored per generated position for white-box training; 0 stores none."
     )
-    batch_size: int = Field(64, gt=0, description="Prompts per generate call (sorted by length, left-padded).")
-    shard_rows: int = Field(2048, gt=0, description="Rows per Parquet shard of the teacher-output store.")
+    batch_size: int = Field(64, gt=0, description="Most prompts per generate call (sorted by length, left-padded).")
+    batch_tokens: int | None = Field(
+        None, gt=0, description="Token budget of one generate call: rows x n x (longest prompt + max_new_tokens) stays under it; null uses batch_size alone.",
+    )
+    overlong_prompts: Literal["error", "truncate_left", "skip"] = Field(
+        "error", description="A prompt that leaves no room for max_new_tokens in the teacher's context: `error` before sampling, "
+        "`truncate_left` (keep its end), or `skip` it; truncations and skips are counted in the manifest.",
+    )
+    context_length: int | None = Field(
+        None, gt=0, description="Teacher's context in tokens; null reads max_position_embeddings from its config (engine `openai`: unchecked unless set).",
+    )
+    shard_rows: int = Field(2048, gt=0, description="Prompts per Parquet shard of the teacher-output store; a shard is the unit of resume and scale-out.")
     seed: int = Field(0, description="Seed of sampling; fixed seeds give identical outputs on the same hardware.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description="Teacher weights' dtype.")
     device: str = Field("auto", description="`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`.")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Engine `vllm`: share of GPU memory vLLM may take.")
+    openai: OpenAIEngineConfig = Field(default_factory=OpenAIEngineConfig, description="Settings of engine `openai`.")
+    task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig, description="Where shards run: threads here or a Ray cluster.")
 
     @model_validator(mode="after")
     def _sampling_rules(self) -> SampleConfig:
         if self.temperature == 0 and self.top_p != 1.0:
             raise ValueError("top_p only applies when temperature > 0; set temperature or leave top_p at 1.0")
+        if self.temperature == 0 and self.top_k != 0:
+            raise ValueError("top_k only applies when temperature > 0; set temperature or leave top_k at 0")
+        if self.n > 1 and self.temperature == 0:
+            raise ValueError(f"n={self.n} greedy responses would all be the same; set temperature > 0 or n: 1")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
         return self
 
 
@@ -302,12 +365,146 @@ class TrainConfig(StrictModel):
         return self
 
 
+MetricGroup = Literal[
+    "perplexity", "reference_perplexity", "kl", "agreement", "exact_match", "rouge_l_teacher", "rouge_l_reference", "speed", "size",
+]
+METRIC_GROUPS_NEEDING_REFERENCES = ("reference_perplexity", "exact_match", "rouge_l_reference")
+# Metrics each group adds (roles: teacher, student and, with evaluate.baseline, baseline). `<category>` stands for any
+# category name; `parameter_ratio`, `*_parameters` are always computed. A gate may name any of these.
+METRIC_NAMES: dict[str, tuple[str, ...]] = {
+    "perplexity": ("teacher_perplexity", "student_perplexity", "baseline_perplexity"),
+    "reference_perplexity": ("teacher_reference_perplexity", "student_reference_perplexity", "baseline_reference_perplexity"),
+    "kl": ("kl_teacher_student", "kl_teacher_baseline"),
+    "agreement": ("student_teacher_agreement", "student_top1_agreement", "baseline_teacher_agreement", "baseline_top1_agreement"),
+    "exact_match": ("teacher_exact_match", "student_exact_match", "baseline_exact_match", "accuracy_ratio_to_teacher",
+                    "teacher_exact_match/<category>", "student_exact_match/<category>", "baseline_exact_match/<category>"),
+    "rouge_l_teacher": ("student_rouge_l_teacher", "baseline_rouge_l_teacher"),
+    "rouge_l_reference": ("teacher_rouge_l_reference", "student_rouge_l_reference", "baseline_rouge_l_reference"),
+    "speed": ("teacher_tokens_per_second", "student_tokens_per_second", "baseline_tokens_per_second", "teacher_latency_seconds",
+              "student_latency_seconds", "baseline_latency_seconds", "speed_ratio", "latency_ratio"),
+    "size": ("teacher_size_mb", "student_size_mb", "baseline_size_mb", "size_ratio"),
+    "always": ("teacher_parameters", "student_parameters", "baseline_parameters", "parameter_ratio"),
+}
+
+
+def metric_group(name: str) -> str | None:
+    """The group that computes metric ``name`` (`always` for parameter counts), or None for an unknown name.
+
+    lm-evaluation-harness results (`<role>_lm_eval/<task>/<metric>`) belong to group `lm_eval`.
+    """
+    if "_lm_eval/" in name:
+        return "lm_eval"
+    pattern = f"{name.split('/', 1)[0]}/<category>" if "/" in name else name
+    return next((group for group, names in METRIC_NAMES.items() if pattern in names), None)
+
+
+class LmEvalConfig(StrictModel):
+    """Standard benchmarks through EleutherAI's lm-evaluation-harness (pip install stillhouse[eval])."""
+
+    tasks: list[str] = Field(min_length=1, description="lm_eval task names (e.g. `hellaswag`, `gsm8k`) or tasks defined by YAML files in `include_path`.")
+    include_path: str | None = Field(None, description="Folder of extra lm_eval task YAMLs (custom tasks over local files); null uses lm_eval's own tasks only.")
+    limit: int | None = Field(None, gt=0, description="Evaluate at most this many documents per task (quick checks); null runs every document.")
+    num_fewshot: int | None = Field(None, ge=0, le=64, description="Few-shot examples per prompt; null keeps each task's default.")
+    batch_size: int = Field(8, gt=0, le=4096, description="Requests per forward pass in lm_eval's HF model.")
+    roles: list[Literal["teacher", "student", "baseline"]] = Field(
+        default_factory=lambda: ["teacher", "student"], min_length=1, description="Which models run the benchmarks (the teacher must be a loadable model)."
+    )
+
+
+class GateConfig(StrictModel):
+    """Promotion gate: thresholds a candidate student must meet before it becomes `champion` and is published.
+
+    Every threshold left null is not checked. Metric names are those of the evaluation report.
+    """
+
+    enabled: bool = Field(True, description="Apply the gate; when false every candidate passes and becomes champion.")
+    min_accuracy_ratio_to_teacher: float | None = Field(
+        None, gt=0, le=10, description="Student exact match must be at least this share of the teacher's (e.g. 0.9); needs references.",
+    )
+    max_kl: float | None = Field(None, ge=0, description="Largest allowed kl_teacher_student (nats per response token); needs sample.top_k_logprobs > 0.")
+    must_beat_champion: bool = Field(
+        True, description="The candidate must not be worse than the version holding the champion alias on `champion_metric` "
+        "(within `champion_tolerance`); with no champion yet this check passes.",
+    )
+    champion_metric: str | None = Field(
+        None, min_length=1, description="Metric compared with the champion; null uses student_exact_match when the eval set has references, "
+        "else student_perplexity. Perplexity, KL, latency and size metrics are lower-is-better, the rest higher-is-better.",
+    )
+    champion_tolerance: float = Field(0.0, ge=0, description="How much worse (absolute, in the metric's units) than the champion the candidate may be.")
+    min: dict[str, float] = Field(default_factory=dict, description="Lower bounds on any metric, e.g. {student_exact_match: 0.5}.")
+    max: dict[str, float] = Field(default_factory=dict, description="Upper bounds on any metric, e.g. {student_perplexity: 3.0}.")
+    champion_alias: str = Field("champion", pattern=r"^[A-Za-z][\w-]*$", description="Registry alias held by the current best version; moved to a passing candidate.")
+
+    def metric_names(self) -> list[str]:
+        """Every metric this gate reads, for checking them against the selected metrics."""
+        names = [*self.min, *self.max]
+        if self.champion_metric is not None:
+            names.append(self.champion_metric)
+        return names
+
+
 class EvaluateConfig(StrictModel):
     """How the student (and the teacher, on the same prompts) is measured."""
 
     max_prompts: int | None = Field(None, gt=0, description="Evaluate on at most this many held-out prompts; null uses the whole eval split.")
     max_new_tokens: int = Field(64, gt=0, description="Tokens generated per prompt for exact-match accuracy.")
     batch_size: int = Field(64, gt=0, description="Prompts per batch for generation and scoring.")
+    metrics: list[MetricGroup] | None = Field(
+        None, min_length=1,
+        description="Metric groups to compute: perplexity (on teacher responses), reference_perplexity, kl (token KL teacher‖student), "
+        "agreement (answer and top-1 token), exact_match, rouge_l_teacher, rouge_l_reference, speed (tokens/s, latency), size (on disk). "
+        "Null computes every group the data supports; listing one that needs references the data lacks is an error.",
+    )
+    baseline: str | None = Field(
+        None, min_length=1, description="Also evaluate this model (e.g. the student's initialization, a local folder or Hub id) as role `baseline`.",
+    )
+    latency_prompts: int = Field(4, gt=0, le=1000, description="Prompts generated one at a time to time per-prompt latency (group `speed`).")
+    report: bool = Field(True, description="Write report.md, report.html and PNG plots into the evaluate stage's folder.")
+    lm_eval: LmEvalConfig | None = Field(None, description="Standard benchmarks through lm-evaluation-harness; null runs none.")
+    gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate in front of the champion alias and publishing.")
+
+    def selected_groups(self, has_references: bool, has_top_k: bool) -> list[str]:
+        """The groups to compute: the configured ones, or (null) every group the data supports."""
+        if self.metrics is not None:
+            return list(self.metrics)
+        groups = list(METRIC_NAMES)[:-1]
+        if not has_references:
+            groups = [g for g in groups if g not in METRIC_GROUPS_NEEDING_REFERENCES]
+        if not has_top_k:
+            groups = [g for g in groups if g != "kl"]
+        return groups
+
+
+class JudgeConfig(StrictModel):
+    """Who judges the candidates, and how."""
+
+    kind: Literal["pointwise", "pairwise", "verifier"] = Field(
+        "pointwise", description="`pointwise`: a 1-10 score per response (expected value over the score labels); "
+        "`pairwise`: A/B comparisons of each candidate with the first, both orders; `verifier`: exact match with the reference answer.",
+    )
+    model: str | None = Field(None, description="Judge model (a local folder or Hub id); null uses the teacher.")
+    rubric: str | None = Field(None, description="The judge's prompt with {prompt} and {response} (pointwise) or {prompt}, {first}, {second} (pairwise); null uses the built-in rubric.")
+    tie_margin: float = Field(0.05, ge=0, lt=0.5, description="Pairwise: a P(first better) within this of 0.5 is a tie (dropped).")
+
+
+class FeedbackConfig(StrictModel):
+    """Feedback-guided distillation after the first student: candidates, judged pairs, then DPO or best-of-n SFT."""
+
+    method: Literal["dpo", "best_of_n"] = Field("dpo", description="`dpo` on (best, worst) pairs, or `best_of_n`: SFT on each prompt's best candidate.")
+    candidates: int = Field(4, ge=2, le=64, description="Responses sampled from the student per prompt.")
+    include_teacher: bool = Field(False, description="Add the teacher's stored response to each prompt's candidates.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the candidates.")
+    max_new_tokens: int = Field(64, gt=0, description="Most tokens per candidate.")
+    max_prompts: int | None = Field(None, gt=0, description="Use at most this many training prompts; null uses all.")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The judge.")
+    min_margin: float = Field(0.5, ge=0, description="Keep a pair only when best and worst scores differ by at least this.")
+    max_unusable_share: float = Field(0.5, ge=0, le=1, description="Fail the stage when more than this share of prompts yield no usable pair.")
+    beta: float = Field(0.1, gt=0, description="DPO beta: how far the policy may move from the reference (the pre-DPO student).")
+    learning_rate: float = Field(5e-4, gt=0, lt=1, description="Learning rate of the DPO or best-of-n SFT step.")
+    max_steps: int = Field(100, gt=0, description="Optimizer steps of the DPO or best-of-n SFT step.")
+    batch_size: int = Field(32, gt=0, description="Pairs (or examples) per optimizer step.")
+    seed: int = Field(0, description="Seed of candidate sampling and training.")
+    threads: int | None = Field(None, gt=0, description="CPU threads for torch; null keeps torch's default.")
 
 
 class TrackingConfig(StrictModel):
@@ -345,6 +542,7 @@ class PipelineConfig(StrictModel):
     curate: CurateConfig = Field(description="Prompt curation.")
     sample: SampleConfig = Field(description="Teacher sampling.")
     train: TrainConfig = Field(description="Student training.")
+    feedback: FeedbackConfig | None = Field(None, description="Feedback-guided distillation after training (e.g. dSFT -> dDPO); null skips it.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     registry: RegisterConfig = Field(description="MLflow model registry: where the student is registered.")
@@ -354,6 +552,44 @@ class PipelineConfig(StrictModel):
     def _cross_stage_rules(self) -> PipelineConfig:
         if self.train.method == "kd" and self.train.kd.teacher == "offline" and self.sample.top_k_logprobs == 0:
             raise ValueError("train.method is `kd` but sample.top_k_logprobs is 0: store the teacher's top-k (e.g. 16), use train.kd.teacher: online, or use method `sft`")
+        return self
+
+    @model_validator(mode="after")
+    def _evaluation_rules(self) -> PipelineConfig:
+        """Evaluation and gate settings the data or the other sections can't satisfy, refused before any sampling."""
+        evaluate, gate, curate = self.evaluate, self.evaluate.gate, self.curate
+        expected_rows = curate.max_rows if curate.max_rows is not None else (curate.demo_rows if curate.source == DEMO_SOURCE else None)
+        if expected_rows is not None and expected_rows * curate.eval_fraction < 1:
+            raise ValueError(f"the eval set would be empty: {expected_rows} rows x curate.eval_fraction {curate.eval_fraction} is under one row; "
+                             "raise curate.max_rows or curate.eval_fraction")
+        has_references = curate.source == DEMO_SOURCE or any(source.reference_column for source in curate.source_list())
+        has_top_k = self.sample.top_k_logprobs > 0
+        needing = [g for g in evaluate.metrics or [] if g in METRIC_GROUPS_NEEDING_REFERENCES]
+        if needing and not has_references:
+            raise ValueError(f"evaluate.metrics lists {', '.join(needing)}, which need reference answers, but curate sets no reference_column; "
+                             "set curate.reference_column (or each source's) or drop those metrics")
+        if evaluate.metrics is not None and "kl" in evaluate.metrics and not has_top_k:
+            raise ValueError("evaluate.metrics lists kl, which needs the teacher's stored top-k: set sample.top_k_logprobs > 0 or drop kl")
+        groups = evaluate.selected_groups(has_references, has_top_k) + ["always"] + (["lm_eval"] if evaluate.lm_eval else [])
+        checks = [(name, f"evaluate.gate.min.{name}") for name in gate.min] + [(name, f"evaluate.gate.max.{name}") for name in gate.max]
+        if gate.champion_metric is not None:
+            checks.append((gate.champion_metric, "evaluate.gate.champion_metric"))
+        if gate.min_accuracy_ratio_to_teacher is not None:
+            checks.append(("accuracy_ratio_to_teacher", "evaluate.gate.min_accuracy_ratio_to_teacher"))
+        if gate.max_kl is not None:
+            checks.append(("kl_teacher_student", "evaluate.gate.max_kl"))
+        for name, field in checks:
+            group = metric_group(name)
+            if group is None:
+                known = sorted(n for names in METRIC_NAMES.values() for n in names)
+                raise ValueError(f"{field}: unknown metric {name!r}; known metrics: {', '.join(known)} (and <role>_lm_eval/<task>/<metric>)")
+            if group not in groups:
+                why = ("the eval data has no references (set curate.reference_column)" if group in METRIC_GROUPS_NEEDING_REFERENCES and not has_references
+                       else "sample.top_k_logprobs is 0" if group == "kl" and not has_top_k
+                       else "evaluate.lm_eval is not set" if group == "lm_eval" else f"add {group!r} to evaluate.metrics")
+                raise ValueError(f"{field}: metric {name!r} comes from metric group {group!r}, which this config does not compute: {why}")
+            if name.startswith("baseline_") and evaluate.baseline is None:
+                raise ValueError(f"{field}: metric {name!r} needs evaluate.baseline (the model evaluated as role `baseline`)")
         return self
 
 

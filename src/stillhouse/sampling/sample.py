@@ -1,86 +1,311 @@
-"""The sampling stage: the teacher answers every curated prompt (train and eval splits).
+"""The sampling stage: the teacher answers every curated prompt (train and eval splits), shard by shard.
 
-    python -c "from stillhouse.sampling.sample import sample_teacher"   # called by tasks/sample.py
+    plan = plan_shards(config, dataset, store)           # checks, fingerprint, which shards are missing
+    for index in plan.pending: sample_shard(config, dataset, plan, index)   # each writes one shard atomically
+    samples = finish_sampling(config, plan, store)       # seals the folder with its manifest
+
+`sample_teacher` does those three in this process; tasks/sample.py maps `sample_shard` over the
+pending shards as Prefect tasks (threads here, or a Ray cluster). A shard's content depends only on
+the config, the prompts and its index (shard i samples under seed ``seed + 100003 i``), so a rerun
+after a crash samples only the missing shards and ends with what an uninterrupted run writes.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
+from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from stillhouse.config import SampleConfig
 from stillhouse.data.curate import read_split
 from stillhouse.errors import InputError
-from stillhouse.models import load_causal_lm, load_tokenizer, model_revision, resolve_model, tokenizer_fingerprint, vocab_size
+from stillhouse.models import load_causal_lm, load_tokenizer, model_revision, resolve_model, tokenizer_fingerprint
 from stillhouse.refs import DatasetRef, SamplesRef
-from stillhouse.sampling.hf_engine import generate, render_prompts
-from stillhouse.sampling.teacher_outputs import read_teacher_outputs, shard_name, write_shard
+from stillhouse.sampling.hf_engine import Generation, generate, render_prompts
+from stillhouse.sampling.teacher_outputs import read_teacher_outputs, remove_partial_shards, shard_name, write_shard
 from stillhouse.store import Store, file_sha256, fingerprint
 
-CODE_VERSION = 1
+CODE_VERSION = 2
+SHARD_SEED_STRIDE = 100_003
 
 
-def check_teacher(config: SampleConfig) -> str:
-    """Resolve the teacher and check k against its vocabulary, reading only its config."""
+class TeacherFacts(BaseModel):
+    """What the checks learned about the teacher without loading its weights."""
+
+    path: str = ""
+    revision: str
+    vocab_size: int | None = None
+    context_length: int | None = None
+    tokenizer_path: str | None = None
+
+
+class ShardPlan(BaseModel):
+    """The shards of one sampling run: where they go, and which are still missing."""
+
+    fingerprint: str
+    folder: str
+    cached: bool
+    prompts: int
+    shards: int
+    pending: list[int]
+    teacher: TeacherFacts
+    counts: dict[str, int]
+
+
+class ShardResult(BaseModel):
+    index: int
+    rows: int
+    generated_tokens: int
+    seconds: float
+    resumed: bool
+
+
+def check_teacher(config: SampleConfig) -> TeacherFacts:
+    """Every check that can fail before sampling starts, reading only configs and tokenizers.
+
+    A model path or revision that doesn't exist, a teacher without a chat template (prompts are
+    chat messages), k larger than the vocabulary, max_new_tokens that fill the whole context, and
+    engine `vllm` without vLLM or a GPU.
+    """
+    if config.engine == "openai":
+        return _check_openai_teacher(config)
     teacher = resolve_model(config.teacher, "sample.teacher")
-    vocabulary = vocab_size(teacher, config.revision)
+    try:
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(teacher, revision=config.revision)
+    except (OSError, ValueError) as error:
+        raise InputError(f"sample.teacher/sample.revision: cannot read {config.teacher!r} at revision {config.revision or 'main'!r} "
+                         f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); check the id and revision, or log in for gated models") from None
+    vocabulary = model_config.vocab_size
     if config.top_k_logprobs > vocabulary:
         raise InputError(f"sample.top_k_logprobs: k={config.top_k_logprobs} is larger than the teacher's vocabulary ({vocabulary}); use a k of at most {vocabulary} (16-64 is typical)")
-    return teacher
+    context = config.context_length or getattr(model_config, "max_position_embeddings", None)
+    _check_context(config, context)
+    tokenizer = load_tokenizer(teacher, config.revision)
+    _check_chat_template(tokenizer, config.teacher, "sample.teacher")
+    if config.engine == "vllm":
+        from stillhouse.sampling.vllm_engine import check_vllm
+
+        check_vllm()
+    return TeacherFacts(path=teacher, revision=model_revision(teacher, config.revision), vocab_size=vocabulary, context_length=context, tokenizer_path=teacher)
+
+
+def _check_openai_teacher(config: SampleConfig) -> TeacherFacts:
+    if config.overlong_prompts == "truncate_left":
+        raise InputError("sample.overlong_prompts: `truncate_left` needs a local engine (hf, vllm); with engine `openai` use `skip` or `error`")
+    facts = TeacherFacts(path=config.teacher, revision=config.revision or f"served:{config.openai.base_url}", context_length=config.context_length)
+    _check_context(config, config.context_length)
+    if config.openai.tokenizer is not None:
+        facts.tokenizer_path = resolve_model(config.openai.tokenizer, "sample.openai.tokenizer")
+        tokenizer = load_tokenizer(facts.tokenizer_path)
+        _check_chat_template(tokenizer, config.openai.tokenizer, "sample.openai.tokenizer")
+        facts.vocab_size = len(tokenizer)
+        if config.top_k_logprobs > facts.vocab_size:
+            raise InputError(f"sample.top_k_logprobs: k={config.top_k_logprobs} is larger than the teacher's vocabulary ({facts.vocab_size}); use a k of at most {facts.vocab_size}")
+    return facts
+
+
+def _check_context(config: SampleConfig, context: int | None) -> None:
+    if context is not None and config.max_new_tokens >= context:
+        raise InputError(f"sample.max_new_tokens: {config.max_new_tokens} leaves no room for a prompt in the teacher's context of {context} tokens; lower it")
+
+
+def _check_chat_template(tokenizer, name: str, field: str) -> None:
+    if tokenizer.chat_template is None:
+        raise InputError(f"{field}: {name!r} has no chat template, and the prompts are chat messages; use an instruction-tuned "
+                         "teacher or add a `chat_template` to its tokenizer_config.json")
+
+
+def stage_fingerprint(config: SampleConfig, dataset: DatasetRef, revision: str) -> str:
+    # Where shards run, and how to reach a server, don't change what is sampled.
+    settings = config.model_dump(mode="json", exclude={"teacher", "revision", "device", "task_runner", "gpu_memory_utilization"})
+    settings["openai"] = {"base_url": config.openai.base_url} if config.engine == "openai" else None
+    return fingerprint("sample", settings, {"dataset": dataset.fingerprint, "teacher": f"{config.teacher}@{revision}"}, CODE_VERSION)
+
+
+def read_prompts(dataset: DatasetRef) -> pd.DataFrame:
+    """Every prompt to answer: the train split, then the eval split."""
+    return pd.concat([read_split(dataset, "train").assign(split="train"), read_split(dataset, "eval").assign(split="eval")], ignore_index=True)
+
+
+@dataclass
+class PreparedPrompts:
+    positions: list[int]          # rows of the shard that are sampled (skipped ones are left out)
+    token_ids: list[list[int]]    # their rendered, possibly left-truncated, token ids
+    truncated: int
+    skipped: int
+
+
+def prepare_prompts(config: SampleConfig, tokenizer, context: int | None, frame: pd.DataFrame) -> PreparedPrompts:
+    """Render and tokenize prompts, applying `overlong_prompts` to those that leave no room for the answer."""
+    rendered = render_prompts(tokenizer, [json.loads(m) for m in frame["messages"]])
+    prepared = PreparedPrompts([], [], 0, 0)
+    limit = None if context is None else context - config.max_new_tokens
+    for position, (prompt_id, text) in enumerate(zip(frame["prompt_id"], rendered)):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if limit is not None and len(ids) > limit:
+            if config.overlong_prompts == "error":
+                raise InputError(f"prompt {prompt_id!r} ({frame['split'].iloc[position]} split): {len(ids)} tokens + max_new_tokens "
+                                 f"{config.max_new_tokens} exceed the teacher's context of {context}; set sample.overlong_prompts to "
+                                 "`truncate_left` or `skip`, lower max_new_tokens, or filter long prompts in curation")
+            if config.overlong_prompts == "skip":
+                prepared.skipped += 1
+                continue
+            ids = ids[-limit:]
+            prepared.truncated += 1
+        prepared.positions.append(position)
+        prepared.token_ids.append(ids)
+    return prepared
+
+
+def plan_shards(config: SampleConfig, dataset: DatasetRef, store: Store) -> ShardPlan:
+    """Check the teacher and the prompts, and list the shards still to sample (none when the output is complete)."""
+    facts = check_teacher(config)
+    stage = stage_fingerprint(config, dataset, facts.revision)
+    folder = store.path("sample", stage)
+    manifest = store.manifest("sample", stage)
+    if manifest is not None:
+        return ShardPlan(fingerprint=stage, folder=str(folder), cached=True, prompts=manifest["prompts"], shards=len(manifest["shards"]),
+                         pending=[], teacher=facts, counts=manifest["counts"])
+    prompts = read_prompts(dataset)
+    counts = {"truncated": 0, "skipped": 0}
+    if facts.tokenizer_path is not None:  # lengths are checked (and errors raised) before any shard starts
+        prepared = prepare_prompts(config, load_tokenizer(facts.tokenizer_path, config.revision), facts.context_length, prompts)
+        counts = {"truncated": prepared.truncated, "skipped": prepared.skipped}
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_partial_shards(folder)
+    shards = -(-len(prompts) // config.shard_rows)
+    pending = [index for index in range(shards) if not (folder / shard_name(index)).exists()]
+    return ShardPlan(fingerprint=stage, folder=str(folder), cached=False, prompts=len(prompts), shards=shards, pending=pending,
+                     teacher=facts, counts=counts)
+
+
+# One loaded engine per process, reused by every shard that runs here (loading a teacher is slow).
+_engine_lock = threading.Lock()
+_loaded: dict[str, object] = {}
+
+
+def _engine(config: SampleConfig, facts: TeacherFacts):
+    # A teacher in memory is reused across configs; an HTTP client is cheap and holds its settings, so its key is the config.
+    identity = config.model_dump_json() if config.engine == "openai" else [facts.path, config.dtype, config.device, config.gpu_memory_utilization]
+    key = json.dumps([config.engine, facts.revision, facts.tokenizer_path, identity])
+    with _engine_lock:
+        if key not in _loaded:
+            _loaded.clear()
+            tokenizer = load_tokenizer(facts.tokenizer_path, config.revision if config.engine != "openai" else None) if facts.tokenizer_path else None
+            if config.engine == "hf":
+                model = load_causal_lm(facts.path, revision=config.revision, dtype=config.dtype, device=config.device)
+                _loaded[key] = (model, tokenizer, threading.Lock())
+            elif config.engine == "vllm":
+                from stillhouse.sampling.vllm_engine import VLLMEngine
+
+                _loaded[key] = (VLLMEngine(config, facts.path, tokenizer), tokenizer, threading.Lock())
+            else:
+                from stillhouse.sampling.openai_engine import OpenAIEngine
+
+                _loaded[key] = (OpenAIEngine(config, tokenizer), tokenizer, None)
+        return _loaded[key]
+
+
+def sample_shard(config: SampleConfig, dataset: DatasetRef, plan: ShardPlan, index: int,
+                 on_prompts: Callable[[int], None] | None = None) -> ShardResult:
+    """Sample shard ``index`` and write it atomically; a shard already on disk is left as it is."""
+    started = time.perf_counter()
+    path = Path(plan.folder) / shard_name(index)
+    if path.exists():  # completed by an earlier, interrupted run
+        rows = pq.read_table(path, columns=["response_token_ids"]).column("response_token_ids").to_pylist()
+        return ShardResult(index=index, rows=len(rows), generated_tokens=sum(map(len, rows)), seconds=0.0, resumed=True)
+    frame = read_prompts(dataset).iloc[index * config.shard_rows : (index + 1) * config.shard_rows].reset_index(drop=True)
+    engine, tokenizer, lock = _engine(config, plan.teacher)
+    seed = config.seed + SHARD_SEED_STRIDE * index
+    label = f"shard {index} ({shard_name(index)})"
+    if config.engine == "openai":
+        positions = list(range(len(frame)))
+        if tokenizer is not None and config.context_length is not None:
+            positions = prepare_prompts(config, tokenizer, config.context_length, frame).positions
+        kept = frame.iloc[positions]
+        generations = engine.generate([json.loads(m) for m in kept["messages"]], seed=seed, shard=label,
+                                      prompt_ids=list(kept["prompt_id"]), on_prompt=on_prompts)
+    else:
+        prepared = prepare_prompts(config, tokenizer, plan.teacher.context_length, frame)
+        positions = prepared.positions
+        with lock:  # one shard at a time per loaded model: threads would only contend for it
+            if config.engine == "hf":
+                generations = generate(
+                    engine, tokenizer, prepared.token_ids, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                    batch_tokens=config.batch_tokens, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, n=config.n,
+                    stop=config.stop, top_k_logprobs=config.top_k_logprobs, seed=seed, on_batch=on_prompts,
+                )
+            else:
+                engine.config = config  # sampling settings may differ from those the engine was loaded with
+                generations = engine.generate(prepared.token_ids, seed=seed, on_batch=on_prompts)
+    kept = frame.iloc[positions]
+    prompt_ids = [pid for pid in kept["prompt_id"] for _ in range(config.n)]
+    splits = [split for split in kept["split"] for _ in range(config.n)]
+    _check_generations(generations, len(prompt_ids), label)
+    write_shard(path, prompt_ids, splits, generations)
+    return ShardResult(index=index, rows=len(generations), generated_tokens=sum(len(g.token_ids) for g in generations),
+                       seconds=time.perf_counter() - started, resumed=False)
+
+
+def _check_generations(generations: list[Generation], expected: int, label: str) -> None:
+    if len(generations) != expected or any(g is None for g in generations):
+        raise RuntimeError(f"{label}: the engine returned {len(generations)} generations for {expected} rows")
+
+
+def finish_sampling(config: SampleConfig, plan: ShardPlan, store: Store) -> SamplesRef:
+    """Seal the output with its manifest once every shard is on disk; returns the stage's reference."""
+
+    def manifest(folder: Path) -> dict:
+        missing = [shard_name(i) for i in range(plan.shards) if not (folder / shard_name(i)).exists()]
+        if missing:
+            raise RuntimeError(f"sample {plan.fingerprint}: {len(missing)} shard(s) missing ({', '.join(missing[:3])}); rerun to sample them")
+        tokenizer = load_tokenizer(plan.teacher.tokenizer_path, config.revision if config.engine != "openai" else None) if plan.teacher.tokenizer_path else None
+        outputs = read_teacher_outputs(folder) if plan.shards else pd.DataFrame({"response_token_ids": []})
+        return {
+            "teacher": config.teacher, "teacher_path": plan.teacher.path, "teacher_revision": plan.teacher.revision,
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer is not None else "unknown",
+            "chat_template": tokenizer.chat_template if tokenizer is not None else None,
+            "engine": config.engine, "top_k_logprobs": config.top_k_logprobs,
+            "sampling": {"temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k, "n": config.n,
+                         "stop": list(config.stop), "max_new_tokens": config.max_new_tokens, "seed": config.seed},
+            "prompts": plan.prompts, "counts": plan.counts, "rows": len(outputs),
+            "generated_tokens": int(sum(len(ids) for ids in outputs["response_token_ids"])),
+            "shards": [{"name": shard_name(i), "sha256": file_sha256(folder / shard_name(i))} for i in range(plan.shards)],
+        }
+
+    output = store.build("sample", plan.fingerprint, manifest)
+    recorded = output.manifest
+    return SamplesRef(
+        stage="sample", fingerprint=plan.fingerprint, path=str(output.path), cached=plan.cached, rows=recorded["rows"],
+        teacher=recorded["teacher_path"], teacher_revision=recorded["teacher_revision"],
+        tokenizer_fingerprint=recorded["tokenizer_fingerprint"], top_k_logprobs=recorded["top_k_logprobs"],
+        generated_tokens=recorded["generated_tokens"],
+    )
 
 
 def sample_teacher(config: SampleConfig, dataset: DatasetRef, store: Store, progress: Callable[[float], None] | None = None) -> SamplesRef:
-    teacher = check_teacher(config)
-    revision = model_revision(teacher, config.revision)
-    settings = config.model_dump(mode="json", exclude={"teacher", "revision", "device"})
-    stage_fingerprint = fingerprint("sample", settings, {"dataset": dataset.fingerprint, "teacher": f"{config.teacher}@{revision}"}, CODE_VERSION)
-
-    def compute(folder: Path) -> dict:
-        prompts = pd.concat([read_split(dataset, "train").assign(split="train"), read_split(dataset, "eval").assign(split="eval")], ignore_index=True)
-        tokenizer = load_tokenizer(teacher, config.revision)
-        if tokenizer.chat_template is None:
-            raise InputError(f"sample.teacher: {config.teacher!r} has no chat template; use an instruction-tuned teacher or add one to its tokenizer_config.json")
-        model = load_causal_lm(teacher, revision=config.revision, dtype=config.dtype, device=config.device)
-        shard_starts = list(range(0, len(prompts), config.shard_rows))
-        done = sum(min(config.shard_rows, len(prompts) - start) for index, start in enumerate(shard_starts) if (folder / shard_name(index)).exists())
-        bar = tqdm(total=len(prompts), initial=done, desc="sample teacher", unit="prompt")
+    """Sample every missing shard in this process, then seal the output; ``progress(fraction)`` after each batch."""
+    plan = plan_shards(config, dataset, store)
+    if plan.pending:
+        done = plan.prompts - sum(min(config.shard_rows, plan.prompts - i * config.shard_rows) for i in plan.pending)
+        bar = tqdm(total=plan.prompts, initial=done, desc="sample teacher", unit="prompt")
 
         def advance(count: int) -> None:
             bar.update(count)
             if progress is not None:
-                progress(bar.n / len(prompts))
+                progress(bar.n / max(plan.prompts, 1))
 
-        for index, start in enumerate(shard_starts):
-            path = folder / shard_name(index)
-            if path.exists():  # completed by an earlier, interrupted run
-                continue
-            shard = prompts.iloc[start : start + config.shard_rows]
-            generations = generate(
-                model, tokenizer, render_prompts(tokenizer, [json.loads(m) for m in shard["messages"]]),
-                max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, temperature=config.temperature,
-                top_p=config.top_p, top_k_logprobs=config.top_k_logprobs, seed=config.seed + 100_003 * index, on_batch=advance,
-            )
-            write_shard(path, shard["prompt_id"].tolist(), shard["split"].tolist(), generations)
+        for index in plan.pending:
+            sample_shard(config, dataset, plan, index, on_prompts=advance)
         bar.close()
-        shards = [{"name": shard_name(i), "sha256": file_sha256(folder / shard_name(i))} for i in range(len(shard_starts))]
-        generated = sum(len(ids) for ids in read_teacher_outputs(folder)["response_token_ids"])
-        return {
-            "teacher": config.teacher, "teacher_path": teacher, "teacher_revision": revision,
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "chat_template": tokenizer.chat_template,
-            "engine": config.engine, "top_k_logprobs": config.top_k_logprobs,
-            "sampling": {"temperature": config.temperature, "top_p": config.top_p, "max_new_tokens": config.max_new_tokens, "seed": config.seed},
-            "rows": len(prompts), "generated_tokens": int(generated), "shards": shards,
-        }
-
-    output = store.build("sample", stage_fingerprint, compute)
-    manifest = output.manifest
-    return SamplesRef(
-        stage="sample", fingerprint=stage_fingerprint, path=str(output.path), cached=output.cached, rows=manifest["rows"],
-        teacher=manifest["teacher_path"], teacher_revision=manifest["teacher_revision"],
-        tokenizer_fingerprint=manifest["tokenizer_fingerprint"], top_k_logprobs=manifest["top_k_logprobs"],
-        generated_tokens=manifest["generated_tokens"],
-    )
+    return finish_sampling(config, plan, store)
