@@ -99,3 +99,30 @@ def test_win_rate_counts_ties_half_and_has_a_wilson_interval():
     # Wilson 95% interval for 7/10: (0.3968, 0.8922).
     assert result.low == pytest.approx(0.3968, abs=1e-3) and result.high == pytest.approx(0.8922, abs=1e-3)
     assert math.isnan(win_rate([]).rate)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("judge, method", [({"kind": "verifier"}, "dpo"), ({"kind": "pointwise"}, "best_of_n"), ({"kind": "pairwise"}, "dpo")])
+def test_judged_pairs_then_training_from_an_sft_student(tmp_path, tiny_teacher, prompts_jsonl, judge, method):
+    from conftest import curate_and_sample
+    from stillhouse.config import FeedbackConfig, TrainConfig
+    from stillhouse.feedback.stage import collect_preferences, read_pairs, train_on_feedback
+    from stillhouse.training.train import train_student
+
+    store, dataset, samples = curate_and_sample(tmp_path / "store", tiny_teacher, prompts_jsonl)
+    sft = train_student(TrainConfig(architecture={"hidden_size": 16, "num_layers": 2, "intermediate_size": 32, "num_heads": 2},
+                                    max_steps=5, batch_size=8), dataset, samples, store)
+    config = FeedbackConfig(method=method, candidates=3, max_new_tokens=6, max_prompts=12, judge=judge, min_margin=0.0,
+                            max_steps=3, batch_size=4, max_unusable_share=1.0, include_teacher=True)
+    pairs = collect_preferences(config, dataset, samples, sft, store)
+    table = read_pairs(pairs)
+    assert len(table) == pairs.pairs and (table["chosen"] != table["rejected"]).all()
+    assert pairs.counts["prompts"] == 12
+    if judge["kind"] == "pairwise":
+        assert 0 <= pairs.judge_consistency <= 1
+    assert pairs.pairs > 0
+    student = train_on_feedback(config, dataset, pairs, sft, store)
+    assert AutoModelForCausalLM.from_pretrained(student.model_path).num_parameters() == sft.parameters
+    # Only the DPO settings change: the judged pairs are reused.
+    changed = config.model_copy(update={"learning_rate": 1e-3})
+    assert collect_preferences(changed, dataset, samples, sft, store).cached

@@ -500,6 +500,7 @@ class FeedbackConfig(StrictModel):
     min_margin: float = Field(0.5, ge=0, description="Keep a pair only when best and worst scores differ by at least this.")
     max_unusable_share: float = Field(0.5, ge=0, le=1, description="Fail the stage when more than this share of prompts yield no usable pair.")
     beta: float = Field(0.1, gt=0, description="DPO beta: how far the policy may move from the reference (the pre-DPO student).")
+    sft_weight: float = Field(0.0, ge=0, description="DPO: weight of an added negative log-likelihood of the chosen responses (RPO); 0 is plain DPO.")
     learning_rate: float = Field(5e-4, gt=0, lt=1, description="Learning rate of the DPO or best-of-n SFT step.")
     max_steps: int = Field(100, gt=0, description="Optimizer steps of the DPO or best-of-n SFT step.")
     batch_size: int = Field(32, gt=0, description="Pairs (or examples) per optimizer step.")
