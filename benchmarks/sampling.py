@@ -1,10 +1,11 @@
 """Teacher sampling: the `hf` engine's tokens/s against a naive loop, and the store's bytes per generated token.
 
-    .venv/bin/python benchmarks/sampling.py [--prompts 256] [--repeats 3] [--batch-size 256] [--batch-tokens 16384]
+    .venv/bin/python benchmarks/sampling.py [--prompts 256] [--repeats 3] [--batch-size 64] [--batch-tokens 2048]
 
 1. Throughput on the bundled demo teacher, greedy, one torch thread: the naive loop sends one prompt
    at a time through ``model.generate``; the engine (`stillhouse.sampling.hf_engine.generate`) sorts by
-   length and batches under a token budget. Both must give the same tokens. Medians over repeats,
+   length and batches under a token budget (on this 2-core CPU, about 36 prompts a batch was the sweet
+   spot: larger batches were slower per token). Both must give the same tokens. Medians over repeats,
    the two modes alternating. The engine is measured without and with top-k capture (k = 16).
 2. Store size: a shard of synthetic responses with a 32,000-token vocabulary, top-k ids and
    log-probs per position for k = 20 and k = 128, written exactly as the sampling stage writes it
@@ -133,8 +134,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--batch-tokens", type=int, default=16384)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-tokens", type=int, default=2048)
     parser.add_argument("--vllm-model", default=None, help="a small real model folder for the vllm-vs-hf figure (GPU only)")
     args = parser.parse_args()
     torch.set_num_threads(1)

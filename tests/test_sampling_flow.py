@@ -21,6 +21,9 @@ def same_shards(a: str, b: str) -> bool:
 
 def test_shards_run_as_mapped_tasks_under_the_gpu_limit_with_progress_and_resume(prefect_harness, pipeline_raw, tmp_path):
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName, FlowRunFilter,
+                                                FlowRunFilterId)
+    from prefect.client.schemas.sorting import FlowRunSort
 
     from tasks.sample import sample_task
 
@@ -34,12 +37,14 @@ def test_shards_run_as_mapped_tasks_under_the_gpu_limit_with_progress_and_resume
 
     with get_client(sync_client=True) as client:
         assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit >= 1
-        runs = client.read_task_runs()
-        artifacts = client.read_artifacts()
+        (flow_run,) = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["sample-teacher"])),
+                                            sort=FlowRunSort.START_TIME_DESC, limit=1)
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
     shard_runs = [run for run in runs if run.name.startswith("sample-shard")]
     assert len(shard_runs) == 4 and all("gpu" in run.tags for run in shard_runs)
-    progress = [a for a in artifacts if a.key == "sample-progress"]
-    assert progress and progress[0].data == 100.0 and progress[0].description.startswith("Teacher sampling: 4/4 shards, ")
+    (progress,) = [a for a in artifacts if a.key == "sample-progress"]
+    assert progress.data == 100.0 and progress.description.startswith("Teacher sampling: 4/4 shards, ")
 
     # A run killed before its manifest and its last shard were written: the flow samples that shard only.
     folder = Path(samples.path)

@@ -103,7 +103,7 @@ def generate(
 
     Returns ``n * len(prompts)`` generations, prompt by prompt, ``sample_index`` 0..n-1 within each.
     Batch ``b`` samples under seed ``seed + b``, so a fixed seed and the same prompts give the same
-    outputs. ``on_batch(count)`` is called after each batch with the number of prompts it finished.
+    outputs. ``top_k`` 0 and ``top_p`` 1 turn those filters off, whatever the model's generation_config says. ``on_batch(count)`` is called after each batch with the number of prompts it finished.
     """
     tokenizer.padding_side = "left"
     eos_id = tokenizer.eos_token_id
@@ -111,7 +111,7 @@ def generate(
     batches = plan_batches([len(ids) for ids in encoded], batch_size=batch_size, batch_tokens=batch_tokens, max_new_tokens=max_new_tokens, n=n)
     results: list[Generation | None] = [None] * (len(prompts) * n)
     if temperature > 0:
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k or None, "num_return_sequences": n}
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k, "num_return_sequences": n}
     else:
         sampling = {"do_sample": False}
     for batch_number, batch_indices in enumerate(batches):
