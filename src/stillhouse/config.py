@@ -366,7 +366,7 @@ class TrainConfig(StrictModel):
 
 
 MetricGroup = Literal[
-    "perplexity", "reference_perplexity", "kl", "agreement", "exact_match", "rouge_l_teacher", "rouge_l_reference", "speed", "size",
+    "perplexity", "reference_perplexity", "kl", "agreement", "exact_match", "rouge_l_teacher", "rouge_l_reference", "speed", "size", "win_rate",
 ]
 METRIC_GROUPS_NEEDING_REFERENCES = ("reference_perplexity", "exact_match", "rouge_l_reference")
 # Metrics each group adds (roles: teacher, student and, with evaluate.baseline, baseline). `<category>` stands for any
@@ -383,6 +383,7 @@ METRIC_NAMES: dict[str, tuple[str, ...]] = {
     "speed": ("teacher_tokens_per_second", "student_tokens_per_second", "baseline_tokens_per_second", "teacher_latency_seconds",
               "student_latency_seconds", "baseline_latency_seconds", "speed_ratio", "latency_ratio"),
     "size": ("teacher_size_mb", "student_size_mb", "baseline_size_mb", "size_ratio"),
+    "win_rate": ("student_win_rate", "student_win_rate_low", "student_win_rate_high", "baseline_win_rate", "baseline_win_rate_low", "baseline_win_rate_high"),
     "always": ("teacher_parameters", "student_parameters", "baseline_parameters", "parameter_ratio"),
 }
 
@@ -452,11 +453,15 @@ class EvaluateConfig(StrictModel):
     metrics: list[MetricGroup] | None = Field(
         None, min_length=1,
         description="Metric groups to compute: perplexity (on teacher responses), reference_perplexity, kl (token KL teacher‖student), "
-        "agreement (answer and top-1 token), exact_match, rouge_l_teacher, rouge_l_reference, speed (tokens/s, latency), size (on disk). "
-        "Null computes every group the data supports; listing one that needs references the data lacks is an error.",
+        "agreement (answer and top-1 token), exact_match, rouge_l_teacher, rouge_l_reference, speed (tokens/s, latency), size (on disk), "
+        "win_rate (a judge model compares each answer with the teacher's, both orders). "
+        "Null computes every group the data supports except win_rate; listing one that needs references the data lacks is an error.",
     )
     baseline: str | None = Field(
         None, min_length=1, description="Also evaluate this model (e.g. the student's initialization, a local folder or Hub id) as role `baseline`.",
+    )
+    judge_model: str | None = Field(
+        None, min_length=1, description="Judge of group win_rate (a local folder or Hub id); null uses the teacher. Ties and order-inconsistent verdicts count half.",
     )
     latency_prompts: int = Field(4, gt=0, le=1000, description="Prompts generated one at a time to time per-prompt latency (group `speed`).")
     report: bool = Field(True, description="Write report.md, report.html and PNG plots into the evaluate stage's folder.")
@@ -467,7 +472,7 @@ class EvaluateConfig(StrictModel):
         """The groups to compute: the configured ones, or (null) every group the data supports."""
         if self.metrics is not None:
             return list(self.metrics)
-        groups = list(METRIC_NAMES)[:-1]
+        groups = [group for group in METRIC_NAMES if group not in ("always", "win_rate")]
         if not has_references:
             groups = [g for g in groups if g not in METRIC_GROUPS_NEEDING_REFERENCES]
         if not has_top_k:
