@@ -19,9 +19,12 @@ from tasks.reporting import log_outcome, progress_artifact
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(config: PipelineConfig, dataset: DatasetRef, samples: SamplesRef, student: ModelRef, tracking: TrackingContext) -> EvalReport:
+def evaluate_task(config: PipelineConfig, dataset: DatasetRef, samples: SamplesRef, student: ModelRef, tracking: TrackingContext,
+                  baseline: ModelRef | None = None) -> EvalReport:
+    """Evaluate (``baseline``: an extra model measured as role `baseline`), log metrics and the report's files, show the tables."""
     started = time.perf_counter()
-    report = evaluate_student(config.evaluate, dataset, samples, student, Store(config.store), progress=progress_artifact("Evaluation"))
+    report = evaluate_student(config.evaluate, dataset, samples, student, Store(config.store), progress=progress_artifact("Evaluation"),
+                              baseline=baseline)
     seconds = time.perf_counter() - started
     log_outcome("evaluate", report, seconds)
     run_id = log_stage(tracking, "evaluate", fingerprint=report.fingerprint, cached=report.cached, seconds=seconds,

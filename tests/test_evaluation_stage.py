@@ -41,6 +41,14 @@ def test_every_metric_group_with_a_baseline(sampled, tiny_teacher, tmp_path):
     assert "| metric | teacher | student | baseline | student / teacher |" in (report_files(report)[0].parent / "report.md").read_text()
 
 
+def test_a_baseline_model_ref_is_evaluated_as_role_baseline(sampled, tiny_teacher):
+    store, dataset, samples = sampled
+    config = EvaluateConfig(max_new_tokens=4, max_prompts=5, metrics=["perplexity"], report=False)
+    report = evaluate_student(config, dataset, samples, model_ref(tiny_teacher, "teacher-copy"), store, baseline=model_ref(tiny_teacher, "sft"))
+    assert report.metrics["baseline_perplexity"] == pytest.approx(report.metrics["student_perplexity"])
+    assert report.fingerprint != evaluate_student(config, dataset, samples, model_ref(tiny_teacher, "teacher-copy"), store).fingerprint
+
+
 def test_only_the_chosen_groups_are_computed(sampled, tiny_teacher):
     store, dataset, samples = sampled
     report = evaluate_student(EvaluateConfig(max_new_tokens=4, max_prompts=5, metrics=["kl", "win_rate"], report=False), dataset, samples,

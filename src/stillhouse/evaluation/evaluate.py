@@ -154,11 +154,19 @@ def check_eval_set(config: EvaluateConfig, dataset: DatasetRef) -> None:
 
 def evaluate_student(
     config: EvaluateConfig, dataset: DatasetRef, samples: SamplesRef, student: ModelRef, store: Store,
-    progress: Callable[[float], None] | None = None,
+    progress: Callable[[float], None] | None = None, baseline: ModelRef | None = None,
 ) -> EvalReport:
+    """Measure teacher, student and baseline on the eval split; the result is cached in the store by fingerprint.
+
+    ``baseline`` (e.g. the SFT student a feedback stage started from) is evaluated as role ``baseline``
+    and takes precedence over ``config.baseline``.
+    """
     check_eval_set(config, dataset)
     settings = config.model_dump(mode="json", exclude={"gate"})  # the gate decides promotion; it doesn't change measurements
-    stage_fingerprint = fingerprint("evaluate", settings, {"dataset": dataset.fingerprint, "samples": samples.fingerprint, "student": student.fingerprint}, CODE_VERSION)
+    inputs = {"dataset": dataset.fingerprint, "samples": samples.fingerprint, "student": student.fingerprint}
+    if baseline is not None:
+        inputs["baseline"] = baseline.fingerprint
+    stage_fingerprint = fingerprint("evaluate", settings, inputs, CODE_VERSION)
 
     def compute(folder: Path) -> dict:
         prompts = read_split(dataset, "eval")
@@ -171,7 +179,9 @@ def evaluate_student(
         answers: dict[str, list[str]] = {}
         kl_by_position: dict[str, list[float]] = {}
         roles = {"teacher": samples.teacher, "student": student.model_path}
-        if config.baseline is not None:
+        if baseline is not None:
+            roles["baseline"] = baseline.model_path
+        elif config.baseline is not None:
             roles["baseline"] = resolve_model(config.baseline, "evaluate.baseline")
         teacher_tokenizer = load_tokenizer(samples.teacher)
         for step, (role, path) in enumerate(roles.items()):
