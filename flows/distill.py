@@ -16,7 +16,7 @@ from typing import Literal
 
 from prefect import flow
 from prefect.runtime import flow_run
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 import tasks  # noqa: F401  (embedded defaults)
 from registry.model_registry import RegisteredModel
@@ -24,9 +24,10 @@ from registry.publish import PublishedModel
 from registry.tracking import finish_pipeline_run, start_pipeline_run
 from stillhouse.config import PipelineConfig
 from stillhouse.preflight import preflight
-from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
+from stillhouse.refs import DatasetRef, EvalReport, ModelRef, PairsRef, SamplesRef
 from tasks.curate import curate_task
 from tasks.evaluate import evaluate_task
+from tasks.feedback import feedback_train_task, judge_task
 from tasks.publish import publish_task
 from tasks.register import register_task
 from tasks.sample import sample_task
@@ -48,6 +49,8 @@ class PipelineResult(BaseModel):
     dataset: DatasetRef | None = None
     samples: SamplesRef | None = None
     student: ModelRef | None = None
+    sft_student: ModelRef | None = Field(None, description="With feedback: the student before it (the DPO reference).")
+    pairs: PairsRef | None = None
     report: EvalReport | None = None
     registered: RegisteredModel | None = None
     published: PublishedModel | None = None
@@ -75,6 +78,10 @@ def distill(config: PipelineConfig, until: Stage = "publish") -> PipelineResult:
             result.samples = timed("sample", lambda: sample_task(config, result.dataset, tracking))
         if last >= 2:
             result.student = timed("train", lambda: train_task(config, result.dataset, result.samples, tracking))
+            if config.feedback is not None:  # dSFT -> dDPO: the chain's links are separate stages in the store
+                result.sft_student = result.student
+                result.pairs = timed("judge", lambda: judge_task(config, result.dataset, result.samples, result.sft_student, tracking))
+                result.student = timed("feedback", lambda: feedback_train_task(config, result.dataset, result.pairs, result.sft_student, tracking))
         if last >= 3:
             result.report = timed("evaluate", lambda: evaluate_task(config, result.dataset, result.samples, result.student, tracking))
         if last >= 4 and config.registry.enabled:

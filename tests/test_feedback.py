@@ -126,3 +126,31 @@ def test_judged_pairs_then_training_from_an_sft_student(tmp_path, tiny_teacher, 
     # Only the DPO settings change: the judged pairs are reused.
     changed = config.model_copy(update={"learning_rate": 1e-3})
     assert collect_preferences(changed, dataset, samples, sft, store).cached
+
+
+@pytest.mark.slow
+def test_sft_then_dpo_chain_runs_in_the_flow_and_logs_its_metrics(prefect_harness, pipeline_raw):
+    from mlflow.tracking import MlflowClient
+
+    from flows.distill import distill
+    from stillhouse.config import parse_config
+
+    pipeline_raw["train"].update(method="sft")
+    pipeline_raw["feedback"] = {"judge": {"kind": "pointwise"}, "candidates": 3, "include_teacher": True, "max_new_tokens": 6,
+                                "max_prompts": 16, "min_margin": 0.0, "max_unusable_share": 1.0, "max_steps": 4, "batch_size": 4}
+    config = parse_config(pipeline_raw)
+    result = distill(config, until="evaluate")
+    assert result.sft_student.stage == "train" and result.student.stage == "feedback" and result.pairs.pairs > 0
+    assert result.report.metrics["student_parameters"] == result.sft_student.parameters
+    client = MlflowClient(config.tracking.uri)
+    children = client.search_runs([result.experiment_id], f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'")
+    by_stage = {run.data.tags["stillhouse.stage"]: run for run in children}
+    assert {"judge", "feedback"} <= set(by_stage)
+    assert by_stage["judge"].data.metrics["pairs"] == result.pairs.pairs
+    assert by_stage["judge"].inputs.dataset_inputs[0].dataset.digest == result.pairs.fingerprint
+    assert client.get_metric_history(by_stage["feedback"].info.run_id, "rewards_margins")
+
+    # Only the DPO settings change: curation, sampling, the SFT student and the judged pairs are reused.
+    pipeline_raw["feedback"]["beta"] = 0.2
+    rerun = distill(parse_config(pipeline_raw), until="train")
+    assert rerun.cached == {"curate": True, "sample": True, "train": True, "judge": True, "feedback": False}

@@ -100,7 +100,7 @@ def collect_preferences(config: FeedbackConfig, dataset: DatasetRef, samples: Sa
                                   f"feedback.max_unusable_share ({config.max_unusable_share:.0%}). Sample more candidates, raise the "
                                   "temperature, or lower feedback.min_margin")
         messages = dict(zip(prompts["prompt_id"], prompts["messages"]))
-        table = pd.DataFrame(pairs)
+        table = pd.DataFrame(pairs, columns=["prompt_id", "chosen", "rejected", "margin"])
         table.insert(1, "messages", [messages[pid] for pid in table["prompt_id"]])
         table.to_parquet(folder / "pairs.parquet", index=False)
         pd.DataFrame({"prompt_id": prompts["prompt_id"], "candidates": candidates, "scores": scores}).to_parquet(folder / "candidates.parquet", index=False)
@@ -130,10 +130,14 @@ def train_on_feedback(config: FeedbackConfig, dataset: DatasetRef, pairs: PairsR
         if config.threads:
             torch.set_num_threads(config.threads)
         table = read_pairs(pairs)
+        if table.empty:
+            raise StillhouseError(f"feedback: the judge produced no preference pairs ({pairs.counts}); sample more candidates, "
+                                  "raise feedback.temperature, or lower feedback.min_margin")
         rows = [{"prompt": json.loads(m), "chosen": c, "rejected": r} for m, c, r in zip(table["messages"], table["chosen"], table["rejected"])]
         train = train_dpo if config.method == "dpo" else train_best_of_n
         result = train(student.model_path, rows, folder, beta=config.beta, learning_rate=config.learning_rate,
-                       max_steps=config.max_steps, batch_size=config.batch_size, seed=config.seed, sft_weight=config.sft_weight)
+                       max_steps=config.max_steps, batch_size=config.batch_size, seed=config.seed, sft_weight=config.sft_weight,
+                       logging_steps=max(1, config.max_steps // 25))
         model = load_causal_lm(str(folder / "model"), device="cpu")
         history = [{"step": h["step"], "loss": h["loss"], **{k.replace("/", "_"): v for k, v in h.items() if k not in ("step", "loss")}}
                    for h in result["history"]]
