@@ -111,19 +111,19 @@ def reference_examples(tokenizer, conversations: list[list[dict]], references: l
     return examples
 
 
-def timed_generation(model, tokenizer, rendered: list[str], config: EvaluateConfig, description: str):
-    """Greedy answers to every prompt (batched), the generation's tokens/s, and the median latency of single prompts."""
+def timed_generation(model, tokenizer, rendered: list[str], config: EvaluateConfig, description: str, latency_prompts: int):
+    """Greedy answers to every prompt (batched), the generation's tokens/s, and the median latency of single prompts (NaN for none)."""
     started = time.perf_counter()
     with tqdm(total=len(rendered), desc=description, unit="prompt") as bar:
         generations = generate(model, tokenizer, rendered, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, on_batch=bar.update)
     seconds = time.perf_counter() - started
     tokens_per_second = m.tokens_per_second(sum(len(g.token_ids) for g in generations), seconds)
     latencies = []
-    for prompt in rendered[: config.latency_prompts]:
+    for prompt in rendered[:latency_prompts]:
         started = time.perf_counter()
         generate(model, tokenizer, [prompt], max_new_tokens=config.max_new_tokens, batch_size=1)
         latencies.append(time.perf_counter() - started)
-    return [g.text for g in generations], tokens_per_second, statistics.median(latencies)
+    return [g.text for g in generations], tokens_per_second, statistics.median(latencies) if latencies else float("nan")
 
 
 def judged_win_rates(config: EvaluateConfig, teacher: str, conversations: list[list[dict]], answers: dict[str, list[str]]) -> dict[str, float]:
@@ -210,7 +210,8 @@ def evaluate_student(
                 metrics[f"{role}_reference_perplexity"] = m.perplexity(
                     score_responses(model, examples, tokenizer.pad_token_id, config.batch_size, vocab_size=len(tokenizer))["cross_entropy"])
             rendered = render_prompts(tokenizer, conversations)
-            answers[role], tokens_per_second, latency = timed_generation(model, tokenizer, rendered, config, f"evaluate {role}")
+            answers[role], tokens_per_second, latency = timed_generation(
+                model, tokenizer, rendered, config, f"evaluate {role}", latency_prompts=config.latency_prompts if "speed" in groups else 0)
             if "speed" in groups:
                 metrics[f"{role}_tokens_per_second"], metrics[f"{role}_latency_seconds"] = tokens_per_second, latency
             if config.lm_eval is not None and role in config.lm_eval.roles:
