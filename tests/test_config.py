@@ -83,3 +83,10 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("train: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_a_served_teacher_cannot_be_used_in_memory(pipeline_raw):
+    pipeline_raw["sample"]["engine"] = "openai"
+    pipeline_raw["train"]["kd"] = {"teacher": "online"}
+    with pytest.raises(ConfigError, match="can't be loaded here"):
+        parse_config(pipeline_raw)

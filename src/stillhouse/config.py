@@ -558,6 +558,12 @@ class PipelineConfig(StrictModel):
     def _cross_stage_rules(self) -> PipelineConfig:
         if self.train.method == "kd" and self.train.kd.teacher == "offline" and self.sample.top_k_logprobs == 0:
             raise ValueError("train.method is `kd` but sample.top_k_logprobs is 0: store the teacher's top-k (e.g. 16), use train.kd.teacher: online, or use method `sft`")
+        teacher_in_memory = (self.train.method == "kd" and self.train.kd.teacher == "online") or (
+            self.feedback is not None and self.feedback.judge.kind != "verifier" and self.feedback.judge.model is None)
+        if teacher_in_memory and self.sample.engine == "openai":
+            raise ValueError("the teacher behind sample.engine `openai` is a served model that can't be loaded here, but train.kd.teacher: online "
+                             "(or a feedback judge without feedback.judge.model) needs it in memory; use the stored top-k (kd.teacher: offline) "
+                             "and name a local judge model")
         return self
 
     @model_validator(mode="after")
