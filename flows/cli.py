@@ -47,24 +47,14 @@ def print_summary(result, config: PipelineConfig, command: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from stillhouse.evaluation.report import comparison_table
+
     console = Console()
-    metrics = result.report.metrics if result.report else {}
-    comparison = Table(title=f"Stillhouse · {config.name}", show_lines=False)
-    comparison.add_column("")
-    comparison.add_column("teacher", justify="right")
-    comparison.add_column("student", justify="right")
-    for label, key, fmt in [("exact match (vs references)", "exact_match", "{:.1%}"), ("perplexity on teacher responses", "perplexity", "{:.3f}"),
-                            ("parameters", "parameters", "{:,.0f}")]:
-        if f"student_{key}" in metrics:
-            comparison.add_row(label, fmt.format(metrics[f"teacher_{key}"]), fmt.format(metrics[f"student_{key}"]))
-    for label, key, fmt in [("student agrees with teacher", "student_teacher_agreement", "{:.1%}"), ("KL(teacher‖student) per token", "kl_teacher_student", "{:.4f}"),
-                            ("student / teacher parameters", "parameter_ratio", "{:.1%}")]:
-        if key in metrics:
-            comparison.add_row(label, "", fmt.format(metrics[key]))
-    categories = sorted({k.split("/", 1)[1] for k in metrics if k.startswith("student_exact_match/")})
-    for category in categories:
-        comparison.add_row(f"  exact match · {category}", f"{metrics[f'teacher_exact_match/{category}']:.1%}", f"{metrics[f'student_exact_match/{category}']:.1%}")
-    console.print(comparison)
+    if result.report:
+        console.print(comparison_table(result.report.metrics, title=f"Stillhouse · {config.name}", verdict=result.verdict))
+    if result.verdict is not None and not result.verdict.passed:
+        console.print("[bold red]Promotion gate failed[/bold red]: " + "; ".join(result.verdict.failures)
+                      + "\n  the student stays @candidate and was not published")
 
     stages = Table(title="Stages")
     stages.add_column("stage")
@@ -109,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print_summary(result, config, "stillhouse " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
-    return 0
+    return 0 if result.verdict is None or result.verdict.passed else 3  # 3: ran fine, but the gate kept the student back
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The distillation pipeline as one Prefect flow: curate → sample → train → evaluate → register → publish.
+"""The distillation pipeline as one Prefect flow: curate → sample → train [→ judge → feedback] → evaluate → register → gate → publish.
 
     stillhouse run configs/demo.yaml                         # the whole pipeline
     stillhouse run configs/demo.yaml --until sample          # stop after a stage (earlier ones come from the store)
@@ -23,11 +23,13 @@ from registry.model_registry import RegisteredModel
 from registry.publish import PublishedModel
 from registry.tracking import finish_pipeline_run, start_pipeline_run
 from stillhouse.config import PipelineConfig
+from stillhouse.evaluation.gate import GateVerdict
 from stillhouse.preflight import preflight
 from stillhouse.refs import DatasetRef, EvalReport, ModelRef, PairsRef, SamplesRef
 from tasks.curate import curate_task
 from tasks.evaluate import evaluate_task
 from tasks.feedback import feedback_train_task, judge_task
+from tasks.gate import gate_task
 from tasks.publish import publish_task
 from tasks.register import register_task
 from tasks.sample import sample_task
@@ -53,6 +55,7 @@ class PipelineResult(BaseModel):
     pairs: PairsRef | None = None
     report: EvalReport | None = None
     registered: RegisteredModel | None = None
+    verdict: GateVerdict | None = Field(None, description="The promotion gate's verdict; publishing happens only when it passed.")
     published: PublishedModel | None = None
 
 
@@ -83,10 +86,14 @@ def distill(config: PipelineConfig, until: Stage = "publish") -> PipelineResult:
                 result.pairs = timed("judge", lambda: judge_task(config, result.dataset, result.samples, result.sft_student, tracking))
                 result.student = timed("feedback", lambda: feedback_train_task(config, result.dataset, result.pairs, result.sft_student, tracking))
         if last >= 3:
-            result.report = timed("evaluate", lambda: evaluate_task(config, result.dataset, result.samples, result.student, tracking))
+            result.report = timed("evaluate", lambda: evaluate_task(config, result.dataset, result.samples, result.student, tracking,
+                                                                    baseline=result.sft_student))
         if last >= 4 and config.registry.enabled:
             result.registered = timed("register", lambda: register_task(config, result.student, result.report, tracking))
-        if last >= 5:
+        if last >= 4 and config.evaluate.gate.enabled:
+            # A failed gate keeps the run Completed: every stage worked; the verdict says why nothing was promoted.
+            result.verdict = timed("gate", lambda: gate_task(config, result.report, result.registered, tracking))
+        if last >= 5 and (result.verdict is None or result.verdict.passed):
             result.published = timed("publish", lambda: publish_task(
                 config, result.dataset, result.samples, result.student, result.report, result.registered, tracking))
     except BaseException:

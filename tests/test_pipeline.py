@@ -31,7 +31,7 @@ def test_pipeline_end_to_end_then_from_cache(prefect_harness, pipeline_raw, hub,
         assert (store / ref.stage / ref.fingerprint / "manifest.json").is_file()
         assert not ref.cached
     assert result.samples.rows == result.dataset.train_rows + result.dataset.eval_rows
-    assert set(result.seconds) == {"curate", "sample", "train", "evaluate", "register", "publish"}
+    assert set(result.seconds) == {"curate", "sample", "train", "evaluate", "register", "gate", "publish"}
 
     # MLflow: a parent run, a nested run per stage, params, metrics, and a registered version with alias.
     client = MlflowClient(config.tracking.uri)
@@ -40,12 +40,14 @@ def test_pipeline_end_to_end_then_from_cache(prefect_harness, pipeline_raw, hub,
     assert "student_exact_match" in parent.data.metrics and parent.data.tags["prefect.flow_run_id"]
     children = client.search_runs([result.experiment_id], f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'")
     by_stage = {run.data.tags["stillhouse.stage"]: run for run in children}
-    assert set(by_stage) == {"curate", "sample", "train", "evaluate", "register", "publish"}
+    assert set(by_stage) == {"curate", "sample", "train", "evaluate", "register", "gate", "publish"}
     assert by_stage["train"].data.tags["stillhouse.fingerprint"] == result.student.fingerprint
     assert len(client.get_metric_history(by_stage["train"].info.run_id, "train_loss")) == 3
     assert by_stage["evaluate"].data.metrics["kl_teacher_student"] > 0
     version = client.get_model_version_by_alias("tiny-student", "candidate")
     assert str(version.version) == result.registered.version and version.run_id == by_stage["register"].info.run_id
+    # The first candidate has no champion to beat: it passes the gate, becomes @champion and is published.
+    assert result.verdict.passed and str(client.get_model_version_by_alias("tiny-student", "champion").version) == result.registered.version
 
     # The published folder loads with plain transformers and generates; the Hub got it in one commit.
     folder = Path(result.published.folder)
