@@ -68,3 +68,10 @@ def test_bad_data_fails_in_curation_before_the_teacher_is_loaded(prefect_harness
     with pytest.raises(InputError, match=message):
         distill(parse_config(pipeline_raw))
     assert not (tmp_path / "store" / "sample").exists()
+
+
+@pytest.mark.slow
+def test_a_failed_gate_exits_3_and_publishes_nothing(prefect_harness, tmp_path, pipeline_raw):
+    pipeline_raw["evaluate"]["gate"] = {"max_kl": 0.0}  # a random student never matches the teacher exactly
+    assert main(["run", str(write_config(tmp_path, pipeline_raw))]) == 3
+    assert (tmp_path / "store" / "evaluate").is_dir() and not (tmp_path / "store" / "publish").exists()
