@@ -52,13 +52,7 @@ def train_dpo(model_path: str, pairs: list[dict], output_dir: Path, *, beta: flo
         dataloader_pin_memory=torch.cuda.is_available(),
     )
     trainer = DPOTrainer(model=model, args=arguments, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    started = time.perf_counter()
-    trainer.train()
-    seconds = round(time.perf_counter() - started, 2)
-    trainer.save_model(str(output_dir / "model"))
-    tokenizer.save_pretrained(output_dir / "model")
-    keep = ("step", "loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
-    return {"history": [{k: v for k, v in entry.items() if k in keep} for entry in trainer.state.log_history if "loss" in entry], "seconds": seconds}
+    return train_and_save(trainer, tokenizer, output_dir, ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"))
 
 
 def train_best_of_n(model_path: str, pairs: list[dict], output_dir: Path, *, learning_rate: float = 5e-4, max_steps: int = 50,
@@ -78,9 +72,15 @@ def train_best_of_n(model_path: str, pairs: list[dict], output_dir: Path, *, lea
         dataloader_pin_memory=torch.cuda.is_available(),  # prompt-completion rows: the loss covers the completion only
     )
     trainer = SFTTrainer(model=model, args=arguments, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    return train_and_save(trainer, tokenizer, output_dir, ())
+
+
+def train_and_save(trainer, tokenizer, output_dir: Path, logged: tuple[str, ...]) -> dict:
+    """Train, save the model and tokenizer to ``output_dir/model``; the history keeps step, loss and ``logged``."""
     started = time.perf_counter()
     trainer.train()
     seconds = round(time.perf_counter() - started, 2)
     trainer.save_model(str(output_dir / "model"))
     tokenizer.save_pretrained(output_dir / "model")
-    return {"history": [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e], "seconds": seconds}
+    keep = ("step", "loss", *logged)
+    return {"history": [{k: v for k, v in entry.items() if k in keep} for entry in trainer.state.log_history if "loss" in entry], "seconds": seconds}
