@@ -99,6 +99,7 @@ def write_publish_folder(
     """Write exactly what would be pushed; replaces the folder's previous content."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    # Load and save rather than copy: trainer folders can hold extras (training_args.bin) that don't belong on the Hub.
     model, tokenizer = load_causal_lm(student.model_path, device="cpu"), load_tokenizer(student.model_path)
     model.save_pretrained(folder)  # safetensors, config.json, generation_config.json
     tokenizer.save_pretrained(folder)  # tokenizer.json, tokenizer_config.json, chat template
