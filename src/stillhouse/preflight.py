@@ -2,17 +2,49 @@
 
 from __future__ import annotations
 
+import os
+
+import httpx
+
 from stillhouse.config import PipelineConfig
 from stillhouse.data.decontaminate import check_benchmarks
 from stillhouse.data.sources import resolve_sources
+from stillhouse.errors import StillhouseError
 from stillhouse.models import resolve_model
 from stillhouse.sampling.sample import check_teacher
 
 
 def preflight(config: PipelineConfig) -> None:
     """Raise `InputError` naming the field and the fix for a missing dataset, benchmark or model, or a bad k."""
+    tracking_uri = config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if tracking_uri:
+        check_tracking_server(tracking_uri)
     resolve_sources(config.curate)
     check_benchmarks(config.curate.decontaminate.benchmarks)
     check_teacher(config.sample)
     if config.train.student is not None:
         resolve_model(config.train.student, "train.student")
+
+
+def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, naming the URI, when an MLflow server doesn't answer its health check.
+
+    Without this, MLflow's own client retries for minutes before the first log call fails, which
+    is after the curation and sampling a run has already paid for. Non-HTTP URIs (sqlite, file)
+    are local and need no check.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    health_url = uri.rstrip("/") + "/health"
+    try:
+        response = httpx.get(health_url, timeout=timeout_s)
+    except httpx.HTTPError as error:
+        raise StillhouseError(
+            f"the MLflow tracking server at {uri} does not answer ({type(error).__name__}: {error}); "
+            "start it (mlflow server ...) or fix tracking.uri / $MLFLOW_TRACKING_URI"
+        ) from None
+    if response.status_code != 200:
+        raise StillhouseError(
+            f"the MLflow tracking server at {uri} answered its health check {health_url} with HTTP {response.status_code}; "
+            "check that tracking.uri points at an MLflow server"
+        )
