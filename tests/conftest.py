@@ -49,6 +49,8 @@ def build_tiny_model(folder: Path, *, hidden_size: int = 32, layers: int = 2, se
     ))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    # Our own test models, declared apache-2.0 like the demo teacher, so the publish license check can read it.
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny test model\n")
     return folder
 
 

@@ -537,7 +537,18 @@ class PublishConfig(StrictModel):
     endpoint: str | None = Field(None, description="Hub endpoint URL; null uses $HF_ENDPOINT or huggingface.co.")
     token_env: str = Field("HF_TOKEN", min_length=1, description="Environment variable holding the Hub token (the token itself never goes in a config).")
     private: bool = Field(True, description="Create the Hub repo as private.")
-    license: str = Field("apache-2.0", description="License identifier written into the model card.")
+    license: str = Field("apache-2.0", description="The student's license id, written into the model card (a Hub id like `apache-2.0` or `llama3.1`, "
+                         "or a name from stillhouse.licenses such as `qwen`); checked against the teacher's and base model's terms before publishing.")
+    teacher_license: str | None = Field(None, description="The teacher's license id; null reads `license:` from the teacher folder's README.md "
+                                        "(or the local Hugging Face cache). Needed for a teacher whose license can't be read locally.")
+    base_model_license: str | None = Field(None, description="License id of train.student (the student's base model); null reads it like teacher_license.")
+    license_override: str | None = Field(None, min_length=1, description="Publish despite a license check failure; your reason, written into the model card.")
+    tag: str = Field("v{version}", min_length=1, description="Git tag created on the Hub for each published version; `{version}` is the MLflow "
+                     "model version (or the publish fingerprint when registry.enabled is false), `{name}` the experiment name.")
+    round_trip_prompts: int = Field(4, ge=0, description="After pushing, download the revision into a fresh cache and compare greedy generations "
+                                    "on this many eval prompts with the local student; 0 skips the check.")
+    hub_retries: int = Field(4, ge=0, le=20, description="Retries of each idempotent Hub call (create repo, upload commit, tag) on HTTP 429/5xx and connection errors.")
+    retry_backoff_s: float = Field(2.0, ge=0, description="First wait before a Hub retry, in seconds; doubled after each try.")
 
 
 class PipelineConfig(StrictModel):

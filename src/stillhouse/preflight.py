@@ -10,6 +10,7 @@ from stillhouse.config import PipelineConfig
 from stillhouse.data.decontaminate import check_benchmarks
 from stillhouse.data.sources import resolve_sources
 from stillhouse.errors import StillhouseError
+from stillhouse.licenses import preflight_licenses
 from stillhouse.models import resolve_model
 from stillhouse.sampling.sample import check_teacher
 
@@ -24,6 +25,7 @@ def preflight(config: PipelineConfig) -> None:
     check_teacher(config.sample)
     if config.train.student is not None:
         resolve_model(config.train.student, "train.student")
+    preflight_licenses(config)  # a push the teacher's or base model's terms forbid fails before training, quoting the clause
 
 
 def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
