@@ -9,8 +9,8 @@ import torch
 from stillhouse.config import CurateConfig, SampleConfig
 from stillhouse.data.curate import curate
 from stillhouse.errors import InputError
-from stillhouse.models import load_causal_lm, load_tokenizer
-from stillhouse.sampling.hf_engine import generate, render_prompts
+from stillhouse.models import DEMO_TEACHER_DIR, load_causal_lm, load_tokenizer
+from stillhouse.sampling.hf_engine import generate, greedy_loop_supported, render_prompts
 from stillhouse.sampling.sample import sample_teacher
 from stillhouse.sampling.teacher_outputs import read_teacher_outputs
 from stillhouse.store import MANIFEST, Store
@@ -31,6 +31,40 @@ def test_batched_generation_equals_one_at_a_time(teacher):
     single = [generate(model, tokenizer, [prompt], max_new_tokens=10, batch_size=1)[0] for prompt in rendered]
     assert [g.token_ids for g in batched] == [g.token_ids for g in single]
     assert all(len(g.token_ids) <= 10 for g in batched)
+
+
+def test_the_greedy_loop_retiring_finished_rows_equals_model_generate():
+    # The trained demo teacher answers each task with its own length, so rows retire at different steps.
+    model, tokenizer = load_causal_lm(str(DEMO_TEACHER_DIR), device="cpu"), load_tokenizer(str(DEMO_TEACHER_DIR))
+    rendered = render_prompts(tokenizer, PROMPTS)
+    assert greedy_loop_supported(model)
+    ours = generate(model, tokenizer, rendered, max_new_tokens=12, batch_size=4, top_k_logprobs=4)
+    assert len({len(g.token_ids) for g in ours}) > 1, "rows must finish at different steps for this test to mean anything"
+    for prompt, generation in zip(rendered, ours):
+        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        output = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                return_dict_in_generate=True, output_logits=True)
+        expected = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+        if tokenizer.eos_token_id in expected:
+            expected = expected[: expected.index(tokenizer.eos_token_id) + 1]
+        assert generation.token_ids == expected
+        for position, ids in enumerate(generation.top_k_ids):
+            assert ids == output.logits[position][0].log_softmax(-1).topk(4).indices.tolist()
+
+
+def test_a_generation_config_that_changes_greedy_decoding_goes_through_generate(teacher):
+    model, tokenizer = teacher
+    rendered = render_prompts(tokenizer, PROMPTS[:2])
+    model.generation_config.repetition_penalty = 3.0
+    try:
+        assert not greedy_loop_supported(model)
+        ours = generate(model, tokenizer, rendered, max_new_tokens=10, batch_size=2)
+        for prompt, generation in zip(rendered, ours):
+            inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+            expected = model.generate(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, inputs["input_ids"].shape[1] :].tolist()
+            assert generation.token_ids == expected[: len(generation.token_ids)]
+    finally:
+        model.generation_config.repetition_penalty = 1.0
 
 
 def test_top_k_logprobs_are_the_teachers_full_distribution_at_each_generated_position(teacher):

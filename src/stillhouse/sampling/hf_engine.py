@@ -1,9 +1,14 @@
 """Batched generation with transformers, capturing the teacher's top-k log-probs per position.
 
 Prompts are sorted by length and batched with left padding, each batch as large as ``batch_size``
-prompts and a token budget allow: on a 2-core CPU batching gave about 8x the tokens/s of
-one-prompt-at-a-time `generate` with identical greedy outputs (shared/ENVIRONMENT.md;
-benchmarks/sampling.py measures it). Results come back in the caller's order.
+prompts and a token budget allow. Results come back in the caller's order.
+
+Greedy decoding runs its own loop (`greedy_batch`) instead of `model.generate`: it retires each row
+from the batch and the KV cache as soon as the row has finished, where `generate` keeps computing
+finished rows until the batch's longest answer ends, and it skips `generate`'s per-step set-up,
+which dominates for small models. Its outputs equal `generate`'s (tested); benchmarks/sampling.py
+measures the speed-up. Sampling (temperature > 0) and models whose generation config changes greedy
+decoding (a repetition penalty, forced or suppressed tokens, ...) go through `model.generate`.
 
     from stillhouse.sampling.hf_engine import generate, render_prompts
 """
@@ -14,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -110,25 +115,36 @@ def generate(
     encoded = [list(p) if not isinstance(p, str) else tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     batches = plan_batches([len(ids) for ids in encoded], batch_size=batch_size, batch_tokens=batch_tokens, max_new_tokens=max_new_tokens, n=n)
     results: list[Generation | None] = [None] * (len(prompts) * n)
+    stop_window = 4 * max(map(len, stop), default=0)  # tokens enough to spell any stop string, even a few characters a token
+
+    def stop_check(tokens: list[int]) -> bool:  # retires a row early; the exact cut is `stop_length`'s, below
+        return bool(stop) and any(s in tokenizer.decode(tokens[-stop_window:], skip_special_tokens=True) for s in stop)
     if temperature > 0:
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k, "num_return_sequences": n}
     else:
         sampling = {"do_sample": False}
+    own_greedy_loop = temperature == 0 and greedy_loop_supported(model)
     for batch_number, batch_indices in enumerate(batches):
         batch = tokenizer.pad({"input_ids": [encoded[index] for index in batch_indices]}, padding=True, return_tensors="pt").to(model.device)
-        torch.manual_seed(seed + batch_number)
-        output = model.generate(
-            **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_id,
-            return_dict_in_generate=True, output_logits=top_k_logprobs > 0, **sampling,
-        )
-        new_tokens = output.sequences[:, batch["input_ids"].shape[1] :].tolist()
-        if top_k_logprobs > 0:
-            # logits: one [rows, vocab] tensor per step, raw (before temperature/top-p processing). Reduce
-            # each step to its top-k and tail at once, so [rows, steps, vocab] never exists in fp32.
-            per_step = [_top_k_and_tail(step, top_k_logprobs) for step in output.logits]
-            top_values = torch.stack([v for v, _, _ in per_step], dim=1).tolist()
-            top_ids = torch.stack([i for _, i, _ in per_step], dim=1).tolist()
-            tails = torch.stack([t for _, _, t in per_step], dim=1).tolist()
+        if own_greedy_loop:
+            new_tokens, top_values, top_ids, tails = greedy_batch(
+                model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens, eos_token_id=eos_id,
+                top_k_logprobs=top_k_logprobs, stop_check=stop_check,
+            )
+        else:
+            torch.manual_seed(seed + batch_number)
+            output = model.generate(
+                **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_id,
+                return_dict_in_generate=True, output_logits=top_k_logprobs > 0, **sampling,
+            )
+            new_tokens = output.sequences[:, batch["input_ids"].shape[1] :].tolist()
+            if top_k_logprobs > 0:
+                # logits: one [rows, vocab] tensor per step, raw (before temperature/top-p processing). Reduce
+                # each step to its top-k and tail at once, so [rows, steps, vocab] never exists in fp32.
+                per_step = [_top_k_and_tail(step, top_k_logprobs) for step in output.logits]
+                top_values = torch.stack([v for v, _, _ in per_step], dim=1).tolist()
+                top_ids = torch.stack([i for _, i, _ in per_step], dim=1).tolist()
+                tails = torch.stack([t for _, _, t in per_step], dim=1).tolist()
         for row, tokens in enumerate(new_tokens):  # rows are prompt-major: prompt r // n, sample r % n
             prompt_position, sample_index = divmod(row, n if temperature > 0 else 1)
             length = tokens.index(eos_id) + 1 if eos_id in tokens else len(tokens)
@@ -143,6 +159,74 @@ def generate(
         if on_batch is not None:
             on_batch(len(batch_indices))
     return results  # type: ignore[return-value]
+
+
+# Generation-config settings under which greedy decoding is not a plain argmax: with any of them set,
+# `generate` must do the decoding (it applies the model's generation config on top of ours).
+GREEDY_CHANGING_SETTINGS = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+    "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "min_length": 0, "min_new_tokens": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
+}
+
+
+def greedy_loop_supported(model: PreTrainedModel) -> bool:
+    """Whether `greedy_batch` decodes this model exactly as `model.generate(do_sample=False)` would."""
+    if model.config.is_encoder_decoder:
+        return False
+    settings = model.generation_config
+    return all(getattr(settings, name, neutral) in (neutral, None) for name, neutral in GREEDY_CHANGING_SETTINGS.items())
+
+
+@torch.inference_mode()
+def greedy_batch(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int, eos_token_id: int | None,
+    top_k_logprobs: int = 0, stop_check: Callable[[list[int]], bool] | None = None,
+) -> tuple[list[list[int]], list | None, list | None, list | None]:
+    """Greedy decoding of a left-padded batch ``[rows, prompt]``, retiring rows as they finish.
+
+    A row finishes at EOS, at ``max_new_tokens`` or when ``stop_check(tokens)`` says so; its KV-cache
+    entries are dropped at once, so later steps compute only the rows still running. Positions follow
+    the attention mask, as `generate` computes them for left padding. Returns per row its new tokens
+    and, with ``top_k_logprobs``, per position the top-k log-probs, their ids and the tail's log-mass
+    (temperature 1, like the `generate` path).
+    """
+    rows = input_ids.shape[0]
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    captured = [([], [], []) for _ in range(rows)] if top_k_logprobs > 0 else None
+    running = list(range(rows))  # batch row -> original row
+    next_positions = positions[:, -1:] + 1
+    for step in range(max_new_tokens):
+        chosen = logits.argmax(-1)
+        if captured is not None:
+            values, ids, tail = (t.tolist() for t in _top_k_and_tail(logits, top_k_logprobs))
+            for batch_row, row in enumerate(running):
+                captured[row][0].append(values[batch_row])
+                captured[row][1].append(ids[batch_row])
+                captured[row][2].append(tail[batch_row])
+        still_running = []
+        for batch_row, (row, token) in enumerate(zip(running, chosen.tolist())):
+            tokens[row].append(token)
+            if token != eos_token_id and not (stop_check is not None and stop_check(tokens[row])):
+                still_running.append(batch_row)
+        if not still_running or step == max_new_tokens - 1:
+            break
+        if len(still_running) < len(running):
+            keep = torch.tensor(still_running, device=input_ids.device)
+            cache.batch_select_indices(keep)
+            attention_mask, chosen, next_positions = attention_mask[keep], chosen[keep], next_positions[keep]
+            running = [running[batch_row] for batch_row in still_running]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(running), 1)], dim=1)
+        logits = model(input_ids=chosen[:, None], attention_mask=attention_mask, position_ids=next_positions, past_key_values=cache,
+                       use_cache=True).logits[:, -1]
+        next_positions = next_positions + 1
+    if captured is None:
+        return tokens, None, None, None
+    return tokens, [c[0] for c in captured], [c[1] for c in captured], [c[2] for c in captured]
 
 
 def _top_k_and_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
