@@ -58,6 +58,7 @@ class ShardPlan(BaseModel):
     pending: list[int]
     teacher: TeacherFacts
     counts: dict[str, int]
+    remote_store: str | None = None  # an s3:// store: each finished shard is uploaded at once, so an interrupted run resumes anywhere
 
 
 class ShardResult(BaseModel):
@@ -172,7 +173,7 @@ def plan_shards(config: SampleConfig, dataset: DatasetRef, store: Store) -> Shar
     facts = check_teacher(config)
     stage = stage_fingerprint(config, dataset, facts.revision)
     folder = store.path("sample", stage)
-    manifest = store.manifest("sample", stage)
+    manifest = store.claim("sample", stage)  # waits while another run samples this output; on s3 it fetches the shards already uploaded
     if manifest is not None:
         return ShardPlan(fingerprint=stage, folder=str(folder), cached=True, prompts=manifest["prompts"], shards=len(manifest["shards"]),
                          pending=[], teacher=facts, counts=manifest["counts"])
@@ -186,7 +187,7 @@ def plan_shards(config: SampleConfig, dataset: DatasetRef, store: Store) -> Shar
     shards = -(-len(prompts) // config.shard_rows)
     pending = [index for index in range(shards) if not (folder / shard_name(index)).exists()]
     return ShardPlan(fingerprint=stage, folder=str(folder), cached=False, prompts=len(prompts), shards=shards, pending=pending,
-                     teacher=facts, counts=counts)
+                     teacher=facts, counts=counts, remote_store=store.url)
 
 
 # One loaded engine per process, reused by every shard that runs here (loading a teacher is slow).
@@ -253,6 +254,8 @@ def sample_shard(config: SampleConfig, dataset: DatasetRef, plan: ShardPlan, ind
     splits = [split for split in kept["split"] for _ in range(config.n)]
     _check_generations(generations, len(prompt_ids), label)
     write_shard(path, prompt_ids, splits, generations)
+    if plan.remote_store:
+        Store(plan.remote_store).upload_partial("sample", plan.fingerprint, path)
     return ShardResult(index=index, rows=len(generations), generated_tokens=sum(len(g.token_ids) for g in generations),
                        seconds=time.perf_counter() - started, resumed=False)
 
