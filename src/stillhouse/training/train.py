@@ -22,7 +22,9 @@ stage under ``torchrun`` (data parallel; gloo on CPU):
 from __future__ import annotations
 
 import json
+import math
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -31,11 +33,11 @@ from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from stillhouse.config import KDConfig, TrainConfig
 from stillhouse.data.curate import read_split
-from stillhouse.errors import InputError
+from stillhouse.errors import InputError, StillhouseError
 from stillhouse.models import count_parameters, load_causal_lm, load_tokenizer, resolve_model, vocabulary_difference
 from stillhouse.refs import DatasetRef, ModelRef, SamplesRef
 from stillhouse.sampling.hf_engine import render_prompts
@@ -44,6 +46,11 @@ from stillhouse.store import Store, fingerprint
 from stillhouse.training.losses import TopK, cross_entropy, distillation_loss, distillation_loss_from_hidden
 
 CODE_VERSION = 2
+TRAINER_STATE = "trainer_state.json"  # the last file Trainer writes into a checkpoint
+
+
+class NonFiniteLossError(StillhouseError):
+    """The training loss became NaN or infinite; training stopped before the bad step updated any weight."""
 
 
 def build_student(config: TrainConfig, teacher_path: str):
@@ -149,6 +156,29 @@ class DistillationTrainer(Trainer):
         # it by the accumulation steps (it skips that for models that accept loss kwargs).
         self.model_accepts_loss_kwargs = False
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """One micro-batch's forward and backward; a NaN or infinite loss stops training here.
+
+        The check runs before the optimizer step, so the bad gradients never reach the weights and no
+        checkpoint written afterwards can hold them: the newest checkpoint on disk is the last good one.
+        (Trainer's own `logging_nan_inf_filter` would instead hide the NaN in the logged average.)
+        """
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            step = self.state.global_step + 1
+            logged = [entry["loss"] for entry in self.state.log_history if "loss" in entry]
+            last_good = last_complete_checkpoint(Path(self.args.output_dir))
+            raise NonFiniteLossError(
+                f"train: the loss is {value} at step {step} of {self.state.max_steps}"
+                + (f" (last logged loss {logged[-1]:.4g})" if logged else "")
+                + "; training stopped and the stage is not marked complete. "
+                + (f"The last good checkpoint is kept at {last_good}. " if last_good else "No checkpoint was written yet (set train.save_steps to keep some). ")
+                + "Lower train.learning_rate (or raise warmup_ratio), check the data for empty or broken rows "
+                "(NaN/inf teacher log-probs, all-masked responses), or turn off bf16."
+            )
+        return loss
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         stored = TopK(inputs.pop("top_k_ids"), inputs.pop("top_k_logprobs")) if "top_k_ids" in inputs else None
@@ -240,6 +270,28 @@ class ProgressCallback(TrainerCallback):
             self.progress(state.global_step / state.max_steps)
 
 
+def last_complete_checkpoint(checkpoints: Path) -> str | None:
+    """The newest ``checkpoint-N`` folder that Trainer finished writing, or None.
+
+    A kill -9 can land while a checkpoint is being written: Trainer writes ``trainer_state.json``
+    last, so a checkpoint without a readable one is half written and skipped (transformers'
+    ``get_last_checkpoint`` would pick it and the resume would fail).
+    """
+    if not checkpoints.is_dir():
+        return None
+    candidates = []
+    for path in checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        suffix = path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+        if not (path.is_dir() and suffix.isdigit()):
+            continue
+        try:
+            json.loads((path / TRAINER_STATE).read_text())
+        except (OSError, ValueError):
+            continue
+        candidates.append((int(suffix), path))
+    return str(max(candidates)[1]) if candidates else None
+
+
 def with_lora(model, config: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
@@ -279,6 +331,8 @@ def run_training(config: TrainConfig, dataset: DatasetRef, samples: SamplesRef, 
         learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio,
         weight_decay=config.weight_decay, logging_steps=config.logging_steps, report_to="none",
         save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
+        # Two kept: if a kill lands while the newest is written, the one before it is complete.
+        save_total_limit=2, logging_nan_inf_filter=False,
         seed=config.seed, data_seed=config.seed, remove_unused_columns=False, use_cpu=config.device == "cpu",
         bf16=config.bf16, dataloader_pin_memory=not cpu, dataloader_drop_last=len(examples) >= config.batch_size,
         ddp_backend="gloo" if cpu and config.num_processes > 1 else None,
@@ -292,13 +346,13 @@ def run_training(config: TrainConfig, dataset: DatasetRef, samples: SamplesRef, 
         teacher=teacher, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         loss_chunk_size=config.loss_chunk_size, **weights,
     )
-    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None  # a crashed run's progress
+    resume = last_complete_checkpoint(checkpoints)  # a crashed run's progress, when it saved any
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
     history = [{"step": e["step"], "loss": e["loss"], "learning_rate": e["learning_rate"]} for e in trainer.state.log_history if "loss" in e]
     result = {"parameters": 0, "train_seconds": round(seconds, 2), "final_loss": history[-1]["loss"] if history else None,
-              "loss_history": history, "examples": len(examples), "resumed_from": resume}
+              "loss_history": history, "examples": len(examples), "resumed_from": resume, "optimizer_steps": trainer.state.global_step}
     if trainer.is_world_process_zero():
         student = trainer.accelerator.unwrap_model(model)
         if config.lora is not None:
@@ -307,6 +361,8 @@ def run_training(config: TrainConfig, dataset: DatasetRef, samples: SamplesRef, 
         student.save_pretrained(folder / "model")
         tokenizer.save_pretrained(folder / "model")
         result["parameters"] = count_parameters(student)
+        # Checkpoints exist to resume an incomplete stage; once the student is saved they are dead weight.
+        shutil.rmtree(checkpoints, ignore_errors=True)
     return result
 
 
@@ -321,8 +377,11 @@ def launch_training(config: TrainConfig, dataset: DatasetRef, samples: SamplesRe
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={config.num_processes}", "--master_addr=127.0.0.1",
                f"--master_port={port}", "-m", "stillhouse.training.worker", str(spec)]
+    (folder / "error.txt").unlink(missing_ok=True)
     completed = subprocess.run(command)
     if completed.returncode != 0:
+        if (folder / "error.txt").is_file():
+            raise StillhouseError((folder / "error.txt").read_text())
         raise RuntimeError(f"train: {config.num_processes}-process training failed (exit {completed.returncode}); rerun to resume from its last checkpoint")
     return json.loads((folder / "result.json").read_text())
 

@@ -1,16 +1,12 @@
 """Resume after kill -9: a sampling process killed mid-run, rerun, ends equal to an uninterrupted run."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 import pytest
 
+from kill9 import run_then_kill
 from stillhouse.config import CurateConfig, SampleConfig
 from stillhouse.data.curate import curate
 from stillhouse.sampling.sample import sample_teacher
@@ -39,19 +35,8 @@ def test_a_killed_run_resumes_with_only_the_missing_shards_and_the_same_content(
     (tmp_path / "config.json").write_text(config.model_dump_json())
     (tmp_path / "dataset.json").write_text(dataset.model_dump_json())
     killed_root = tmp_path / "killed"
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "config.json"), str(tmp_path / "dataset.json"), str(killed_root)],
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    try:
-        while len(list(killed_root.glob("sample/*/shard-*.parquet"))) < 2:
-            assert child.poll() is None, f"sampling exited early: {child.stderr.read().decode()[-2000:]}"
-            assert time.monotonic() < deadline, "no shard written in 120 s"
-            time.sleep(0.05)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
-        child.stderr.close()
+    run_then_kill(CHILD, [str(tmp_path / "config.json"), str(tmp_path / "dataset.json"), str(killed_root)],
+                  ready=lambda: len(list(killed_root.glob("sample/*/shard-*.parquet"))) >= 2, what="sampling")
     (folder,) = (killed_root / "sample").iterdir()
     assert not (folder / MANIFEST).exists(), "the run finished before it was killed; the test needs a slower run"
     survivors = {path.name: path.stat().st_mtime_ns for path in folder.glob("shard-*.parquet")}

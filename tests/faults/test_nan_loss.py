@@ -1,0 +1,86 @@
+"""A NaN loss stops training at that step, names it, keeps the last good checkpoint, seals nothing.
+
+The NaN is real: one response's stored teacher log-probs are NaN (what a broken teacher server or a
+bad conversion can write), so the KD loss of the batch holding that row is NaN on the real trainer.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import curate_and_sample
+from stillhouse.config import TrainConfig
+from stillhouse.store import MANIFEST
+from stillhouse.training.train import NonFiniteLossError, train_student
+
+pytestmark = pytest.mark.slow
+
+ARCHITECTURE = {"hidden_size": 16, "num_layers": 2, "intermediate_size": 32, "num_heads": 2}
+POISONED_ROW = 40  # of the first shard; the trainer's seeded shuffle reaches it a few steps in
+
+
+def poison_teacher_logprobs(samples_path: str, row: int) -> str:
+    """Overwrite one row's top-k log-probs with NaN in its shard; returns the row's prompt id."""
+    (shard,) = sorted(p for p in Path(samples_path).glob("shard-*.parquet"))[:1]
+    table = pq.read_table(shard)
+    column = table.column("top_k_logprobs").to_pylist()
+    column[row] = [[float("nan")] * len(position) for position in column[row]]
+    index = table.schema.get_field_index("top_k_logprobs")
+    table = table.set_column(index, table.schema.field(index), pa.array(column, type=table.schema.field(index).type))
+    pq.write_table(table, shard)
+    return table.column("prompt_id")[row].as_py()
+
+
+def test_a_nan_loss_stops_training_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_teacher, prompts_jsonl):
+    store, dataset, samples = curate_and_sample(tmp_path / "store", tiny_teacher, prompts_jsonl)
+    poison_teacher_logprobs(samples.path, POISONED_ROW)
+    config = TrainConfig.model_validate({
+        "architecture": ARCHITECTURE, "method": "kd", "max_steps": 40, "batch_size": 8, "learning_rate": 0.005,
+        "logging_steps": 5, "save_steps": 1, "threads": 1, "device": "cpu",
+    })
+    with pytest.raises(NonFiniteLossError) as raised:
+        train_student(config, dataset, samples, store)
+    message = str(raised.value)
+    step = int(message.split(" at step ")[1].split(" ")[0])
+    assert 1 < step <= 40, message  # a few good steps first, so there is a good checkpoint to keep
+    assert f"the loss is nan at step {step} of 40" in message
+    assert "Lower train.learning_rate" in message and "check the data" in message and "not marked complete" in message
+
+    (folder,) = (store.root / "train").iterdir()
+    assert not (folder / MANIFEST).exists() and not (folder / "model").exists()
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in (folder / "checkpoints").glob("checkpoint-*"))
+    # Stopped before the optimizer applied the NaN gradients: nothing was written at or after the bad step.
+    assert checkpoints and max(checkpoints) == step - 1, (checkpoints, step)
+    assert f"The last good checkpoint is kept at {folder / 'checkpoints' / f'checkpoint-{step - 1}'}" in message
+    weights = load_file(folder / "checkpoints" / f"checkpoint-{step - 1}" / "model.safetensors")
+    assert all(torch.isfinite(weight).all() for weight in weights.values())
+    state = json.loads((folder / "checkpoints" / f"checkpoint-{step - 1}" / "trainer_state.json").read_text())
+    logged = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert all(math.isfinite(loss) for loss in logged)
+
+    # A rerun resumes from that checkpoint and meets the same bad batch: it fails the same way, and
+    # the stage still is not sealed (a NaN run never becomes a cached "success").
+    with pytest.raises(NonFiniteLossError, match=f"at step {step} of 40"):
+        train_student(config, dataset, samples, store)
+    assert not (folder / MANIFEST).exists()
+
+
+def test_a_non_finite_loss_at_the_first_step_stops_with_no_checkpoint_and_nothing_sealed(tmp_path, tiny_teacher, prompts_jsonl):
+    """+inf teacher log-probs in every row: the first step's loss is not finite (inf x 0 makes it NaN)."""
+    store, dataset, samples = curate_and_sample(tmp_path / "store", tiny_teacher, prompts_jsonl)
+    (shard,) = sorted(Path(samples.path).glob("shard-*.parquet"))[:1]
+    table = pq.read_table(shard)
+    column = table.column("top_k_logprobs").to_pylist()
+    column = [[[float("inf")] + values[1:] for values in row] for row in column]  # every row: the first step fails
+    index = table.schema.get_field_index("top_k_logprobs")
+    pq.write_table(table.set_column(index, table.schema.field(index), pa.array(column, type=table.schema.field(index).type)), shard)
+    config = TrainConfig.model_validate({"architecture": ARCHITECTURE, "method": "kd", "max_steps": 5, "batch_size": 8, "threads": 1, "device": "cpu"})
+    with pytest.raises(NonFiniteLossError, match=r"the loss is (inf|nan) at step 1 of 5; .*No checkpoint was written yet"):
+        train_student(config, dataset, samples, store)
+    assert not list((store.root / "train").glob(f"*/{MANIFEST}"))
