@@ -60,6 +60,27 @@ def test_only_the_chosen_groups_are_computed(sampled, tiny_teacher):
     assert report_files(report) == []
 
 
+def test_the_verifier_win_rate_counts_right_over_wrong_as_a_win_and_equal_outcomes_as_ties():
+    from stillhouse.evaluation.evaluate import judged_win_rates
+
+    references = ["a", "b", "c", "d"]
+    answers = {"teacher": ["a", "b", "c", "d"], "student": ["a", "b", "c", "x"], "baseline": ["a", "x", "x", "x"]}
+    rates = judged_win_rates(EvaluateConfig(win_rate_judge="verifier"), "unused", [[]] * 4, answers, references)
+    # Against the teacher: three ties and one loss; against the baseline: one tie, two wins, one tie (both wrong).
+    assert rates["student_win_rate"] == pytest.approx(1.5 / 4) and rates["baseline_win_rate"] == pytest.approx(0.5 / 4)
+    assert rates["student_win_rate_vs_baseline"] == pytest.approx(3 / 4)
+    assert rates["student_win_rate_vs_baseline_low"] < 0.75 < rates["student_win_rate_vs_baseline_high"]
+
+
+def test_the_win_rate_against_a_baseline_is_in_the_report(sampled, tiny_teacher):
+    store, dataset, samples = sampled
+    config = EvaluateConfig(max_new_tokens=4, max_prompts=5, metrics=["win_rate"], win_rate_judge="verifier", report=False)
+    report = evaluate_student(config, dataset, samples, model_ref(tiny_teacher, "teacher-copy"), store, baseline=model_ref(tiny_teacher, "sft"))
+    assert report.metrics["student_win_rate_vs_baseline"] == 0.5  # the same model: every prompt a tie
+    with pytest.raises(InputError, match="win_rate_judge: `verifier` judges by reference answers"):
+        evaluate_student(config, dataset.model_copy(update={"has_references": False}), samples, model_ref(tiny_teacher, "x"), store)
+
+
 def test_an_empty_eval_split_is_refused_before_loading_models(sampled, tiny_teacher):
     store, dataset, samples = sampled
     with pytest.raises(InputError, match="eval split has no rows"):

@@ -383,7 +383,8 @@ METRIC_NAMES: dict[str, tuple[str, ...]] = {
     "speed": ("teacher_tokens_per_second", "student_tokens_per_second", "baseline_tokens_per_second", "teacher_latency_seconds",
               "student_latency_seconds", "baseline_latency_seconds", "speed_ratio", "latency_ratio"),
     "size": ("teacher_size_mb", "student_size_mb", "baseline_size_mb", "size_ratio"),
-    "win_rate": ("student_win_rate", "student_win_rate_low", "student_win_rate_high", "baseline_win_rate", "baseline_win_rate_low", "baseline_win_rate_high"),
+    "win_rate": ("student_win_rate", "student_win_rate_low", "student_win_rate_high", "baseline_win_rate", "baseline_win_rate_low", "baseline_win_rate_high",
+                 "student_win_rate_vs_baseline", "student_win_rate_vs_baseline_low", "student_win_rate_vs_baseline_high"),
     "always": ("teacher_parameters", "student_parameters", "baseline_parameters", "parameter_ratio"),
 }
 
@@ -454,7 +455,7 @@ class EvaluateConfig(StrictModel):
         None, min_length=1,
         description="Metric groups to compute: perplexity (on teacher responses), reference_perplexity, kl (token KL teacher‖student), "
         "agreement (answer and top-1 token), exact_match, rouge_l_teacher, rouge_l_reference, speed (tokens/s, latency), size (on disk), "
-        "win_rate (a judge model compares each answer with the teacher's, both orders). "
+        "win_rate (a judge compares each answer with the teacher's, and the student's with the baseline's, both orders). "
         "Null computes every group the data supports except win_rate; listing one that needs references the data lacks is an error.",
     )
     baseline: str | None = Field(
@@ -462,6 +463,10 @@ class EvaluateConfig(StrictModel):
     )
     judge_model: str | None = Field(
         None, min_length=1, description="Judge of group win_rate (a local folder or Hub id); null uses the teacher. Ties and order-inconsistent verdicts count half.",
+    )
+    win_rate_judge: Literal["model", "verifier"] = Field(
+        "model", description="Group win_rate: `model` asks the judge model (both orders); `verifier` compares each answer with the "
+        "reference (a win when only the first is right, a tie when both or neither are): for tasks with checkable answers.",
     )
     latency_prompts: int = Field(4, gt=0, le=1000, description="Prompts generated one at a time to time per-prompt latency (group `speed`).")
     report: bool = Field(True, description="Write report.md, report.html and PNG plots into the evaluate stage's folder.")

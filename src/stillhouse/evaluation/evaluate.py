@@ -15,7 +15,9 @@ Metric groups (``evaluate.metrics``; null computes every group the data supports
   (median per prompt, one at a time), ``speed_ratio``, ``latency_ratio`` (student / teacher, same hardware);
 - ``size``: ``<role>_size_mb`` (weight files), ``size_ratio``;
 - ``win_rate`` (opt-in): ``student_win_rate`` (``_low``, ``_high``: 95% Wilson interval), the share of prompts where a judge
-  model (``evaluate.judge_model``, else the teacher) prefers the student's answer to the teacher's, both orders judged;
+  model (``evaluate.judge_model``, else the teacher) prefers the student's answer to the teacher's, both orders judged,
+  ties counting half; with a baseline also ``student_win_rate_vs_baseline``. ``evaluate.win_rate_judge: verifier`` judges
+  by the references instead;
 - always: ``<role>_parameters`` and ``parameter_ratio``;
 - with ``evaluate.lm_eval``: ``<role>_lm_eval/<task>/<metric>`` from lm-evaluation-harness.
 
@@ -126,19 +128,35 @@ def timed_generation(model, tokenizer, rendered: list[str], config: EvaluateConf
     return [g.text for g in generations], tokens_per_second, statistics.median(latencies) if latencies else float("nan")
 
 
-def judged_win_rates(config: EvaluateConfig, teacher: str, conversations: list[list[dict]], answers: dict[str, list[str]]) -> dict[str, float]:
-    """``<role>_win_rate`` of the student (and baseline) answers against the teacher's, with its 95% interval."""
-    from stillhouse.feedback.judge import judge_pairs, win_rate
+def judged_win_rates(config: EvaluateConfig, teacher: str, conversations: list[list[dict]], answers: dict[str, list[str]],
+                     references: list[str | None]) -> dict[str, float]:
+    """``<role>_win_rate`` of each role's answers against the teacher's and ``student_win_rate_vs_baseline``, with 95% intervals."""
+    from stillhouse.feedback.judge import PairJudgement, judge_pairs, verifier_scores, win_rate
 
-    judge = resolve_model(config.judge_model, "evaluate.judge_model") if config.judge_model else teacher
-    model, tokenizer = load_causal_lm(judge, device="auto"), load_tokenizer(judge)
-    questions = [next((m["content"] for m in reversed(messages) if m["role"] == "user"), "") for messages in conversations]
+    if config.win_rate_judge == "verifier":
+        if any(reference is None for reference in references):
+            raise InputError("evaluate.win_rate_judge: `verifier` needs a reference answer for every eval prompt; "
+                             "use the `model` judge, or curate data whose reference column is filled")
+
+        def judged(firsts: list[str], seconds: list[str]) -> list[PairJudgement]:
+            # Right beats wrong; both right or both wrong is a tie (first_better 0.5), which counts half.
+            return [PairJudgement(first_better=(a - b + 1) / 2, consistent=True)
+                    for a, b in zip(verifier_scores(firsts, references), verifier_scores(seconds, references))]
+    else:
+        judge = resolve_model(config.judge_model, "evaluate.judge_model") if config.judge_model else teacher
+        model, tokenizer = load_causal_lm(judge, device="auto"), load_tokenizer(judge)
+        questions = [next((m["content"] for m in reversed(messages) if m["role"] == "user"), "") for messages in conversations]
+
+        def judged(firsts: list[str], seconds: list[str]) -> list[PairJudgement]:
+            return judge_pairs(model, tokenizer, questions, firsts, seconds, batch_size=config.batch_size)
+
+    matches = [(f"{role}_win_rate", role, "teacher") for role in answers if role != "teacher"]
+    if "baseline" in answers:
+        matches.append(("student_win_rate_vs_baseline", "student", "baseline"))
     rates = {}
-    for role, role_answers in answers.items():
-        if role == "teacher":
-            continue
-        rate = win_rate(judge_pairs(model, tokenizer, questions, role_answers, answers["teacher"], batch_size=config.batch_size))
-        rates.update({f"{role}_win_rate": rate.rate, f"{role}_win_rate_low": rate.low, f"{role}_win_rate_high": rate.high})
+    for name, first, second in matches:
+        rate = win_rate(judged(answers[first], answers[second]))
+        rates.update({name: rate.rate, f"{name}_low": rate.low, f"{name}_high": rate.high})
     return rates
 
 
@@ -150,6 +168,9 @@ def check_eval_set(config: EvaluateConfig, dataset: DatasetRef) -> None:
     if needing and not dataset.has_references:
         raise InputError(f"evaluate.metrics: {', '.join(needing)} need reference answers, but the curated data has none; "
                          "set curate.reference_column to the column holding them, or drop those metrics")
+    if "win_rate" in (config.metrics or []) and config.win_rate_judge == "verifier" and not dataset.has_references:
+        raise InputError("evaluate.win_rate_judge: `verifier` judges by reference answers, but the curated data has none; "
+                         "set curate.reference_column, or use win_rate_judge: model")
 
 
 def evaluate_student(
@@ -252,7 +273,8 @@ def evaluate_student(
             if accuracy_ratio is not None:
                 metrics["accuracy_ratio_to_teacher"] = accuracy_ratio
         if "win_rate" in groups:
-            metrics.update(judged_win_rates(config, samples.teacher, conversations, answers))
+            references = [r if isinstance(r, str) else None for r in prompts["reference"]] if dataset.has_references else [None] * len(prompts)
+            metrics.update(judged_win_rates(config, samples.teacher, conversations, answers, references))
         metrics = {name: float(value) for name, value in metrics.items() if not math.isnan(value)}
         table.to_parquet(folder / "generations.parquet", index=False)
         if config.report:

@@ -27,6 +27,7 @@ ROWS: list[tuple[str, dict[str, str], str, str | None]] = [
         ("ROUGE-L vs teacher answers", "rouge_l_teacher", "{:.3f}", None),
         ("answer agrees with teacher", "teacher_agreement", PERCENT, None),
         ("judged win rate vs teacher", "win_rate", PERCENT, None),
+        ("judged win rate vs baseline", "win_rate_vs_baseline", PERCENT, None),
         ("top-1 token agrees with teacher", "top1_agreement", PERCENT, None),
         ("perplexity on teacher responses", "perplexity", "{:.3f}", None),
         ("perplexity on references", "reference_perplexity", "{:.3f}", None),
