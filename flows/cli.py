@@ -3,6 +3,7 @@
     stillhouse run configs/demo.yaml [--set train.max_steps=100 ...] [--until STAGE]
     stillhouse validate configs/demo.yaml [--set ...]
     stillhouse schema
+    stillhouse pull REPO_ID [--revision R] [--endpoint URL] [--prompt TEXT]
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a config and its inputs (files, models, k) without running anything")
     with_config(validate)
     commands.add_parser("schema", help="print every config field with its type, default and description (JSON Schema)")
+    pull = commands.add_parser("pull", help="download a published student, verify it against its stillhouse.json, then prompt or chat with it",
+                               description="Download REPO_ID from the Hub (or --endpoint), check every file's sha256 against stillhouse.json "
+                               "and the Hub's LFS records, load it with plain transformers, and answer --prompt or chat interactively.")
+    pull.add_argument("repo_id", metavar="REPO_ID", help="Hub repo, e.g. alice/Llama-tiny-student")
+    pull.add_argument("--revision", default=None, help="branch, tag (e.g. v3) or commit; default: main")
+    pull.add_argument("--endpoint", default=None, help="Hub endpoint of a self-hosted Hub; default: $HF_ENDPOINT or huggingface.co")
+    pull.add_argument("--prompt", default=None, help="answer this prompt and exit; without it, chat until `exit` or Ctrl-D")
+    pull.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer (default: 128)")
+    pull.add_argument("--token-env", default="HF_TOKEN", help="environment variable holding a token, for private repos (default: HF_TOKEN)")
     return parser
 
 
@@ -82,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.command == "schema":
         print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
         return 0
+    if arguments.command == "pull":
+        from registry.pull import pull_command
+
+        try:
+            return pull_command(arguments.repo_id, arguments.revision, arguments.endpoint, arguments.prompt,
+                                arguments.max_new_tokens, arguments.token_env)
+        except StillhouseError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     try:
         config = load_config(arguments.config, arguments.overrides)
         if config.publish.endpoint and "huggingface.co" not in config.publish.endpoint:

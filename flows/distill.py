@@ -16,6 +16,7 @@ from typing import Literal
 
 from prefect import flow
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_UI_URL
 from pydantic import BaseModel, Field
 
 import tasks  # noqa: F401  (embedded defaults)
@@ -63,7 +64,8 @@ class PipelineResult(BaseModel):
 def distill(config: PipelineConfig, until: Stage = "publish") -> PipelineResult:
     """Run the pipeline up to and including ``until``."""
     preflight(config)
-    tracking = start_pipeline_run(config, flow_run.get_id())
+    # The flow run's UI page only when a Prefect server is configured (the ephemeral API has no UI).
+    tracking = start_pipeline_run(config, flow_run.get_id(), flow_run.get_flow_run_ui_url() if PREFECT_UI_URL.value() else None)
     last = STAGES.index(until)
     result = PipelineResult(name=config.name, mlflow_run_id=tracking.parent_run_id, tracking_uri=tracking.tracking_uri,
                             experiment_id=tracking.experiment_id, seconds={}, cached={})
@@ -89,7 +91,8 @@ def distill(config: PipelineConfig, until: Stage = "publish") -> PipelineResult:
             result.report = timed("evaluate", lambda: evaluate_task(config, result.dataset, result.samples, result.student, tracking,
                                                                     baseline=result.sft_student))
         if last >= 4 and config.registry.enabled:
-            result.registered = timed("register", lambda: register_task(config, result.student, result.report, tracking))
+            result.registered = timed("register", lambda: register_task(
+                config, result.student, result.report, tracking, dataset=result.dataset, samples=result.samples))
         if last >= 4 and config.evaluate.gate.enabled:
             # A failed gate keeps the run Completed: every stage worked; the verdict says why nothing was promoted.
             result.verdict = timed("gate", lambda: gate_task(config, result.report, result.registered, tracking))

@@ -8,6 +8,8 @@ embedded default ``sqlite:///.stillhouse/mlflow.db`` with artifacts in ``.stillh
 from __future__ import annotations
 
 import os
+import subprocess
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,9 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
+import stillhouse
 from stillhouse.config import PipelineConfig, TrackingConfig
+from stillhouse.refs import DatasetRef, SamplesRef
 
 DEFAULT_HOME = Path(".stillhouse")
 
@@ -26,6 +30,40 @@ class TrackingContext(BaseModel):
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    flow_run_id: str | None = None
+    flow_run_url: str | None = None
+
+
+@cache
+def code_version() -> str:
+    """The package version, plus the git commit (and `.dirty`) when running from a checkout; no network."""
+    try:
+        source = Path(stillhouse.__file__).resolve().parent
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source, capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return stillhouse.__version__
+    return f"{stillhouse.__version__}+g{commit}" + (".dirty" if dirty else "")
+
+
+def lineage_tags(config: PipelineConfig, context: TrackingContext, dataset: DatasetRef | None = None, samples: SamplesRef | None = None) -> dict[str, str]:
+    """The tags that tie a run or model version to what made it: teacher and revision, data, method, flow run, code."""
+    from registry.publish import distillation_method  # the one definition of the method label
+
+    tags = {
+        "stillhouse.teacher": config.sample.teacher,
+        "stillhouse.method": distillation_method(config),
+        "stillhouse.code_version": code_version(),
+        "prefect.flow_run_id": context.flow_run_id or "",
+    }
+    if context.flow_run_url:
+        tags["prefect.flow_run_url"] = context.flow_run_url
+    if dataset is not None:
+        tags["stillhouse.data_fingerprint"] = dataset.fingerprint
+    if samples is not None:
+        tags.update({"stillhouse.teacher_revision": samples.teacher_revision, "stillhouse.samples_fingerprint": samples.fingerprint,
+                     "stillhouse.tokenizer_fingerprint": samples.tokenizer_fingerprint})
+    return tags
 
 
 def tracking_uri(config: TrackingConfig) -> str:
@@ -60,20 +98,22 @@ def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def start_pipeline_run(config: PipelineConfig, flow_run_id: str | None) -> TrackingContext:
+def start_pipeline_run(config: PipelineConfig, flow_run_id: str | None, flow_run_url: str | None = None) -> TrackingContext:
+    """The parent run; ``flow_run_url`` is the Prefect UI page of the flow run when a Prefect server (PREFECT_UI_URL) is configured."""
     uri = tracking_uri(config.tracking)
     experiment_id = ensure_experiment(config.tracking.experiment, uri)
     client = MlflowClient(uri)
+    pending = TrackingContext(tracking_uri=uri, experiment_id=experiment_id, parent_run_id="", flow_run_id=flow_run_id, flow_run_url=flow_run_url)
     run = client.create_run(experiment_id, run_name=config.name, tags={
         "stillhouse.pipeline": config.name,
-        "prefect.flow_run_id": flow_run_id or "",
         "teacher": config.sample.teacher,
         "student": config.train.student or "scratch:{hidden_size}x{num_layers}".format(**config.train.architecture.model_dump()),
         "method": config.train.method,
+        **lineage_tags(config, pending),
     })
     params = flatten(config.model_dump(mode="json"))
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in params.items()])
-    return TrackingContext(tracking_uri=uri, experiment_id=experiment_id, parent_run_id=run.info.run_id)
+    return pending.model_copy(update={"parent_run_id": run.info.run_id})
 
 
 def log_stage(

@@ -1,4 +1,4 @@
-"""Registration as a Prefect task: the student becomes an MLflow model version with an alias."""
+"""Registration as a Prefect task: the student becomes an MLflow model version with an alias, tagged with its lineage."""
 
 from __future__ import annotations
 
@@ -10,18 +10,26 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from registry.model_registry import RegisteredModel, register_student
-from registry.tracking import TrackingContext, log_stage
+from registry.tracking import TrackingContext, lineage_tags, log_stage
 from stillhouse.config import PipelineConfig
-from stillhouse.refs import EvalReport, ModelRef
+from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
 
 
 @task(name="register", cache_policy=NO_CACHE)
-def register_task(config: PipelineConfig, student: ModelRef, report: EvalReport, tracking: TrackingContext) -> RegisteredModel:
+def register_task(
+    config: PipelineConfig, student: ModelRef, report: EvalReport, tracking: TrackingContext,
+    dataset: DatasetRef | None = None, samples: SamplesRef | None = None,
+) -> RegisteredModel:
     started = time.perf_counter()
-    run_id = log_stage(tracking, "register", fingerprint=student.fingerprint, cached=False, seconds=0.0, metrics=report.metrics)
-    registered = register_student(config.registry, tracking, student, run_id, tags={"stillhouse.pipeline": config.name, "stillhouse.eval_fingerprint": report.fingerprint},
+    lineage = lineage_tags(config, tracking, dataset, samples)
+    run_id = log_stage(tracking, "register", fingerprint=student.fingerprint, cached=False, seconds=0.0, metrics=report.metrics, tags=lineage)
+    client = MlflowClient(tracking.tracking_uri)
+    for key, value in lineage.items():  # the parent run carries the lineage too, now that sampling has fixed the teacher revision
+        client.set_tag(tracking.parent_run_id, key, value)
+    registered = register_student(config.registry, tracking, student, run_id,
+                                  tags={"stillhouse.pipeline": config.name, "stillhouse.eval_fingerprint": report.fingerprint, **lineage},
                                   license=config.publish.license)
-    MlflowClient(tracking.tracking_uri).set_tag(run_id, "stillhouse.cached", str(registered.cached).lower())
+    client.set_tag(run_id, "stillhouse.cached", str(registered.cached).lower())
     get_run_logger().info("register: %s version %s (alias @%s)%s in %.1fs", registered.name, registered.version, registered.alias,
                           ", reused" if registered.cached else "", time.perf_counter() - started)
     return registered

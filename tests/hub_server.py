@@ -26,6 +26,7 @@ import itertools
 import json
 import re
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -85,6 +86,24 @@ class HubError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.headers = status, message, code, headers or {}
+
+
+@dataclass
+class Fault:
+    """A failure the hub injects into matching requests: an error status, or a dropped connection.
+
+    ``drop`` closes the connection without an answer, halfway through reading the request body
+    (like a proxy or network failure mid-upload); with ``after_handling`` the request is applied
+    first and only the answer is lost (the case a retried commit must not apply twice).
+    """
+
+    method: str
+    path: re.Pattern
+    status: int | None = None
+    drop: bool = False
+    after_handling: bool = False
+    times: int = 1
+    hits: int = 0
 
 
 class LoggedRequest(NamedTuple):
@@ -151,6 +170,7 @@ class LoopbackHub:
         self.lfs_objects: dict[str, bytes] = {}  # sha256 oid -> content
         self.requests: list[LoggedRequest] = []
         self.server_errors: list[str] = []  # bugs in this server (answered with a 500)
+        self.faults: list[Fault] = []
         self.url = ""
         self._upload_tickets: dict[str, str] = {}  # one-time LFS upload ticket -> oid
         self._lock = threading.RLock()
@@ -179,6 +199,29 @@ class LoopbackHub:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+    # -- for tests to break ---------------------------------------------------------------------
+    def inject(self, method: str, path_regex: str, *, status: int | None = None, drop: bool = False,
+               after_handling: bool = False, times: int = 1) -> Fault:
+        """Make the next ``times`` requests matching ``method`` and the raw path regex fail (see `Fault`).
+
+            hub.inject("POST", r"/commit/", status=503)            # one transient error on the next commit
+            hub.inject("PUT", r"^/_lfs/", drop=True)               # a connection dropped during an LFS upload
+        """
+        if (status is None) == (not drop):
+            raise ValueError("give either status= or drop=True")
+        fault = Fault(method.upper(), re.compile(path_regex), status, drop, after_handling, times)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def _take_fault(self, method: str, path: str) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.hits < fault.times and fault.method == method and fault.path.search(path):
+                    fault.hits += 1
+                    return fault
+        return None
 
     # -- for tests to inspect ------------------------------------------------------------------
     def files(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, bytes]:
@@ -458,16 +501,36 @@ class _Handler(BaseHTTPRequestHandler):
             pass
         return b"".join(chunks)
 
+    def _drop_connection(self) -> None:
+        """Close the socket without an answer: the client sees a dropped connection."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def _handle(self) -> None:
         hub: LoopbackHub = self.server.hub  # type: ignore[attr-defined]
-        body = self._read_body()  # always, errors included, or the connection's next request breaks
         url = urlsplit(self.path)
-        query = {key: values[-1] for key, values in parse_qs(url.query).items()}
         auth = self.headers.get("Authorization", "")
         token = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else None
+        fault = hub._take_fault(self.command, url.path)
+        if fault is not None and fault.drop and not fault.after_handling:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0) // 2)  # half the upload arrives, then the line goes dead
+            hub.requests.append(LoggedRequest(self.command, url.path, token, 0))
+            self._drop_connection()
+            return
+        body = self._read_body()  # always, errors included, or the connection's next request breaks
+        query = {key: values[-1] for key, values in parse_qs(url.query).items()}
         try:
+            if fault is not None and fault.status is not None:
+                raise HubError(fault.status, f"LoopbackHub injected fault: HTTP {fault.status}")
             with hub._lock:
                 status, headers, payload = hub.handle(self.command, url.path, query, body, token)
+            if fault is not None and fault.after_handling:  # applied, but the answer is lost
+                hub.requests.append(LoggedRequest(self.command, url.path, token, 0))
+                self._drop_connection()
+                return
         except HubError as error:
             status, headers, payload = _json({"error": error.message}, status=error.status)
             headers.update({"X-Error-Message": error.message, **error.headers})

@@ -51,17 +51,17 @@ def test_pipeline_end_to_end_then_from_cache(prefect_harness, pipeline_raw, hub,
 
     # The published folder loads with plain transformers and generates; the Hub got it in one commit.
     folder = Path(result.published.folder)
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md", "provenance.json"} <= {p.name for p in folder.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md", "stillhouse.json"} <= {p.name for p in folder.iterdir()}
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "reverse: abc"}], tokenize=False, add_generation_prompt=True)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     assert model.generate(**inputs, max_new_tokens=4).shape[1] > inputs["input_ids"].shape[1]
     card = (folder / "README.md").read_text()
     assert "license: apache-2.0" in card and "stillhouse" in card and str(config.sample.teacher) in card
-    provenance = json.loads((folder / "provenance.json").read_text())
-    assert provenance["mlflow"]["run_id"] == result.mlflow_run_id and provenance["fingerprints"]["train"] == result.student.fingerprint
-    assert hub.files("alice/tiny-student").keys() >= {"model.safetensors", "README.md", "provenance.json"}
-    assert [c["message"] for c in hub.commits("alice/tiny-student")][0] == "Stillhouse: publish tiny"
+    provenance = json.loads((folder / "stillhouse.json").read_text())
+    assert provenance["mlflow_run_id"] == result.mlflow_run_id and provenance["fingerprints"]["train"] == result.student.fingerprint
+    assert hub.files("alice/tiny-student").keys() >= {"model.safetensors", "README.md", "stillhouse.json"}
+    assert [c["message"] for c in hub.commits("alice/tiny-student")][0].startswith("Stillhouse: publish tiny v1")
     assert result.published.commit_oid == hub.commits("alice/tiny-student")[0]["sha"]
 
     # The token reached the Hub and nowhere else: not the folder, the store, or MLflow.

@@ -1,0 +1,75 @@
+"""`stillhouse pull`: download a published student, verify it, prompt it or chat with it.
+
+    .venv/bin/python -m pytest tests/test_pull.py -q
+"""
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import HfApi
+from rich.console import Console
+
+from conftest import build_tiny_model
+from flows.cli import main
+from registry.publish import push_folder, write_publish_folder
+from registry.pull import Chat, chat_loop, download
+from stillhouse.config import parse_config
+from stillhouse.errors import StillhouseError
+from stillhouse.licenses import check_pipeline_licenses
+from test_publish import LINEAGE, refs
+
+TOKEN = "hf_test_token"
+REPO = "alice/tiny-student"
+
+
+@pytest.fixture
+def published(tmp_path, pipeline_raw, hub, monkeypatch):
+    """A student written by write_publish_folder and pushed as tag v1 to a public repo."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    student = build_tiny_model(tmp_path / "student", hidden_size=16, seed=5)
+    pipeline_raw["publish"] = {"repo_id": REPO, "endpoint": hub.url, "private": False, "retry_backoff_s": 0.01}
+    config = parse_config(pipeline_raw)
+    folder = write_publish_folder(tmp_path / "out", config, *refs(student), check_pipeline_licenses(config), LINEAGE)
+    return push_folder(folder, config, tag="v1")
+
+
+def test_pull_verifies_and_answers_a_prompt(published, hub, capsys, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")  # a public repo needs no token
+    assert main(["pull", REPO, "--revision", "v1", "--endpoint", hub.url, "--prompt", "reverse: abc", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    files = len(json.loads((Path(published.folder) / "stillhouse.json").read_text())["files"])
+    assert f"commit {published.commit_oid[:12]}" in out and f"verified {files} files against stillhouse.json" in out
+    assert "MLflow run run123" in out and len(out.strip().splitlines()[-1]) > 0  # the answer, after the summary
+
+
+def test_chat_loop_keeps_the_conversation_and_ends_on_exit_or_eof(published, hub, tmp_path):
+    pulled = download(REPO, "v1", hub.url, cache_dir=str(tmp_path / "cache"))
+    chat = Chat(pulled.folder, max_new_tokens=3)
+    console = Console(file=io.StringIO())
+    answers = iter(["reverse: ab", "", "sort: cba", "exit", "never read"])
+    assert chat_loop(chat, console, read=lambda prompt: next(answers)) == 2
+    assert console.file.getvalue().count("student>") == 2
+
+    def end_of_input(prompt):
+        raise EOFError
+    assert chat_loop(chat, console, read=end_of_input) == 0
+
+
+def test_changed_weights_are_refused(published, hub, tmp_path):
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    other = build_tiny_model(tmp_path / "other", hidden_size=16, seed=99)
+    api.upload_file(path_or_fileobj=str(other / "model.safetensors"), path_in_repo="model.safetensors", repo_id=REPO)
+    with pytest.raises(StillhouseError, match=r"model.safetensors has sha256 [0-9a-f]{64}, but stillhouse.json records"):
+        download(REPO, None, hub.url, cache_dir=str(tmp_path / "cache"))
+    assert download(REPO, "v1", hub.url, cache_dir=str(tmp_path / "cache")).commit == published.commit_oid  # the tag still verifies
+
+    api.delete_file("stillhouse.json", repo_id=REPO)
+    with pytest.raises(StillhouseError, match="has no stillhouse.json"):
+        download(REPO, None, hub.url, cache_dir=str(tmp_path / "cache2"))
+
+
+def test_a_missing_repo_is_a_clear_error(hub, capsys):
+    assert main(["pull", "alice/never-published", "--endpoint", hub.url, "--prompt", "x"]) == 2
+    assert "can't download alice/never-published@main" in capsys.readouterr().err
