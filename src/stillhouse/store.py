@@ -30,7 +30,8 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,22 @@ def storage_errno(error: BaseException) -> int | None:
         return error.errno
     found = re.search(r"\[errno (\d+)\]", str(error), flags=re.IGNORECASE)
     return int(found.group(1)) if found else None
+
+
+@contextmanager
+def storage_errors(where: str, folder: str | Path) -> Iterator[None]:
+    """Turn "read-only", "permission denied" and "disk full" while writing ``where`` into a StoreWriteError naming it and the fix."""
+    try:
+        yield
+    except OSError as error:
+        code = storage_errno(error)
+        if code not in STORAGE_ERRNOS:
+            raise
+        raise StoreWriteError(
+            f"cannot write the store output {where}: {os.strerror(code)} ({type(error).__name__}: {str(error)[:300]}); "
+            f"nothing was marked complete. Free space or make {folder} writable for this user, or set `store:` "
+            "in the config to a writable folder (or an s3:// URL)"
+        ) from error
 
 
 @dataclass(frozen=True)
@@ -187,21 +204,18 @@ class Store:
             return StageOutput(self.path(stage, stage_fingerprint), existing, cached=True)
         folder = self.path(stage, stage_fingerprint)
         try:
-            self._acquire(stage, stage_fingerprint)
-            existing = self.manifest(stage, stage_fingerprint)  # computed by another run while this one waited
-            if existing is not None:
-                return StageOutput(folder, existing, cached=True)
-            folder.mkdir(parents=True, exist_ok=True)
-            self._check_bucket()  # before computing, not after
-            manifest = {"stage": stage, "fingerprint": stage_fingerprint, "stillhouse_version": stillhouse.__version__}
-            manifest.update(compute(folder))
-            if self.remote:
-                self._upload(stage, stage_fingerprint, manifest)
-            write_json_atomic(folder / MANIFEST, manifest)
-        except OSError as error:
-            if storage_errno(error) in STORAGE_ERRNOS:
-                raise self._write_error(stage, stage_fingerprint, error) from error
-            raise
+            with storage_errors(self._describe(stage, stage_fingerprint), self.root):
+                self._acquire(stage, stage_fingerprint)
+                existing = self.manifest(stage, stage_fingerprint)  # computed by another run while this one waited
+                if existing is not None:
+                    return StageOutput(folder, existing, cached=True)
+                folder.mkdir(parents=True, exist_ok=True)
+                self._check_bucket()  # before computing, not after
+                manifest = {"stage": stage, "fingerprint": stage_fingerprint, "stillhouse_version": stillhouse.__version__}
+                manifest.update(compute(folder))
+                if self.remote:
+                    self._upload(stage, stage_fingerprint, manifest)
+                write_json_atomic(folder / MANIFEST, manifest)
         finally:
             self.release(stage, stage_fingerprint)
         return StageOutput(folder, manifest, cached=False)
@@ -229,7 +243,7 @@ class Store:
 
     def _acquire(self, stage: str, stage_fingerprint: str) -> None:
         path = self._lock_path(stage, stage_fingerprint)
-        try:
+        with storage_errors(self._describe(stage, stage_fingerprint), self.root):
             path.parent.mkdir(parents=True, exist_ok=True)
             with _locks_guard:
                 lock = _locks.setdefault(path, FileLock(path, thread_local=False))
@@ -238,20 +252,10 @@ class Store:
             except Timeout:
                 log.warning("another run is computing %s; waiting for it to finish (lock %s)", self.location(stage, stage_fingerprint), path)
                 lock.acquire()
-        except OSError as error:
-            if storage_errno(error) in STORAGE_ERRNOS:
-                raise self._write_error(stage, stage_fingerprint, error) from error
-            raise
 
-    def _write_error(self, stage: str, stage_fingerprint: str, error: BaseException) -> StoreWriteError:
-        reason = os.strerror(storage_errno(error) or 0)
+    def _describe(self, stage: str, stage_fingerprint: str) -> str:
         where = self.location(stage, stage_fingerprint)
-        cache = f" (local cache {self.root})" if self.remote else ""
-        return StoreWriteError(
-            f"cannot write the store output {where}{cache}: {reason} ({type(error).__name__}: {str(error)[:300]}); "
-            f"nothing was marked complete. Free space or make {self.root} writable for this user, or set `store:` "
-            "in the config to a writable folder (or an s3:// URL)"
-        )
+        return f"{where} (local cache {self.path(stage, stage_fingerprint)})" if self.remote else where
 
     # -- remote transfers ------------------------------------------------------------------------
 

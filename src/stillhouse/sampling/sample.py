@@ -31,7 +31,7 @@ from stillhouse.models import load_causal_lm, load_tokenizer, model_revision, re
 from stillhouse.refs import DatasetRef, SamplesRef
 from stillhouse.sampling.hf_engine import Generation, generate, render_prompts
 from stillhouse.sampling.teacher_outputs import read_teacher_outputs, remove_partial_shards, shard_name, write_shard
-from stillhouse.store import Store, file_sha256, fingerprint
+from stillhouse.store import Store, file_sha256, fingerprint, storage_errors
 
 CODE_VERSION = 2
 SHARD_SEED_STRIDE = 100_003
@@ -253,7 +253,8 @@ def sample_shard(config: SampleConfig, dataset: DatasetRef, plan: ShardPlan, ind
     prompt_ids = [pid for pid in kept["prompt_id"] for _ in range(config.n)]
     splits = [split for split in kept["split"] for _ in range(config.n)]
     _check_generations(generations, len(prompt_ids), label)
-    write_shard(path, prompt_ids, splits, generations)
+    with storage_errors(str(path), plan.folder):  # disk full or read-only: name the folder and the fix, not a pyarrow traceback
+        write_shard(path, prompt_ids, splits, generations)
     if plan.remote_store:
         Store(plan.remote_store).upload_partial("sample", plan.fingerprint, path)
     return ShardResult(index=index, rows=len(generations), generated_tokens=sum(len(g.token_ids) for g in generations),
