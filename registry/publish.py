@@ -300,11 +300,21 @@ def write_publish_folder(
 # -- the push -------------------------------------------------------------------------------------
 
 
+def hub_failure(error: BaseException | None) -> HfHubHTTPError | httpx2.TransportError | None:
+    """The Hub's answer or the network error behind ``error``; the client wraps LFS upload failures in a RuntimeError."""
+    while error is not None:
+        if isinstance(error, (HfHubHTTPError, httpx2.TransportError)):
+            return error
+        error = error.__cause__
+    return None
+
+
 def is_transient(error: BaseException) -> bool:
     """429 and 5xx answers, timeouts and dropped connections: worth another try. A 4xx is an answer, not a hiccup."""
-    if isinstance(error, HfHubHTTPError) and error.response is not None:
-        return error.response.status_code in TRANSIENT_STATUS
-    return isinstance(error, httpx2.TransportError)
+    failure = hub_failure(error)
+    if isinstance(failure, HfHubHTTPError) and failure.response is not None:
+        return failure.response.status_code in TRANSIENT_STATUS
+    return isinstance(failure, httpx2.TransportError)
 
 
 def with_retries(step: str, call: Callable[[], Result], retries: int, backoff_s: float, log: Callable[[str], None] = print) -> Result:
@@ -322,9 +332,11 @@ def with_retries(step: str, call: Callable[[], Result], retries: int, backoff_s:
 
 
 def describe_hub_error(error: BaseException) -> str:
-    if isinstance(error, HfHubHTTPError) and error.response is not None:
-        return f"HTTP {error.response.status_code} {error.response.headers.get('X-Error-Message') or error.response.reason_phrase}"
-    return f"{type(error).__name__}: {error}"
+    failure = hub_failure(error) or error
+    context = f"{error} " if failure is not error else ""  # e.g. "Error while uploading 'model.safetensors' to the Hub."
+    if isinstance(failure, HfHubHTTPError) and failure.response is not None:
+        return f"{context}HTTP {failure.response.status_code} {failure.response.headers.get('X-Error-Message') or failure.response.reason_phrase}"
+    return f"{context}{type(failure).__name__}: {failure}"
 
 
 def hub_token(config: PipelineConfig) -> str:
@@ -380,15 +392,16 @@ def push_folder(folder: Path, config: PipelineConfig, tag: str | None = None, de
             commit_oid, commit_url = latest.commit_id, f"{api.endpoint}/{repo_id}/commit/{latest.commit_id}"  # an earlier try landed
         if tag:
             create_tag(api, repo_id, tag, commit_oid, message, retries, backoff, log)
-    except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else None
+    except (HfHubHTTPError, httpx2.TransportError, RuntimeError) as error:
+        failure = hub_failure(error)
+        if failure is None:  # a RuntimeError that isn't the Hub's: a bug, not a failed push
+            raise
+        status = failure.response.status_code if isinstance(failure, HfHubHTTPError) and failure.response is not None else None
         hint = {401: f"the Hub refused the token in ${settings.token_env} (invalid credentials); create a new token with write access",
-                403: f"the token in ${settings.token_env} may not write to {repo_id}; use a token of that namespace or change publish.repo_id"}.get(status, "")
-        raise StillhouseError(f"publishing {repo_id} to {api.endpoint} failed: {describe_hub_error(error)}"
-                              + (f"; {hint}" if hint else "; the repo's previous revision is unchanged")) from error
-    except httpx2.TransportError as error:
-        raise StillhouseError(f"publishing {repo_id} to {api.endpoint} failed after {retries} retries: {describe_hub_error(error)}; "
-                              "the repo's previous revision is unchanged") from error
+                403: f"the token in ${settings.token_env} may not write to {repo_id}; use a token of that namespace or change publish.repo_id"}.get(status)
+        tries = f" after {retries} retries" if is_transient(error) else ""
+        raise StillhouseError(f"publishing {repo_id} to {api.endpoint} failed{tries}: {describe_hub_error(error)}; "
+                              + (hint or "the repo's previous revision is unchanged (a commit is applied whole or not at all)")) from error
     return PublishedModel(folder=str(folder), repo_id=repo_id, commit_url=commit_url, commit_oid=commit_oid, tag=tag,
                           revision_url=f"{api.endpoint}/{repo_id}/tree/{commit_oid}")
 
