@@ -19,6 +19,11 @@ def all_text(folder: Path) -> str:
     return "\n".join(p.read_bytes().decode("utf-8", "replace") for p in folder.rglob("*") if p.is_file())
 
 
+def by_stage_after(client, result) -> dict:
+    runs = client.search_runs([result.experiment_id], f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'")
+    return {run.data.tags["stillhouse.stage"]: run for run in runs}
+
+
 def test_pipeline_end_to_end_then_from_cache(prefect_harness, pipeline_raw, hub, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     pipeline_raw["publish"] = {"repo_id": "alice/tiny-student", "endpoint": hub.url}
@@ -63,6 +68,11 @@ def test_pipeline_end_to_end_then_from_cache(prefect_harness, pipeline_raw, hub,
     assert hub.files("alice/tiny-student").keys() >= {"model.safetensors", "README.md", "stillhouse.json"}
     assert [c["message"] for c in hub.commits("alice/tiny-student")][0].startswith("Stillhouse: publish tiny v1")
     assert result.published.commit_oid == hub.commits("alice/tiny-student")[0]["sha"]
+    # The run links to the Hub revision, the card back to the run; the round trip from a fresh cache matched.
+    linked = client.get_run(result.mlflow_run_id).data.tags
+    assert linked["stillhouse.hub.commit"] == result.published.commit_oid and linked["stillhouse.hub.tag"] == f"v{result.registered.version}"
+    assert linked["stillhouse.round_trip"] == "passed" and result.mlflow_run_id in card
+    assert by_stage_after(client, result)["publish"].data.metrics["round_trip_matching"] == config.publish.round_trip_prompts
 
     # The token reached the Hub and nowhere else: not the folder, the store, or MLflow.
     assert any(request.token == TOKEN for request in hub.requests)
