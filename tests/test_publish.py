@@ -161,3 +161,27 @@ def test_a_license_override_is_written_into_the_card(tmp_path, pipeline_raw, hub
     readme = (folder / "README.md").read_text()
     assert "License override" in readme and "Meta granted us a naming exception in writing (ref 42)" in readme
     assert "include “Llama” at the beginning of any such AI model name" in readme and "Built with Llama" in readme
+
+
+def test_a_license_violation_blocks_publishing_before_anything_runs(tmp_path, pipeline_raw, hub, monkeypatch, capsys):
+    import yaml
+
+    from flows.cli import main
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    teacher = build_tiny_model(tmp_path / "llama-teacher", hidden_size=16, seed=6)
+    (teacher / "README.md").write_text("---\nlicense: llama3.1\n---\n# a Llama 3.1 derivative\n")
+    pipeline_raw["sample"]["teacher"] = str(teacher)
+    pipeline_raw["publish"] = {"repo_id": REPO, "endpoint": hub.url}
+    config_path = tmp_path / "llama.yaml"
+    config_path.write_text(yaml.safe_dump(pipeline_raw))
+
+    assert main(["run", str(config_path)]) == 2
+    error = capsys.readouterr().err
+    assert "its name must start with “Llama”" in error and "rename publish.repo_id 'alice/tiny-student'" in error
+    assert "you shall also include “Llama” at the beginning of any such AI model name" in error  # the clause, quoted
+    assert not hub.requests and not (tmp_path / "store").exists()  # refused before curation, sampling or training
+
+    pipeline_raw["publish"]["license_override"] = "Meta granted us a naming exception in writing (ref 42)"
+    config_path.write_text(yaml.safe_dump(pipeline_raw))
+    assert main(["validate", str(config_path)]) == 0
