@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from registry.tracking import TrackingContext
 from stillhouse.config import RegisterConfig
+from stillhouse.licenses import LICENSES
 from stillhouse.models import load_causal_lm, load_tokenizer
 from stillhouse.refs import ModelRef
 
@@ -24,6 +25,14 @@ class RegisteredModel(BaseModel):
     model_uri: str
     run_id: str
     cached: bool
+
+
+def license_front_matter(license: str) -> str:
+    """`license: apache-2.0`, or `license: other` + `license_name` for ids the Hub doesn't know (qwen, deepseek, mrl)."""
+    terms = LICENSES.get(license)
+    if terms is None or terms.hub_id:
+        return f"license: {license}\n"
+    return f"license: other\nlicense_name: {license}\nlicense_link: {terms.url}\n"
 
 
 def find_version(client: MlflowClient, name: str, train_fingerprint: str):
@@ -56,7 +65,7 @@ def register_student(
             transformers_model={"model": model, "tokenizer": tokenizer}, name="student", task="text-generation",
             pip_requirements=PIP_REQUIREMENTS, registered_model_name=config.model_name,
             # Our own card: without one MLflow tries to fetch the model's card and license from the Hub.
-            model_card=ModelCard(f"---\nlicense: {license}\nlibrary_name: transformers\n---\n# {config.model_name}\n"),
+            model_card=ModelCard(f"---\n{license_front_matter(license)}library_name: transformers\n---\n# {config.model_name}\n"),
         )
     version = str(info.registered_model_version)
     for key, value in {"stillhouse.train_fingerprint": student.fingerprint, **tags}.items():

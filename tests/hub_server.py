@@ -7,6 +7,10 @@ folder in one commit (small files inline, weights through Git LFS "basic" transf
 State lives in memory. The endpoints are private API and change between client versions: when a
 newer client breaks the tests, measure it again rather than loosening the server.
 
+Faults for tests of retries and atomicity: ``hub.inject("POST", r"/commit/", status=503)`` answers the
+next matching request with an error; ``drop=True`` closes the connection halfway through the
+request body, and ``after_handling=True`` applies the request and then drops the answer.
+
 Set HF_HUB_DISABLE_XET=1 before importing huggingface_hub, or the client sends LFS files to a xet
 storage service this server does not offer. Downloads need nothing: the server never sends
 X-Xet-Hash, so the client downloads over plain HTTP.

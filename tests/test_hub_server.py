@@ -15,6 +15,7 @@ import hashlib  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
 
+import httpx2  # noqa: E402
 import pytest  # noqa: E402
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants  # noqa: E402
 from huggingface_hub.errors import (  # noqa: E402
@@ -246,3 +247,24 @@ def test_chunked_bodies_and_keep_alive_after_errors(hub):
     validated = connection.getresponse()
     assert (validated.status, json.loads(validated.read())) == (200, {"errors": [], "warnings": []})
     connection.close()
+
+
+def test_injected_faults_hit_only_matching_requests_and_only_so_often(hub, api, model_folder):
+    api.create_repo(REPO_ID)
+    hub.inject("POST", r"/commit/", status=503, times=2)
+    with pytest.raises(HfHubHTTPError) as first:
+        api.upload_file(path_or_fileobj=b"a\n", path_in_repo="a.txt", repo_id=REPO_ID)
+    assert first.value.response.status_code == 503
+    assert api.model_info(REPO_ID).sha == hub.commits(REPO_ID)[0]["sha"]  # other requests are untouched
+    with pytest.raises(HfHubHTTPError):
+        api.upload_file(path_or_fileobj=b"a\n", path_in_repo="a.txt", repo_id=REPO_ID)
+    api.upload_file(path_or_fileobj=b"a\n", path_in_repo="a.txt", repo_id=REPO_ID)  # the third try: the fault is used up
+    assert hub.files(REPO_ID) == {"a.txt": b"a\n"} and len(hub.commits(REPO_ID)) == 2
+
+    hub.inject("POST", r"/commit/", drop=True, after_handling=True)
+    with pytest.raises(httpx2.RemoteProtocolError):  # the answer is lost ...
+        api.create_commit(REPO_ID, operations=[CommitOperationAdd(path_in_repo="b.txt", path_or_fileobj=b"b\n")],
+                          commit_message="lost answer")
+    assert hub.files(REPO_ID)["b.txt"] == b"b\n"  # ... but the commit was applied
+    with pytest.raises(ValueError):
+        hub.inject("GET", "x")
