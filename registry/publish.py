@@ -180,17 +180,19 @@ def looks_like_hub_id(reference: str | None) -> bool:
     return bool(reference) and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", reference) is not None and not Path(reference).exists()
 
 
-def eval_results(metrics: dict[str, float], role: str, dataset_name: str) -> list[dict]:
-    """One model-index entry's results for ``role`` (teacher or student); metric names carry the role so they stay apart when flattened."""
+def eval_results(metrics: dict[str, float], dataset_name: str) -> list[EvalResult]:
+    """The model-index results of teacher and student on the held-out prompts.
+
+    One model-index entry, with the role in each metric's name ("teacher exact_match"): huggingface_hub
+    reads a model-index as one model's flat list of results, so a second entry for the teacher would
+    be merged into the student's under the last entry's name.
+    """
     wanted = ("exact_match", "rouge_l", "perplexity", "reference_perplexity", "top1_agreement", "judge_win_rate")
-    found = [(name, metrics[f"{role}_{name}"]) for name in wanted if f"{role}_{name}" in metrics]
-    if not found:
-        return []
-    return [{
-        "task": {"type": "text-generation"},
-        "dataset": {"type": "stillhouse-eval", "name": dataset_name},
-        "metrics": [{"type": name, "name": f"{role} {name}", "value": round(float(value), 4)} for name, value in found],
-    }]
+    return [
+        EvalResult(task_type="text-generation", dataset_type="stillhouse-eval", dataset_name=dataset_name, metric_type=name,
+                   metric_name=f"{role} {name}", metric_value=round(float(metrics[f"{role}_{name}"]), 4))
+        for role in ("teacher", "student") for name in wanted if f"{role}_{name}" in metrics
+    ]
 
 
 def license_section(config: PipelineConfig, check: LicenseCheck) -> str:
@@ -223,19 +225,13 @@ def model_card(
     license_fields = ({"license": check.student_license} if student_license is None or student_license.hub_id
                       else {"license": "other", "license_name": check.student_license, "license_link": student_license.url})
     base_model = config.train.student if looks_like_hub_id(config.train.student) else None
+    model_name = (config.publish.repo_id or config.name).split("/")[-1]
     data = ModelCardData(
         **license_fields, library_name="transformers", pipeline_tag="text-generation",
         tags=["distillation", "stillhouse", *method.split("+"), f"distillation-{method.split('+')[0]}"],
         base_model=base_model, datasets=hub_datasets(config) or None,
+        model_name=model_name, eval_results=eval_results(metrics, f"{config.name} held-out prompts") or None,
     )
-    eval_name = f"{config.name} held-out prompts"
-    model_name = (config.publish.repo_id or config.name).split("/")[-1]
-    # The teacher first: huggingface_hub flattens a model-index into one list and names it after the last entry.
-    index = [{"name": f"{config.sample.teacher} (teacher)", "results": eval_results(metrics, "teacher", eval_name)},
-             {"name": model_name, "results": eval_results(metrics, "student", eval_name)}]
-    index = [entry for entry in index if entry["results"]]
-    if index:
-        setattr(data, "model-index", index)
     data.stillhouse = {"teacher": config.sample.teacher, "teacher_revision": samples.teacher_revision, "method": method,
                        "data": data_sources, "mlflow_run_id": lineage.get("mlflow_run_id")}
     rows = []
@@ -290,7 +286,8 @@ def write_publish_folder(
     model, tokenizer = load_causal_lm(student.model_path, device="cpu"), load_tokenizer(student.model_path)
     model.save_pretrained(folder)  # safetensors, config.json, generation_config.json
     tokenizer.save_pretrained(folder)  # tokenizer.json, tokenizer_config.json, chat template
-    model_card(config, dataset, samples, student, report, check, lineage).save(folder / "README.md")
+    card = model_card(config, dataset, samples, student, report, check, lineage)
+    (folder / "README.md").write_text(card.content.rstrip("\n") + "\n")  # Jinja drops the template's final newline
     record = provenance_record(config, dataset, samples, student, report, lineage)
     record["files"] = {path.name: {"sha256": file_sha256(path), "size": path.stat().st_size} for path in sorted(folder.iterdir()) if path.is_file()}
     (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
