@@ -50,6 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--prompt", default=None, help="answer this prompt and exit; without it, chat until `exit` or Ctrl-D")
     pull.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer (default: 128)")
     pull.add_argument("--token-env", default="HF_TOKEN", help="environment variable holding a token, for private repos (default: HF_TOKEN)")
+    deploy = commands.add_parser("deploy", help="register the deployments of prefect.yaml (schedules, work pools, the `gpu` limit) on $PREFECT_API_URL",
+                                 description="Check the Prefect API, every cron, the named config and its MLflow server and the work pools, "
+                                 "then register the pipeline and stage deployments of prefect.yaml. Nothing is registered when a check fails.")
+    deploy.add_argument("--config", type=Path, default=None, help="named config every deployment runs, e.g. configs/demo.yaml (default: prefect.yaml's)")
+    deploy.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override passed to every run; repeatable")
+    deploy.add_argument("--pool", default=None, help="run every deployment on this work pool (default: each deployment's, `local` or `gpu`)")
+    deploy.add_argument("--gpu-limit", type=int, default=1, help="slots of the global concurrency limit `gpu`: flow runs at once (default: 1)")
+    deploy.add_argument("--prefect-file", type=Path, default=None, help="deployments file (default: prefect.yaml at the repository root)")
+    serve = commands.add_parser("serve", help="run the pipeline of a config on a cron schedule in this process (flow.serve; no worker needed)")
+    with_config(serve)
+    serve.add_argument("--cron", required=True, help='cron expression in UTC, e.g. "0 2 * * *" (02:00 every day)')
+    serve.add_argument("--until", choices=STAGE_NAMES, default="publish", help="stop after this stage (default: publish)")
     return parser
 
 
@@ -101,6 +113,20 @@ def main(argv: list[str] | None = None) -> int:
         except StillhouseError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+    if arguments.command in ("deploy", "serve"):
+        from flows import deploy
+
+        try:
+            if arguments.command == "serve":
+                deploy.serve(arguments.config, arguments.cron, overrides=arguments.overrides, until=arguments.until)
+                return 0
+            names = deploy.deploy(arguments.config, arguments.pool, prefect_file=arguments.prefect_file or deploy.PREFECT_FILE,
+                                  overrides=arguments.overrides, gpu_limit=arguments.gpu_limit)
+        except (ConfigError, StillhouseError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print("registered: " + ", ".join(names))
+        return 0
     try:
         config = load_config(arguments.config, arguments.overrides)
         if config.publish.endpoint and "huggingface.co" not in config.publish.endpoint:
