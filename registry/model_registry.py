@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import mlflow
 from huggingface_hub import ModelCard
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
+from registry.datasets import split_dataset
 from registry.tracking import TrackingContext
 from stillhouse.config import RegisterConfig
 from stillhouse.licenses import LICENSES
 from stillhouse.models import load_causal_lm, load_tokenizer
-from stillhouse.refs import ModelRef
+from stillhouse.refs import DatasetRef, ModelRef, SamplesRef
 
 # mlflow.transformers.log_model infers torchvision otherwise, which breaks beside the CPU torch build.
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers"]
@@ -33,6 +39,20 @@ def license_front_matter(license: str) -> str:
     if terms is None or terms.hub_id:
         return f"license: {license}\n"
     return f"license: other\nlicense_name: {license}\nlicense_link: {terms.url}\n"
+
+
+def log_training_inputs(context: TrackingContext, run_id: str, dataset: DatasetRef, samples: SamplesRef, name: str) -> None:
+    """Log what the registered student learned from as dataset inputs of its run: the curated prompts and the teacher's outputs.
+
+    Digests are the store fingerprints, so the MLflow UI shows the same dataset for every version trained on it.
+    """
+    mlflow.set_tracking_uri(context.tracking_uri)
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns that the choice is ambiguous
+        warnings.simplefilter("ignore", UserWarning)
+        teacher_outputs = resolve_dataset_source(Path(samples.path).resolve().as_uri())
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_input(split_dataset(dataset, "train", name), context="training")
+        mlflow.log_input(MetaDataset(source=teacher_outputs, name=f"{name}-teacher-outputs", digest=samples.fingerprint), context="teacher-outputs")
 
 
 def find_version(client: MlflowClient, name: str, train_fingerprint: str):

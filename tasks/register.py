@@ -9,7 +9,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from registry.model_registry import RegisteredModel, register_student
+from registry.model_registry import RegisteredModel, log_training_inputs, register_student
 from registry.tracking import TrackingContext, lineage_tags, log_stage
 from stillhouse.config import PipelineConfig
 from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
@@ -30,6 +30,8 @@ def register_task(
                                   tags={"stillhouse.pipeline": config.name, "stillhouse.eval_fingerprint": report.fingerprint, **lineage},
                                   license=config.publish.license)
     client.set_tag(run_id, "stillhouse.cached", str(registered.cached).lower())
+    if dataset is not None and samples is not None:
+        log_training_inputs(tracking, run_id, dataset, samples, name=config.name)
     get_run_logger().info("register: %s version %s (alias @%s)%s in %.1fs", registered.name, registered.version, registered.alias,
                           ", reused" if registered.cached else "", time.perf_counter() - started)
     return registered

@@ -73,6 +73,9 @@ def test_pipeline_end_to_end_then_from_cache(prefect_harness, pipeline_raw, hub,
     assert linked["stillhouse.hub.commit"] == result.published.commit_oid and linked["stillhouse.hub.tag"] == f"v{result.registered.version}"
     assert linked["stillhouse.round_trip"] == "passed" and result.mlflow_run_id in card
     assert by_stage_after(client, result)["publish"].data.metrics["round_trip_matching"] == config.publish.round_trip_prompts
+    # The registering run names what the student learned from: the curated prompts and the teacher's outputs.
+    inputs = {(d.dataset.name, d.dataset.digest) for d in client.get_run(version.run_id).inputs.dataset_inputs}
+    assert inputs == {("tiny-train", result.dataset.fingerprint), ("tiny-teacher-outputs", result.samples.fingerprint)}
 
     # The token reached the Hub and nowhere else: not the folder, the store, or MLflow.
     assert any(request.token == TOKEN for request in hub.requests)
