@@ -185,3 +185,21 @@ def test_a_license_violation_blocks_publishing_before_anything_runs(tmp_path, pi
     pipeline_raw["publish"]["license_override"] = "Meta granted us a naming exception in writing (ref 42)"
     config_path.write_text(yaml.safe_dump(pipeline_raw))
     assert main(["validate", str(config_path)]) == 0
+
+
+def test_a_retried_commit_refused_as_stale_is_recognised_as_landed(tmp_path, pipeline_raw, hub, monkeypatch, tiny_student):
+    """The retry of a commit that did land is pinned to the old head, so the Hub refuses it (412) rather than apply it twice."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    config = publish_config(pipeline_raw, hub)
+    first = write_folder(tmp_path, config, tiny_student, "first")
+    (first / "notes.txt").write_text("only in the first release\n")
+    push_folder(first, config, tag="v1")
+    hub.inject("POST", r"/commit/", drop=True, after_handling=True)
+    second = write_folder(tmp_path, config, tiny_student, "second")  # same weights; notes.txt goes away
+    published = push_folder(second, config, tag="v2", description="publish fingerprint f2")
+
+    assert [r.status for r in hub.requests if r.path.endswith("/commit/main")][-2:] == [0, 412]
+    assert len(hub.commits(REPO)) == 3 and published.commit_oid == hub.commits(REPO)[0]["sha"]  # initial, v1, v2: nothing twice
+    assert "notes.txt" not in hub.files(REPO)
+    refs_now = HfApi(endpoint=hub.url, token=TOKEN).list_repo_refs(REPO)
+    assert {t.name: t.target_commit for t in refs_now.tags}["v2"] == published.commit_oid
