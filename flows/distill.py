@@ -20,6 +20,7 @@ from prefect.settings import PREFECT_UI_URL
 from pydantic import BaseModel, Field
 
 import tasks  # noqa: F401  (embedded defaults)
+from flows.hooks import link_mlflow_run, mark_mlflow_run_crashed, record_failure
 from registry.model_registry import RegisteredModel
 from registry.publish import PublishedModel
 from registry.tracking import finish_pipeline_run, start_pipeline_run
@@ -60,12 +61,13 @@ class PipelineResult(BaseModel):
     published: PublishedModel | None = None
 
 
-@flow(name="distill", log_prints=True)
+@flow(name="distill", log_prints=True, on_crashed=[mark_mlflow_run_crashed])
 def distill(config: PipelineConfig, until: Stage = "publish") -> PipelineResult:
     """Run the pipeline up to and including ``until``."""
     preflight(config)
     # The flow run's UI page only when a Prefect server is configured (the ephemeral API has no UI).
     tracking = start_pipeline_run(config, flow_run.get_id(), flow_run.get_flow_run_ui_url() if PREFECT_UI_URL.value() else None)
+    link_mlflow_run(tracking)  # and the Prefect run points at its MLflow run
     last = STAGES.index(until)
     result = PipelineResult(name=config.name, mlflow_run_id=tracking.parent_run_id, tracking_uri=tracking.tracking_uri,
                             experiment_id=tracking.experiment_id, seconds={}, cached={})
@@ -99,7 +101,8 @@ def distill(config: PipelineConfig, until: Stage = "publish") -> PipelineResult:
         if last >= 5 and (result.verdict is None or result.verdict.passed):
             result.published = timed("publish", lambda: publish_task(
                 config, result.dataset, result.samples, result.student, result.report, result.registered, tracking))
-    except BaseException:
+    except BaseException as error:
+        record_failure(tracking, error)  # the message on the MLflow run, not only in Prefect's log
         finish_pipeline_run(tracking, {}, status="FAILED")
         raise
     finish_pipeline_run(tracking, {**(result.report.metrics if result.report else {}), **{f"seconds.{k}": v for k, v in result.seconds.items()}})
