@@ -93,9 +93,13 @@ def print_summary(result, config: PipelineConfig, command: str) -> None:
     if result.registered:
         console.print(f"Registered: {result.registered.model_uri} (version {result.registered.version})")
     if result.published:
-        where = f"https://huggingface.co/{result.published.repo_id}" if result.published.repo_id and not config.publish.endpoint else result.published.repo_id
-        console.print(f"Published folder: {result.published.folder}" + (f"\n  pushed to {where} ({result.published.commit_oid})" if result.published.repo_id else
-                      "  (set publish.repo_id and a token to push it to the Hub)"))
+        published = result.published
+        console.print(f"Published folder: {published.folder}" + ("" if published.repo_id else "  (set publish.repo_id and a token to push it to the Hub)"))
+        if published.repo_id:
+            where = published.revision_url or f"https://huggingface.co/{published.repo_id}"
+            endpoint = f" --endpoint {config.publish.endpoint}" if config.publish.endpoint else ""
+            console.print(f"  pushed to {where} (tag {published.tag}, commit {published.commit_oid})\n"
+                          f"  pull it: stillhouse pull {published.repo_id} --revision {published.tag}{endpoint}")
     console.print(f"Rerun: {command}")
 
 
