@@ -3,30 +3,50 @@
     with FakeOpenAIServer(model_folder) as server:      # server.url is the base URL (…/v1)
         server.faults += ["429", "sleep:1.0", "malformed"]   # consumed one per request, in order
 
+    with FakeOpenAIServer(None, failure_share=0.1, failure_seed=0) as server:   # load tests
+        ...                                              # echo backend; ~10% of tries get 429 or 503
+
 It answers `POST /v1/chat/completions` with the model's greedy (or sampled) response, `logprobs` and
 `top_logprobs` like vLLM's server (tokens as `token_id:N` when `return_tokens_as_token_ids` is set),
 records every request's body and Authorization header, and can be told to fail the next requests.
+Without a model folder it echoes the last message back (one token per UTF-8 byte, id = the byte),
+which costs nothing, so thousands of requests test the client's retry logic rather than a model.
+``failure_share`` answers that share of tries with 429 or 503, chosen by a hash of (seed, the
+conversation, which try of it this is): the same tries fail whatever order concurrent requests
+arrive in. ``answered`` counts the 200 answers per conversation.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import socket
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
 class FakeOpenAIServer:
-    def __init__(self, model_folder: Path, served_name: str = "tiny-teacher"):
-        from stillhouse.models import load_causal_lm, load_tokenizer
+    def __init__(self, model_folder: Path | None, served_name: str = "tiny-teacher", *, failure_share: float = 0.0,
+                 failure_seed: int = 0, record_requests: bool = True):
+        self.model = self.tokenizer = None
+        if model_folder is not None:
+            from stillhouse.models import load_causal_lm, load_tokenizer
 
-        self.model = load_causal_lm(str(model_folder), device="cpu")
-        self.tokenizer = load_tokenizer(str(model_folder))
+            self.model = load_causal_lm(str(model_folder), device="cpu")
+            self.tokenizer = load_tokenizer(str(model_folder))
         self.served_name = served_name
         self.faults: list[str] = []
         self.requests: list[dict] = []
+        self.record_requests = record_requests
+        self.failure_share, self.failure_seed = failure_share, failure_seed
+        self.tries: Counter[str] = Counter()      # requests per conversation
+        self.answered: Counter[str] = Counter()   # 200 answers per conversation
+        self.failures: Counter[int] = Counter()   # injected failures by status
         self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = False  # server_close() waits for requests in flight
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v1"
@@ -37,14 +57,55 @@ class FakeOpenAIServer:
 
     def __exit__(self, *exc) -> None:
         self._server.shutdown()
+        # Idle keep-alive connections would hold their handler threads (and server_close) forever:
+        # end their reading side; a response being written still goes out.
+        with self._lock:
+            for connection in self._connections:
+                try:
+                    connection.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
         self._server.server_close()
 
     def _next_fault(self) -> str | None:
         with self._lock:
             return self.faults.pop(0) if self.faults else None
 
+    @staticmethod
+    def conversation_key(body: dict) -> str:
+        return json.dumps(body.get("messages"), sort_keys=True)
+
+    def _injected_failure(self, key: str) -> int | None:
+        """429 or 503 for ``failure_share`` of tries, decided by (seed, conversation, try number) alone."""
+        if not self.failure_share:
+            return None
+        with self._lock:
+            attempt = self.tries[key]
+            self.tries[key] += 1
+        digest = hashlib.sha256(f"{self.failure_seed}|{attempt}|{key}".encode()).digest()
+        if int.from_bytes(digest[:8], "big") / 2**64 >= self.failure_share:
+            return None
+        status = 429 if digest[8] % 2 else 503
+        with self._lock:
+            self.failures[status] += 1
+        return status
+
+    def echo(self, body: dict) -> dict:
+        """The last message's content back, as many choices as asked, one token per UTF-8 byte."""
+        text = body["messages"][-1]["content"]
+        k = int(body.get("top_logprobs") or 0)
+        content = [{"token": f"token_id:{byte}", "logprob": 0.0,
+                    "top_logprobs": [{"token": f"token_id:{(byte + i) % 256}", "logprob": 0.0 if i == 0 else -30.0} for i in range(k)]}
+                   for byte in text.encode()]
+        choices = [{"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
+                    "logprobs": {"content": content} if body.get("logprobs") else None} for index in range(int(body.get("n", 1)))]
+        return {"id": "chatcmpl-echo", "object": "chat.completion", "model": self.served_name, "choices": choices}
+
     def complete(self, body: dict) -> dict:
         from stillhouse.sampling.hf_engine import generate, render_prompts
+
+        if self.model is None:
+            return self.echo(body)
 
         k = int(body.get("top_logprobs") or 0)
         prompt = render_prompts(self.tokenizer, [body["messages"]])
@@ -72,6 +133,18 @@ class FakeOpenAIServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive: a load test would otherwise open a connection per request
+
+            def setup(self) -> None:
+                super().setup()
+                with server._lock:
+                    server._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with server._lock:
+                    server._connections.discard(self.connection)
+                super().finish()
+
             def log_message(self, *args) -> None:
                 pass
 
@@ -89,10 +162,17 @@ class FakeOpenAIServer:
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server._lock:
-                    server.requests.append({"path": self.path, "body": body, "authorization": self.headers.get("Authorization")})
+                if server.record_requests:
+                    with server._lock:
+                        server.requests.append({"path": self.path, "body": body, "authorization": self.headers.get("Authorization")})
                 if self.path != "/v1/chat/completions":
                     return self._send(404, b'{"error": "not found"}')
+                key = server.conversation_key(body)
+                injected = server._injected_failure(key)
+                if injected == 429:
+                    return self._send(429, b'{"error": {"message": "rate limited"}}', {"Retry-After": "0"})
+                if injected == 503:
+                    return self._send(503, b'{"error": {"message": "service unavailable"}}')
                 fault = server._next_fault()
                 if fault == "429":
                     return self._send(429, b'{"error": {"message": "rate limited"}}', {"Retry-After": "0"})
@@ -102,6 +182,9 @@ class FakeOpenAIServer:
                     return self._send(200, b'{"id": "x", "choices": [{"index": 0, "message": {}}]}')
                 if fault is not None and fault.startswith("sleep:"):
                     time.sleep(float(fault.split(":", 1)[1]))
-                self._send(200, json.dumps(server.complete(body)).encode())
+                answer = json.dumps(server.complete(body)).encode()
+                with server._lock:
+                    server.answered[key] += 1
+                self._send(200, answer)
 
         return Handler
