@@ -512,6 +512,10 @@ class FeedbackConfig(StrictModel):
     beta: float = Field(0.1, gt=0, description="DPO beta: how far the policy may move from the reference (the pre-DPO student).")
     sft_weight: float = Field(0.0, ge=0, description="DPO: weight of an added negative log-likelihood of the chosen responses (RPO); 0 is plain DPO.")
     learning_rate: float = Field(5e-4, gt=0, lt=1, description="Learning rate of the DPO or best-of-n SFT step.")
+    warmup_ratio: float = Field(
+        0.1, ge=0, lt=1, description="Share of the feedback steps spent warming the learning rate up: a fresh optimizer's first, "
+        "full-size Adam steps would otherwise jolt the trained student.",
+    )
     max_steps: int = Field(100, gt=0, description="Optimizer steps of the DPO or best-of-n SFT step.")
     batch_size: int = Field(32, gt=0, description="Pairs (or examples) per optimizer step.")
     seed: int = Field(0, description="Seed of candidate sampling and training.")

@@ -30,7 +30,7 @@ from stillhouse.sampling.teacher_outputs import read_teacher_outputs
 from stillhouse.store import Store, fingerprint
 
 CODE_VERSION = 1
-TRAINING_FIELDS = {"method", "beta", "sft_weight", "learning_rate", "max_steps", "batch_size", "threads"}
+TRAINING_FIELDS = {"method", "beta", "sft_weight", "learning_rate", "warmup_ratio", "max_steps", "batch_size", "threads"}
 
 
 def sample_candidates(config: FeedbackConfig, student: ModelRef, conversations: list[list[dict]]) -> list[list[str]]:
@@ -137,7 +137,7 @@ def train_on_feedback(config: FeedbackConfig, dataset: DatasetRef, pairs: PairsR
         train = train_dpo if config.method == "dpo" else train_best_of_n
         result = train(student.model_path, rows, folder, beta=config.beta, learning_rate=config.learning_rate,
                        max_steps=config.max_steps, batch_size=config.batch_size, seed=config.seed, sft_weight=config.sft_weight,
-                       logging_steps=max(1, config.max_steps // 25))
+                       warmup_ratio=config.warmup_ratio, logging_steps=max(1, config.max_steps // 25))
         model = load_causal_lm(str(folder / "model"), device="cpu")
         history = [{"step": h["step"], "loss": h["loss"], **{k.replace("/", "_"): v for k, v in h.items() if k not in ("step", "loss")}}
                    for h in result["history"]]

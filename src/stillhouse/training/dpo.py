@@ -25,7 +25,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
 
 def train_dpo(model_path: str, pairs: list[dict], output_dir: Path, *, beta: float = 0.1, learning_rate: float = 5e-4,
               max_steps: int = 50, batch_size: int = 8, seed: int = 0, logging_steps: int = 5, threads: int | None = None,
-              sft_weight: float = 0.0) -> dict:
+              sft_weight: float = 0.0, warmup_ratio: float = 0.0) -> dict:
     """Train the model at ``model_path`` on ``pairs`` (``{"prompt": messages, "chosen": text, "rejected": text}``).
 
     ``sft_weight`` > 0 adds that much negative log-likelihood of the chosen response (RPO), which keeps
@@ -47,7 +47,7 @@ def train_dpo(model_path: str, pairs: list[dict], output_dir: Path, *, beta: flo
     arguments = DPOConfig(
         output_dir=str(output_dir / "trainer"), beta=beta, precompute_ref_log_probs=True,
         loss_type=["sigmoid", "sft"] if sft_weight > 0 else ["sigmoid"], loss_weights=[1.0, sft_weight] if sft_weight > 0 else None,
-        learning_rate=learning_rate, max_steps=max_steps, per_device_train_batch_size=batch_size, logging_steps=logging_steps,
+        learning_rate=learning_rate, warmup_steps=warmup_ratio, max_steps=max_steps, per_device_train_batch_size=batch_size, logging_steps=logging_steps,
         save_strategy="no", report_to="none", seed=seed, use_cpu=not torch.cuda.is_available(),
         dataloader_pin_memory=torch.cuda.is_available(),
     )
@@ -56,7 +56,8 @@ def train_dpo(model_path: str, pairs: list[dict], output_dir: Path, *, beta: flo
 
 
 def train_best_of_n(model_path: str, pairs: list[dict], output_dir: Path, *, learning_rate: float = 5e-4, max_steps: int = 50,
-                    batch_size: int = 8, seed: int = 0, logging_steps: int = 5, beta: float | None = None, sft_weight: float = 0.0) -> dict:
+                    batch_size: int = 8, seed: int = 0, logging_steps: int = 5, beta: float | None = None, sft_weight: float = 0.0,
+                    warmup_ratio: float = 0.0) -> dict:
     """Rejection-sampling SFT: supervised fine-tuning on each pair's chosen response only (``beta``, ``sft_weight`` unused)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -67,8 +68,8 @@ def train_best_of_n(model_path: str, pairs: list[dict], output_dir: Path, *, lea
     model = load_causal_lm(model_path, device="cpu")
     rows = [{"prompt": pair["prompt"], "completion": [{"role": "assistant", "content": pair["chosen"]}]} for pair in pairs]
     arguments = SFTConfig(
-        output_dir=str(output_dir / "trainer"), learning_rate=learning_rate, max_steps=max_steps, per_device_train_batch_size=batch_size,
-        logging_steps=logging_steps, save_strategy="no", report_to="none", seed=seed, use_cpu=not torch.cuda.is_available(),
+        output_dir=str(output_dir / "trainer"), learning_rate=learning_rate, warmup_steps=warmup_ratio, max_steps=max_steps,
+        per_device_train_batch_size=batch_size, logging_steps=logging_steps, save_strategy="no", report_to="none", seed=seed, use_cpu=not torch.cuda.is_available(),
         dataloader_pin_memory=torch.cuda.is_available(),  # prompt-completion rows: the loss covers the completion only
     )
     trainer = SFTTrainer(model=model, args=arguments, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
