@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEMO_SOURCE = "builtin:demo"
 DEMO_TEACHER = "builtin:demo-teacher"
@@ -212,6 +212,9 @@ class SampleConfig(StrictModel):
     teacher: str = Field(description=f"Teacher model: a local folder, a Hub id such as `Qwen/Qwen2.5-1.5B-Instruct`, or `{DEMO_TEACHER}`; "
                          "for engine `openai`, the model name the server serves.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the teacher; ignored for local folders.")
+    trust_remote_code: bool = Field(
+        False, description="Let the teacher's own Python code run (auto_map in its config); off, such a teacher is refused. Only for code you have read.",
+    )
     engine: Literal["hf", "vllm", "openai"] = Field(
         "hf", description="Generation engine. `hf`: transformers in this process. `vllm`: vLLM on a GPU (pip install stillhouse[vllm]). "
         "`openai`: an OpenAI-compatible HTTP endpoint (see `openai`).",
@@ -320,6 +323,9 @@ class TrainConfig(StrictModel):
     """How the student learns from the teacher's outputs."""
 
     student: str | None = Field(None, description="Pretrained student: a local folder or a Hub id. Leave null and set `architecture` to build one from scratch.")
+    trust_remote_code: bool = Field(
+        False, description="Let the pretrained student's own Python code run (auto_map in its config); off, such a student is refused.",
+    )
     architecture: StudentArchitecture | None = Field(None, description="Build the student from scratch with this shape and the teacher's tokenizer.")
     method: Literal["sft", "kd"] = Field(
         "sft",
@@ -543,6 +549,17 @@ class PublishConfig(StrictModel):
     """What is written for the Hub, and where it is pushed."""
 
     repo_id: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$", description="Hub repo `namespace/name` to push to; null only writes the folder.")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _hub_repo_id(cls, repo_id: str | None) -> str | None:
+        """The Hub's own rules, checked here so that a config can only ever publish to the repo it spells out."""
+        for part in (repo_id or "").split("/"):
+            if part and (part[0] in ".-" or part[-1] in ".-" or ".." in part or "--" in part):
+                raise ValueError(f"{repo_id!r}: each part of a Hub repo id must not start or end with `.` or `-` nor contain `..` or `--`; "
+                                 "write it as `namespace/name`, e.g. `alice/tiny-student`")
+        return repo_id
+
     endpoint: str | None = Field(None, description="Hub endpoint URL; null uses $HF_ENDPOINT or huggingface.co.")
     token_env: str = Field("HF_TOKEN", min_length=1, description="Environment variable holding the Hub token (the token itself never goes in a config).")
     private: bool = Field(True, description="Create the Hub repo as private.")
@@ -564,6 +581,14 @@ class PipelineConfig(StrictModel):
     """One distillation experiment: every stage's settings."""
 
     name: str = Field(min_length=1, pattern=r"^[\w.-]+$", description="Experiment name: used for run names and the published folder.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, name: str) -> str:
+        if set(name) == {"."}:  # `.` or `..` would put the published folder outside its stage folder
+            raise ValueError(f"{name!r} is not usable as a folder name; use letters, digits, `_`, `-` or `.` (e.g. `tiny-run`)")
+        return name
+
     store: str = Field(".stillhouse/store", description="Root of the content-addressed artifact store.")
     curate: CurateConfig = Field(description="Prompt curation.")
     sample: SampleConfig = Field(description="Teacher sampling.")

@@ -1,4 +1,14 @@
-"""Resolving model references (local folders, Hub ids, the bundled demo teacher) and loading them."""
+"""Resolving model references (local folders, Hub ids, the bundled demo teacher) and loading them.
+
+Two safety rules hold for every model Stillhouse loads:
+
+- Weights load from safetensors only. Pickle checkpoints (``pytorch_model.bin``, ``*.pt``) can run
+  arbitrary code when unpickled; a folder that has only those is refused with the command that
+  converts it, before anything is loaded.
+- A model's own Python code (``auto_map`` in its config, ``trust_remote_code`` in transformers) runs
+  only when the config enables it for that model (``sample.trust_remote_code``,
+  ``train.trust_remote_code``); otherwise loading it is refused with a message naming the field.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +26,26 @@ from stillhouse.store import file_sha256
 
 DEMO_TEACHER_DIR = Path(__file__).parent / "demo" / "teacher"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_safetensors_weights(path: Path, field: str) -> None:
+    """Refuse a local model folder whose weights exist only as pickle files."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+    if pickled:
+        raise InputError(
+            f"{field}: {str(path)!r} has weights only as pickle files ({', '.join(pickled[:3])}), which can run arbitrary code "
+            "when loaded; Stillhouse loads safetensors only. If you trust the file, convert it once: "
+            "python -c \"from transformers import AutoModelForCausalLM as M; "
+            f"M.from_pretrained('{path}', use_safetensors=False).save_pretrained('{path}-safetensors')\" and point {field} there"
+        )
+
+
+def remote_code_error(model: str, field: str) -> InputError:
+    return InputError(f"{field}: {model!r} ships its own Python code (auto_map in its config), which runs only when allowed; "
+                      f"if you trust it, set {field.rsplit('.', 1)[0]}.trust_remote_code: true, else use a model that plain transformers supports")
 
 
 def resolve_model(reference: str, field: str) -> str:
@@ -28,6 +58,7 @@ def resolve_model(reference: str, field: str) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise InputError(f"{field}: {reference!r} is a folder without config.json; point it at a folder written by save_pretrained")
+        check_safetensors_weights(path, field)
         return str(path.resolve())
     looks_like_path = reference.startswith((".", "/", "~")) or reference.count("/") != 1
     if looks_like_path or not _HUB_ID.match(reference):
@@ -35,13 +66,13 @@ def resolve_model(reference: str, field: str) -> str:
     return reference
 
 
-def vocab_size(model: str, revision: str | None = None) -> int:
+def vocab_size(model: str, revision: str | None = None, *, trust_remote_code: bool = False) -> int:
     """The vocabulary size from the model's config alone (cheap: no weights are read)."""
-    return AutoConfig.from_pretrained(model, revision=revision).vocab_size
+    return AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code).vocab_size
 
 
-def load_tokenizer(model: str, revision: str | None = None) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
+def load_tokenizer(model: str, revision: str | None = None, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -54,9 +85,26 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_causal_lm(model: str, *, revision: str | None = None, dtype: str = "float32", device: str = "auto"):
+def load_causal_lm(model: str, *, revision: str | None = None, dtype: str = "float32", device: str = "auto",
+                   trust_remote_code: bool = False, field: str = "model"):
+    """The model in eval mode on ``device``: safetensors weights only, its own code only when trusted.
+
+    ``field`` names the config field the model came from, for the error messages.
+    """
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    loaded = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=torch_dtype)
+    if Path(model).is_dir():
+        check_safetensors_weights(Path(model), field)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=torch_dtype, use_safetensors=True,
+                                                      trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        text = str(error)
+        if "trust_remote_code" in text:
+            raise remote_code_error(model, field) from None
+        if ".safetensors" in text and ("pytorch_model.bin" in text or "does not appear to have" in text):
+            raise InputError(f"{field}: {model!r} has no safetensors weights (only pickle files, which can run arbitrary code when "
+                             "loaded); use a revision that has model.safetensors, or convert a checkpoint you trust") from None
+        raise
     return loaded.to(pick_device(device)).eval()
 
 
@@ -88,14 +136,14 @@ def vocabulary_difference(student: PreTrainedTokenizerBase, teacher: PreTrainedT
     return "; ".join(p for p in parts if p)
 
 
-def model_revision(model: str, revision: str | None) -> str:
+def model_revision(model: str, revision: str | None, *, trust_remote_code: bool = False) -> str:
     """The exact revision: for a local folder, a hash of its config and weight files; else the Hub revision."""
     path = Path(model)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in {".json", ".safetensors", ".bin"})
         digest = hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}" for p in files).encode()).hexdigest()
         return f"local-sha256:{digest[:16]}"
-    config = AutoConfig.from_pretrained(model, revision=revision)
+    config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
     return getattr(config, "_commit_hash", None) or revision or "main"
 
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from stillhouse.config import SampleConfig
 from stillhouse.data.curate import read_split
 from stillhouse.errors import InputError
-from stillhouse.models import load_causal_lm, load_tokenizer, model_revision, resolve_model, tokenizer_fingerprint
+from stillhouse.models import load_causal_lm, load_tokenizer, model_revision, remote_code_error, resolve_model, tokenizer_fingerprint
 from stillhouse.refs import DatasetRef, SamplesRef
 from stillhouse.sampling.hf_engine import Generation, generate, render_prompts
 from stillhouse.sampling.teacher_outputs import read_teacher_outputs, remove_partial_shards, shard_name, write_shard
@@ -82,8 +82,10 @@ def check_teacher(config: SampleConfig) -> TeacherFacts:
     try:
         from transformers import AutoConfig
 
-        model_config = AutoConfig.from_pretrained(teacher, revision=config.revision)
+        model_config = AutoConfig.from_pretrained(teacher, revision=config.revision, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as error:
+        if "trust_remote_code" in str(error):
+            raise remote_code_error(config.teacher, "sample.teacher") from None
         raise InputError(f"sample.teacher/sample.revision: cannot read {config.teacher!r} at revision {config.revision or 'main'!r} "
                          f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); check the id and revision, or log in for gated models") from None
     vocabulary = model_config.vocab_size
@@ -91,13 +93,13 @@ def check_teacher(config: SampleConfig) -> TeacherFacts:
         raise InputError(f"sample.top_k_logprobs: k={config.top_k_logprobs} is larger than the teacher's vocabulary ({vocabulary}); use a k of at most {vocabulary} (16-64 is typical)")
     context = config.context_length or getattr(model_config, "max_position_embeddings", None)
     _check_context(config, context)
-    tokenizer = load_tokenizer(teacher, config.revision)
+    tokenizer = load_tokenizer(teacher, config.revision, trust_remote_code=config.trust_remote_code)
     _check_chat_template(tokenizer, config.teacher, "sample.teacher")
     if config.engine == "vllm":
         from stillhouse.sampling.vllm_engine import check_vllm
 
         check_vllm()
-    return TeacherFacts(path=teacher, revision=model_revision(teacher, config.revision), vocab_size=vocabulary, context_length=context, tokenizer_path=teacher)
+    return TeacherFacts(path=teacher, revision=model_revision(teacher, config.revision, trust_remote_code=config.trust_remote_code), vocab_size=vocabulary, context_length=context, tokenizer_path=teacher)
 
 
 def _check_openai_teacher(config: SampleConfig) -> TeacherFacts:
@@ -128,7 +130,7 @@ def _check_chat_template(tokenizer, name: str, field: str) -> None:
 
 def stage_fingerprint(config: SampleConfig, dataset: DatasetRef, revision: str) -> str:
     # Where shards run, and how to reach a server, don't change what is sampled.
-    settings = config.model_dump(mode="json", exclude={"teacher", "revision", "device", "task_runner", "gpu_memory_utilization"})
+    settings = config.model_dump(mode="json", exclude={"teacher", "revision", "device", "task_runner", "gpu_memory_utilization", "trust_remote_code"})
     settings["openai"] = {"base_url": config.openai.base_url} if config.engine == "openai" else None
     return fingerprint("sample", settings, {"dataset": dataset.fingerprint, "teacher": f"{config.teacher}@{revision}"}, CODE_VERSION)
 
@@ -180,7 +182,8 @@ def plan_shards(config: SampleConfig, dataset: DatasetRef, store: Store) -> Shar
     prompts = read_prompts(dataset)
     counts = {"truncated": 0, "skipped": 0}
     if facts.tokenizer_path is not None:  # lengths are checked (and errors raised) before any shard starts
-        prepared = prepare_prompts(config, load_tokenizer(facts.tokenizer_path, config.revision), facts.context_length, prompts)
+        tokenizer = load_tokenizer(facts.tokenizer_path, config.revision, trust_remote_code=config.trust_remote_code and config.engine != "openai")
+        prepared = prepare_prompts(config, tokenizer, facts.context_length, prompts)
         counts = {"truncated": prepared.truncated, "skipped": prepared.skipped}
     folder.mkdir(parents=True, exist_ok=True)
     remove_partial_shards(folder)
@@ -202,9 +205,12 @@ def _engine(config: SampleConfig, facts: TeacherFacts):
     with _engine_lock:
         if key not in _loaded:
             _loaded.clear()
-            tokenizer = load_tokenizer(facts.tokenizer_path, config.revision if config.engine != "openai" else None) if facts.tokenizer_path else None
+            local = config.engine != "openai"
+            tokenizer = (load_tokenizer(facts.tokenizer_path, config.revision if local else None, trust_remote_code=config.trust_remote_code and local)
+                         if facts.tokenizer_path else None)
             if config.engine == "hf":
-                model = load_causal_lm(facts.path, revision=config.revision, dtype=config.dtype, device=config.device)
+                model = load_causal_lm(facts.path, revision=config.revision, dtype=config.dtype, device=config.device,
+                                       trust_remote_code=config.trust_remote_code, field="sample.teacher")
                 _loaded[key] = (model, tokenizer, threading.Lock())
             elif config.engine == "vllm":
                 from stillhouse.sampling.vllm_engine import VLLMEngine

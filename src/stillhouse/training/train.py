@@ -57,7 +57,8 @@ def build_student(config: TrainConfig, teacher_path: str):
     """(model, tokenizer) for the configured student."""
     if config.student is not None:
         path = resolve_model(config.student, "train.student")
-        return load_causal_lm(path, device="cpu"), load_tokenizer(path)
+        return (load_causal_lm(path, device="cpu", trust_remote_code=config.trust_remote_code, field="train.student"),
+                load_tokenizer(path, trust_remote_code=config.trust_remote_code))
     tokenizer = load_tokenizer(teacher_path)
     shape = config.architecture
     torch.manual_seed(config.seed)
@@ -308,7 +309,8 @@ def run_training(config: TrainConfig, dataset: DatasetRef, samples: SamplesRef, 
         torch.set_num_threads(config.threads)
     teacher_tokenizer = load_tokenizer(samples.teacher)
     if config.student is not None:  # check the vocabularies (tokenizers only) before loading any weights
-        difference = vocabulary_difference(load_tokenizer(resolve_model(config.student, "train.student")), teacher_tokenizer)
+        student_tokenizer = load_tokenizer(resolve_model(config.student, "train.student"), trust_remote_code=config.trust_remote_code)
+        difference = vocabulary_difference(student_tokenizer, teacher_tokenizer)
     else:
         difference = None  # built from scratch with the teacher's tokenizer
     if config.method == "kd" and difference is not None:
@@ -337,7 +339,7 @@ def run_training(config: TrainConfig, dataset: DatasetRef, samples: SamplesRef, 
         bf16=config.bf16, dataloader_pin_memory=not cpu, dataloader_drop_last=len(examples) >= config.batch_size,
         ddp_backend="gloo" if cpu and config.num_processes > 1 else None,
     )
-    teacher = load_causal_lm(samples.teacher, device="cpu").to(arguments.device).requires_grad_(False) if online else None
+    teacher = load_causal_lm(samples.teacher, device="cpu", field="sample.teacher").to(arguments.device).requires_grad_(False) if online else None
     weights = {"ce_weight": 1.0, "kd_weight": 0.0} if config.method == "sft" else {"ce_weight": config.ce_weight, "kd_weight": config.kd_weight}
     trainer = DistillationTrainer(
         model=model, args=arguments, train_dataset=examples,
@@ -389,7 +391,7 @@ def launch_training(config: TrainConfig, dataset: DatasetRef, samples: SamplesRe
 def train_student(config: TrainConfig, dataset: DatasetRef, samples: SamplesRef, store: Store, progress: Callable[[float], None] | None = None) -> ModelRef:
     if config.student is not None:
         resolve_model(config.student, "train.student")
-    stage_fingerprint = fingerprint("train", config.model_dump(mode="json", exclude={"threads", "device"}), {"dataset": dataset.fingerprint, "samples": samples.fingerprint}, CODE_VERSION)
+    stage_fingerprint = fingerprint("train", config.model_dump(mode="json", exclude={"threads", "device", "trust_remote_code"}), {"dataset": dataset.fingerprint, "samples": samples.fingerprint}, CODE_VERSION)
 
     def compute(folder: Path) -> dict:
         if config.num_processes > 1:

@@ -1,0 +1,116 @@
+"""Security: pickle weights refused, a model's own code runs only when allowed, paths and repo ids that
+could escape are refused, and tokens never reach anything the pipeline writes.
+
+The pickle and the model code used here are real traps: each writes a marker file if it ever runs.
+"""
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main
+from stillhouse.config import ConfigError, SampleConfig, TrainConfig, parse_config
+from stillhouse.errors import InputError
+from stillhouse.models import load_causal_lm, resolve_model
+from stillhouse.sampling.sample import check_teacher
+from stillhouse.training.train import build_student
+
+
+class RunsWhenUnpickled:
+    """Unpickling this touches a file: what a malicious pytorch_model.bin could do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+@pytest.fixture
+def pickled_model(tmp_path, tiny_teacher) -> tuple[Path, Path]:
+    """(a model folder whose only weights are a booby-trapped pickle, the marker it would write)."""
+    folder = Path(shutil.copytree(tiny_teacher, tmp_path / "pickled"))
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "pickle-ran"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": RunsWhenUnpickled(marker)}))
+    return folder, marker
+
+
+def test_a_pickle_only_checkpoint_is_refused_before_it_is_opened(pickled_model, tmp_path, pipeline_raw, capsys):
+    folder, marker = pickled_model
+    with pytest.raises(InputError, match=r"train.student: .* has weights only as pickle files \(pytorch_model.bin\), which can run arbitrary code"):
+        load_causal_lm(str(folder), field="train.student")
+    with pytest.raises(InputError, match=r"sample.teacher: .*pickle files.*convert it once"):
+        resolve_model(str(folder), "sample.teacher")
+    pipeline_raw["sample"]["teacher"] = str(folder)
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(pipeline_raw))
+    assert main(["validate", str(config)]) == 2
+    assert "sample.teacher" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_the_same_folder_with_safetensors_loads(tiny_teacher):
+    assert load_causal_lm(str(tiny_teacher), device="cpu").config.vocab_size > 0
+
+
+@pytest.fixture
+def model_with_code(tmp_path, tiny_teacher, monkeypatch) -> tuple[Path, Path]:
+    """(a model folder whose config names its own Python classes, the marker their module writes on import)."""
+    import transformers.dynamic_module_utils as dynamic
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # where transformers copies model code
+    folder = Path(shutil.copytree(tiny_teacher, tmp_path / "custom-code"))
+    marker = tmp_path / "model-code-ran"
+    (folder / "configuration_custom.py").write_text(
+        "from pathlib import Path\nfrom transformers import LlamaConfig\n"
+        f"Path({str(marker)!r}).touch()\n\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'custom-llama'\n"
+    )
+    (folder / "modeling_custom.py").write_text(
+        "from transformers import LlamaForCausalLM\nfrom .configuration_custom import CustomConfig\n\n"
+        "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n"
+    )
+    settings = json.loads((folder / "config.json").read_text())
+    settings.update(model_type="custom-llama", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                                                         "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(settings))
+    return folder, marker
+
+
+def test_model_code_runs_only_when_the_config_allows_it_for_that_model(model_with_code, tiny_teacher):
+    folder, marker = model_with_code
+    with pytest.raises(InputError, match=r"sample.teacher: .* ships its own Python code .*set sample.trust_remote_code: true"):
+        check_teacher(SampleConfig(teacher=str(folder)))
+    student = {"student": str(folder), "method": "sft", "max_steps": 1, "batch_size": 8}
+    with pytest.raises(InputError, match=r"train.student: .* ships its own Python code .*set train.trust_remote_code: true"):
+        build_student(TrainConfig.model_validate(student), str(tiny_teacher))
+    assert not marker.exists()
+
+    facts = check_teacher(SampleConfig(teacher=str(folder), trust_remote_code=True))
+    assert marker.exists() and facts.vocab_size > 0  # allowed for this teacher: its code ran
+    marker.unlink()
+    model, _ = build_student(TrainConfig.model_validate({**student, "trust_remote_code": True}), str(tiny_teacher))
+    assert type(model).__name__ == "CustomForCausalLM"
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("", "name", "..", "name: Value error, '..' is not usable as a folder name"),
+    ("", "name", ".", "is not usable as a folder name"),
+    ("", "name", "../outside", "name: String should match pattern"),
+    ("", "name", "/etc", "name: String should match pattern"),
+    ("publish", "repo_id", "alice/..", "publish.repo_id: Value error, 'alice/..': each part of a Hub repo id"),
+    ("publish", "repo_id", "../alice", "each part of a Hub repo id must not start or end"),
+    ("publish", "repo_id", "alice/x/../y", "publish.repo_id: String should match pattern"),
+    ("publish", "repo_id", "/alice/model", "publish.repo_id: String should match pattern"),
+    ("publish", "repo_id", "alice/-model", "each part of a Hub repo id"),
+])
+def test_names_and_repo_ids_that_could_escape_are_refused(pipeline_raw, section, key, value, message):
+    (pipeline_raw.setdefault(section, {}) if section else pipeline_raw)[key] = value
+    with pytest.raises(ConfigError) as error:
+        parse_config(pipeline_raw, origin="exp.yaml")
+    assert message in str(error.value)
