@@ -17,6 +17,7 @@ from pathlib import Path
 
 from huggingface_hub.errors import HfHubHTTPError
 from pydantic import BaseModel
+from rich.markup import escape
 
 from registry.publish import PROVENANCE_FILE, describe_hub_error, hub_api
 from stillhouse.errors import StillhouseError
@@ -111,7 +112,7 @@ def chat_loop(chat: Chat, console, read=input) -> int:
         messages.append({"role": "user", "content": prompt})
         answer = chat.reply(messages)
         messages.append({"role": "assistant", "content": answer})
-        console.print(f"[bold]student>[/bold] {answer}")
+        console.print("[bold]student>[/bold] " + (escape(answer) if answer else "[dim](empty answer: it ended at once)[/dim]"))
         turns += 1
 
 
@@ -128,7 +129,8 @@ def pull_command(repo_id: str, revision: str | None, endpoint: str | None, promp
                   f"method {pulled.provenance.get('method')}, MLflow run {pulled.provenance.get('mlflow_run_id')}")
     chat = Chat(pulled.folder, max_new_tokens=max_new_tokens)
     if prompt is not None:
-        console.print(chat.reply([{"role": "user", "content": prompt}]), markup=False, highlight=False)
+        answer = chat.reply([{"role": "user", "content": prompt}])
+        console.print(escape(answer) if answer else "[dim](empty answer: it ended at once)[/dim]", highlight=False)
         return 0
     console.print("Chat with the student; `exit` or Ctrl-D ends it.")
     chat_loop(chat, console, read=lambda text: console.input(text))
