@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ venv: $(VENV)/.installed
 demo: venv
 	$(BIN)/stillhouse run configs/demo.yaml
 
-test: venv
+# The browser test drives Debian's chromium (never `playwright install`, which downloads a browser).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+
+test: venv chromium
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -121,6 +121,7 @@ def prefect_server(folder: Path) -> Iterator[str]:
     env = prefect_env(home)
     env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{folder / 'prefect-server.db'}"
     env["PREFECT_UI_ENABLED"] = "true"
+    env["PREFECT_UI_API_URL"] = f"http://127.0.0.1:{port}/api"  # the UI's default is port 4200
     command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     with background(command, folder / "prefect-server.log", env) as process:
         url = f"http://127.0.0.1:{port}/api"
