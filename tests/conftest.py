@@ -87,6 +87,11 @@ def prompts_jsonl(tmp_path_factory) -> Path:
 @pytest.fixture
 def pipeline_raw(tmp_path, tiny_teacher, prompts_jsonl) -> dict:
     """A small, fast pipeline config (as a dict) over the tiny teacher and the prompts file."""
+    return tiny_pipeline_raw(tmp_path, tiny_teacher, prompts_jsonl)
+
+
+def tiny_pipeline_raw(tmp_path: Path, tiny_teacher: Path, prompts_jsonl: Path) -> dict:
+    """`pipeline_raw` for fixtures of a wider scope: store and sqlite tracking under ``tmp_path``."""
     return {
         "name": "tiny",
         "store": str(tmp_path / "store"),

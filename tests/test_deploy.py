@@ -6,13 +6,14 @@ The CLI runs as a child process, as a user runs it, with PREFECT_API_URL pointin
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from servers import free_port, prefect_env, prefect_server
+from servers import background, free_port, prefect_env, prefect_server
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).parents[1]
@@ -108,3 +109,25 @@ def test_deploy_registers_every_deployment_with_active_schedules_pools_and_the_g
     assert gpu_pool["type"] == "kubernetes" and limit["limit"] == 2
     manifest = json.dumps(gpu_pool["base_job_template"]["job_configuration"]["job_manifest"])
     assert '"nvidia.com/gpu": "{{ gpus }}"' in manifest
+
+
+def test_serve_schedules_the_pipeline_in_its_own_process_and_refuses_a_bad_cron(prefect_api, config_file, tmp_path):
+    env = prefect_env(tmp_path / "home", prefect_api)
+    refused = subprocess.run([sys.executable, "-m", "flows.cli", "serve", str(config_file), "--cron", "every night"],
+                             capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert refused.returncode == 2 and "--cron 'every night': Invalid cron string" in refused.stderr, refused.stderr
+
+    with background([sys.executable, "-m", "flows.cli", "serve", str(config_file), "--cron", "30 3 * * *"], tmp_path / "serve.log",
+                    env, cwd=REPO) as serving:
+        deadline = time.monotonic() + 120
+        while True:
+            with httpx.Client(base_url=prefect_api, timeout=10) as client:
+                served = [d for d in client.post("/deployments/filter", json={}).json() if d["name"] == "tiny-serve"]
+            if served or serving.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert served, (tmp_path / "serve.log").read_text()[-3000:]
+    (deployment,) = served
+    assert [(s["schedule"]["cron"], s["active"]) for s in deployment["schedules"]] == [("30 3 * * *", True)]
+    assert deployment["parameters"]["config"] == str(config_file)
+    assert serving.returncode is not None, "serve was stopped with the test"

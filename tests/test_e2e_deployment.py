@@ -21,6 +21,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import tiny_pipeline_raw
 from servers import BIN, background, mlflow_server, prefect_env, prefect_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -40,17 +41,10 @@ class DeployedRun:
 
 
 def tiny_config(folder: Path, teacher: Path, prompts: Path, mlflow_url: str) -> dict:
-    return {
-        "name": "e2e-tiny",
-        "store": str(folder / "store"),
-        "curate": {"source": str(prompts), "category_column": "task", "eval_fraction": 0.2},
-        "sample": {"teacher": str(teacher), "max_new_tokens": 8, "top_k_logprobs": 4, "batch_size": 32, "shard_rows": 64},
-        "train": {"architecture": {"hidden_size": 16, "num_layers": 2, "intermediate_size": 32, "num_heads": 2},
-                  "method": "kd", "max_steps": 4, "batch_size": 8, "logging_steps": 2, "learning_rate": 0.01},
-        "evaluate": {"max_new_tokens": 8, "batch_size": 32},
-        "tracking": {"uri": mlflow_url, "experiment": "e2e"},
-        "registry": {"model_name": "e2e-student"},
-    }
+    config = tiny_pipeline_raw(folder, teacher, prompts)
+    config["train"]["max_steps"] = 4
+    config.update(name="e2e-tiny", tracking={"uri": mlflow_url, "experiment": "e2e"}, registry={"model_name": "e2e-student"})
+    return config
 
 
 def run(command: list[str], env: dict, log: Path, timeout: int) -> subprocess.CompletedProcess:
