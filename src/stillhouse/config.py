@@ -498,9 +498,27 @@ class JudgeConfig(StrictModel):
         "pointwise", description="`pointwise`: a 1-10 score per response (expected value over the score labels); "
         "`pairwise`: A/B comparisons of each candidate with the first, both orders; `verifier`: exact match with the reference answer.",
     )
-    model: str | None = Field(None, description="Judge model (a local folder or Hub id); null uses the teacher.")
+    model: str | None = Field(None, description="Judge model (a local folder or Hub id); null uses the teacher. Engine `openai`: the model name the server serves (required).")
     rubric: str | None = Field(None, description="The judge's prompt with {prompt} and {response} (pointwise) or {prompt}, {first}, {second} (pairwise); null uses the built-in rubric.")
     tie_margin: float = Field(0.05, ge=0, lt=0.5, description="Pairwise: a P(first better) within this of 0.5 is a tie (dropped).")
+    engine: Literal["hf", "openai"] = Field(
+        "hf", description="`hf`: the judge model in this process, labels scored by teacher forcing. `openai`: a served judge behind an "
+        "OpenAI-compatible endpoint (`openai`); the verdict is read from its top_logprobs over the labels, or from its text when it returns none.",
+    )
+    openai: OpenAIEngineConfig = Field(default_factory=OpenAIEngineConfig, description="Engine `openai`: endpoint, key variable, concurrency, retries, timeout.")
+    top_logprobs: int = Field(
+        20, ge=0, le=1000, description="Engine `openai`: log-probs asked per answer position (20 is OpenAI's and vLLM's usual cap); "
+        "labels outside them count as improbable. 0 asks for none and parses the text (for servers that refuse `logprobs`).",
+    )
+    max_tokens: int = Field(4, gt=0, le=64, description="Engine `openai`: most tokens of the judge's answer; it only has to name a label.")
+    shard_prompts: int = Field(256, gt=0, description="Prompts per shard of the judge stage (candidates sampled, then judged); a finished shard "
+                               "is kept on disk, so a rerun after a failure judges only the missing ones.")
+
+    @model_validator(mode="after")
+    def _served_judge_needs_a_name(self) -> JudgeConfig:
+        if self.engine == "openai" and self.kind != "verifier" and not self.model:
+            raise ValueError("judge.engine is `openai` but judge.model is not set: name the model the server serves (e.g. `Qwen/Qwen2.5-7B-Instruct`)")
+        return self
 
 
 class FeedbackConfig(StrictModel):

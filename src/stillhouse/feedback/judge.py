@@ -9,13 +9,19 @@ tokenizer are scored exactly), renormalized over the labels:
 - pointwise: the expected score over the labels "1".."10";
 - verifier: for tasks with one right answer, 1.0 for an exact match of the reference, else 0.0.
 
-Engines that return text only (no log-probs) use `parse_verdict` on constrained text instead.
+A judge served behind an OpenAI-compatible endpoint (`EndpointJudge`) answers each rubric prompt
+once, greedily, in a few tokens; its verdict is read from the ``top_logprobs`` of the answer's first
+position over the same labels (renormalized), or, when the server returns no log-probs or none of
+the labels is among them, from the text (`parse_verdict`, `parse_score`). An answer that names no
+label either way is unusable: it is counted, and the candidate it concerned is dropped.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +116,125 @@ def parse_verdict(text: str) -> str | None:
     """"A" or "B" from a judge's text answer, or None when it names neither or both."""
     found = set(_VERDICT.findall(text.strip()[:20]))
     return found.pop() if len(found) == 1 else None
+
+
+_SCORE = re.compile(r"(?<!\d)(10|[1-9])(?!\d)")
+
+
+def parse_score(text: str) -> int | None:
+    """A 1-10 score from a judge's text answer, or None when it names no score or several."""
+    found = set(_SCORE.findall(text.strip()[:20]))
+    return int(found.pop()) if len(found) == 1 else None
+
+
+def _answer_label(token: str) -> str:
+    # Servers return decoded tokens (" A"); some return the tokenizer's raw pieces ("ĠA", "▁A").
+    return token.replace("Ġ", " ").replace("▁", " ").strip()
+
+
+def _label_probabilities(top_logprobs: list[dict], labels: Sequence[str]) -> dict[str, float]:
+    """Probability of each label among one position's top log-probs (tokens that spell the same label add up)."""
+    found: dict[str, float] = {}
+    for entry in top_logprobs:
+        label = _answer_label(entry["token"])
+        if label in labels:
+            found[label] = found.get(label, 0.0) + math.exp(float(entry["logprob"]))
+    return found
+
+
+def _answer_positions(choice: dict) -> list[dict]:
+    """The answer's positions with log-probs, from its first token that is not whitespace; [] when the server sent none."""
+    positions = (choice.get("logprobs") or {}).get("content") or []
+    for start, position in enumerate(positions):
+        if _answer_label(position["token"]):
+            return positions[start:]
+    return []
+
+
+def pairwise_answer(choice: dict) -> float | None:
+    """P("A") renormalized over "A"/"B" from an endpoint's answer: log-probs when it gave them, else its text; None when unusable."""
+    positions = _answer_positions(choice)
+    if positions:
+        found = _label_probabilities(positions[0].get("top_logprobs") or [], ("A", "B"))
+        if found:
+            return found.get("A", 0.0) / sum(found.values())
+    verdict = parse_verdict(choice["message"].get("content") or "")
+    return None if verdict is None else float(verdict == "A")
+
+
+def pointwise_answer(choice: dict) -> float | None:
+    """The expected 1-10 score over the labels' renormalized probabilities at the answer's first position, else the text's score.
+
+    A tokenizer that spells "10" as "1", "0" puts both in P("1"); when the answer did start with "1",
+    the next position's P("0") splits it into "10" and "1". Otherwise "10" counts as improbable.
+    """
+    positions = _answer_positions(choice)
+    if positions:
+        found = _label_probabilities(positions[0].get("top_logprobs") or [], SCORE_LABELS)
+        if "10" not in found and "1" in found and _answer_label(positions[0]["token"]) == "1" and len(positions) > 1:
+            then_zero = _label_probabilities(positions[1].get("top_logprobs") or [], ("0",)).get("0", 0.0)
+            found["10"], found["1"] = found["1"] * then_zero, found["1"] * (1 - then_zero)
+        total = sum(found.values())
+        if total > 0:
+            return sum(int(label) * probability for label, probability in found.items()) / total
+    score = parse_score(choice["message"].get("content") or "")
+    return None if score is None else float(score)
+
+
+class EndpointJudge:
+    """A judge served behind an OpenAI-compatible endpoint, through the sampling engine's requests and retries.
+
+    Each rubric prompt is one greedy request of at most ``max_tokens`` tokens, asking for
+    ``top_logprobs`` (none when 0: the verdict is then parsed from the text). Unusable answers come
+    back as None.
+    """
+
+    def __init__(self, engine, model: str, *, max_tokens: int, top_logprobs: int):
+        self.engine, self.model, self.max_tokens, self.top_logprobs = engine, model, max_tokens, top_logprobs
+
+    def _body(self, content: str) -> dict:
+        body = {"model": self.model, "messages": [{"role": "user", "content": content}], "max_tokens": self.max_tokens,
+                "temperature": 0.0, "seed": 0}
+        if self.top_logprobs:
+            body.update(logprobs=True, top_logprobs=self.top_logprobs)
+        return body
+
+    def _ask(self, contents: Sequence[str], wheres: Sequence[str], read) -> list[float | None]:
+        def one(position: int) -> float | None:
+            payload = self.engine.chat(self._body(contents[position]), wheres[position])
+            try:
+                return read(payload["choices"][0])
+            except (KeyError, IndexError, TypeError, ValueError):  # a malformed answer names no verdict either
+                return None
+
+        pool = ThreadPoolExecutor(max_workers=self.engine.settings.max_concurrency)
+        try:
+            answers = [future.result() for future in [pool.submit(one, position) for position in range(len(contents))]]
+        finally:  # on the first failure, requests not yet sent are dropped
+            pool.shutdown(wait=True, cancel_futures=True)
+        return answers
+
+    def judge_pairs(self, prompts: Sequence[str], firsts: Sequence[str], seconds: Sequence[str], wheres: Sequence[str],
+                    rubric: str = PAIRWISE_RUBRIC) -> list[PairJudgement | None]:
+        """Like `judge_pairs`, both orders; None where either order's answer was unusable."""
+        forward = [rubric.format(prompt=p, first=a, second=b) for p, a, b in zip(prompts, firsts, seconds)]
+        swapped = [rubric.format(prompt=p, first=b, second=a) for p, a, b in zip(prompts, firsts, seconds)]
+        prob_a = self._ask(forward + swapped, list(wheres) * 2, pairwise_answer)
+        judgements = []
+        for in_order, reversed_a in zip(prob_a[: len(prompts)], prob_a[len(prompts) :]):
+            if in_order is None or reversed_a is None:
+                judgements.append(None)
+                continue
+            reversed_order = 1 - reversed_a  # both: P(first is better)
+            judgements.append(PairJudgement(first_better=(in_order + reversed_order) / 2,
+                                            consistent=(in_order > 0.5) == (reversed_order > 0.5)))
+        return judgements
+
+    def pointwise_scores(self, prompts: Sequence[str], responses: Sequence[str], wheres: Sequence[str],
+                         rubric: str = POINTWISE_RUBRIC) -> list[float | None]:
+        """Like `pointwise_scores`; None where the answer was unusable."""
+        contents = [rubric.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
+        return self._ask(contents, wheres, pointwise_answer)
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,11 @@ class EngineError(StillhouseError):
 class OpenAIEngine:
     """Generate through ``{base_url}/chat/completions``, one request per prompt (``n`` choices each)."""
 
-    def __init__(self, config: SampleConfig, tokenizer=None, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, config: SampleConfig, tokenizer=None, sleep: Callable[[float], None] = time.sleep,
+                 settings_field: str = "sample.openai"):
         self.config = config
         self.settings = config.openai
+        self.settings_field = settings_field  # where errors tell the user to change timeouts (the judge has its own section)
         self.tokenizer = tokenizer
         self.sleep = sleep
         self.client = httpx.Client(timeout=self.settings.timeout_seconds)
@@ -82,9 +84,28 @@ class OpenAIEngine:
         key = os.environ.get(name) if name else None
         return {"Authorization": f"Bearer {key}"} if key else {}
 
+    def chat(self, body: dict, where: str) -> dict:
+        """Send one chat-completions ``body`` as it is, retried like every request here; the server's JSON answer.
+
+        For callers that read the answer themselves (the feedback judge reads text and top_logprobs).
+        """
+        response = self._post(body, where)
+        try:
+            return response.json()
+        except ValueError as error:
+            raise EngineError(f"{where}: malformed response from {response.url} ({error}); got {response.text[:200]!r}") from None
+
     def _complete(self, messages: list[dict], seed: int, where: str) -> list[Generation]:
+        response = self._post(self._body(messages, seed), where)
+        try:
+            return self._parse(response.json())
+        except (ValueError, KeyError, TypeError, IndexError) as error:
+            raise EngineError(f"{where}: malformed response from {response.url} ({type(error).__name__}: {error}); "
+                              f"got {response.text[:200]!r}") from None
+
+    def _post(self, body: dict, where: str) -> httpx.Response:
+        """POST to /chat/completions, retrying 429s, 5xx, timeouts and dropped connections; the first 200 answer."""
         url = self.settings.base_url.rstrip("/") + "/chat/completions"
-        body = self._body(messages, seed)
         for attempt in range(self.settings.max_retries + 1):
             last = attempt == self.settings.max_retries
             try:
@@ -92,7 +113,7 @@ class OpenAIEngine:
             except (httpx.TimeoutException, httpx.TransportError) as error:
                 if last:
                     raise EngineError(f"{where}: {type(error).__name__} from {url} after {attempt + 1} tries; raise "
-                                      "sample.openai.timeout_seconds or max_retries, or check the server") from None
+                                      f"{self.settings_field}.timeout_seconds or max_retries, or check the server") from None
                 self.sleep(self._delay(attempt, None))
                 continue
             if response.status_code in RETRY_STATUS and not last:
@@ -101,11 +122,7 @@ class OpenAIEngine:
             if response.status_code != 200:
                 hint = f"; set ${self.settings.api_key_env}" if response.status_code in (401, 403) else ""
                 raise EngineError(f"{where}: HTTP {response.status_code} from {url} after {attempt + 1} tries: {response.text[:300]}{hint}")
-            try:
-                return self._parse(response.json())
-            except (ValueError, KeyError, TypeError, IndexError) as error:
-                raise EngineError(f"{where}: malformed response from {url} ({type(error).__name__}: {error}); "
-                                  f"got {response.text[:200]!r}") from None
+            return response
         raise AssertionError("unreachable")
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
