@@ -265,3 +265,28 @@ def test_a_judge_that_keeps_timing_out_fails_its_shard_and_a_rerun_judges_only_t
     for name in ("candidates.parquet", "pairs.parquet"):
         pd.testing.assert_frame_equal(pd.read_parquet(f"{resumed.path}/{name}"), pd.read_parquet(f"{uninterrupted.path}/{name}"))
     assert collect_preferences(config, dataset, samples, student, Store(tmp_path / "interrupted")).cached
+
+
+def test_a_served_judge_needs_the_served_model_name_and_needs_no_teacher_in_memory(pipeline_raw):
+    from stillhouse.config import ConfigError, parse_config
+
+    pipeline_raw["feedback"] = {"judge": {"kind": "pairwise", "engine": "openai", "openai": {"base_url": "http://127.0.0.1:9/v1"}}}
+    with pytest.raises(ConfigError, match=r"feedback\.judge.*judge\.model is not set: name the model the server serves"):
+        parse_config(pipeline_raw)
+    # With the name, a teacher that is itself only served is fine: nothing has to be loaded here.
+    pipeline_raw["feedback"]["judge"]["model"] = "tiny-judge"
+    pipeline_raw["sample"].update(engine="openai", teacher="tiny-teacher")
+    pipeline_raw["train"].update(method="sft")
+    assert parse_config(pipeline_raw).feedback.judge.engine == "openai"
+
+
+def test_how_the_endpoint_is_reached_does_not_change_the_judged_pairs_fingerprint(server):
+    from stillhouse.feedback.stage import judge_settings
+
+    config = feedback_config(server)
+    patient = feedback_config(server, timeout_seconds=600, max_retries=9, max_concurrency=64, api_key_env="OTHER_KEY")
+    assert judge_settings(config) == judge_settings(patient)
+    moved = feedback_config(server, base_url="http://127.0.0.1:1/v1")
+    assert judge_settings(config) != judge_settings(moved)
+    local = FeedbackConfig(judge={"kind": "pointwise"})
+    assert judge_settings(local) == judge_settings(local.model_copy(update={"judge": local.judge.model_copy(update={"top_logprobs": 5})}))
