@@ -96,7 +96,7 @@ class Judge:
         tallies = [dict.fromkeys(TALLIES, 0) for _ in candidates]
         if settings.kind == "verifier":
             return [verifier_scores(texts, [reference] * len(texts)) for texts, reference in zip(candidates, references)], tallies
-        # (prompt, candidate) of every judged answer, flattened
+        # (prompt row, candidate column) of every candidate the judge sees; pairwise skips the first and its copies
         jobs = [(row, column) for row, texts in enumerate(candidates) for column, text in enumerate(texts)
                 if settings.kind == "pointwise" or text != texts[0]]
         questions_of = [questions[row] for row, _ in jobs]
