@@ -132,6 +132,7 @@ def test_the_mlflow_and_prefect_uis_show_the_run_in_a_headless_browser(deployed_
             page.screenshot(path=str(ARTIFACTS / "mlflow-run.png"))
             text = page.inner_text("body")
             assert "e2e-tiny" in text and "student_perplexity" in text and "student_top1_agreement" in text
+            assert str(parent.data.metrics["student_perplexity"])[:6] in text, "the student's value, not only its name"
 
             page.goto(f"{ui_base}/runs/flow-run/{run.flow_run_id}")
             page.get_by_text("Completed").first.wait_for(timeout=60_000)
