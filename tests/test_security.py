@@ -114,3 +114,70 @@ def test_names_and_repo_ids_that_could_escape_are_refused(pipeline_raw, section,
     with pytest.raises(ConfigError) as error:
         parse_config(pipeline_raw, origin="exp.yaml")
     assert message in str(error.value)
+
+
+# Secrets ------------------------------------------------------------------------------------------
+
+HUB_TOKEN = "hf_SENTINEL_hub_5e1f0c7a9d2b"
+OPENAI_KEY = "sk-SENTINEL-openai-8c3a6f1e4b70"
+
+
+def files_below(folder: Path) -> dict[str, bytes]:
+    return {str(path): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_tokens_never_reach_anything_the_pipeline_writes(prefect_harness, pipeline_raw, tiny_teacher, tmp_path, monkeypatch, capfd, caplog):
+    """The tiny pipeline with both secrets set: the student pushed to a Hub that needs the token, and the
+    teacher sampled behind an OpenAI-compatible server that needs the key. Every byte written is scanned."""
+    from huggingface_hub import constants
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    from flows.distill import distill
+    from hub_server import LoopbackHub
+    from openai_server import FakeOpenAIServer
+
+    home = tmp_path / "hf-home"
+    for name, value in {"HF_HOME": home, "HF_HUB_CACHE": home / "hub", "HF_TOKEN_PATH": home / "token",
+                        "HF_STORED_TOKENS_PATH": home / "stored_tokens"}.items():
+        monkeypatch.setattr(constants, name, str(value))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    monkeypatch.setenv("STILLHOUSE_TEST_OPENAI_KEY", OPENAI_KEY)
+    with LoopbackHub(tokens={HUB_TOKEN: "alice"}) as hub, FakeOpenAIServer(tiny_teacher) as teacher_server:
+        # The whole pipeline, published to the Hub with the token.
+        pipeline_raw["publish"] = {"repo_id": "alice/tiny-student", "endpoint": hub.url, "teacher_license": "apache-2.0"}
+        result = distill(parse_config(pipeline_raw))
+        assert result.published is not None and result.published.repo_id == "alice/tiny-student"
+        # The same prompts sampled through the OpenAI-compatible engine with the key, in the same store,
+        # MLflow and Prefect. (Only up to sampling: training and evaluation load the teacher's
+        # tokenizer and weights from sample.teacher, which for a served teacher is just a name.)
+        pipeline_raw["sample"].update(engine="openai", teacher="tiny-teacher", openai={
+            "base_url": teacher_server.url, "api_key_env": "STILLHOUSE_TEST_OPENAI_KEY", "tokenizer": str(tiny_teacher), "backoff_seconds": 0})
+        served = distill(parse_config(pipeline_raw), until="sample")
+        assert served.samples.rows == result.samples.rows and not served.samples.cached
+        # Both secrets were used, so the scan below means something.
+        assert {request["authorization"] for request in teacher_server.requests} == {f"Bearer {OPENAI_KEY}"}
+        assert any(request.token == HUB_TOKEN for request in hub.requests)
+        assert not hub.server_errors, hub.server_errors
+        hub_files = {f"hub:{repo_id}@{sha}/{path}": content for (_, repo_id), repo in hub.repos.items()
+                     for sha, commit in repo.commits.items() for path, content in commit.files.items()}
+        hub_files.update({f"hub-lfs:{oid}": content for oid, content in hub.lfs_objects.items()})
+
+    # Everything under tmp_path: the store (with the published folder), MLflow's database and
+    # artifacts, the HF cache of the round-trip download; then Prefect's database and the logs.
+    written = files_below(tmp_path)
+    prefect_db = Path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split("///", 1)[1])
+    written.update(files_below(prefect_db.parent))
+    captured = capfd.readouterr()
+    written.update({"stdout": captured.out.encode(), "stderr": captured.err.encode(), "log records": caplog.text.encode()})
+    written.update(hub_files)
+    assert any(name.endswith("mlflow.db") for name in written) and str(prefect_db) in written
+    assert any(name.endswith("/README.md") for name in hub_files) and any(name.endswith("/model.safetensors") for name in hub_files)
+    for secret in (HUB_TOKEN, OPENAI_KEY):
+        # Also a secret's distinctive middle, in case something wrote it truncated or quoted.
+        for needle in (secret, secret[3:15]):
+            leaks = [name for name, content in written.items() if needle.encode() in content]
+            assert not leaks, f"{needle!r} found in {leaks}"
+    print(f"scanned {len(written)} files and streams, {sum(map(len, written.values())) / 1e6:.1f} MB: no secret found")
