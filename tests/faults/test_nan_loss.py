@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import curate_and_sample
 from stillhouse.config import TrainConfig
+from stillhouse.errors import StillhouseError
 from stillhouse.store import MANIFEST
 from stillhouse.training.train import NonFiniteLossError, train_student
 
@@ -82,5 +83,19 @@ def test_a_non_finite_loss_at_the_first_step_stops_with_no_checkpoint_and_nothin
     pq.write_table(table.set_column(index, table.schema.field(index), pa.array(column, type=table.schema.field(index).type)), shard)
     config = TrainConfig.model_validate({"architecture": ARCHITECTURE, "method": "kd", "max_steps": 5, "batch_size": 8, "threads": 1, "device": "cpu"})
     with pytest.raises(NonFiniteLossError, match=r"the loss is (inf|nan) at step 1 of 5; .*No checkpoint was written yet"):
+        train_student(config, dataset, samples, store)
+    assert not list((store.root / "train").glob(f"*/{MANIFEST}"))
+
+
+def test_under_torchrun_the_stopping_rank_s_message_reaches_the_caller(tmp_path, tiny_teacher, prompts_jsonl):
+    """Two processes: the rank that meets the NaN writes its message, torchrun stops the other, and
+    the launching process raises that message instead of a bare exit code."""
+    store, dataset, samples = curate_and_sample(tmp_path / "store", tiny_teacher, prompts_jsonl)
+    poison_teacher_logprobs(samples.path, POISONED_ROW)
+    config = TrainConfig.model_validate({
+        "architecture": ARCHITECTURE, "method": "kd", "max_steps": 40, "batch_size": 8, "learning_rate": 0.005,
+        "logging_steps": 5, "threads": 1, "device": "cpu", "num_processes": 2,
+    })
+    with pytest.raises(StillhouseError, match=r"train: the loss is nan at step \d+ of 40.*Lower train.learning_rate"):
         train_student(config, dataset, samples, store)
     assert not list((store.root / "train").glob(f"*/{MANIFEST}"))
