@@ -174,7 +174,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_input_gives_a_clear_error_or_a_counted_skip(case, tmp_path, pipeline_raw):
     outcome = case.run(tmp_path, pipeline_raw)
-    print(f"\n| {case.id} | {outcome.splitlines()[0][:150]} ... |" if "\n" in outcome.strip() else f"\n| {case.id} | {outcome[:300]} |")
+    print(f"\n| {case.id} | {' / '.join(line.strip() for line in outcome.strip().splitlines())[:400]} |")  # a row of the closing table
     assert "Traceback" not in outcome
     assert re.search(case.expect, outcome, re.DOTALL), outcome
 
