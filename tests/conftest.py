@@ -67,6 +67,24 @@ def curate_and_sample(store_root: Path, teacher: Path, prompts: Path):
     return store, dataset, samples
 
 
+def upload_to_default_hub(hub, monkeypatch, folder: Path, repo_id: str) -> None:
+    """Make the loopback ``hub`` the client's default endpoint (as for a model id in a config) and upload ``folder``.
+
+    The client builds download URLs from constants fixed at import, so both are pointed at the hub, and
+    transformers keeps one HfApi (with the endpoint of its first use), which is dropped.
+    """
+    import transformers.utils.hub
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.setattr(transformers.utils.hub, "_hf_api", None)
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    api = HfApi(endpoint=hub.url, token="hf_test_token")
+    api.create_repo(repo_id)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id)
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("teacher"), hidden_size=48, seed=1)

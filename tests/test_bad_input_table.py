@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import upload_to_default_hub
 from flows.cli import main
 from stillhouse.config import ConfigError, CurateConfig, SampleConfig, load_config
 from stillhouse.data.curate import curate
@@ -181,15 +182,7 @@ def test_bad_input_gives_a_clear_error_or_a_counted_skip(case, tmp_path, pipelin
 
 def test_a_teacher_revision_that_does_not_exist_is_named(hub, tiny_teacher, monkeypatch):
     """On the loopback Hub: the repo exists, the branch doesn't; refused from the config alone, before weights."""
-    from huggingface_hub import HfApi, constants
-
-    # The client builds download URLs from constants fixed at import; point both at the loopback Hub.
-    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-    api = HfApi(endpoint=hub.url, token="hf_test_token")
-    api.create_repo("alice/teacher")
-    api.upload_folder(folder_path=str(tiny_teacher), repo_id="alice/teacher")
+    upload_to_default_hub(hub, monkeypatch, tiny_teacher, "alice/teacher")
     assert check_teacher(SampleConfig(teacher="alice/teacher", revision="main")).vocab_size > 0
     outcome = outcome_of(lambda: check_teacher(SampleConfig(teacher="alice/teacher", revision="no-such-branch")))
     print(f"\n| teacher-revision-missing | {outcome[:300]} |")

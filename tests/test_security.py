@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import upload_to_default_hub
 from flows.cli import main
 from stillhouse.config import ConfigError, SampleConfig, TrainConfig, parse_config
 from stillhouse.errors import InputError
@@ -52,6 +53,17 @@ def test_a_pickle_only_checkpoint_is_refused_before_it_is_opened(pickled_model, 
     assert main(["validate", str(config)]) == 2
     assert "sample.teacher" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_a_pickle_only_hub_repo_is_refused_before_any_weight_is_downloaded(pickled_model, hub, monkeypatch):
+    folder, marker = pickled_model
+    upload_to_default_hub(hub, monkeypatch, folder, "alice/pickled")
+    with pytest.raises(InputError, match=r"sample.teacher: 'alice/pickled' at revision 'main' has weights only as pickle files \(pytorch_model.bin\)"):
+        check_teacher(SampleConfig(teacher="alice/pickled"))
+    with pytest.raises(InputError, match=r"train.student: 'alice/pickled' at revision 'main' has weights only as pickle files"):
+        load_causal_lm("alice/pickled", field="train.student")
+    assert not marker.exists()
+    assert not any(request.path.endswith("pytorch_model.bin") and request.method == "GET" for request in hub.requests)
 
 
 def test_the_same_folder_with_safetensors_loads(tiny_teacher):

@@ -43,6 +43,26 @@ def check_safetensors_weights(path: Path, field: str) -> None:
         )
 
 
+def check_hub_safetensors(repo_id: str, revision: str | None, field: str) -> None:
+    """The Hub counterpart of `check_safetensors_weights`: one listing call, no download.
+
+    Skipped offline (HF_HUB_OFFLINE): loading then uses the cache, and `use_safetensors=True` still
+    refuses pickle files there.
+    """
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    files = HfApi().list_repo_files(repo_id, revision=revision)
+    if any(name.endswith(".safetensors") for name in files):
+        return
+    pickled = sorted(name for name in files if name.endswith(tuple(pattern[1:] for pattern in PICKLE_WEIGHTS)))
+    if pickled:
+        raise InputError(f"{field}: {repo_id!r} at revision {revision or 'main'!r} has weights only as pickle files ({', '.join(pickled[:3])}), "
+                         "which can run arbitrary code when loaded; Stillhouse loads safetensors only. Use a revision with model.safetensors "
+                         "(many repos have one on the `refs/pr/N` branch the Hub's conversion bot opened), or convert a checkpoint you trust")
+
+
 def remote_code_error(model: str, field: str) -> InputError:
     return InputError(f"{field}: {model!r} ships its own Python code (auto_map in its config), which runs only when allowed; "
                       f"if you trust it, set {field.rsplit('.', 1)[0]}.trust_remote_code: true, else use a model that plain transformers supports")
@@ -94,6 +114,8 @@ def load_causal_lm(model: str, *, revision: str | None = None, dtype: str = "flo
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     if Path(model).is_dir():
         check_safetensors_weights(Path(model), field)
+    else:
+        check_hub_safetensors(model, revision, field)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=torch_dtype, use_safetensors=True,
                                                       trust_remote_code=trust_remote_code)
@@ -101,7 +123,7 @@ def load_causal_lm(model: str, *, revision: str | None = None, dtype: str = "flo
         text = str(error)
         if "trust_remote_code" in text:
             raise remote_code_error(model, field) from None
-        if ".safetensors" in text and ("pytorch_model.bin" in text or "does not appear to have" in text):
+        if "pytorch_model.bin" in text or (".safetensors" in text and "does not appear to have" in text):
             raise InputError(f"{field}: {model!r} has no safetensors weights (only pickle files, which can run arbitrary code when "
                              "loaded); use a revision that has model.safetensors, or convert a checkpoint you trust") from None
         raise

@@ -27,7 +27,9 @@ from tqdm.auto import tqdm
 from stillhouse.config import SampleConfig
 from stillhouse.data.curate import read_split
 from stillhouse.errors import InputError
-from stillhouse.models import load_causal_lm, load_tokenizer, model_revision, remote_code_error, resolve_model, tokenizer_fingerprint
+from stillhouse.models import (
+    check_hub_safetensors, load_causal_lm, load_tokenizer, model_revision, remote_code_error, resolve_model, tokenizer_fingerprint,
+)
 from stillhouse.refs import DatasetRef, SamplesRef
 from stillhouse.sampling.hf_engine import Generation, generate, render_prompts
 from stillhouse.sampling.teacher_outputs import read_teacher_outputs, remove_partial_shards, shard_name, write_shard
@@ -88,6 +90,8 @@ def check_teacher(config: SampleConfig) -> TeacherFacts:
             raise remote_code_error(config.teacher, "sample.teacher") from None
         raise InputError(f"sample.teacher/sample.revision: cannot read {config.teacher!r} at revision {config.revision or 'main'!r} "
                          f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); check the id and revision, or log in for gated models") from None
+    if not Path(teacher).is_dir():  # a Hub teacher: refuse pickle-only weights now, not when the first shard loads them
+        check_hub_safetensors(teacher, config.revision, "sample.teacher")
     vocabulary = model_config.vocab_size
     if config.top_k_logprobs > vocabulary:
         raise InputError(f"sample.top_k_logprobs: k={config.top_k_logprobs} is larger than the teacher's vocabulary ({vocabulary}); use a k of at most {vocabulary} (16-64 is typical)")
