@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # the real CLI in a subprocess: ~10-17 s per case
+
 REPO = Path(__file__).parents[2]
 
 
