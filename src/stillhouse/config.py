@@ -694,7 +694,9 @@ def format_validation_error(error: ValidationError, origin: str) -> str:
             reason = "unknown key; check its spelling against `stillhouse schema`"
         elif problem["type"] == "missing":
             reason = "required field is missing"
-        given = "" if problem["type"] in ("missing", "extra_forbidden") else f" (got {problem.get('input')!r})"
+        # A rule across fields already names them; echoing the whole section back would bury the message.
+        whole_section = problem["type"] == "value_error" and isinstance(problem.get("input"), dict)
+        given = "" if problem["type"] in ("missing", "extra_forbidden") or whole_section else f" (got {problem.get('input')!r})"
         lines.append(f"  {location}: {reason}{given}")
     return "\n".join(lines)
 
