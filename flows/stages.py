@@ -19,11 +19,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from prefect import flow
 from prefect.concurrency.sync import concurrency
+from prefect.runtime import flow_run
 
 from flows.distill import PipelineResult, Stage, distill
+from flows.hooks import link_mlflow_run, record_failure
+from registry.tracking import finish_pipeline_run, start_pipeline_run, tracking_uri
 from stillhouse.config import PipelineConfig, load_config
+from stillhouse.errors import StillhouseError
+from stillhouse.preflight import preflight
+from stillhouse.refs import EvalReport, ModelRef
+from stillhouse.store import Store
+from tasks.curate import curate_task
+from tasks.evaluate import evaluate_task
+from tasks.sample import sample_task
 
 GPU_LIMIT = "gpu"
 
@@ -78,3 +90,53 @@ def register(config: str = "configs/demo.yaml", overrides: list[str] | None = No
 def publish(config: str = "configs/demo.yaml", overrides: list[str] | None = None) -> PipelineResult:
     """Publish the gated student to the Hugging Face Hub (everything before it reused from the store)."""
     return run_until(config, overrides, "publish")
+
+
+def champion_student(config: PipelineConfig) -> tuple[str, ModelRef]:
+    """(version, student) of the registry version holding the champion alias, its weights found in the store by fingerprint."""
+    alias, name = config.evaluate.gate.champion_alias, config.registry.model_name
+    client = MlflowClient(tracking_uri(config.tracking))
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        raise StillhouseError(f"no version of registered model {name!r} holds the alias @{alias} on {tracking_uri(config.tracking)}: "
+                              "run the pipeline until a candidate passes the promotion gate, then re-evaluate") from None
+    train_fingerprint = version.tags.get("stillhouse.train_fingerprint")
+    store = Store(config.store)
+    manifest = store.manifest("train", train_fingerprint) if train_fingerprint else None
+    if manifest is None:
+        raise StillhouseError(f"{name} version {version.version} (@{alias}): its training output train/{train_fingerprint} is not in the store "
+                              f"{config.store}; point `store:` at the store the champion was trained into")
+    folder = store.path("train", train_fingerprint)
+    return str(version.version), ModelRef(
+        stage="train", fingerprint=train_fingerprint, path=str(folder), cached=True, model_path=str(folder / "model"),
+        parameters=manifest["parameters"], train_seconds=manifest["train_seconds"], final_loss=manifest["final_loss"],
+        loss_history=manifest["loss_history"],
+    )
+
+
+@flow(name="stillhouse-evaluate-champion", log_prints=True)
+def evaluate_champion(config: str = "configs/demo.yaml", overrides: list[str] | None = None) -> EvalReport:
+    """Re-evaluate the champion (the registry version holding the gate's champion alias) on the config's current eval split.
+
+    Curation and sampling come from the store when the data didn't change; new data gives a new
+    eval split, teacher answers for it and a new evaluation of the same champion weights. The run is
+    its own MLflow run, tagged with the champion's version.
+    """
+    settings = load_named_config(config, overrides)
+    preflight(settings)
+    version, champion = champion_student(settings)
+    with concurrency(GPU_LIMIT, occupy=1, strict=False):
+        tracking = start_pipeline_run(settings, flow_run.get_id())
+        MlflowClient(tracking.tracking_uri).set_tag(tracking.parent_run_id, "stillhouse.champion_version", version)
+        link_mlflow_run(tracking)
+        try:
+            dataset = curate_task(settings, tracking)
+            samples = sample_task(settings, dataset, tracking)
+            report = evaluate_task(settings, dataset, samples, champion, tracking)
+        except BaseException as error:
+            record_failure(tracking, error)
+            finish_pipeline_run(tracking, {}, status="FAILED")
+            raise
+        finish_pipeline_run(tracking, report.metrics)
+    return report

@@ -116,7 +116,7 @@ def test_prefect_yaml_deployments_point_at_flows_with_valid_schedules():
     deployments, pools = deploy.read_prefect_file()
     assert {"local", "gpu"} == set(pools) and pools["local"].type == "process" and pools["gpu"].type == "kubernetes"
     entrypoints = {d.entrypoint.split(":")[1] for d in deployments}
-    assert {"pipeline", "curate", "sample", "train", "evaluate", "register", "publish"} == entrypoints
+    assert {"pipeline", "curate", "sample", "train", "evaluate", "evaluate_champion", "register", "publish"} == entrypoints
     for deployment in deployments:
         flow = getattr(stages, deployment.entrypoint.split(":")[1])
         assert flow.name.startswith("stillhouse-") and deployment.parameters["config"] == "configs/demo.yaml"
