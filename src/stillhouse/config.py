@@ -621,12 +621,44 @@ class PipelineConfig(StrictModel):
     def _cross_stage_rules(self) -> PipelineConfig:
         if self.train.method == "kd" and self.train.kd.teacher == "offline" and self.sample.top_k_logprobs == 0:
             raise ValueError("train.method is `kd` but sample.top_k_logprobs is 0: store the teacher's top-k (e.g. 16), use train.kd.teacher: online, or use method `sft`")
-        teacher_in_memory = (self.train.method == "kd" and self.train.kd.teacher == "online") or (
-            self.feedback is not None and self.feedback.judge.kind != "verifier" and self.feedback.judge.model is None)
-        if teacher_in_memory and self.sample.engine == "openai":
-            raise ValueError("the teacher behind sample.engine `openai` is a served model that can't be loaded here, but train.kd.teacher: online "
-                             "(or a feedback judge without feedback.judge.model) needs it in memory; use the stored top-k (kd.teacher: offline) "
-                             "and name a local judge model")
+        return self
+
+    @model_validator(mode="after")
+    def _served_teacher_rules(self) -> PipelineConfig:
+        """With sample.engine `openai` the teacher is a name on a server: only its answers (and top-k) reach later stages.
+
+        Its tokenizer is known only through sample.openai.tokenizer; its weights never are.
+        """
+        if self.sample.engine != "openai":
+            return self
+        served = "the teacher behind sample.engine `openai` is a served model that can't be loaded here"
+        if self.train.method == "kd" and self.train.kd.teacher == "online":
+            raise ValueError(f"{served}, but train.kd.teacher: online needs it in memory; use the stored top-k (train.kd.teacher: offline, "
+                             "with sample.openai.tokenizer set) or train.method: sft")
+        if self.sample.openai.tokenizer is None:
+            if self.train.method == "kd":
+                raise ValueError("train.method `kd` compares the teacher's top-k token ids with the student's, but the served teacher's vocabulary "
+                                 "is unknown (sample.openai.tokenizer is null); set sample.openai.tokenizer to the served model's tokenizer "
+                                 "(a local folder or Hub id) and use a student that shares it, or use train.method: sft")
+            if self.train.student is None:
+                raise ValueError("train.architecture builds the student from scratch with the teacher's tokenizer, but the served teacher's "
+                                 "is unknown (sample.openai.tokenizer is null); set sample.openai.tokenizer to the served model's tokenizer, "
+                                 "or set train.student to a pretrained student")
+        if self.feedback is not None and self.feedback.judge.kind != "verifier" and self.feedback.judge.model is None:
+            raise ValueError(f"feedback.judge.model is null, so the teacher would judge, but {served}; set feedback.judge.model "
+                             "(a local judge, or the served name with feedback.judge.engine: openai), or use feedback.judge.kind: verifier")
+        evaluate = self.evaluate
+        if "win_rate" in (evaluate.metrics or []) and evaluate.win_rate_judge == "model" and evaluate.judge_model is None:
+            raise ValueError(f"evaluate.metrics lists win_rate and evaluate.judge_model is null, so the teacher would judge, but {served}; "
+                             "set evaluate.judge_model to a local judge model, or evaluate.win_rate_judge: verifier")
+        if evaluate.lm_eval is not None and "teacher" in evaluate.lm_eval.roles:
+            raise ValueError(f"evaluate.lm_eval.roles lists `teacher`, but {served}; drop `teacher` from the roles")
+        # Measured on the teacher's weights, so never computed for a served teacher (its answers come from the stored responses).
+        needs_weights = {"teacher_perplexity", "teacher_reference_perplexity", "teacher_tokens_per_second", "teacher_latency_seconds",
+                         "speed_ratio", "latency_ratio", "teacher_size_mb", "size_ratio", "teacher_parameters", "parameter_ratio"}
+        for name in evaluate.gate.metric_names():
+            if name in needs_weights:
+                raise ValueError(f"evaluate.gate: metric {name!r} is measured on the teacher's weights, but {served}; gate on a student metric instead")
         return self
 
     @model_validator(mode="after")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
 
 
 class StageRef(BaseModel):
@@ -26,6 +28,22 @@ class SamplesRef(StageRef):
     tokenizer_fingerprint: str
     top_k_logprobs: int
     generated_tokens: int
+    teacher_tokenizer: str | None = Field(
+        None, description="Where the teacher's tokenizer loads from (a local folder or Hub id): the teacher itself for engines hf "
+        "and vllm, sample.openai.tokenizer for a served teacher; null when a served teacher's tokenizer is unknown.",
+    )
+    teacher_is_served: bool = Field(
+        False, description="The teacher answered through an HTTP endpoint (engine `openai`): `teacher` is the served model's name, "
+        "and its weights can't be loaded here.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local_teacher_is_its_own_tokenizer(cls, data: Any) -> Any:
+        # References and manifests written before these fields existed came from a local teacher folder or Hub id.
+        if isinstance(data, dict) and "teacher_tokenizer" not in data and not data.get("teacher_is_served"):
+            data = {**data, "teacher_tokenizer": data.get("teacher")}
+        return data
 
 
 class ModelRef(StageRef):

@@ -21,6 +21,14 @@ Metric groups (``evaluate.metrics``; null computes every group the data supports
 - always: ``<role>_parameters`` and ``parameter_ratio``;
 - with ``evaluate.lm_eval``: ``<role>_lm_eval/<task>/<metric>`` from lm-evaluation-harness.
 
+A served teacher (``sample.engine: openai``) has no weights here: its answers are the responses the
+sample stage stored for the eval split (the first sample per prompt, generated with the sample stage's
+settings), so exact match, agreement and ROUGE against the teacher still work, and the student's
+perplexity, KL and top-1 agreement on those responses too. What needs the teacher's weights is left
+out for role ``teacher``: its perplexities, size, speed and parameter count, and the ratios built on
+them (``parameter_ratio``, ``size_ratio``, ``speed_ratio``, ``latency_ratio``). Eval prompts the teacher
+did not answer (skipped as overlong) are left out for every role.
+
 The report (Markdown, HTML, PNG) is written into ``report/`` of the stage's folder.
 """
 
@@ -53,6 +61,7 @@ from stillhouse.models import (
 )
 from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
 from stillhouse.sampling.hf_engine import generate, render_prompts
+from stillhouse.sampling.teacher_outputs import read_teacher_outputs
 from stillhouse.store import Store, fingerprint
 from stillhouse.training.losses import TopK, cross_entropy, forward_kl
 from stillhouse.training.train import PadCollator, build_examples
@@ -183,6 +192,9 @@ def evaluate_student(
     and takes precedence over ``config.baseline``.
     """
     check_eval_set(config, dataset)
+    if samples.teacher_is_served and "win_rate" in (config.metrics or []) and config.win_rate_judge == "model" and config.judge_model is None:
+        raise InputError("evaluate.judge_model: win_rate's default judge is the teacher, but the teacher behind sample.engine `openai` is a "
+                         "served model that can't be loaded here; set evaluate.judge_model to a local judge model, or evaluate.win_rate_judge: verifier")
     settings = config.model_dump(mode="json", exclude={"gate"})  # the gate decides promotion; it doesn't change measurements
     inputs = {"dataset": dataset.fingerprint, "samples": samples.fingerprint, "student": student.fingerprint}
     if baseline is not None:
@@ -191,6 +203,13 @@ def evaluate_student(
 
     def compute(folder: Path) -> dict:
         prompts = read_split(dataset, "eval")
+        if samples.teacher_is_served:
+            stored = read_teacher_outputs(samples.path, split="eval")
+            stored_answers = stored[stored["sample_index"] == 0].set_index("prompt_id")["response_text"]
+            prompts = prompts[prompts["prompt_id"].isin(stored_answers.index)].reset_index(drop=True)
+            if prompts.empty:
+                raise InputError(f"evaluate: the served teacher answered none of the eval prompts in {samples.path} "
+                                 "(all skipped as overlong?); raise sample.context_length or shorten the prompts")
         if config.max_prompts is not None:
             prompts = prompts.head(config.max_prompts)
         groups = set(config.selected_groups(dataset.has_references, samples.top_k_logprobs > 0))
@@ -204,13 +223,16 @@ def evaluate_student(
             roles["baseline"] = baseline.model_path
         elif config.baseline is not None:
             roles["baseline"] = resolve_model(config.baseline, "evaluate.baseline")
-        teacher_tokenizer = load_tokenizer(samples.teacher)
+        teacher_tokenizer = load_tokenizer(samples.teacher_tokenizer) if samples.teacher_tokenizer else None
         for step, (role, path) in enumerate(roles.items()):
+            if role == "teacher" and samples.teacher_is_served:
+                answers[role] = [stored_answers[prompt_id] for prompt_id in prompts["prompt_id"]]  # nothing to load or measure
+                continue
             model, tokenizer = load_causal_lm(path, device="auto"), load_tokenizer(path)
             metrics[f"{role}_parameters"] = count_parameters(model)
             if "size" in groups:
                 metrics[f"{role}_size_mb"] = m.size_on_disk_mb(path, sum(p.numel() * p.element_size() for p in model.parameters()))
-            shared_vocabulary = vocabulary_difference(tokenizer, teacher_tokenizer) is None
+            shared_vocabulary = teacher_tokenizer is not None and vocabulary_difference(tokenizer, teacher_tokenizer) is None
             with_top_k = role != "teacher" and shared_vocabulary and samples.top_k_logprobs > 0 and groups & {"kl", "agreement"}
             if groups & {"perplexity", "kl", "agreement"}:
                 examples = build_examples(
@@ -280,7 +302,8 @@ def evaluate_student(
         if config.report:
             write_report(folder / "report", metrics, title="Teacher vs student", loss_history=student.loss_history,
                          kl_by_position=kl_by_position, eval_prompts=len(prompts))
-        return {"metrics": metrics, "eval_prompts": len(prompts), "kl_by_position": kl_by_position, "metric_groups": sorted(groups)}
+        return {"metrics": metrics, "eval_prompts": len(prompts), "kl_by_position": kl_by_position, "metric_groups": sorted(groups),
+                "teacher_answers": "stored" if samples.teacher_is_served else "generated"}
 
     output = store.build("evaluate", stage_fingerprint, compute)
     return EvalReport(stage="evaluate", fingerprint=stage_fingerprint, path=str(output.path), cached=output.cached, metrics=output.manifest["metrics"])

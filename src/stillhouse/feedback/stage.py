@@ -176,8 +176,14 @@ def collect_preferences(config: FeedbackConfig, dataset: DatasetRef, samples: Sa
                          "set curate.reference_column, or use a `pointwise` or `pairwise` judge")
     if config.judge.engine == "openai" and config.judge.kind != "verifier":
         judge_path = f"{config.judge.model}@{config.judge.openai.base_url}"
+    elif config.judge.model:
+        judge_path = resolve_model(config.judge.model, "feedback.judge.model")
+    elif samples.teacher_is_served and config.judge.kind != "verifier":
+        raise InputError("feedback.judge.model: null makes the teacher the judge, but the teacher behind sample.engine `openai` is a served "
+                         "model that can't be loaded here; set feedback.judge.model (a local judge, or the served name with "
+                         "feedback.judge.engine: openai), or use feedback.judge.kind: verifier")
     else:
-        judge_path = resolve_model(config.judge.model, "feedback.judge.model") if config.judge.model else samples.teacher
+        judge_path = samples.teacher
     stage_fingerprint = fingerprint("judge", judge_settings(config),
                                     {"dataset": dataset.fingerprint, "samples": samples.fingerprint, "student": student.fingerprint}, CODE_VERSION)
     store.claim("judge", stage_fingerprint)  # on an s3:// store, fetches the shards an interrupted run uploaded

@@ -287,6 +287,8 @@ def finish_sampling(config: SampleConfig, plan: ShardPlan, store: Store) -> Samp
         outputs = read_teacher_outputs(folder) if plan.shards else pd.DataFrame({"response_token_ids": []})
         return {
             "teacher": config.teacher, "teacher_path": plan.teacher.path, "teacher_revision": plan.teacher.revision,
+            # Where later stages find the teacher's tokenizer, and whether its weights are here at all (not for a served teacher).
+            "teacher_tokenizer": plan.teacher.tokenizer_path, "teacher_is_served": config.engine == "openai",
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer is not None else "unknown",
             "chat_template": tokenizer.chat_template if tokenizer is not None else None,
             "engine": config.engine, "top_k_logprobs": config.top_k_logprobs,
@@ -304,6 +306,9 @@ def finish_sampling(config: SampleConfig, plan: ShardPlan, store: Store) -> Samp
         teacher=recorded["teacher_path"], teacher_revision=recorded["teacher_revision"],
         tokenizer_fingerprint=recorded["tokenizer_fingerprint"], top_k_logprobs=recorded["top_k_logprobs"],
         generated_tokens=recorded["generated_tokens"],
+        # Older manifests lack both; a tokenizer named in the config now still counts (it belongs to the served model, not the samples).
+        teacher_tokenizer=recorded.get("teacher_tokenizer") or plan.teacher.tokenizer_path,
+        teacher_is_served=recorded.get("teacher_is_served", recorded["engine"] == "openai"),
     )
 
 

@@ -71,6 +71,26 @@ def build_student(config: TrainConfig, teacher_path: str):
     return model, tokenizer
 
 
+def check_vocabularies(config: TrainConfig, teacher_tokenizer) -> str | None:
+    """None when the student shares the teacher's vocabulary (stored token ids and top-k apply as they are), else what differs.
+
+    Reads tokenizers only. A student built from scratch takes the teacher's tokenizer. A served teacher whose
+    tokenizer is unknown (``teacher_tokenizer`` None) shares nothing: its responses are re-tokenized as text.
+    White-box ``kd`` between different vocabularies is refused.
+    """
+    if config.student is None:
+        return None
+    if teacher_tokenizer is None:
+        difference = "the served teacher's tokenizer is unknown (sample.openai.tokenizer is null)"
+    else:
+        student_tokenizer = load_tokenizer(resolve_model(config.student, "train.student"), trust_remote_code=config.trust_remote_code)
+        difference = vocabulary_difference(student_tokenizer, teacher_tokenizer)
+    if config.method == "kd" and difference is not None:
+        raise InputError(f"train.method: `kd` compares token distributions, but the student's vocabulary differs from the teacher's ({difference}); "
+                         "use method `sft` (black-box) or a student of the teacher's family")
+    return difference
+
+
 def build_examples(
     dataset: DatasetRef, samples: SamplesRef, tokenizer, *, split: str, shared_vocabulary: bool, with_top_k: bool, max_seq_len: int,
     prompt_ids: set[str] | None = None,
@@ -307,19 +327,15 @@ def run_training(config: TrainConfig, dataset: DatasetRef, samples: SamplesRef, 
     """Train in this process (one rank of several under torchrun); returns the manifest's content."""
     if config.threads:
         torch.set_num_threads(config.threads)
-    teacher_tokenizer = load_tokenizer(samples.teacher)
-    if config.student is not None:  # check the vocabularies (tokenizers only) before loading any weights
-        student_tokenizer = load_tokenizer(resolve_model(config.student, "train.student"), trust_remote_code=config.trust_remote_code)
-        difference = vocabulary_difference(student_tokenizer, teacher_tokenizer)
-    else:
-        difference = None  # built from scratch with the teacher's tokenizer
-    if config.method == "kd" and difference is not None:
-        raise InputError(f"train.method: `kd` compares token distributions, but the student's vocabulary differs from the teacher's ({difference}); "
-                         "use method `sft` (black-box) or a student of the teacher's family")
-    model, tokenizer = build_student(config, samples.teacher)
+    teacher_tokenizer = load_tokenizer(samples.teacher_tokenizer) if samples.teacher_tokenizer else None
+    online = config.method == "kd" and config.kd.teacher == "online"
+    if samples.teacher_is_served and (online or (teacher_tokenizer is None and config.student is None)):
+        raise InputError("train: the teacher behind sample.engine `openai` is a served model that can't be loaded here; "
+                         "set sample.openai.tokenizer and train.kd.teacher: offline, or train a pretrained train.student with method `sft`")
+    difference = check_vocabularies(config, teacher_tokenizer)  # tokenizers only, before any weights load
+    model, tokenizer = build_student(config, samples.teacher_tokenizer)
     if config.lora is not None:
         model = with_lora(model, config)
-    online = config.method == "kd" and config.kd.teacher == "online"
     examples = build_examples(
         dataset, samples, tokenizer, split="train", shared_vocabulary=difference is None,
         with_top_k=config.method == "kd" and not online, max_seq_len=config.max_seq_len,
@@ -344,7 +360,8 @@ def run_training(config: TrainConfig, dataset: DatasetRef, samples: SamplesRef, 
     trainer = DistillationTrainer(
         model=model, args=arguments, train_dataset=examples,
         data_collator=PadCollator(tokenizer.pad_token_id, with_prompts=config.method == "kd" and config.kd.lmbda > 0),
-        callbacks=[ProgressCallback(progress)] if progress else None, kd=config.kd, vocab_size=len(teacher_tokenizer),
+        callbacks=[ProgressCallback(progress)] if progress else None, kd=config.kd,
+        vocab_size=len(teacher_tokenizer) if difference is None else len(tokenizer),  # the student's own, when it learns from text
         teacher=teacher, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         loss_chunk_size=config.loss_chunk_size, **weights,
     )
