@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from conftest import build_tiny_model
 from openai_server import FakeOpenAIServer
@@ -101,19 +102,32 @@ def test_the_whole_pipeline_runs_on_a_served_teacher(prefect_harness, pipeline_r
     assert result.registered is not None and result.registered.version
 
 
-@pytest.fixture(scope="module")
-def served_without_tokenizer(server, tmp_path_factory):
-    """(store, dataset, samples): prompts answered by the served teacher, its tokenizer unknown (the server's token ids kept)."""
+def sample_served(server, folder, tokenizer=None):
+    """(store, dataset, samples): 24 demo prompts curated in ``folder`` and answered by the served teacher."""
     from stillhouse.demo.tasks import make_examples
 
-    folder = tmp_path_factory.mktemp("served-data")
     (folder / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in make_examples(24, seed=5)))
     store = Store(folder / "store")
     dataset = curate(CurateConfig(source=str(folder / "prompts.jsonl"), category_column="task", eval_fraction=0.25), store)
-    sample = served_sample(server)
+    sample = served_sample(server, tokenizer)
     sample["openai"] = OpenAIEngineConfig(**sample["openai"])
-    samples = sample_teacher(SampleConfig(**sample), dataset, store)
-    return store, dataset, samples
+    return store, dataset, sample_teacher(SampleConfig(**sample), dataset, store)
+
+
+@pytest.fixture(scope="module")
+def served_without_tokenizer(server, tmp_path_factory):
+    """The served teacher's tokenizer unknown: the server's token ids are kept, but nothing says whose vocabulary they are."""
+    return sample_served(server, tmp_path_factory.mktemp("served-data"))
+
+
+def test_a_student_built_from_scratch_takes_the_named_served_tokenizer_and_learns_its_top_k(server, tiny_teacher, tmp_path):
+    store, dataset, samples = sample_served(server, tmp_path, tokenizer=str(tiny_teacher))
+    assert samples.teacher_is_served and samples.teacher_tokenizer == str(tiny_teacher.resolve())
+    shape = {"hidden_size": 16, "num_layers": 1, "intermediate_size": 32, "num_heads": 2}
+    config = TrainConfig(architecture=shape, method="kd", max_steps=3, batch_size=4, logging_steps=1, threads=1)
+    student = train_student(config, dataset, samples, store)
+    assert len(student.loss_history) == 3 and math.isfinite(student.final_loss)
+    assert AutoTokenizer.from_pretrained(student.model_path).get_vocab() == AutoTokenizer.from_pretrained(tiny_teacher).get_vocab()
 
 
 def test_black_box_sft_and_evaluation_work_without_the_teachers_tokenizer(served_without_tokenizer, tiny_student):
@@ -186,8 +200,6 @@ def test_what_a_served_teacher_allows_passes_validation(pipeline_raw, server, ti
 
 def test_preflight_refuses_kd_when_the_student_does_not_share_the_served_tokenizer(pipeline_raw, server, tiny_teacher, tmp_path):
     """`stillhouse validate` (preflight) catches it from tokenizers alone, before anything is sampled."""
-    from transformers import AutoTokenizer
-
     other = build_tiny_model(tmp_path / "other-student", hidden_size=16, seed=3)
     tokenizer = AutoTokenizer.from_pretrained(other)
     tokenizer.add_tokens(["<student-only>"])
