@@ -55,8 +55,8 @@ CARD_TEMPLATE = """---
 # {{ model_name }}
 
 A student distilled by [Stillhouse](https://github.com/stillhouse) from the teacher **{{ teacher }}**
-(revision `{{ teacher_revision }}`) with {{ method_long }}. It has {{ parameters }} parameters
-({{ ratio }} of the teacher's){{ base_model_sentence }}.
+(revision `{{ teacher_revision }}`) with {{ method_long }}.
+It has {{ parameters }} parameters{{ ratio }}{{ base_model_sentence }}.
 
 ## How it was made
 
@@ -244,7 +244,7 @@ def model_card(
     return ModelCard.from_template(
         data, template_str=CARD_TEMPLATE, model_name=model_name, teacher=config.sample.teacher, teacher_revision=samples.teacher_revision,
         method_long=", ".join(METHODS[part] for part in method.split("+")),
-        parameters=f"{student.parameters:,}", ratio=f"{metrics.get('parameter_ratio', float('nan')):.1%}",
+        parameters=f"{student.parameters:,}", ratio=f" ({metrics['parameter_ratio']:.1%} of the teacher's)" if "parameter_ratio" in metrics else "",  # a served teacher's size is unknown
         base_model_sentence=f", fine-tuned from {config.train.student}" if config.train.student else ", trained from scratch",
         base_model=config.train.student or "none: initialized from scratch",
         data=", ".join(data_sources), train_rows=f"{dataset.train_rows:,}", eval_rows=f"{dataset.eval_rows:,}",

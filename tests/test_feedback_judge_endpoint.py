@@ -275,7 +275,7 @@ def test_a_served_judge_needs_the_served_model_name_and_needs_no_teacher_in_memo
         parse_config(pipeline_raw)
     # With the name, a teacher that is itself only served is fine: nothing has to be loaded here.
     pipeline_raw["feedback"]["judge"]["model"] = "tiny-judge"
-    pipeline_raw["sample"].update(engine="openai", teacher="tiny-teacher")
+    pipeline_raw["sample"].update(engine="openai", teacher="tiny-teacher", openai={"tokenizer": pipeline_raw["sample"]["teacher"]})
     pipeline_raw["train"].update(method="sft")
     assert parse_config(pipeline_raw).feedback.judge.engine == "openai"
 

@@ -163,8 +163,8 @@ def test_tokens_never_reach_anything_the_pipeline_writes(prefect_harness, pipeli
         result = distill(parse_config(pipeline_raw))
         assert result.published is not None and result.published.repo_id == "alice/tiny-student"
         # The same prompts sampled through the OpenAI-compatible engine with the key, in the same store,
-        # MLflow and Prefect. (Only up to sampling: training and evaluation load the teacher's
-        # tokenizer and weights from sample.teacher, which for a served teacher is just a name.)
+        # MLflow and Prefect. Up to sampling: the key is used only there (tests/test_served_teacher.py
+        # runs the later stages with a served teacher).
         pipeline_raw["sample"].update(engine="openai", teacher="tiny-teacher", openai={
             "base_url": teacher_server.url, "api_key_env": "STILLHOUSE_TEST_OPENAI_KEY", "tokenizer": str(tiny_teacher), "backoff_seconds": 0})
         served = distill(parse_config(pipeline_raw), until="sample")
