@@ -91,3 +91,18 @@ def test_a_malformed_response_fails_clearly_naming_the_shard_and_leaves_no_shard
         sample_teacher(openai_config(server, tiny_teacher, max_concurrency=1), dataset, Store(tmp_path))
     assert KEY not in str(error.value)
     assert not list(tmp_path.rglob("shard-*.parquet"))
+
+
+def test_the_served_tokenizer_and_server_change_the_fingerprint_but_how_it_is_reached_does_not(dataset):
+    from stillhouse.sampling.sample import stage_fingerprint
+
+    def served(**openai) -> str:
+        config = SampleConfig(teacher="tiny-teacher", engine="openai", max_new_tokens=4,
+                              openai=OpenAIEngineConfig(**{"base_url": "http://127.0.0.1:1/v1", **openai}))
+        return stage_fingerprint(config, dataset, revision="served")
+
+    plain = served()
+    assert served(api_key_env="OTHER_KEY", max_concurrency=3, max_retries=1, timeout_seconds=5) == plain
+    assert served(tokenizer="/models/tokenizer") != plain
+    assert served(return_token_ids=False) != plain
+    assert served(base_url="http://127.0.0.1:2/v1") != plain

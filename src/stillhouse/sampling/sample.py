@@ -133,9 +133,12 @@ def _check_chat_template(tokenizer, name: str, field: str) -> None:
 
 
 def stage_fingerprint(config: SampleConfig, dataset: DatasetRef, revision: str) -> str:
-    # Where shards run, and how to reach a server, don't change what is sampled.
+    # Where shards run, and how to reach a server, don't change what is sampled; which server, and how
+    # its tokens become ids (the tokenizer named, or the server's own ids), do.
     settings = config.model_dump(mode="json", exclude={"teacher", "revision", "device", "task_runner", "gpu_memory_utilization", "trust_remote_code"})
-    settings["openai"] = {"base_url": config.openai.base_url} if config.engine == "openai" else None
+    served = config.openai
+    settings["openai"] = ({"base_url": served.base_url, "tokenizer": served.tokenizer, "return_token_ids": served.return_token_ids}
+                          if config.engine == "openai" else None)
     return fingerprint("sample", settings, {"dataset": dataset.fingerprint, "teacher": f"{config.teacher}@{revision}"}, CODE_VERSION)
 
 
