@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
 from pydantic import ValidationError
 
 from stillhouse.config import PipelineConfig, load_config
 from stillhouse.errors import StillhouseError
+from stillhouse.health import check_server_health, check_tracking_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO_ROOT / "prefect.yaml"
@@ -89,14 +89,7 @@ def check_prefect_api(timeout_s: float = 10.0) -> str:
         raise StillhouseError("no Prefect API to register deployments with: PREFECT_API_URL is not set. Start a server "
                               "(prefect server start --host 127.0.0.1 --port 4200) and export PREFECT_API_URL=http://127.0.0.1:4200/api "
                               "(the ephemeral API of `stillhouse run` forgets deployments when the process ends)")
-    try:
-        response = httpx.get(url.rstrip("/") + "/health", timeout=timeout_s)
-    except httpx.HTTPError as error:
-        raise StillhouseError(f"the Prefect API at {url} does not answer ({type(error).__name__}: {error}); start it "
-                              "(prefect server start) or fix PREFECT_API_URL") from None
-    if response.status_code != 200:
-        raise StillhouseError(f"the Prefect API at {url} answered its health check with HTTP {response.status_code}; "
-                              "check that PREFECT_API_URL ends in /api and points at a Prefect server")
+    check_server_health(url, "the Prefect API", "start it (prefect server start) or fix PREFECT_API_URL; it ends in /api", timeout_s)
     return url
 
 
@@ -117,8 +110,6 @@ def check_config(path: Path, overrides: list[str]) -> PipelineConfig:
     config = load_config(path, overrides)
     tracking_uri = config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     if tracking_uri:
-        from stillhouse.preflight import check_tracking_server  # (imports the model stack: only when there is a server to check)
-
         check_tracking_server(tracking_uri, timeout_s=5.0)
     return config
 

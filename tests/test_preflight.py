@@ -1,22 +1,16 @@
 """Preflight fails fast on an MLflow server that doesn't answer, before any model loads."""
 
-import socket
 import time
 
 import pytest
+from servers import free_port
 
 from stillhouse.errors import StillhouseError
 from stillhouse.preflight import check_tracking_server
 
 
-def unused_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_an_unreachable_tracking_server_is_named_within_seconds():
-    uri = f"http://127.0.0.1:{unused_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     with pytest.raises(StillhouseError, match=f"MLflow tracking server at {uri} does not answer"):
         check_tracking_server(uri, timeout_s=5)

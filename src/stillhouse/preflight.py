@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 
-import httpx
-
 from stillhouse.config import PipelineConfig
 from stillhouse.data.decontaminate import check_benchmarks
 from stillhouse.data.sources import resolve_sources
-from stillhouse.errors import StillhouseError
+from stillhouse.health import check_tracking_server
 from stillhouse.licenses import preflight_licenses
 from stillhouse.models import load_tokenizer, resolve_model
 from stillhouse.sampling.sample import check_teacher
@@ -32,27 +30,3 @@ def preflight(config: PipelineConfig) -> None:
             check_vocabularies(config.train, load_tokenizer(teacher.tokenizer_path, config.sample.revision if local else None,
                                                             trust_remote_code=config.sample.trust_remote_code and local))
     preflight_licenses(config)  # a push the teacher's or base model's terms forbid fails before training, quoting the clause
-
-
-def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
-    """Fail fast, naming the URI, when an MLflow server doesn't answer its health check.
-
-    Without this, MLflow's own client retries for minutes before the first log call fails, which
-    is after the curation and sampling a run has already paid for. Non-HTTP URIs (sqlite, file)
-    are local and need no check.
-    """
-    if not uri.startswith(("http://", "https://")):
-        return
-    health_url = uri.rstrip("/") + "/health"
-    try:
-        response = httpx.get(health_url, timeout=timeout_s)
-    except httpx.HTTPError as error:
-        raise StillhouseError(
-            f"the MLflow tracking server at {uri} does not answer ({type(error).__name__}: {error}); "
-            "start it (mlflow server ...) or fix tracking.uri / $MLFLOW_TRACKING_URI"
-        ) from None
-    if response.status_code != 200:
-        raise StillhouseError(
-            f"the MLflow tracking server at {uri} answered its health check {health_url} with HTTP {response.status_code}; "
-            "check that tracking.uri points at an MLflow server"
-        )
