@@ -15,7 +15,7 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH) 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/pip install --quiet -e '.[test]' 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -c "import stillhouse, flows, tasks, registry, torch, transformers, prefect, mlflow"
+	$(BIN)/python -c "import stillhouse.flows.cli, stillhouse.tasks, stillhouse.registry, torch, transformers, prefect, mlflow"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from stillhouse.demo.tasks import make_examples
-from stillhouse.models import DEMO_TEACHER_DIR, load_causal_lm, load_tokenizer
+from stillhouse.demo import TEACHER_DIR as DEMO_TEACHER_DIR
+from stillhouse.models import load_causal_lm, load_tokenizer
 from stillhouse.sampling.hf_engine import Generation, generate, plan_batches, render_prompts
 from stillhouse.sampling.teacher_outputs import write_shard
 

@@ -1,5 +1,6 @@
 """The `stillhouse` command line.
 
+    stillhouse demo [--set ...]          # the bundled demo, from any folder (outputs under ./.stillhouse)
     stillhouse run configs/demo.yaml [--set train.max_steps=100 ...] [--until STAGE]
     stillhouse validate configs/demo.yaml [--set ...]
     stillhouse schema
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from stillhouse.config import ConfigError, PipelineConfig, load_config
 from stillhouse.errors import StillhouseError
+from stillhouse.flows.bundled import DEMO_CONFIG, resolve_config
+from stillhouse.flows.environment import apply_embedded_defaults
 
 STAGE_NAMES = ("curate", "sample", "train", "evaluate", "register", "publish")
 
@@ -34,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                              help="override one config value (YAML-parsed), e.g. --set train.max_steps=100; repeatable")
 
+    demo = commands.add_parser("demo", help="run the bundled demo (configs/demo.yaml): distill the tiny demo teacher on this CPU",
+                               description="Run the bundled demo pipeline from any folder: its store and MLflow database go to ./.stillhouse.")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override one value of the demo config, e.g. --set train.max_steps=2400; repeatable")
+    demo.add_argument("--until", choices=STAGE_NAMES, default="publish", help="stop after this stage (default: publish)")
     run = commands.add_parser("run", help="run the distillation pipeline of a config (reusing every stage already in the store)",
                               description="Run curate → sample → train → evaluate → register → publish as a Prefect flow.")
     with_config(run)
@@ -104,12 +112,15 @@ def print_summary(result, config: PipelineConfig, command: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_embedded_defaults()  # before Prefect, MLflow or the Hub client is imported
     arguments = build_parser().parse_args(argv)
+    if arguments.command == "demo":
+        arguments.config = DEMO_CONFIG
     if arguments.command == "schema":
         print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
         return 0
     if arguments.command == "pull":
-        from registry.pull import pull_command
+        from stillhouse.registry.pull import pull_command
 
         try:
             return pull_command(arguments.repo_id, arguments.revision, arguments.endpoint, arguments.prompt,
@@ -118,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
     if arguments.command in ("deploy", "serve"):
-        from flows import deploy
+        from stillhouse.flows import deploy
 
         try:
             if arguments.command == "serve":
@@ -132,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         print("registered: " + ", ".join(names))
         return 0
     try:
-        config = load_config(arguments.config, arguments.overrides)
+        config = load_config(resolve_config(arguments.config), arguments.overrides)
         if config.publish.endpoint and "huggingface.co" not in config.publish.endpoint:
             os.environ.setdefault("HF_HUB_DISABLE_XET", "1")  # a self-hosted Hub speaks plain LFS, not xet
         from stillhouse.preflight import preflight
@@ -141,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         if arguments.command == "validate":
             print(f"{arguments.config}: OK ({config.name})")
             return 0
-        from flows.distill import distill
+        from stillhouse.flows.distill import distill
 
         result = distill(config, until=arguments.until)
     except (ConfigError, StillhouseError) as error:

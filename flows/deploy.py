@@ -23,12 +23,12 @@ import yaml
 from pydantic import ValidationError
 
 from stillhouse.config import PipelineConfig, load_config
+from stillhouse.flows.bundled import PREFECT_FILE, resolve_config
 from stillhouse.errors import StillhouseError
 from stillhouse.health import check_server_health, check_tracking_server
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PREFECT_FILE = REPO_ROOT / "prefect.yaml"
 GPU_LIMIT = "gpu"
+STAGES_MODULE = "stillhouse.flows.stages"
 
 
 @dataclass
@@ -37,14 +37,14 @@ class WorkPoolSpec:
 
     name: str
     type: str
-    code_directory: str | None = None  # where the worker finds this repository; None: this checkout
+    code_directory: str | None = None  # the flow run's working directory; None: where `stillhouse deploy` ran
     base_job_template: dict[str, Any] | None = None
 
 
 @dataclass
 class DeploymentSpec:
     name: str
-    entrypoint: str  # flows/stages.py:pipeline
+    entrypoint: str  # stillhouse.flows.stages:pipeline
     work_pool: str
     parameters: dict[str, Any] = field(default_factory=dict)
     schedules: list[dict[str, Any]] = field(default_factory=list)
@@ -56,7 +56,7 @@ class DeploymentSpec:
 def read_prefect_file(path: Path = PREFECT_FILE) -> tuple[list[DeploymentSpec], dict[str, WorkPoolSpec]]:
     """The deployments and the defined work pools of a prefect.yaml."""
     if not path.is_file():
-        raise StillhouseError(f"{path}: no such file; run `stillhouse deploy` from the repository root or pass --prefect-file")
+        raise StillhouseError(f"{path}: no such file; pass --prefect-file with a deployments file (the bundled one is {PREFECT_FILE})")
     content = yaml.safe_load(path.read_text()) or {}
     pools = {}
     for key, pool in ((content.get("definitions") or {}).get("work_pools") or {}).items():
@@ -107,7 +107,7 @@ def cron_schedule(cron: str, timezone: str | None, where: str):
 
 def check_config(path: Path, overrides: list[str]) -> PipelineConfig:
     """The named config parses, and the MLflow server it tracks to (if any) answers."""
-    config = load_config(path, overrides)
+    config = load_config(resolve_config(path), overrides)
     tracking_uri = config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     if tracking_uri:
         check_tracking_server(tracking_uri, timeout_s=5.0)
@@ -131,8 +131,7 @@ def plan_deployments(config: Path | None, pool: str | None, prefect_file: Path =
                 raise StillhouseError(f"{prefect_file}: deployment {deployment.name!r} schedule {index}: only `cron` schedules are supported here")
             cron_schedule(schedule["cron"], schedule.get("timezone"), f"{prefect_file}: deployment {deployment.name!r}: cron {schedule['cron']!r}")
     for config_path in sorted({d.parameters.get("config", "configs/demo.yaml") for d in deployments}):
-        resolved = Path(config_path) if Path(config_path).is_absolute() else REPO_ROOT / config_path
-        check_config(resolved, list(overrides or []))
+        check_config(Path(config_path), list(overrides or []))
     return deployments, pools
 
 
@@ -162,7 +161,7 @@ def deploy(config: Path | None = None, pool: str | None = None, *, prefect_file:
 
     deployments, pools = plan_deployments(config, pool, prefect_file, overrides)  # the checks that need no server first
     api_url = check_prefect_api()
-    from flows import stages  # imports the pipeline (torch, transformers): after the quick checks
+    from stillhouse.flows import stages  # imports the pipeline (torch, transformers): after the quick checks
 
     flows = {d.entrypoint: _flow_at(stages, d.entrypoint, prefect_file) for d in deployments}
     registered = []
@@ -175,7 +174,7 @@ def deploy(config: Path | None = None, pool: str | None = None, *, prefect_file:
         for deployment in deployments:
             flow = flows[deployment.entrypoint]
             pool_spec = pools.get(deployment.work_pool)
-            directory = (pool_spec.code_directory if pool_spec else None) or str(REPO_ROOT)
+            directory = (pool_spec.code_directory if pool_spec else None) or str(Path.cwd())
             client.create_deployment(
                 flow_id=client.create_flow_from_name(flow.name), name=deployment.name, entrypoint=deployment.entrypoint,
                 work_pool_name=deployment.work_pool, parameters=deployment.parameters, tags=deployment.tags,
@@ -190,9 +189,9 @@ def deploy(config: Path | None = None, pool: str | None = None, *, prefect_file:
 
 
 def _flow_at(stages_module, entrypoint: str, prefect_file: Path):
-    path, _, function = entrypoint.partition(":")
-    if path != "flows/stages.py" or not hasattr(stages_module, function):
-        raise StillhouseError(f"{prefect_file}: entrypoint {entrypoint!r} is not a flow in flows/stages.py")
+    module, _, function = entrypoint.partition(":")
+    if module != STAGES_MODULE or not hasattr(stages_module, function):
+        raise StillhouseError(f"{prefect_file}: entrypoint {entrypoint!r} is not a flow of {STAGES_MODULE} (write it as {STAGES_MODULE}:pipeline)")
     return getattr(stages_module, function)
 
 
@@ -200,7 +199,7 @@ def serve(config: Path, cron: str, *, overrides: list[str] | None = None, until:
     """Check the cron and the config, then schedule the pipeline in this process with `flow.serve` (runs until stopped)."""
     schedule = cron_schedule(cron, None, f"--cron {cron!r}")
     settings = check_config(config, list(overrides or []))
-    from flows.stages import pipeline
+    from stillhouse.flows.stages import pipeline
 
     pipeline.serve(name=name or f"{settings.name}-serve", schedules=[schedule],
                    parameters={"config": str(config), "overrides": list(overrides or []), "until": until})

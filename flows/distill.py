@@ -2,7 +2,7 @@
 
     stillhouse run configs/demo.yaml                         # the whole pipeline
     stillhouse run configs/demo.yaml --until sample          # stop after a stage (earlier ones come from the store)
-    python -c "from flows.distill import distill; ..."       # or call the flow from Python
+    python -c "from stillhouse.flows.distill import distill; ..."       # or call the flow from Python
 
 Every stage output is content-addressed in the store, so a rerun reuses what is done and a
 changed training section reuses curation and sampling. Without PREFECT_API_URL the flow runs on
@@ -19,23 +19,22 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
 from pydantic import BaseModel, Field
 
-import tasks  # noqa: F401  (embedded defaults)
-from flows.hooks import link_mlflow_run, mark_mlflow_run_crashed, record_failure
-from registry.model_registry import RegisteredModel
-from registry.publish import PublishedModel
-from registry.tracking import finish_pipeline_run, start_pipeline_run
+from stillhouse.flows.hooks import link_mlflow_run, mark_mlflow_run_crashed, record_failure
+from stillhouse.registry.model_registry import RegisteredModel
+from stillhouse.registry.publish import PublishedModel
+from stillhouse.registry.tracking import finish_pipeline_run, start_pipeline_run
 from stillhouse.config import PipelineConfig
 from stillhouse.evaluation.gate import GateVerdict
 from stillhouse.preflight import preflight
 from stillhouse.refs import DatasetRef, EvalReport, ModelRef, PairsRef, SamplesRef
-from tasks.curate import curate_task
-from tasks.evaluate import evaluate_task
-from tasks.feedback import feedback_train_task, judge_task
-from tasks.gate import gate_task
-from tasks.publish import publish_task
-from tasks.register import register_task
-from tasks.sample import sample_task
-from tasks.train import train_task
+from stillhouse.tasks.curate import curate_task
+from stillhouse.tasks.evaluate import evaluate_task
+from stillhouse.tasks.feedback import feedback_train_task, judge_task
+from stillhouse.tasks.gate import gate_task
+from stillhouse.tasks.publish import publish_task
+from stillhouse.tasks.register import register_task
+from stillhouse.tasks.sample import sample_task
+from stillhouse.tasks.train import train_task
 
 STAGES = ("curate", "sample", "train", "evaluate", "register", "publish")
 Stage = Literal["curate", "sample", "train", "evaluate", "register", "publish"]

@@ -15,7 +15,7 @@ import logging
 
 from mlflow.tracking import MlflowClient
 
-from registry.tracking import TrackingContext, tracking_uri
+from stillhouse.registry.tracking import TrackingContext, tracking_uri
 
 ERROR_TAG = "stillhouse.error"
 MAX_MESSAGE = 4000

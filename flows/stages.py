@@ -1,12 +1,12 @@
 """The flows that deployments run: the pipeline and each stage, each from a named config file.
 
-    python -c "from flows.stages import train; train('configs/demo.yaml')"   # curate and sample come from the store
+    python -c "from stillhouse.flows.stages import train; train('configs/demo.yaml')"   # curate and sample come from the store
     stillhouse deploy --config configs/demo.yaml                              # registers them all (prefect.yaml)
     prefect deployment run 'stillhouse-pipeline/nightly'                      # then a worker on pool `local` runs it
 
 A deployment's parameters are JSON, so these flows take the *path* of a named config (relative to
-the working directory, the repository root) plus `--set`-style overrides, and validate it when the
-run starts. A stage flow runs the pipeline up to that stage: the stages before it are reused from
+the run's working directory, else one of the configs bundled with Stillhouse) plus `--set`-style
+overrides, and validate it when the run starts. A stage flow runs the pipeline up to that stage: the stages before it are reused from
 the content-addressed store when nothing changed, which is also what makes the schedules cheap: a
 nightly re-distillation recomputes only what new data or a new config changed.
 
@@ -17,7 +17,6 @@ server or without the limit, the slot is not enforced.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -25,23 +24,27 @@ from prefect import flow
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
-from flows.distill import PipelineResult, Stage, distill
-from flows.hooks import link_mlflow_run, record_failure
-from registry.tracking import finish_pipeline_run, start_pipeline_run, tracking_uri
+from stillhouse.flows.distill import PipelineResult, Stage, distill
+from stillhouse.flows.bundled import resolve_config
+from stillhouse.flows.environment import apply_embedded_defaults
+from stillhouse.flows.hooks import link_mlflow_run, record_failure
+from stillhouse.registry.tracking import finish_pipeline_run, start_pipeline_run, tracking_uri
 from stillhouse.config import PipelineConfig, load_config
 from stillhouse.errors import StillhouseError
 from stillhouse.preflight import preflight
 from stillhouse.refs import EvalReport, ModelRef
 from stillhouse.store import Store
-from tasks.curate import curate_task
-from tasks.evaluate import evaluate_task
-from tasks.sample import sample_task
+from stillhouse.tasks.curate import curate_task
+from stillhouse.tasks.evaluate import evaluate_task
+from stillhouse.tasks.sample import sample_task
 
 GPU_LIMIT = "gpu"
 
 
 def load_named_config(config: str, overrides: list[str] | None = None) -> PipelineConfig:
-    return load_config(Path(config), list(overrides or []))
+    """The config a deployment names: a path from the run's working directory, else a bundled config."""
+    apply_embedded_defaults()  # a deployed flow run is an entry point of its own
+    return load_config(resolve_config(config), list(overrides or []))
 
 
 def run_until(config: str, overrides: list[str] | None, until: Stage) -> PipelineResult:

@@ -16,7 +16,7 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.types import ColSpec, Schema
 
-from registry.tracking import TrackingContext
+from stillhouse.registry.tracking import TrackingContext
 from stillhouse.refs import DatasetRef
 
 COLUMNS = (("prompt_id", True), ("messages", True), ("reference", False), ("category", False), ("source", False))

@@ -13,8 +13,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
-from registry.datasets import split_dataset
-from registry.tracking import TrackingContext
+from stillhouse.registry.datasets import split_dataset
+from stillhouse.registry.tracking import TrackingContext
 from stillhouse.config import RegisterConfig
 from stillhouse.licenses import LICENSES
 from stillhouse.models import load_causal_lm, load_tokenizer

@@ -19,7 +19,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from pydantic import BaseModel
 from rich.markup import escape
 
-from registry.publish import PROVENANCE_FILE, describe_hub_error, hub_api
+from stillhouse.registry.publish import PROVENANCE_FILE, describe_hub_error, hub_api
 from stillhouse.errors import StillhouseError
 from stillhouse.store import file_sha256
 

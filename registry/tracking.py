@@ -48,7 +48,7 @@ def code_version() -> str:
 
 def lineage_tags(config: PipelineConfig, context: TrackingContext, dataset: DatasetRef | None = None, samples: SamplesRef | None = None) -> dict[str, str]:
     """The tags that tie a run or model version to what made it: teacher and revision, data, method, flow run, code."""
-    from registry.publish import distillation_method  # the one definition of the method label
+    from stillhouse.registry.publish import distillation_method  # the one definition of the method label
 
     tags = {
         "stillhouse.teacher": config.sample.teacher,

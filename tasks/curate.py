@@ -9,13 +9,13 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from registry.datasets import log_curated_dataset
-from registry.tracking import TrackingContext, log_stage
+from stillhouse.registry.datasets import log_curated_dataset
+from stillhouse.registry.tracking import TrackingContext, log_stage
 from stillhouse.config import PipelineConfig
 from stillhouse.data.curate import curate
 from stillhouse.refs import DatasetRef
 from stillhouse.store import Store
-from tasks.reporting import log_outcome, progress_artifact
+from stillhouse.tasks.reporting import log_outcome, progress_artifact
 
 
 @task(name="curate", cache_policy=NO_CACHE)

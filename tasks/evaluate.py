@@ -9,13 +9,13 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from registry.tracking import TrackingContext, log_stage
+from stillhouse.registry.tracking import TrackingContext, log_stage
 from stillhouse.config import PipelineConfig
 from stillhouse.evaluation.evaluate import evaluate_student, report_files
 from stillhouse.evaluation.report import report_markdown
 from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
 from stillhouse.store import Store
-from tasks.reporting import log_outcome, progress_artifact
+from stillhouse.tasks.reporting import log_outcome, progress_artifact
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

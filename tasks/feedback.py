@@ -11,12 +11,12 @@ from mlflow.data.meta_dataset import MetaDataset
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from registry.tracking import TrackingContext, log_stage
+from stillhouse.registry.tracking import TrackingContext, log_stage
 from stillhouse.config import PipelineConfig
 from stillhouse.feedback.stage import collect_preferences, train_on_feedback
 from stillhouse.refs import DatasetRef, ModelRef, PairsRef, SamplesRef
 from stillhouse.store import Store
-from tasks.reporting import log_outcome, progress_artifact
+from stillhouse.tasks.reporting import log_outcome, progress_artifact
 
 
 @task(name="judge", cache_policy=NO_CACHE)

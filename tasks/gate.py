@@ -28,9 +28,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from registry.model_registry import RegisteredModel
-from registry.promotion import find_champion, promote, tag_verdict
-from registry.tracking import TrackingContext, log_stage
+from stillhouse.registry.model_registry import RegisteredModel
+from stillhouse.registry.promotion import find_champion, promote, tag_verdict
+from stillhouse.registry.tracking import TrackingContext, log_stage
 from stillhouse.config import PipelineConfig
 from stillhouse.evaluation.gate import GateVerdict, judge
 from stillhouse.evaluation.report import gate_markdown

@@ -21,9 +21,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from registry.model_registry import RegisteredModel
-from registry.publish import PublishedModel, RoundTrip, mlflow_run_url, push_folder, redact_url_credentials, round_trip, write_publish_folder
-from registry.tracking import TrackingContext, code_version, log_stage
+from stillhouse.registry.model_registry import RegisteredModel
+from stillhouse.registry.publish import PublishedModel, RoundTrip, mlflow_run_url, push_folder, redact_url_credentials, round_trip, write_publish_folder
+from stillhouse.registry.tracking import TrackingContext, code_version, log_stage
 from stillhouse.config import PipelineConfig
 from stillhouse.data.curate import read_split
 from stillhouse.errors import StillhouseError

@@ -9,8 +9,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from registry.model_registry import RegisteredModel, log_training_inputs, register_student
-from registry.tracking import TrackingContext, lineage_tags, log_stage
+from stillhouse.registry.model_registry import RegisteredModel, log_training_inputs, register_student
+from stillhouse.registry.tracking import TrackingContext, lineage_tags, log_stage
 from stillhouse.config import PipelineConfig
 from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
 

@@ -24,12 +24,12 @@ from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
-from registry.tracking import TrackingContext, log_stage
+from stillhouse.registry.tracking import TrackingContext, log_stage
 from stillhouse.config import PipelineConfig, SampleConfig, TaskRunnerConfig
 from stillhouse.refs import DatasetRef, SamplesRef
 from stillhouse.sampling.sample import ShardPlan, ShardResult, finish_sampling, plan_shards, sample_shard
 from stillhouse.store import Store
-from tasks.reporting import log_outcome
+from stillhouse.tasks.reporting import log_outcome
 
 GPU_TAG = "gpu"
 

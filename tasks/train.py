@@ -7,12 +7,12 @@ import time
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from registry.tracking import TrackingContext, log_stage
+from stillhouse.registry.tracking import TrackingContext, log_stage
 from stillhouse.config import PipelineConfig
 from stillhouse.refs import DatasetRef, ModelRef, SamplesRef
 from stillhouse.store import Store
 from stillhouse.training.train import train_student
-from tasks.reporting import log_outcome, progress_artifact
+from stillhouse.tasks.reporting import log_outcome, progress_artifact
 
 
 @task(name="train-student", cache_policy=NO_CACHE)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import upload_to_default_hub
-from flows.cli import main
+from stillhouse.flows.cli import main
 from stillhouse.config import ConfigError, CurateConfig, SampleConfig, load_config
 from stillhouse.data.curate import curate
 from stillhouse.errors import StillhouseError

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cli import main
+from stillhouse.flows.cli import main
 
 REPO = Path(__file__).parents[1]
 
@@ -20,11 +20,11 @@ def write_config(tmp_path, raw) -> Path:
 
 
 def test_help_describes_every_command():
-    completed = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    completed = subprocess.run([sys.executable, "-m", "stillhouse.flows.cli", "--help"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert completed.returncode == 0
     for command in ("run", "validate", "schema"):
         assert command in completed.stdout
-    run_help = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--help"], capture_output=True, text=True, cwd=REPO, timeout=120).stdout
+    run_help = subprocess.run([sys.executable, "-m", "stillhouse.flows.cli", "run", "--help"], capture_output=True, text=True, cwd=REPO, timeout=120).stdout
     assert "--set SECTION.KEY=VALUE" in run_help and "--until" in run_help
 
 
@@ -58,7 +58,7 @@ def test_bad_input_is_refused_with_the_field_and_exit_code_2(tmp_path, pipeline_
     ('{"question": "sort letters: cba", "reference": "abc"}\n', "curate.prompt_column: column 'prompt' is not in"),
 ])
 def test_bad_data_fails_in_curation_before_the_teacher_is_loaded(prefect_harness, tmp_path, pipeline_raw, content, message):
-    from flows.distill import distill
+    from stillhouse.flows.distill import distill
     from stillhouse.config import parse_config
     from stillhouse.errors import InputError
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from registry.datasets import log_curated_dataset
-from registry.tracking import TrackingContext, ensure_experiment
+from stillhouse.registry.datasets import log_curated_dataset
+from stillhouse.registry.tracking import TrackingContext, ensure_experiment
 from stillhouse.config import CurateConfig, parse_config
 from stillhouse.data.curate import curate
 from stillhouse.store import Store
@@ -63,8 +63,8 @@ def test_the_dataset_is_logged_to_mlflow_as_inputs_with_its_digest_and_report(tm
 def test_the_curate_task_logs_the_dataset_and_the_report(prefect_harness, pipeline_raw):
     from prefect import flow
 
-    from registry.tracking import start_pipeline_run
-    from tasks.curate import curate_task
+    from stillhouse.registry.tracking import start_pipeline_run
+    from stillhouse.tasks.curate import curate_task
 
     config = parse_config(pipeline_raw)
 

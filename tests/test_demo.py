@@ -9,7 +9,8 @@ from stillhouse.config import load_config
 from stillhouse.demo.tasks import is_correct, make_examples
 from stillhouse.demo.tokenizer import build_char_tokenizer
 from stillhouse.demo.train_teacher import HELD_OUT_SEED, held_out_accuracy
-from stillhouse.models import DEMO_TEACHER_DIR, count_parameters
+from stillhouse.demo import TEACHER_DIR as DEMO_TEACHER_DIR
+from stillhouse.models import count_parameters
 from stillhouse.training.train import build_student
 
 DEMO_CONFIG = Path(__file__).parents[1] / "configs" / "demo.yaml"

@@ -36,7 +36,7 @@ def stillhouse_deploy(arguments: list[str], api_url: str | None, home: Path) -> 
     env = prefect_env(home, api_url)
     if api_url is None:
         env.pop("PREFECT_API_URL", None)
-    return subprocess.run([sys.executable, "-m", "flows.cli", "deploy", *arguments], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", "stillhouse.flows.cli", "deploy", *arguments], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
 
 
 def server_state(api_url: str) -> dict[str, list[str]]:
@@ -113,11 +113,11 @@ def test_deploy_registers_every_deployment_with_active_schedules_pools_and_the_g
 
 def test_serve_schedules_the_pipeline_in_its_own_process_and_refuses_a_bad_cron(prefect_api, config_file, tmp_path):
     env = prefect_env(tmp_path / "home", prefect_api)
-    refused = subprocess.run([sys.executable, "-m", "flows.cli", "serve", str(config_file), "--cron", "every night"],
+    refused = subprocess.run([sys.executable, "-m", "stillhouse.flows.cli", "serve", str(config_file), "--cron", "every night"],
                              capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert refused.returncode == 2 and "--cron 'every night': Invalid cron string" in refused.stderr, refused.stderr
 
-    with background([sys.executable, "-m", "flows.cli", "serve", str(config_file), "--cron", "30 3 * * *"], tmp_path / "serve.log",
+    with background([sys.executable, "-m", "stillhouse.flows.cli", "serve", str(config_file), "--cron", "30 3 * * *"], tmp_path / "serve.log",
                     env, cwd=REPO) as serving:
         deadline = time.monotonic() + 120
         while True:

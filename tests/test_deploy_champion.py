@@ -11,8 +11,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_champion_is_found_by_alias_and_re_evaluated_in_its_own_run(prefect_harness, pipeline_raw, tmp_path):
-    from flows.distill import distill
-    from flows.stages import evaluate_champion
+    from stillhouse.flows.distill import distill
+    from stillhouse.flows.stages import evaluate_champion
 
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(pipeline_raw))

@@ -10,13 +10,13 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.client.schemas.objects import FlowRun
 from prefect.states import Crashed
 
-from flows.hooks import ERROR_TAG, mark_mlflow_run_crashed
-from registry.tracking import start_pipeline_run
+from stillhouse.flows.hooks import ERROR_TAG, mark_mlflow_run_crashed
+from stillhouse.registry.tracking import start_pipeline_run
 from stillhouse.config import parse_config
 
 
 def test_a_failed_run_is_failed_in_mlflow_with_its_message_and_the_prefect_run_links_to_it(prefect_harness, pipeline_raw, tiny_teacher, tmp_path):
-    from flows.distill import distill
+    from stillhouse.flows.distill import distill
 
     broken = shutil.copytree(tiny_teacher, tmp_path / "broken-teacher")
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")  # config and tokenizer pass the checks; loading fails

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows import deploy
+from stillhouse.flows import deploy
+from stillhouse.flows.bundled import resolve_config
 
 INFRA = Path(__file__).parents[1] / "infra"
 LONG_RUNNING = {"postgres", "minio", "prefect-server", "mlflow", "worker"}
@@ -111,7 +112,7 @@ def test_the_kubernetes_template_requests_gpus_on_gpu_nodes_and_declares_every_v
 
 
 def test_prefect_yaml_deployments_point_at_flows_with_valid_schedules():
-    from flows import stages
+    from stillhouse.flows import stages
 
     deployments, pools = deploy.read_prefect_file()
     assert {"local", "gpu"} == set(pools) and pools["local"].type == "process" and pools["gpu"].type == "kubernetes"
@@ -120,7 +121,7 @@ def test_prefect_yaml_deployments_point_at_flows_with_valid_schedules():
     for deployment in deployments:
         flow = getattr(stages, deployment.entrypoint.split(":")[1])
         assert flow.name.startswith("stillhouse-") and deployment.parameters["config"] == "configs/demo.yaml"
-        assert (Path(deploy.REPO_ROOT) / deployment.parameters["config"]).is_file()
+        assert resolve_config(deployment.parameters["config"]).is_file()
         for schedule in deployment.schedules:
             deploy.cron_schedule(schedule["cron"], schedule["timezone"], deployment.name)
     crons = {d.name: [s["cron"] for s in d.schedules] for d in deployments}

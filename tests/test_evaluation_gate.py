@@ -67,12 +67,12 @@ def test_evaluate_register_gate_in_mlflow(prefect_harness, tmp_path, tiny_teache
     from prefect import flow
     from transformers import AutoModelForCausalLM
 
-    from registry.tracking import start_pipeline_run
+    from stillhouse.registry.tracking import start_pipeline_run
     from stillhouse.config import parse_config
     from stillhouse.refs import ModelRef
-    from tasks.evaluate import evaluate_task
-    from tasks.gate import gate_task
-    from tasks.register import register_task
+    from stillhouse.tasks.evaluate import evaluate_task
+    from stillhouse.tasks.gate import gate_task
+    from stillhouse.tasks.register import register_task
 
     _, dataset, samples = curate_and_sample(tmp_path / "store", tiny_teacher, prompts_jsonl)
     raw = {

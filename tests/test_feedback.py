@@ -132,7 +132,7 @@ def test_judged_pairs_then_training_from_an_sft_student(tmp_path, tiny_teacher, 
 def test_sft_then_dpo_chain_runs_in_the_flow_and_logs_its_metrics(prefect_harness, pipeline_raw):
     from mlflow.tracking import MlflowClient
 
-    from flows.distill import distill
+    from stillhouse.flows.distill import distill
     from stillhouse.config import parse_config
 
     pipeline_raw["train"].update(method="sft")

@@ -16,7 +16,7 @@ def mlflow_server(tmp_path):
 
 
 def test_pipeline_registers_the_student_on_a_real_tracking_server(prefect_harness, mlflow_server, pipeline_raw, tmp_path):
-    from flows.distill import distill
+    from stillhouse.flows.distill import distill
     from stillhouse.config import parse_config
 
     pipeline_raw["tracking"]["uri"] = mlflow_server

@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from flows.distill import distill
+from stillhouse.flows.distill import distill
 from stillhouse.config import parse_config
 
 TOKEN = "hf_test_token"

@@ -16,7 +16,7 @@ from huggingface_hub.errors import RepositoryNotFoundError
 from transformers import AutoModelForCausalLM
 
 from conftest import build_tiny_model
-from registry.publish import push_folder, write_publish_folder
+from stillhouse.registry.publish import push_folder, write_publish_folder
 from stillhouse.config import parse_config
 from stillhouse.errors import InputError, StillhouseError
 from stillhouse.licenses import check_pipeline_licenses
@@ -166,7 +166,7 @@ def test_a_license_override_is_written_into_the_card(tmp_path, pipeline_raw, hub
 def test_a_license_violation_blocks_publishing_before_anything_runs(tmp_path, pipeline_raw, hub, monkeypatch, capsys):
     import yaml
 
-    from flows.cli import main
+    from stillhouse.flows.cli import main
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     teacher = build_tiny_model(tmp_path / "llama-teacher", hidden_size=16, seed=6)

@@ -12,9 +12,9 @@ from huggingface_hub import HfApi
 from rich.console import Console
 
 from conftest import build_tiny_model
-from flows.cli import main
-from registry.publish import push_folder, write_publish_folder
-from registry.pull import Chat, chat_loop, download
+from stillhouse.flows.cli import main
+from stillhouse.registry.publish import push_folder, write_publish_folder
+from stillhouse.registry.pull import Chat, chat_loop, download
 from stillhouse.config import parse_config
 from stillhouse.errors import StillhouseError
 from stillhouse.licenses import check_pipeline_licenses

@@ -8,9 +8,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import build_tiny_model
-from registry.model_registry import register_student
-from registry.promotion import find_champion, promote
-from registry.tracking import code_version, lineage_tags, log_stage, start_pipeline_run
+from stillhouse.registry.model_registry import register_student
+from stillhouse.registry.promotion import find_champion, promote
+from stillhouse.registry.tracking import code_version, lineage_tags, log_stage, start_pipeline_run
 from stillhouse.config import parse_config
 from test_publish import refs
 

@@ -117,7 +117,7 @@ def test_sampling_interrupted_after_two_shards_resumes_on_another_machine(s3, tm
 
 @pytest.mark.slow
 def test_the_whole_pipeline_runs_on_an_s3_store_and_a_second_machine_reuses_it(s3, prefect_harness, pipeline_raw, tmp_path, monkeypatch):
-    from flows.distill import distill
+    from stillhouse.flows.distill import distill
     from stillhouse.config import parse_config
 
     pipeline_raw["store"] = f"{URL}/{tmp_path.name}"

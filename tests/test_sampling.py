@@ -9,7 +9,8 @@ import torch
 from stillhouse.config import CurateConfig, SampleConfig
 from stillhouse.data.curate import curate
 from stillhouse.errors import InputError
-from stillhouse.models import DEMO_TEACHER_DIR, load_causal_lm, load_tokenizer
+from stillhouse.demo import TEACHER_DIR as DEMO_TEACHER_DIR
+from stillhouse.models import load_causal_lm, load_tokenizer
 from stillhouse.sampling.hf_engine import generate, greedy_loop_supported, render_prompts
 from stillhouse.sampling.sample import sample_teacher
 from stillhouse.sampling.teacher_outputs import read_teacher_outputs

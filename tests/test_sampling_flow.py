@@ -25,7 +25,7 @@ def test_shards_run_as_mapped_tasks_under_the_gpu_limit_with_progress_and_resume
                                                 FlowRunFilterId)
     from prefect.client.schemas.sorting import FlowRunSort
 
-    from tasks.sample import sample_task
+    from stillhouse.tasks.sample import sample_task
 
     pipeline_raw["sample"].update(shard_rows=30, task_runner={"kind": "threads", "max_workers": 2, "gpu_concurrency": 2})
     config = parse_config(pipeline_raw)
@@ -61,7 +61,7 @@ def test_sampling_on_a_local_two_cpu_ray_cluster(prefect_harness, pipeline_raw, 
     pytest.importorskip("prefect_ray")
     import ray
 
-    from tasks.sample import sample_task
+    from stillhouse.tasks.sample import sample_task
 
     pipeline_raw["sample"].update(shard_rows=60, task_runner={"kind": "ray", "ray_num_cpus": 2, "gpus_per_shard": 0})
     config = parse_config(pipeline_raw)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import upload_to_default_hub
-from flows.cli import main
+from stillhouse.flows.cli import main
 from stillhouse.config import ConfigError, SampleConfig, TrainConfig, parse_config
 from stillhouse.errors import InputError
 from stillhouse.models import load_causal_lm, resolve_model
@@ -146,7 +146,7 @@ def test_tokens_never_reach_anything_the_pipeline_writes(prefect_harness, pipeli
     from huggingface_hub import constants
     from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
 
-    from flows.distill import distill
+    from stillhouse.flows.distill import distill
     from hub_server import LoopbackHub
     from openai_server import FakeOpenAIServer
 

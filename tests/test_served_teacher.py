@@ -63,7 +63,7 @@ def first_weight(folder) -> torch.Tensor:
 @pytest.mark.integration
 def test_the_whole_pipeline_runs_on_a_served_teacher(prefect_harness, pipeline_raw, server, tiny_teacher, tiny_student):
     """curate -> sample (served, top-k) -> kd train -> evaluate -> register, with the teacher never loaded after sampling."""
-    from flows.distill import distill
+    from stillhouse.flows.distill import distill
 
     config = parse_config(served_pipeline(pipeline_raw, server, tiny_teacher, tiny_student, method="kd"))
     server.requests.clear()

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from stillhouse.builtins import is_builtin
+
 DEMO_SOURCE = "builtin:demo"
 DEMO_TEACHER = "builtin:demo-teacher"
 
@@ -665,11 +667,11 @@ class PipelineConfig(StrictModel):
     def _evaluation_rules(self) -> PipelineConfig:
         """Evaluation and gate settings the data or the other sections can't satisfy, refused before any sampling."""
         evaluate, gate, curate = self.evaluate, self.evaluate.gate, self.curate
-        expected_rows = curate.max_rows if curate.max_rows is not None else (curate.demo_rows if curate.source == DEMO_SOURCE else None)
+        expected_rows = curate.max_rows if curate.max_rows is not None else (curate.demo_rows if is_builtin(curate.source) else None)
         if expected_rows is not None and expected_rows * curate.eval_fraction < 1:
             raise ValueError(f"the eval set would be empty: {expected_rows} rows x curate.eval_fraction {curate.eval_fraction} is under one row; "
                              "raise curate.max_rows or curate.eval_fraction")
-        has_references = curate.source == DEMO_SOURCE or any(source.reference_column for source in curate.source_list())
+        has_references = is_builtin(curate.source) or any(source.reference_column for source in curate.source_list())
         has_top_k = self.sample.top_k_logprobs > 0
         needing = [g for g in evaluate.metrics or [] if g in METRIC_GROUPS_NEEDING_REFERENCES]
         if needing and not has_references:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+from stillhouse.builtins import is_builtin
 from stillhouse.errors import StillhouseError
 
 
@@ -251,9 +252,6 @@ LICENSES: dict[str, LicenseTerms] = {terms.id: terms for terms in [
     ),
 ]}
 
-DEMO_TEACHER_LICENSE = "apache-2.0"  # the bundled demo teacher is ours
-
-
 def known_ids() -> str:
     return ", ".join(sorted(LICENSES))
 
@@ -279,12 +277,14 @@ def license_from_front_matter(readme: str) -> str | None:
     return normalise_license_id(license_id)
 
 
-def local_model_license(reference: str | None, demo_teacher: str, demo_teacher_dir: Path) -> str | None:
-    """A model's license from local files only: the bundled demo, a folder's README.md, or the HF cache; None when unknown."""
+def local_model_license(reference: str | None) -> str | None:
+    """A model's license from local files only: a folder's (or a `builtin:` model's) README.md, or the HF cache; None when unknown."""
     if reference is None:
         return None
-    if reference == demo_teacher:
-        return DEMO_TEACHER_LICENSE
+    if is_builtin(reference):
+        from stillhouse.models import resolve_model
+
+        reference = resolve_model(reference, "model")
     folder = Path(reference).expanduser()
     if folder.is_dir():
         readme = folder / "README.md"
@@ -408,12 +408,9 @@ def check_licenses(
 
 def check_pipeline_licenses(config) -> LicenseCheck:
     """`check_licenses` for a PipelineConfig: the ids from `publish`, else from the models' local README front matter."""
-    from stillhouse.config import DEMO_TEACHER
-    from stillhouse.models import DEMO_TEACHER_DIR
-
     publish, base_model = config.publish, config.train.student
-    teacher_license = publish.teacher_license or local_model_license(config.sample.teacher, DEMO_TEACHER, DEMO_TEACHER_DIR)
-    base_model_license = publish.base_model_license or local_model_license(base_model, DEMO_TEACHER, DEMO_TEACHER_DIR)
+    teacher_license = publish.teacher_license or local_model_license(config.sample.teacher)
+    base_model_license = publish.base_model_license or local_model_license(base_model)
     return check_licenses(publish.license, publish.repo_id, teacher_license, base_model_license, has_base_model=base_model is not None,
                           teacher_name=config.sample.teacher, base_model_name=base_model or "")
 

@@ -1,4 +1,4 @@
-"""Resolving model references (local folders, Hub ids, the bundled demo teacher) and loading them.
+"""Resolving model references (local folders, Hub ids, `builtin:` models such as the demo teacher) and loading them.
 
 Two safety rules hold for every model Stillhouse loads:
 
@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from stillhouse.config import DEMO_TEACHER
+from stillhouse.builtins import MODELS, is_builtin, load_builtin
 from stillhouse.errors import InputError
 from stillhouse.store import file_sha256
 
-DEMO_TEACHER_DIR = Path(__file__).parent / "demo" / "teacher"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
@@ -70,10 +69,8 @@ def remote_code_error(model: str, field: str) -> InputError:
 
 def resolve_model(reference: str, field: str) -> str:
     """A loadable path or Hub id for ``reference``; raises `InputError` naming ``field`` otherwise."""
-    if reference == DEMO_TEACHER:
-        if not (DEMO_TEACHER_DIR / "config.json").is_file():
-            raise InputError(f"{field}: the bundled demo teacher is missing at {DEMO_TEACHER_DIR}; run `python -m stillhouse.demo.train_teacher`")
-        return str(DEMO_TEACHER_DIR)
+    if is_builtin(reference):
+        return str(load_builtin(MODELS, reference, field)())
     path = Path(reference).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -82,7 +79,7 @@ def resolve_model(reference: str, field: str) -> str:
         return str(path.resolve())
     looks_like_path = reference.startswith((".", "/", "~")) or reference.count("/") != 1
     if looks_like_path or not _HUB_ID.match(reference):
-        raise InputError(f"{field}: model path {reference!r} does not exist; give an existing folder, a Hub id like `org/name`, or `{DEMO_TEACHER}`")
+        raise InputError(f"{field}: model path {reference!r} does not exist; give an existing folder, a Hub id like `org/name`, or a `builtin:` model such as `builtin:demo-teacher`")
     return reference
 
 

@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
 from conftest import build_tiny_model
-from flows.cli import main
-from registry.publish import push_folder, write_publish_folder
+from stillhouse.flows.cli import main
+from stillhouse.registry.publish import push_folder, write_publish_folder
 from stillhouse.config import parse_config
 from stillhouse.errors import StillhouseError
 from stillhouse.licenses import check_pipeline_licenses

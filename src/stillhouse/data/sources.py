@@ -1,4 +1,4 @@
-"""Reading sources in batches: JSONL, Parquet, CSV, `datasets` folders, Hub ids and the bundled demo.
+"""Reading sources in batches: JSONL, Parquet, CSV, `datasets` folders, Hub ids and `builtin:` sources (the demo).
 
 Every reader yields `RawBatch`es of at most ``batch_rows`` records (plain dicts) with the line or
 row number of each, so that nothing holds a whole dataset as Python objects. Malformed lines
@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stillhouse.config import DEMO_SOURCE, CurateConfig, SourceConfig
+from stillhouse.builtins import SOURCES, is_builtin, load_builtin
+from stillhouse.config import CurateConfig, SourceConfig
 from stillhouse.errors import InputError
 from stillhouse.store import file_sha256
 
@@ -31,7 +32,7 @@ class Source:
     config: SourceConfig
     field: str  # "curate" for the single `source`, "curate.sources[2]" in a mixture
     name: str
-    kind: str  # demo | file | datasets-folder | hub
+    kind: str  # builtin | file | datasets-folder | hub
 
     @property
     def path(self) -> Path:
@@ -64,11 +65,11 @@ class Problems:
 
 
 def source_kind(source: str | None) -> str:
-    """`demo`, `file`, `datasets-folder`, `hub` (or `mixture` for None); raises for a local path that is not there."""
+    """`builtin`, `file`, `datasets-folder`, `hub` (or `mixture` for None); raises for a local path that is not there."""
     if source is None:
         return "mixture"
-    if source == DEMO_SOURCE:
-        return "demo"
+    if is_builtin(source):
+        return "builtin"
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix.lower() not in FILE_SUFFIXES:
@@ -84,8 +85,8 @@ def source_kind(source: str | None) -> str:
 def default_name(source: SourceConfig, kind: str) -> str:
     if source.name:
         return source.name
-    if kind == "demo":
-        return "demo"
+    if kind == "builtin":
+        return source.source.removeprefix("builtin:")
     if kind in ("file", "datasets-folder"):
         return Path(source.source).expanduser().stem if kind == "file" else Path(source.source).expanduser().name
     return source.source
@@ -124,14 +125,14 @@ def source_identity(source: Source, config: CurateConfig) -> str:
         return f"file-sha256:{file_sha256(source.path)}"
     if source.kind == "datasets-folder":
         return datasets_folder_identity(source.path)
-    if source.kind == "demo":
-        return f"{DEMO_SOURCE}:{config.demo_rows}:{config.demo_seed}"
+    if source.kind == "builtin":
+        return f"{source.config.source}:{config.demo_rows}:{config.demo_seed}"
     return source.config.source
 
 
 def count_rows(source: Source, config: CurateConfig) -> int | None:
     """Rows in a source when that is cheap to know (for the progress bar); None otherwise."""
-    if source.kind == "demo":
+    if source.kind == "builtin":
         return config.demo_rows
     if source.kind == "file":
         suffix = source.path.suffix.lower()
@@ -147,10 +148,8 @@ def count_rows(source: Source, config: CurateConfig) -> int | None:
 
 def read_batches(source: Source, config: CurateConfig, problems: Problems) -> Iterator[RawBatch]:
     """The source's records in batches of at most ``config.batch_rows``."""
-    if source.kind == "demo":
-        from stillhouse.demo.tasks import make_examples
-
-        rows = make_examples(config.demo_rows, config.demo_seed)
+    if source.kind == "builtin":
+        rows = load_builtin(SOURCES, source.config.source, f"{source.field}.source")(config.demo_rows, config.demo_seed)
         for start in range(0, len(rows), config.batch_rows):
             chunk = rows[start:start + config.batch_rows]
             yield RawBatch(chunk, list(range(start + 1, start + len(chunk) + 1)), ["prompt", "reference", "task"])

@@ -1,0 +1,23 @@
+"""The environment defaults of the embedded set-up, applied by the entry points (the CLI, the deployed flows).
+
+Measured in shared/ENVIRONMENT.md: Prefect's temporary server needs longer than its default 20 s start-up
+limit on a fresh database, and its telemetry once raced the sqlite database. A value the user set wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+EMBEDDED_DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def apply_embedded_defaults() -> None:
+    """Set each default the environment doesn't already set; call it before Prefect, MLflow or the Hub client is imported."""
+    for name, value in EMBEDDED_DEFAULTS.items():
+        os.environ.setdefault(name, value)
