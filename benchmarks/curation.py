@@ -29,9 +29,21 @@ from pathlib import Path
 import numpy as np
 
 TEMPLATES = [
-    "Explain", "Write a short story about", "Summarize the following notes:", "Translate into French:", "What is the meaning of",
-    "Give three examples of", "Write a poem about", "Describe the history of", "List the pros and cons of", "Answer briefly:",
-    "Compare", "Rewrite this paragraph more formally:", "Why does", "How would you test", "Draft an email about",
+    "Explain",
+    "Write a short story about",
+    "Summarize the following notes:",
+    "Translate into French:",
+    "What is the meaning of",
+    "Give three examples of",
+    "Write a poem about",
+    "Describe the history of",
+    "List the pros and cons of",
+    "Answer briefly:",
+    "Compare",
+    "Rewrite this paragraph more formally:",
+    "Why does",
+    "How would you test",
+    "Draft an email about",
 ]
 
 
@@ -59,10 +71,12 @@ def write_synthetic(path: Path, rows: int, seed: int = 0) -> dict[str, int]:
     lines: list[str | None] = [None] * (originals + exact + near)
 
     def text_of(group: int) -> list[str]:
-        return [TEMPLATES[templates[group]]] + [vocabulary[w] for w in words[starts[group]:starts[group + 1]]]
+        return [TEMPLATES[templates[group]]] + [vocabulary[w] for w in words[starts[group] : starts[group + 1]]]
 
     for group in range(originals):
-        lines[order[group]] = json.dumps({"prompt": " ".join(text_of(group)), "reference": str(group), "category": "original"})
+        lines[order[group]] = json.dumps(
+            {"prompt": " ".join(text_of(group)), "reference": str(group), "category": "original"}
+        )
     for index, (group, kind) in enumerate(zip(copied, kinds)):
         tokens = text_of(group)
         if kind == "exact":
@@ -74,7 +88,7 @@ def write_synthetic(path: Path, rows: int, seed: int = 0) -> dict[str, int]:
         lines[order[originals + index]] = json.dumps({"prompt": text, "reference": str(group), "category": kind})
     with open(path, "w") as handle:
         for start in range(0, len(lines), 100_000):
-            handle.write("\n".join(lines[start:start + 100_000]) + "\n")
+            handle.write("\n".join(lines[start : start + 100_000]) + "\n")
     return {"rows": rows, "originals": originals, "exact_duplicates": exact, "near_duplicates": near}
 
 
@@ -86,8 +100,12 @@ def run_child(data: Path, store: Path, near: dict) -> None:
     from stillhouse.data.curate import curate, read_split
     from stillhouse.store import Store
 
-    config = CurateConfig(source=str(data), category_column="category", batch_rows=20_000,
-                          filters={"near_duplicates": {"enabled": True, **near}})
+    config = CurateConfig(
+        source=str(data),
+        category_column="category",
+        batch_rows=20_000,
+        filters={"near_duplicates": {"enabled": True, **near}},
+    )
     started = time.perf_counter()
     dataset = curate(config, Store(store))
     seconds = time.perf_counter() - started
@@ -95,14 +113,22 @@ def run_child(data: Path, store: Path, near: dict) -> None:
     kept = pd.concat([read_split(dataset, split)[["reference", "category"]] for split in ("train", "eval")])
     truth = pd.read_json(data, lines=True, dtype={"reference": str})[["reference", "category"]]
     survivors = kept.groupby("reference").size()
-    groups = truth.groupby("reference")["category"].agg(lambda kinds: "near" if "near" in set(kinds) else "exact" if "exact" in set(kinds) else "single")
+    groups = truth.groupby("reference")["category"].agg(
+        lambda kinds: "near" if "near" in set(kinds) else "exact" if "exact" in set(kinds) else "single"
+    )
     found = survivors.reindex(groups.index, fill_value=0)
-    print(json.dumps({
-        "seconds": round(seconds, 2), "peak_rss_mb": round(peak_mb), "counts": dataset.counts,
-        "near_duplicate_recall": round(float((found[groups == "near"] <= 1).mean()), 4),
-        "exact_duplicate_recall": round(float((found[groups == "exact"] <= 1).mean()), 4),
-        "wrong_removal_share": round(float((found == 0).mean()), 5),
-    }))
+    print(
+        json.dumps(
+            {
+                "seconds": round(seconds, 2),
+                "peak_rss_mb": round(peak_mb),
+                "counts": dataset.counts,
+                "near_duplicate_recall": round(float((found[groups == "near"] <= 1).mean()), 4),
+                "exact_duplicate_recall": round(float((found[groups == "exact"] <= 1).mean()), 4),
+                "wrong_removal_share": round(float((found == 0).mean()), 5),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -114,7 +140,11 @@ def main() -> None:
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    near = {key: value for key, value in (("threshold", args.threshold), ("shingle_size", args.shingle_size)) if value is not None}
+    near = {
+        key: value
+        for key, value in (("threshold", args.threshold), ("shingle_size", args.shingle_size))
+        if value is not None
+    }
     if args.child:
         run_child(args.child, args.store, near)
         return
@@ -126,17 +156,30 @@ def main() -> None:
             write_synthetic(data, rows)
         store = args.workdir / f"store-{rows}-{time.time_ns()}"
         options = [f"--{key.replace('_', '-')}={value}" for key, value in near.items()]
-        finished = subprocess.run([sys.executable, __file__, "--child", str(data), "--store", str(store), *options],
-                                  capture_output=True, text=True, check=True)
+        finished = subprocess.run(
+            [sys.executable, __file__, "--child", str(data), "--store", str(store), *options],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         figures = json.loads(finished.stdout.strip().splitlines()[-1])
         figures["rows_per_s"] = round(rows / figures["seconds"])
         results[rows] = figures
     sizes = sorted(results)
-    print(json.dumps({
-        "benchmark": "curation", "near_duplicates": near or "defaults", "sizes": {str(k): results[k] for k in sizes},
-        "time_ratio": round(results[sizes[-1]]["seconds"] / results[sizes[0]]["seconds"], 2) if len(sizes) > 1 else None,
-        "size_ratio": sizes[-1] / sizes[0] if len(sizes) > 1 else None,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "curation",
+                "near_duplicates": near or "defaults",
+                "sizes": {str(k): results[k] for k in sizes},
+                "time_ratio": round(results[sizes[-1]]["seconds"] / results[sizes[0]]["seconds"], 2)
+                if len(sizes) > 1
+                else None,
+                "size_ratio": sizes[-1] / sizes[0] if len(sizes) > 1 else None,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -54,14 +54,22 @@ def answers_of(model_path: str, prompts: pd.DataFrame, max_new_tokens: int) -> l
 
 def exact_match(answers: list[str], prompts: pd.DataFrame) -> dict[str, float]:
     hits = pd.Series([is_correct(a, r) for a, r in zip(answers, prompts["reference"])])
-    return {"all": round(hits.mean(), 4), **{task: round(h.mean(), 4) for task, h in hits.groupby(prompts["task"].to_numpy())}}
+    return {
+        "all": round(hits.mean(), 4),
+        **{task: round(h.mean(), 4) for task, h in hits.groupby(prompts["task"].to_numpy())},
+    }
 
 
 def head_to_head(first: list[str], second: list[str], prompts: pd.DataFrame) -> dict[str, float]:
     right = [(is_correct(a, r), is_correct(b, r)) for a, b, r in zip(first, second, prompts["reference"])]
     rate = win_rate([PairJudgement(first_better=(a - b + 1) / 2, consistent=True) for a, b in right])
-    return {"wins": sum(a and not b for a, b in right), "losses": sum(b and not a for a, b in right),
-            "win_rate": round(rate.rate, 4), "win_rate_low": round(rate.low, 4), "win_rate_high": round(rate.high, 4)}
+    return {
+        "wins": sum(a and not b for a, b in right),
+        "losses": sum(b and not a for a, b in right),
+        "win_rate": round(rate.rate, 4),
+        "win_rate_low": round(rate.low, 4),
+        "win_rate_high": round(rate.high, 4),
+    }
 
 
 def main() -> None:
@@ -97,13 +105,31 @@ def main() -> None:
         train_prompts = {json.loads(m)[-1]["content"] for m in read_split(dataset, "train")["messages"]}
         prompts = fresh_eval_prompts(train_prompts, args.eval_prompts)
         tokens = config.evaluate.max_new_tokens
-        answers = {name: answers_of(ref.model_path, prompts, tokens) for name, ref in
-                   (("sft", sft), ("chain", chain), ("sft_control", control))}
+        answers = {
+            name: answers_of(ref.model_path, prompts, tokens)
+            for name, ref in (("sft", sft), ("chain", chain), ("sft_control", control))
+        }
         result = {
-            "benchmark": "feedback_demo", "config": args.config, "eval_prompts": len(prompts),
-            "sft_steps": config.train.max_steps, "feedback": config.feedback.model_dump(mode="json", include={
-                "method", "candidates", "temperature", "include_teacher", "beta", "sft_weight", "learning_rate", "max_steps", "batch_size"}),
-            "pairs": pairs.pairs, "sft_steps_control": args.sft_steps_control,
+            "benchmark": "feedback_demo",
+            "config": args.config,
+            "eval_prompts": len(prompts),
+            "sft_steps": config.train.max_steps,
+            "feedback": config.feedback.model_dump(
+                mode="json",
+                include={
+                    "method",
+                    "candidates",
+                    "temperature",
+                    "include_teacher",
+                    "beta",
+                    "sft_weight",
+                    "learning_rate",
+                    "max_steps",
+                    "batch_size",
+                },
+            ),
+            "pairs": pairs.pairs,
+            "sft_steps_control": args.sft_steps_control,
             "exact_match": {name: exact_match(texts, prompts) for name, texts in answers.items()},
             "chain_vs_sft": head_to_head(answers["chain"], answers["sft"], prompts),
             "chain_vs_sft_control": head_to_head(answers["chain"], answers["sft_control"], prompts),

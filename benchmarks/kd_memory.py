@@ -45,8 +45,15 @@ def peak_rss_bytes() -> int:
 
 def top_k_teacher(vocab_size: int, generator: torch.Generator) -> TopK:
     """Distinct random ids and descending log-probs whose k+1-th share is the tail, built 64 rows at a time."""
-    ids = torch.cat([torch.rand(64, vocab_size, generator=generator).topk(TOP_K, -1).indices for _ in range(TOKENS // 64)])
-    logprobs = (torch.randn(TOKENS, TOP_K + 1, generator=generator) * 2).log_softmax(-1)[:, :TOP_K].sort(-1, descending=True).values
+    ids = torch.cat(
+        [torch.rand(64, vocab_size, generator=generator).topk(TOP_K, -1).indices for _ in range(TOKENS // 64)]
+    )
+    logprobs = (
+        (torch.randn(TOKENS, TOP_K + 1, generator=generator) * 2)
+        .log_softmax(-1)[:, :TOP_K]
+        .sort(-1, descending=True)
+        .values
+    )
     return TopK(ids.unsqueeze(0), logprobs.unsqueeze(0))
 
 
@@ -65,7 +72,12 @@ def run_case(case: str, vocab_size: int, chunk_size: int) -> dict:
     started = time.perf_counter()
     if case == "naive":
         student_logprobs = (hidden @ weight.T).log_softmax(-1)
-        loss = F.kl_div(student_logprobs.flatten(0, 1), teacher.log_softmax(-1).flatten(0, 1), log_target=True, reduction="batchmean")
+        loss = F.kl_div(
+            student_logprobs.flatten(0, 1),
+            teacher.log_softmax(-1).flatten(0, 1),
+            log_target=True,
+            reduction="batchmean",
+        )
     else:
         loss = distillation_loss_from_hidden(hidden, weight, teacher, labels, kind="forward_kl", chunk_size=chunk_size)
     loss.backward()
@@ -73,23 +85,40 @@ def run_case(case: str, vocab_size: int, chunk_size: int) -> dict:
 
     peak = peak_rss_bytes()
     return {
-        "case": case, "vocab_size": vocab_size, "loss": loss.item(), "seconds": seconds,
-        "rss_with_inputs_mb": rss_inputs / 2**20, "peak_rss_mb": peak / 2**20,
+        "case": case,
+        "vocab_size": vocab_size,
+        "loss": loss.item(),
+        "seconds": seconds,
+        "rss_with_inputs_mb": rss_inputs / 2**20,
+        "peak_rss_mb": peak / 2**20,
         "peak_above_inputs_mb": (peak - rss_inputs) / 2**20,
         # If building the inputs peaked higher than the loss did, the loss's peak is hidden: say so.
-        "setup_peak_mb": peak_before / 2**20, "loss_set_the_peak": peak > peak_before,
+        "setup_peak_mb": peak_before / 2**20,
+        "loss_set_the_peak": peak > peak_before,
     }
 
 
 def run_in_subprocess(case: str, vocab_size: int, chunk_size: int) -> dict:
-    command = [sys.executable, __file__, "--case", case, "--vocab-size", str(vocab_size), "--chunk-size", str(chunk_size)]
+    command = [
+        sys.executable,
+        __file__,
+        "--case",
+        case,
+        "--vocab-size",
+        str(vocab_size),
+        "--chunk-size",
+        str(chunk_size),
+    ]
     return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
 
 
 def median_of(runs: list[dict]) -> dict:
     keys = ("seconds", "rss_with_inputs_mb", "peak_rss_mb", "peak_above_inputs_mb")
     figures = {key: round(statistics.median(run[key] for run in runs), 3 if key == "seconds" else 1) for key in keys}
-    return figures | {"loss": round(runs[0]["loss"], 6), "loss_set_the_peak": all(run["loss_set_the_peak"] for run in runs)}
+    return figures | {
+        "loss": round(runs[0]["loss"], 6),
+        "loss_set_the_peak": all(run["loss_set_the_peak"] for run in runs),
+    }
 
 
 def main() -> None:
@@ -104,8 +133,14 @@ def main() -> None:
         return
 
     report = {
-        "benchmark": "kd_memory", "tokens": TOKENS, "hidden_size": HIDDEN, "top_k": TOP_K,
-        "chunk_size": args.chunk_size, "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "cases": {},
+        "benchmark": "kd_memory",
+        "tokens": TOKENS,
+        "hidden_size": HIDDEN,
+        "top_k": TOP_K,
+        "chunk_size": args.chunk_size,
+        "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(),
+        "cases": {},
     }
     for vocab_size in VOCAB_SIZES:
         runs = {"naive": [], "fused": []}

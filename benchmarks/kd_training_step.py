@@ -32,7 +32,10 @@ MODES = {
     "kd_offline_top16": {"method": "kd"},
     "kd_online_dense": {"method": "kd", "kd": {"teacher": "online"}},
     "kd_online_top16": {"method": "kd", "kd": {"teacher": "online", "online_top_k": 16}},
-    "gkd_on_policy_lambda_0.5": {"method": "kd", "kd": {"teacher": "online", "lmbda": 0.5, "rollout_max_new_tokens": 16}},
+    "gkd_on_policy_lambda_0.5": {
+        "method": "kd",
+        "kd": {"teacher": "online", "lmbda": 0.5, "rollout_max_new_tokens": 16},
+    },
 }
 
 
@@ -46,24 +49,46 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root, contextlib.redirect_stdout(sys.stderr):
         store = Store(root)
         dataset = curate(CurateConfig(source="builtin:demo", demo_rows=2000, eval_fraction=0.05), store)
-        samples = sample_teacher(SampleConfig(teacher="builtin:demo-teacher", max_new_tokens=16, top_k_logprobs=16), dataset, store)
+        samples = sample_teacher(
+            SampleConfig(teacher="builtin:demo-teacher", max_new_tokens=16, top_k_logprobs=16), dataset, store
+        )
         responses = read_teacher_outputs(samples.path, split="train")["response_token_ids"]
         seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
         for repeat in range(args.repeats):
             for mode, settings in MODES.items():
-                config = TrainConfig.model_validate({"architecture": STUDENT, "max_steps": args.steps, "batch_size": 64, "learning_rate": 3e-3,
-                                                     "threads": 1, "logging_steps": args.steps, "seed": repeat, **settings})
+                config = TrainConfig.model_validate(
+                    {
+                        "architecture": STUDENT,
+                        "max_steps": args.steps,
+                        "batch_size": 64,
+                        "learning_rate": 3e-3,
+                        "threads": 1,
+                        "logging_steps": args.steps,
+                        "seed": repeat,
+                        **settings,
+                    }
+                )
                 seconds[mode].append(train_student(config, dataset, samples, store).train_seconds)
     # Trained tokens per step: the demo prompts plus the teacher's responses (on-policy steps differ in length).
     response_tokens = float(sum(len(r) for r in responses)) / len(responses)
     medians = {mode: statistics.median(values) for mode, values in seconds.items()}
-    print(json.dumps({
-        "benchmark": "kd_training_step", "steps": args.steps, "batch_size": 64, "repeats": args.repeats,
-        "mean_response_tokens": round(response_tokens, 1),
-        "response_tokens_per_s": {mode: round(args.steps * 64 * response_tokens / s, 1) for mode, s in medians.items()},
-        "seconds_median": {mode: round(s, 2) for mode, s in medians.items()},
-        "time_relative_to_sft": {mode: round(s / medians["sft"], 2) for mode, s in medians.items()},
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "kd_training_step",
+                "steps": args.steps,
+                "batch_size": 64,
+                "repeats": args.repeats,
+                "mean_response_tokens": round(response_tokens, 1),
+                "response_tokens_per_s": {
+                    mode: round(args.steps * 64 * response_tokens / s, 1) for mode, s in medians.items()
+                },
+                "seconds_median": {mode: round(s, 2) for mode, s in medians.items()},
+                "time_relative_to_sft": {mode: round(s / medians["sft"], 2) for mode, s in medians.items()},
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

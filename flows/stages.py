@@ -17,22 +17,20 @@ server or without the limit, the slot is not enforced.
 
 from __future__ import annotations
 
-
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from prefect import flow
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
-from stillhouse.flows.distill import PipelineResult, Stage, distill
-from stillhouse.flows.bundled import resolve_config
-from stillhouse.flows.environment import apply_embedded_defaults
-from stillhouse.flows.hooks import link_mlflow_run, record_failure
-from stillhouse.registry.tracking import finish_pipeline_run, start_pipeline_run, tracking_uri
 from stillhouse.config import PipelineConfig, load_config
 from stillhouse.errors import StillhouseError
+from stillhouse.flows.bundled import resolve_config
+from stillhouse.flows.distill import PipelineResult, distill
+from stillhouse.flows.environment import apply_embedded_defaults
+from stillhouse.flows.hooks import link_mlflow_run, record_failure
 from stillhouse.preflight import preflight
-from stillhouse.refs import EvalReport, ModelRef
+from stillhouse.refs import EvalReport, ModelRef, Stage
+from stillhouse.registry.model_registry import champion_version
+from stillhouse.registry.tracking import finish_pipeline_run, start_pipeline_run, tag_run, tracking_uri
 from stillhouse.store import Store
 from stillhouse.tasks.curate import curate_task
 from stillhouse.tasks.evaluate import evaluate_task
@@ -54,7 +52,9 @@ def run_until(config: str, overrides: list[str] | None, until: Stage) -> Pipelin
 
 
 @flow(name="stillhouse-pipeline", log_prints=True)
-def pipeline(config: str = "configs/demo.yaml", overrides: list[str] | None = None, until: Stage = "publish") -> PipelineResult:
+def pipeline(
+    config: str = "configs/demo.yaml", overrides: list[str] | None = None, until: Stage = Stage.publish
+) -> PipelineResult:
     """The whole pipeline (curate → … → publish) of a named config."""
     return run_until(config, overrides, until)
 
@@ -62,58 +62,60 @@ def pipeline(config: str = "configs/demo.yaml", overrides: list[str] | None = No
 @flow(name="stillhouse-curate", log_prints=True)
 def curate(config: str = "configs/demo.yaml", overrides: list[str] | None = None) -> PipelineResult:
     """Curate the config's prompts into the store."""
-    return run_until(config, overrides, "curate")
+    return run_until(config, overrides, Stage.curate)
 
 
 @flow(name="stillhouse-sample", log_prints=True)
 def sample(config: str = "configs/demo.yaml", overrides: list[str] | None = None) -> PipelineResult:
     """Sample the teacher on the curated prompts (curation reused from the store)."""
-    return run_until(config, overrides, "sample")
+    return run_until(config, overrides, Stage.sample)
 
 
 @flow(name="stillhouse-train", log_prints=True)
 def train(config: str = "configs/demo.yaml", overrides: list[str] | None = None) -> PipelineResult:
     """Train the student on the teacher's outputs (earlier stages reused from the store)."""
-    return run_until(config, overrides, "train")
+    return run_until(config, overrides, Stage.train)
 
 
 @flow(name="stillhouse-evaluate", log_prints=True)
 def evaluate(config: str = "configs/demo.yaml", overrides: list[str] | None = None) -> PipelineResult:
     """Evaluate the config's student on the current eval split; new eval data gives a new evaluation."""
-    return run_until(config, overrides, "evaluate")
+    return run_until(config, overrides, Stage.evaluate)
 
 
 @flow(name="stillhouse-register", log_prints=True)
 def register(config: str = "configs/demo.yaml", overrides: list[str] | None = None) -> PipelineResult:
     """Register the evaluated student in MLflow and run the promotion gate (champion only when it passes)."""
-    return run_until(config, overrides, "register")
+    return run_until(config, overrides, Stage.register)
 
 
 @flow(name="stillhouse-publish", log_prints=True)
 def publish(config: str = "configs/demo.yaml", overrides: list[str] | None = None) -> PipelineResult:
     """Publish the gated student to the Hugging Face Hub (everything before it reused from the store)."""
-    return run_until(config, overrides, "publish")
+    return run_until(config, overrides, Stage.publish)
 
 
 def champion_student(config: PipelineConfig) -> tuple[str, ModelRef]:
     """(version, student) of the registry version holding the champion alias, its weights found in the store by fingerprint."""
     alias, name = config.evaluate.gate.champion_alias, config.registry.model_name
-    client = MlflowClient(tracking_uri(config.tracking))
-    try:
-        version = client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        raise StillhouseError(f"no version of registered model {name!r} holds the alias @{alias} on {tracking_uri(config.tracking)}: "
-                              "run the pipeline until a candidate passes the promotion gate, then re-evaluate") from None
-    train_fingerprint = version.tags.get("stillhouse.train_fingerprint")
+    version, train_fingerprint = champion_version(tracking_uri(config.tracking), name, alias)
     store = Store(config.store)
     manifest = store.manifest("train", train_fingerprint) if train_fingerprint else None
     if manifest is None:
-        raise StillhouseError(f"{name} version {version.version} (@{alias}): its training output train/{train_fingerprint} is not in the store "
-                              f"{config.store}; point `store:` at the store the champion was trained into")
+        raise StillhouseError(
+            f"{name} version {version} (@{alias}): its training output train/{train_fingerprint} is not in the store "
+            f"{config.store}; point `store:` at the store the champion was trained into"
+        )
     folder = store.path("train", train_fingerprint)
-    return str(version.version), ModelRef(
-        stage="train", fingerprint=train_fingerprint, path=str(folder), cached=True, model_path=str(folder / "model"),
-        parameters=manifest["parameters"], train_seconds=manifest["train_seconds"], final_loss=manifest["final_loss"],
+    return version, ModelRef(
+        stage="train",
+        fingerprint=train_fingerprint,
+        path=str(folder),
+        cached=True,
+        model_path=str(folder / "model"),
+        parameters=manifest["parameters"],
+        train_seconds=manifest["train_seconds"],
+        final_loss=manifest["final_loss"],
         loss_history=manifest["loss_history"],
     )
 
@@ -131,7 +133,7 @@ def evaluate_champion(config: str = "configs/demo.yaml", overrides: list[str] | 
     version, champion = champion_student(settings)
     with concurrency(GPU_LIMIT, occupy=1, strict=False):
         tracking = start_pipeline_run(settings, flow_run.get_id())
-        MlflowClient(tracking.tracking_uri).set_tag(tracking.parent_run_id, "stillhouse.champion_version", version)
+        tag_run(tracking, {"stillhouse.champion_version": version})
         link_mlflow_run(tracking)
         try:
             dataset = curate_task(settings, tracking)

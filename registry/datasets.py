@@ -16,8 +16,8 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.types import ColSpec, Schema
 
+from stillhouse.refs import DatasetRef, PairsRef
 from stillhouse.registry.tracking import TrackingContext
-from stillhouse.refs import DatasetRef
 
 COLUMNS = (("prompt_id", True), ("messages", True), ("reference", False), ("category", False), ("source", False))
 SPLIT_CONTEXTS = {"train": "training", "eval": "evaluation"}
@@ -25,7 +25,9 @@ SPLIT_CONTEXTS = {"train": "training", "eval": "evaluation"}
 
 def split_dataset(dataset: DatasetRef, split: str, name: str) -> MetaDataset:
     path = Path(dataset.path) / f"{split}.parquet"
-    with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns that the choice is ambiguous
+    with (
+        warnings.catch_warnings()
+    ):  # MLflow registers its local-file source twice and warns that the choice is ambiguous
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(path.resolve().as_uri())
     schema = Schema([ColSpec("string", column, required=required) for column, required in COLUMNS])
@@ -41,3 +43,15 @@ def log_curated_dataset(context: TrackingContext, run_id: str, dataset: DatasetR
         report = Path(dataset.path) / "report"
         if report.is_dir():
             mlflow.log_artifacts(str(report), artifact_path="curation_report")
+
+
+def log_preference_pairs(context: TrackingContext, run_id: str, pairs: PairsRef, name: str) -> None:
+    """The judged preference pairs as a dataset input of the judge run (digest: the judge stage's fingerprint)."""
+    mlflow.set_tracking_uri(context.tracking_uri)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source((Path(pairs.path) / "pairs.parquet").resolve().as_uri())
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_input(
+            MetaDataset(source=source, name=f"{name}-pairs", digest=pairs.fingerprint), context="preference"
+        )

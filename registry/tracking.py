@@ -39,16 +39,34 @@ def code_version() -> str:
     """The package version, plus the git commit (and `.dirty`) when running from a checkout; no network."""
     try:
         source = Path(stillhouse.__file__).resolve().parent
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source, capture_output=True, text=True, timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=source,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=source,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return stillhouse.__version__
     return f"{stillhouse.__version__}+g{commit}" + (".dirty" if dirty else "")
 
 
-def lineage_tags(config: PipelineConfig, context: TrackingContext, dataset: DatasetRef | None = None, samples: SamplesRef | None = None) -> dict[str, str]:
+def lineage_tags(
+    config: PipelineConfig,
+    context: TrackingContext,
+    dataset: DatasetRef | None = None,
+    samples: SamplesRef | None = None,
+) -> dict[str, str]:
     """The tags that tie a run or model version to what made it: teacher and revision, data, method, flow run, code."""
-    from stillhouse.registry.publish import distillation_method  # the one definition of the method label
+    from stillhouse.registry.card import distillation_method  # the one definition of the method label
 
     tags = {
         "stillhouse.teacher": config.sample.teacher,
@@ -61,8 +79,13 @@ def lineage_tags(config: PipelineConfig, context: TrackingContext, dataset: Data
     if dataset is not None:
         tags["stillhouse.data_fingerprint"] = dataset.fingerprint
     if samples is not None:
-        tags.update({"stillhouse.teacher_revision": samples.teacher_revision, "stillhouse.samples_fingerprint": samples.fingerprint,
-                     "stillhouse.tokenizer_fingerprint": samples.tokenizer_fingerprint})
+        tags.update(
+            {
+                "stillhouse.teacher_revision": samples.teacher_revision,
+                "stillhouse.samples_fingerprint": samples.fingerprint,
+                "stillhouse.tokenizer_fingerprint": samples.tokenizer_fingerprint,
+            }
+        )
     return tags
 
 
@@ -98,50 +121,159 @@ def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def start_pipeline_run(config: PipelineConfig, flow_run_id: str | None, flow_run_url: str | None = None) -> TrackingContext:
+def start_pipeline_run(
+    config: PipelineConfig, flow_run_id: str | None, flow_run_url: str | None = None
+) -> TrackingContext:
     """The parent run; ``flow_run_url`` is the Prefect UI page of the flow run when a Prefect server (PREFECT_UI_URL) is configured."""
     uri = tracking_uri(config.tracking)
     experiment_id = ensure_experiment(config.tracking.experiment, uri)
     client = MlflowClient(uri)
-    pending = TrackingContext(tracking_uri=uri, experiment_id=experiment_id, parent_run_id="", flow_run_id=flow_run_id, flow_run_url=flow_run_url)
-    run = client.create_run(experiment_id, run_name=config.name, tags={
-        "stillhouse.pipeline": config.name,
-        "teacher": config.sample.teacher,
-        "student": config.train.student or "scratch:{hidden_size}x{num_layers}".format(**config.train.architecture.model_dump()),
-        "method": config.train.method,
-        **lineage_tags(config, pending),
-    })
+    pending = TrackingContext(
+        tracking_uri=uri,
+        experiment_id=experiment_id,
+        parent_run_id="",
+        flow_run_id=flow_run_id,
+        flow_run_url=flow_run_url,
+    )
+    run = client.create_run(
+        experiment_id,
+        run_name=config.name,
+        tags={
+            "stillhouse.pipeline": config.name,
+            "teacher": config.sample.teacher,
+            "student": config.train.student
+            or "scratch:{hidden_size}x{num_layers}".format(**config.train.architecture.model_dump()),
+            "method": config.train.method,
+            **lineage_tags(config, pending),
+        },
+    )
     params = flatten(config.model_dump(mode="json"))
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in params.items()])
     return pending.model_copy(update={"parent_run_id": run.info.run_id})
 
 
-def log_stage(
-    context: TrackingContext, stage: str, *, fingerprint: str, cached: bool, seconds: float,
-    params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,
-    metric_history: list[dict[str, float]] | None = None,
-) -> str:
-    """Record a stage as a nested run of the pipeline run; returns the nested run id."""
+def section_params(config: PipelineConfig, section: str) -> dict[str, Any]:
+    """A config section as nested params under its own path, so `flatten` names a value the same in every run: `train.kd.temperature`."""
+    value: Any = config.model_dump(mode="json")
+    for part in section.split("."):
+        value = value[part]
+    for part in reversed(section.split(".")):
+        value = {part: value}
+    return value
+
+
+def start_stage_run(context: TrackingContext, stage: str, params: dict[str, Any] | None = None) -> str:
+    """Open the nested run of a stage (params already nested by section, see `section_params`); returns its id."""
     client = MlflowClient(context.tracking_uri)
-    run = client.create_run(context.experiment_id, run_name=stage, tags={
-        "mlflow.parentRunId": context.parent_run_id, "stillhouse.stage": stage,
-        "stillhouse.fingerprint": fingerprint, "stillhouse.cached": str(cached).lower(), **(tags or {}),
-    })
-    run_id = run.info.run_id
+    run = client.create_run(
+        context.experiment_id,
+        run_name=stage,
+        tags={"mlflow.parentRunId": context.parent_run_id, "stillhouse.stage": stage},
+    )
+    client.log_batch(
+        run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in flatten(params or {}).items()]
+    )
+    return run.info.run_id
+
+
+def finish_stage_run(
+    context: TrackingContext,
+    run_id: str,
+    stage: str,
+    *,
+    fingerprint: str,
+    cached: bool,
+    seconds: float,
+    metrics: dict[str, float] | None = None,
+    tags: dict[str, str] | None = None,
+    metric_history: list[dict[str, float]] | None = None,
+) -> None:
+    """Record a stage's outcome on its nested run and close it; the parent run gets the stage's fingerprint."""
+    client = MlflowClient(context.tracking_uri)
     entities = mlflow.entities
     client.log_batch(
         run_id,
-        params=[entities.Param(k, v[:6000]) for k, v in flatten(params or {}).items()],
-        metrics=[entities.Metric(k.replace("/", "."), float(v), 0, 0) for k, v in (metrics or {}).items()]
+        # Metric names are the report's own (`student_exact_match/reverse`): MLflow accepts `/` and groups charts by it.
+        metrics=[entities.Metric(k, float(v), 0, 0) for k, v in (metrics or {}).items()]
         + [entities.Metric("stage_seconds", seconds, 0, 0)]
-        + [entities.Metric(k, float(v), 0, int(point["step"])) for point in metric_history or [] for k, v in point.items() if k != "step"],
+        + [
+            entities.Metric(k, float(v), 0, int(point["step"]))
+            for point in metric_history or []
+            for k, v in point.items()
+            if k != "step"
+        ],
+        tags=[
+            entities.RunTag(k, v)
+            for k, v in {
+                "stillhouse.fingerprint": fingerprint,
+                "stillhouse.cached": str(cached).lower(),
+                **(tags or {}),
+            }.items()
+        ],
     )
     client.set_tag(context.parent_run_id, f"stillhouse.fingerprint.{stage}", fingerprint)
     client.set_terminated(run_id)
+
+
+def fail_stage_run(context: TrackingContext, run_id: str, error: BaseException) -> None:
+    """Close a stage's nested run as FAILED, with the error's type on it."""
+    client = MlflowClient(context.tracking_uri)
+    client.set_tag(run_id, "stillhouse.error_type", type(error).__name__)
+    client.set_terminated(run_id, status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+
+
+def log_stage(
+    context: TrackingContext,
+    stage: str,
+    *,
+    fingerprint: str,
+    cached: bool,
+    seconds: float,
+    params: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+    tags: dict[str, str] | None = None,
+    metric_history: list[dict[str, float]] | None = None,
+) -> str:
+    """Record a finished stage as a nested run of the pipeline run in one go; returns the nested run id."""
+    run_id = start_stage_run(context, stage, params)
+    finish_stage_run(
+        context,
+        run_id,
+        stage,
+        fingerprint=fingerprint,
+        cached=cached,
+        seconds=seconds,
+        metrics=metrics,
+        tags=tags,
+        metric_history=metric_history,
+    )
     return run_id
+
+
+def tag_run(context: TrackingContext, tags: dict[str, str], run_id: str | None = None) -> None:
+    """Set tags on a run (the pipeline's parent run by default)."""
+    client = MlflowClient(context.tracking_uri)
+    for key, value in tags.items():
+        client.set_tag(run_id or context.parent_run_id, key, value)
+
+
+def log_files(context: TrackingContext, run_id: str, paths: list[Path], artifact_path: str) -> None:
+    """Upload files as artifacts of a run, under ``artifact_path``."""
+    client = MlflowClient(context.tracking_uri)
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+def log_texts(context: TrackingContext, run_id: str, texts: dict[str, str]) -> None:
+    """Write each text as an artifact file of a run: {file name: content}."""
+    client = MlflowClient(context.tracking_uri)
+    for name, text in texts.items():
+        client.log_text(run_id, text, name)
 
 
 def finish_pipeline_run(context: TrackingContext, metrics: dict[str, float], status: str = "FINISHED") -> None:
     client = MlflowClient(context.tracking_uri)
-    client.log_batch(context.parent_run_id, metrics=[mlflow.entities.Metric(k.replace("/", "."), float(v), 0, 0) for k, v in metrics.items()])
+    client.log_batch(
+        context.parent_run_id, metrics=[mlflow.entities.Metric(k, float(v), 0, 0) for k, v in metrics.items()]
+    )
     client.set_terminated(context.parent_run_id, status=status)

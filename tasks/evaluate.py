@@ -2,37 +2,55 @@
 
 from __future__ import annotations
 
-import time
-
-from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from stillhouse.registry.tracking import TrackingContext, log_stage
 from stillhouse.config import PipelineConfig
 from stillhouse.evaluation.evaluate import evaluate_student, report_files
 from stillhouse.evaluation.report import report_markdown
 from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
+from stillhouse.registry.tracking import TrackingContext, log_files, section_params
 from stillhouse.store import Store
-from stillhouse.tasks.reporting import log_outcome, progress_artifact
+from stillhouse.tasks.reporting import progress_artifact
+from stillhouse.tasks.stage import StageRecord, run_stage
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(config: PipelineConfig, dataset: DatasetRef, samples: SamplesRef, student: ModelRef, tracking: TrackingContext,
-                  baseline: ModelRef | None = None) -> EvalReport:
+def evaluate_task(
+    config: PipelineConfig,
+    dataset: DatasetRef,
+    samples: SamplesRef,
+    student: ModelRef,
+    tracking: TrackingContext,
+    baseline: ModelRef | None = None,
+) -> EvalReport:
     """Evaluate (``baseline``: an extra model measured as role `baseline`), log metrics and the report's files, show the tables."""
-    started = time.perf_counter()
-    report = evaluate_student(config.evaluate, dataset, samples, student, Store(config.store), progress=progress_artifact("Evaluation"),
-                              baseline=baseline)
-    seconds = time.perf_counter() - started
-    log_outcome("evaluate", report, seconds)
-    run_id = log_stage(tracking, "evaluate", fingerprint=report.fingerprint, cached=report.cached, seconds=seconds,
-                       params=config.evaluate.model_dump(mode="json"), metrics=report.metrics)
-    client = MlflowClient(tracking.tracking_uri)
-    for path in report_files(report):  # report.md, report.html and the plots, also when reused from the store
-        client.log_artifact(run_id, str(path), artifact_path="report")
+
+    def compute() -> EvalReport:
+        return evaluate_student(
+            config.evaluate,
+            dataset,
+            samples,
+            student,
+            Store(config.store),
+            progress=progress_artifact("Evaluation"),
+            baseline=baseline,
+        )
+
+    run = run_stage(
+        "evaluate",
+        tracking,
+        compute,
+        params=section_params(config, "evaluate"),
+        record=lambda report: StageRecord(metrics=report.metrics),
+    )
+    report = run.result
+    log_files(tracking, run.run_id, report_files(report), artifact_path="report")  # also when reused from the store
     # Images are files beside report.md; the Prefect UI gets the tables, MLflow the whole report.
-    create_markdown_artifact(report_markdown(report.metrics, f"{config.name}: teacher vs student"), key="evaluation",
-                             description="Teacher vs student on held-out prompts (plots: the evaluate run's report/ artifacts in MLflow)")
+    create_markdown_artifact(
+        report_markdown(report.metrics, f"{config.name}: teacher vs student"),
+        key="evaluation",
+        description="Teacher vs student on held-out prompts (plots: the evaluate run's report/ artifacts in MLflow)",
+    )
     return report

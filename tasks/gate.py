@@ -22,51 +22,68 @@ from __future__ import annotations
 
 import time
 
-from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from stillhouse.registry.model_registry import RegisteredModel
-from stillhouse.registry.promotion import find_champion, promote, tag_verdict
-from stillhouse.registry.tracking import TrackingContext, log_stage
 from stillhouse.config import PipelineConfig
-from stillhouse.evaluation.gate import GateVerdict, judge
+from stillhouse.evaluation.gate import GateVerdict, check_candidate
 from stillhouse.evaluation.report import gate_markdown
 from stillhouse.refs import EvalReport
+from stillhouse.registry.model_registry import RegisteredModel
+from stillhouse.registry.promotion import find_champion, promote, record_verdict
+from stillhouse.registry.tracking import TrackingContext, log_stage, section_params
 
 
 @task(name="gate", cache_policy=NO_CACHE)
-def gate_task(config: PipelineConfig, report: EvalReport, registered: RegisteredModel | None, tracking: TrackingContext) -> GateVerdict:
-    """Judge the candidate, move `champion` to it only when it passes, log everything; returns the verdict."""
+def gate_task(
+    config: PipelineConfig, report: EvalReport, registered: RegisteredModel | None, tracking: TrackingContext
+) -> GateVerdict:
+    """Check the candidate, move `champion` to it only when it passes, log everything; returns the verdict."""
     started = time.perf_counter()
     gate = config.evaluate.gate
-    client = MlflowClient(tracking.tracking_uri)
-    champion = find_champion(client, registered.name, gate.champion_alias) if registered is not None else None
-    verdict = judge(gate, report.metrics, champion=champion.metrics if champion else None,
-                    champion_version=champion.version if champion else None, candidate_version=registered.version if registered else None)
+    champion = find_champion(tracking, registered.name, gate.champion_alias) if registered is not None else None
+    verdict = check_candidate(
+        gate,
+        report.metrics,
+        champion=champion.metrics if champion else None,
+        champion_version=champion.version if champion else None,
+        candidate_version=registered.version if registered else None,
+    )
     if verdict.passed and registered is not None and (champion is None or champion.version != registered.version):
-        promote(client, registered.name, registered.version, gate.champion_alias)
+        promote(tracking, registered.name, registered.version, gate.champion_alias)
         verdict.promoted = True
     outcome = "passed" if verdict.passed else "failed"
     run_id = log_stage(
-        tracking, "gate", fingerprint=report.fingerprint, cached=False, seconds=time.perf_counter() - started,
-        params=gate.model_dump(mode="json"),
-        metrics={"gate_passed": float(verdict.passed), **{f"candidate.{k}": v for k, v in verdict.candidate_metrics.items()},
-                 **{f"champion.{k}": v for k, v in verdict.champion_metrics.items()}},
-        tags={"stillhouse.gate": outcome, "stillhouse.champion_version": verdict.champion_version or "none",
-              "stillhouse.candidate_version": verdict.candidate_version or "none", "stillhouse.promoted": str(verdict.promoted).lower()},
+        tracking,
+        "gate",
+        fingerprint=report.fingerprint,
+        cached=False,
+        seconds=time.perf_counter() - started,
+        params=section_params(config, "evaluate.gate"),
+        metrics={
+            "gate_passed": float(verdict.passed),
+            **{f"candidate.{k}": v for k, v in verdict.candidate_metrics.items()},
+            **{f"champion.{k}": v for k, v in verdict.champion_metrics.items()},
+        },
+        tags={
+            "stillhouse.gate": outcome,
+            "stillhouse.champion_version": verdict.champion_version or "none",
+            "stillhouse.candidate_version": verdict.candidate_version or "none",
+            "stillhouse.promoted": str(verdict.promoted).lower(),
+        },
     )
-    client.log_text(run_id, verdict.model_dump_json(indent=2), "gate_verdict.json")
-    client.log_text(run_id, gate_markdown(verdict), "gate.md")
-    client.set_tag(tracking.parent_run_id, "stillhouse.gate", outcome)
-    if registered is not None:
-        tag_verdict(client, registered.name, registered.version, verdict)
+    record_verdict(tracking, run_id, registered, verdict, gate_markdown(verdict))
     create_markdown_artifact(gate_markdown(verdict), key="gate", description=f"Promotion gate: {outcome}")
     logger = get_run_logger()
     if verdict.passed:
-        logger.info("gate: passed%s", f"; version {registered.version} now holds @{gate.champion_alias}" if verdict.promoted else "")
+        logger.info(
+            "gate: passed%s",
+            f"; version {registered.version} now holds @{gate.champion_alias}" if verdict.promoted else "",
+        )
     else:
-        logger.warning("gate: FAILED, not promoted and not to be published:\n%s", "\n".join(f"  - {f}" for f in verdict.failures))
+        logger.warning(
+            "gate: FAILED, not promoted and not to be published:\n%s", "\n".join(f"  - {f}" for f in verdict.failures)
+        )
     return verdict

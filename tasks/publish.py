@@ -16,19 +16,26 @@ import json
 import time
 from pathlib import Path
 
-from mlflow.tracking import MlflowClient
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
-from stillhouse.registry.model_registry import RegisteredModel
-from stillhouse.registry.publish import PublishedModel, RoundTrip, mlflow_run_url, push_folder, redact_url_credentials, round_trip, write_publish_folder
-from stillhouse.registry.tracking import TrackingContext, code_version, log_stage
 from stillhouse.config import PipelineConfig
 from stillhouse.data.curate import read_split
 from stillhouse.errors import StillhouseError
 from stillhouse.licenses import check_pipeline_licenses
 from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
+from stillhouse.registry.card import mlflow_run_url, redact_url_credentials
+from stillhouse.registry.hub import push_folder
+from stillhouse.registry.model_registry import RegisteredModel
+from stillhouse.registry.publish import (
+    PublishedModel,
+    RoundTrip,
+    link_to_hub_revision,
+    round_trip,
+    write_publish_folder,
+)
+from stillhouse.registry.tracking import TrackingContext, code_version, log_stage, section_params
 from stillhouse.store import Store, fingerprint
 
 CODE_VERSION = 2  # 2: stillhouse.json, license section, tag, round trip
@@ -36,25 +43,40 @@ CODE_VERSION = 2  # 2: stillhouse.json, license section, tag, round trip
 
 @task(name="push-to-hub", cache_policy=NO_CACHE)
 def push_task(folder: str, config: PipelineConfig, tag: str | None, description: str) -> PublishedModel:
-    return push_folder(Path(folder), config, tag=tag, description=description, log=get_run_logger().warning)
+    revision = push_folder(Path(folder), config, tag=tag, description=description, log=get_run_logger().warning)
+    return PublishedModel(folder=folder, **revision.model_dump())
 
 
 @task(name="round-trip", cache_policy=NO_CACHE)
 def round_trip_task(published: PublishedModel, config: PipelineConfig, dataset: DatasetRef) -> RoundTrip:
-    prompts = [json.loads(messages) for messages in read_split(dataset, "eval")["messages"].head(config.publish.round_trip_prompts)]
-    return round_trip(published, Path(published.folder), prompts, config, max_new_tokens=min(config.evaluate.max_new_tokens, 32))
+    prompts = [
+        json.loads(messages)
+        for messages in read_split(dataset, "eval")["messages"].head(config.publish.round_trip_prompts)
+    ]
+    return round_trip(
+        published, Path(published.folder), prompts, config, max_new_tokens=min(config.evaluate.max_new_tokens, 32)
+    )
 
 
 def hub_tags(published: PublishedModel) -> dict[str, str]:
-    return {"stillhouse.hub.repo_id": published.repo_id or "", "stillhouse.hub.commit": published.commit_oid or "",
-            "stillhouse.hub.commit_url": published.commit_url or "", "stillhouse.hub.revision_url": published.revision_url or "",
-            "stillhouse.hub.tag": published.tag or ""}
+    return {
+        "stillhouse.hub.repo_id": published.repo_id or "",
+        "stillhouse.hub.commit": published.commit_oid or "",
+        "stillhouse.hub.commit_url": published.commit_url or "",
+        "stillhouse.hub.revision_url": published.revision_url or "",
+        "stillhouse.hub.tag": published.tag or "",
+    }
 
 
 @task(name="publish", cache_policy=NO_CACHE)
 def publish_task(
-    config: PipelineConfig, dataset: DatasetRef, samples: SamplesRef, student: ModelRef, report: EvalReport,
-    registered: RegisteredModel | None, tracking: TrackingContext,
+    config: PipelineConfig,
+    dataset: DatasetRef,
+    samples: SamplesRef,
+    student: ModelRef,
+    report: EvalReport,
+    registered: RegisteredModel | None,
+    tracking: TrackingContext,
 ) -> PublishedModel:
     started = time.perf_counter()
     logger = get_run_logger()
@@ -66,23 +88,41 @@ def publish_task(
         logger.warning("publish: the folder is written, but pushing it would be refused:\n%s", check.report())
     store = Store(config.store)
     publish_fingerprint = fingerprint(
-        "publish", settings.model_dump(mode="json", exclude={"token_env", "hub_retries", "retry_backoff_s"}),
-        {"student": student.fingerprint, "evaluate": report.fingerprint, "version": registered.version if registered else ""}, CODE_VERSION)
-    tag = settings.tag.format(version=registered.version if registered else publish_fingerprint, name=config.name) if settings.repo_id else None
+        "publish",
+        settings.model_dump(mode="json", exclude={"token_env", "hub_retries", "retry_backoff_s"}),
+        {
+            "student": student.fingerprint,
+            "evaluate": report.fingerprint,
+            "version": registered.version if registered else "",
+        },
+        CODE_VERSION,
+    )
+    tag = (
+        settings.tag.format(version=registered.version if registered else publish_fingerprint, name=config.name)
+        if settings.repo_id
+        else None
+    )
     lineage = {
-        "mlflow_run_id": tracking.parent_run_id, "mlflow_experiment_id": tracking.experiment_id,
+        "mlflow_run_id": tracking.parent_run_id,
+        "mlflow_experiment_id": tracking.experiment_id,
         "mlflow_tracking_uri": redact_url_credentials(tracking.tracking_uri),
         "mlflow_run_url": mlflow_run_url(tracking.tracking_uri, tracking.experiment_id, tracking.parent_run_id),
         "registered_model": registered.model_dump(exclude={"cached"}) if registered else None,
-        "prefect_flow_run_id": tracking.flow_run_id, "prefect_flow_run_url": tracking.flow_run_url,
-        "code_version": code_version(), "store": config.store,
+        "prefect_flow_run_id": tracking.flow_run_id,
+        "prefect_flow_run_url": tracking.flow_run_url,
+        "code_version": code_version(),
+        "store": config.store,
     }
 
     def compute(stage_folder: Path) -> dict:
-        folder = write_publish_folder(stage_folder / config.name, config, dataset, samples, student, report, check, lineage)
+        folder = write_publish_folder(
+            stage_folder / config.name, config, dataset, samples, student, report, check, lineage
+        )
         if not settings.repo_id:
             return PublishedModel(folder=str(folder)).model_dump()
-        description = f"MLflow run {tracking.parent_run_id}; publish fingerprint {publish_fingerprint}; code {code_version()}"
+        description = (
+            f"MLflow run {tracking.parent_run_id}; publish fingerprint {publish_fingerprint}; code {code_version()}"
+        )
         pushed = push_task(str(folder), config, tag, description)
         checked = round_trip_task(pushed, config, dataset) if settings.round_trip_prompts > 0 else None
         return {**pushed.model_dump(), "round_trip": checked.model_dump() if checked else None}
@@ -91,25 +131,40 @@ def publish_task(
     output = store.build("publish", publish_fingerprint, compute)
     published = PublishedModel.model_validate({**output.manifest, "cached": output.cached})
     checked = RoundTrip.model_validate(output.manifest["round_trip"]) if output.manifest.get("round_trip") else None
-    logger.info("publish: %s %s%s", "reused" if output.cached else "wrote", published.folder,
-                f"; pushed {published.repo_id}@{published.commit_oid} ({published.tag})" if published.repo_id else "")
+    logger.info(
+        "publish: %s %s%s",
+        "reused" if output.cached else "wrote",
+        published.folder,
+        f"; pushed {published.repo_id}@{published.commit_oid} ({published.tag})" if published.repo_id else "",
+    )
 
     metrics = {}
     tags = {"folder": published.folder, "repo_id": published.repo_id or "", "commit": published.commit_oid or ""}
     if published.repo_id:
         tags.update(hub_tags(published))
     if checked is not None:
-        metrics = {"round_trip_prompts": checked.prompts, "round_trip_matching": checked.matching, "round_trip_passed": float(checked.passed)}
+        metrics = {
+            "round_trip_prompts": checked.prompts,
+            "round_trip_matching": checked.matching,
+            "round_trip_passed": float(checked.passed),
+        }
         tags["stillhouse.round_trip"] = "passed" if checked.passed else "failed"
-    log_stage(tracking, "publish", fingerprint=publish_fingerprint, cached=output.cached, seconds=time.perf_counter() - started,
-              params=settings.model_dump(mode="json"), metrics=metrics, tags=tags)
-    client = MlflowClient(tracking.tracking_uri)
+    log_stage(
+        tracking,
+        "publish",
+        fingerprint=publish_fingerprint,
+        cached=output.cached,
+        seconds=time.perf_counter() - started,
+        params=section_params(config, "publish"),
+        metrics=metrics,
+        tags=tags,
+    )
     if published.repo_id:  # the run links to the Hub revision (the card links back to the run)
-        for key, value in {**hub_tags(published), **({"stillhouse.round_trip": tags["stillhouse.round_trip"]} if checked else {})}.items():
-            client.set_tag(tracking.parent_run_id, key, value)
-            if registered is not None:
-                client.set_model_version_tag(registered.name, registered.version, key, value)
+        round_trip_tag = {"stillhouse.round_trip": tags["stillhouse.round_trip"]} if checked else {}
+        link_to_hub_revision(tracking, registered, {**hub_tags(published), **round_trip_tag})
     if checked is not None and not checked.passed:
-        raise StillhouseError(f"round trip: the published revision {published.repo_id}@{published.commit_oid} generated differently from the local "
-                              f"student on {checked.prompts - checked.matching} of {checked.prompts} prompts ({'; '.join(checked.mismatches)})")
+        raise StillhouseError(
+            f"round trip: the published revision {published.repo_id}@{published.commit_oid} generated differently from the local "
+            f"student on {checked.prompts - checked.matching} of {checked.prompts} prompts ({'; '.join(checked.mismatches)})"
+        )
     return published

@@ -24,12 +24,12 @@ from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
-from stillhouse.registry.tracking import TrackingContext, log_stage
 from stillhouse.config import PipelineConfig, SampleConfig, TaskRunnerConfig
 from stillhouse.refs import DatasetRef, SamplesRef
+from stillhouse.registry.tracking import TrackingContext, section_params
 from stillhouse.sampling.sample import ShardPlan, ShardResult, finish_sampling, plan_shards, sample_shard
 from stillhouse.store import Store
-from stillhouse.tasks.reporting import log_outcome
+from stillhouse.tasks.stage import StageRecord, run_stage
 
 GPU_TAG = "gpu"
 
@@ -41,7 +41,9 @@ def build_task_runner(settings: TaskRunnerConfig):
     try:
         from prefect_ray import RayTaskRunner
     except ImportError:
-        raise ImportError("sample.task_runner.kind is `ray` but prefect-ray is not installed: pip install 'stillhouse[ray]'") from None
+        raise ImportError(
+            "sample.task_runner.kind is `ray` but prefect-ray is not installed: pip install 'stillhouse[ray]'"
+        ) from None
     init_kwargs = {"include_dashboard": False}
     if settings.ray_address is None and settings.ray_num_cpus is not None:
         init_kwargs["num_cpus"] = settings.ray_num_cpus
@@ -61,7 +63,9 @@ def ensure_concurrency_limit(tag: str, limit: int) -> int:
 @task(name="sample-shard", tags=[GPU_TAG], cache_policy=NO_CACHE)
 def sample_shard_task(config: SampleConfig, dataset: DatasetRef, plan: ShardPlan, index: int) -> ShardResult:
     result = sample_shard(config, dataset, plan, index)
-    get_run_logger().info("shard %d: %d rows, %d tokens in %.1fs", index, result.rows, result.generated_tokens, result.seconds)
+    get_run_logger().info(
+        "shard %d: %d rows, %d tokens in %.1fs", index, result.rows, result.generated_tokens, result.seconds
+    )
     return result
 
 
@@ -74,30 +78,48 @@ def _shard_resources(settings: TaskRunnerConfig):
     return remote_options(num_gpus=settings.gpus_per_shard, num_cpus=1)
 
 
-@flow(name="sample-teacher", log_prints=True)
-def sample_flow(config: PipelineConfig, dataset: DatasetRef, tracking: TrackingContext | None = None) -> SamplesRef:
-    """Sample the missing shards as mapped tasks, then seal the output and record the stage."""
-    started = time.perf_counter()
+def sample_shards(config: PipelineConfig, dataset: DatasetRef) -> tuple[SamplesRef, ShardPlan]:
+    """Sample the missing shards as mapped tasks, then seal the output; returns it and the plan (its counts)."""
     settings = config.sample
     store = Store(config.store)
     plan = plan_shards(settings, dataset, store)
     if plan.pending:
         limit = ensure_concurrency_limit(GPU_TAG, settings.task_runner.gpu_concurrency)
-        get_run_logger().info("sampling %d of %d shards (tag %r limit %d, %s runner)", len(plan.pending), plan.shards, GPU_TAG, limit,
-                              settings.task_runner.kind)
+        get_run_logger().info(
+            "sampling %d of %d shards (tag %r limit %d, %s runner)",
+            len(plan.pending),
+            plan.shards,
+            GPU_TAG,
+            limit,
+            settings.task_runner.kind,
+        )
         report = _Progress(plan)
         with _shard_resources(settings.task_runner):
             futures = sample_shard_task.map(unmapped(settings), unmapped(dataset), unmapped(plan), plan.pending)
         for future in as_completed(futures):
             report.shard_done(future.result())
-    samples = finish_sampling(settings, plan, store)
-    seconds = time.perf_counter() - started
-    log_outcome("sample", samples, seconds)
-    if tracking is not None:
-        log_stage(tracking, "sample", fingerprint=samples.fingerprint, cached=samples.cached, seconds=seconds,
-                  params=settings.model_dump(mode="json"), metrics={"rows": samples.rows, "generated_tokens": samples.generated_tokens, **plan.counts},
-                  tags={"teacher_revision": samples.teacher_revision, "tokenizer_fingerprint": samples.tokenizer_fingerprint})
-    return samples
+    return finish_sampling(settings, plan, store), plan
+
+
+@flow(name="sample-teacher", log_prints=True)
+def sample_flow(config: PipelineConfig, dataset: DatasetRef, tracking: TrackingContext | None = None) -> SamplesRef:
+    """Sample the teacher (only the missing shards) and, with ``tracking``, record the stage."""
+    if tracking is None:
+        return sample_shards(config, dataset)[0]
+    counts: dict[str, int] = {}  # prompts truncated or skipped as overlong, from the plan
+
+    def compute() -> SamplesRef:
+        samples, plan = sample_shards(config, dataset)
+        counts.update(plan.counts)
+        return samples
+
+    def record(samples: SamplesRef) -> StageRecord:
+        return StageRecord(
+            metrics={"rows": samples.rows, "generated_tokens": samples.generated_tokens, **counts},
+            tags={"teacher_revision": samples.teacher_revision, "tokenizer_fingerprint": samples.tokenizer_fingerprint},
+        )
+
+    return run_stage("sample", tracking, compute, params=section_params(config, "sample"), record=record).result
 
 
 class _Progress:
@@ -111,7 +133,9 @@ class _Progress:
         self.tokens = 0
         self.started = time.perf_counter()
         self.bar = tqdm(total=self.total, initial=self.done, desc="sample shards", unit="shard")
-        self.artifact = create_progress_artifact(progress=self._percent(), key="sample-progress", description=self._describe())
+        self.artifact = create_progress_artifact(
+            progress=self._percent(), key="sample-progress", description=self._describe()
+        )
 
     def _percent(self) -> float:
         return round(100 * self.done / max(self.total, 1), 1)

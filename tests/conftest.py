@@ -7,7 +7,7 @@ tokenizer, the Hub is the loopback server in hub_server.py, MLflow is a sqlite f
 import os
 
 # Before anything imports huggingface_hub or Prefect (they read these at import time).
-os.environ["HF_HUB_DISABLE_XET"] = "1"  # the loopback Hub speaks plain LFS (shared/hub-protocol.md)
+os.environ["HF_HUB_DISABLE_XET"] = "1"  # the loopback Hub (hub_server.py) speaks plain LFS, not xet
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -16,13 +16,14 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("HF_TOKEN", None)
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-# Tiny models on a 2-core machine: one thread avoids the contention measured in ENVIRONMENT.md.
+# Tiny models on a 2-core machine: with two threads while another process kept one core busy, a tiny model's
+# `generate` was measured ~80x slower; one thread avoids that contention.
 torch.set_num_threads(1)
 
 
@@ -42,11 +43,21 @@ def build_tiny_model(folder: Path, *, hidden_size: int = 32, layers: int = 2, se
 
     tokenizer = build_char_tokenizer()
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-    ))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+        )
+    )
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     # Our own test models, declared apache-2.0 like the demo teacher, so the publish license check can read it.
@@ -63,7 +74,9 @@ def curate_and_sample(store_root: Path, teacher: Path, prompts: Path):
 
     store = Store(store_root)
     dataset = curate(CurateConfig(source=str(prompts), category_column="task", eval_fraction=0.2), store)
-    samples = sample_teacher(SampleConfig(teacher=str(teacher), max_new_tokens=8, top_k_logprobs=4, batch_size=32), dataset, store)
+    samples = sample_teacher(
+        SampleConfig(teacher=str(teacher), max_new_tokens=8, top_k_logprobs=4, batch_size=32), dataset, store
+    )
     return store, dataset, samples
 
 
@@ -114,9 +127,21 @@ def tiny_pipeline_raw(tmp_path: Path, tiny_teacher: Path, prompts_jsonl: Path) -
         "name": "tiny",
         "store": str(tmp_path / "store"),
         "curate": {"source": str(prompts_jsonl), "category_column": "task", "eval_fraction": 0.2},
-        "sample": {"teacher": str(tiny_teacher), "max_new_tokens": 8, "top_k_logprobs": 4, "batch_size": 16, "shard_rows": 40},
-        "train": {"architecture": {"hidden_size": 16, "num_layers": 2, "intermediate_size": 32, "num_heads": 2},
-                  "method": "kd", "max_steps": 6, "batch_size": 8, "logging_steps": 2, "learning_rate": 0.01},
+        "sample": {
+            "teacher": str(tiny_teacher),
+            "max_new_tokens": 8,
+            "top_k_logprobs": 4,
+            "batch_size": 16,
+            "shard_rows": 40,
+        },
+        "train": {
+            "architecture": {"hidden_size": 16, "num_layers": 2, "intermediate_size": 32, "num_heads": 2},
+            "method": "kd",
+            "max_steps": 6,
+            "batch_size": 8,
+            "logging_steps": 2,
+            "learning_rate": 0.01,
+        },
         "evaluate": {"max_new_tokens": 8, "batch_size": 16},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tests"},
         "registry": {"model_name": "tiny-student"},
@@ -135,14 +160,17 @@ def prefect_harness():
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     """A loopback Hub accepting token `hf_test_token` for user `alice`; HF caches kept in tmp_path."""
-    from huggingface_hub import constants
-
     from hub_server import LoopbackHub
+    from huggingface_hub import constants
 
     home = tmp_path / "hf-home"
     monkeypatch.setenv("HF_HOME", str(home))
-    for name, value in {"HF_HOME": home, "HF_HUB_CACHE": home / "hub", "HF_TOKEN_PATH": home / "token",
-                        "HF_STORED_TOKENS_PATH": home / "stored_tokens"}.items():
+    for name, value in {
+        "HF_HOME": home,
+        "HF_HUB_CACHE": home / "hub",
+        "HF_TOKEN_PATH": home / "token",
+        "HF_STORED_TOKENS_PATH": home / "stored_tokens",
+    }.items():
         monkeypatch.setattr(constants, name, str(value))
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     with LoopbackHub(tokens={"hf_test_token": "alice"}) as server:

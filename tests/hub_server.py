@@ -1,7 +1,7 @@
 """An in-process loopback stand-in for the Hugging Face Hub, for tests that publish models.
 
 A test double for the Hub's *private* HTTP API, pinned to what the unmodified `huggingface_hub`
-2.4.0 client sends (measured in ../shared/hub-protocol.md): enough to create a repo, upload a
+2.4.0 client sends (measured against that client: hf_xet off, plain LFS): enough to create a repo, upload a
 folder in one commit (small files inline, weights through Git LFS "basic" transfers), read it back
 (model_info, list_repo_tree, hf_hub_download, snapshot_download), tag it and list refs and commits.
 State lives in memory. The endpoints are private API and change between client versions: when a
@@ -205,12 +205,20 @@ class LoopbackHub:
         self.stop()
 
     # -- for tests to break ---------------------------------------------------------------------
-    def inject(self, method: str, path_regex: str, *, status: int | None = None, drop: bool = False,
-               after_handling: bool = False, times: int = 1) -> Fault:
+    def inject(
+        self,
+        method: str,
+        path_regex: str,
+        *,
+        status: int | None = None,
+        drop: bool = False,
+        after_handling: bool = False,
+        times: int = 1,
+    ) -> Fault:
         """Make the next ``times`` requests matching ``method`` and the raw path regex fail (see `Fault`).
 
-            hub.inject("POST", r"/commit/", status=503)            # one transient error on the next commit
-            hub.inject("PUT", r"^/_lfs/", drop=True)               # a connection dropped during an LFS upload
+        hub.inject("POST", r"/commit/", status=503)            # one transient error on the next commit
+        hub.inject("PUT", r"^/_lfs/", drop=True)               # a connection dropped during an LFS upload
         """
         if (status is None) == (not drop):
             raise ValueError("give either status= or drop=True")
@@ -236,8 +244,7 @@ class LoopbackHub:
         """The history of `revision`, newest first; the oldest is the repo's empty initial commit."""
         with self._lock:
             history = self.repos[(repo_type, repo_id)].history(revision)
-            return [{"sha": c.sha, "parent": c.parent, "message": c.message, "files": sorted(c.files)}
-                    for c in history]
+            return [{"sha": c.sha, "parent": c.parent, "message": c.message, "files": sorted(c.files)} for c in history]
 
     # -- access control ------------------------------------------------------------------------
     def _user(self, token: str | None) -> str | None:
@@ -307,14 +314,32 @@ class LoopbackHub:
             wanted = {p.strip("/") for p in ([form["paths"]] if isinstance(form["paths"], str) else form["paths"])}
             return _json([e for e in self._tree(repo.resolve(revision), "", True) if e["path"] in wanted])
         if method == "GET" and action == "refs":
+
             def refs(kind: str, names: dict) -> list[dict]:
                 return [{"name": n, "ref": f"refs/{kind}/{n}", "targetCommit": sha} for n, sha in sorted(names.items())]
-            return _json({"branches": refs("heads", repo.branches), "tags": refs("tags", repo.tags),
-                          "converts": [], "pullRequests": []})
+
+            return _json(
+                {
+                    "branches": refs("heads", repo.branches),
+                    "tags": refs("tags", repo.tags),
+                    "converts": [],
+                    "pullRequests": [],
+                }
+            )
         if method == "GET" and action == "commits":
             author = [{"user": repo_id.split("/")[0]}]
-            return _json([{"id": c.sha, "title": c.message.split("\n")[0], "message": c.message,
-                           "date": iso(c.date), "authors": author} for c in repo.history(revision)])
+            return _json(
+                [
+                    {
+                        "id": c.sha,
+                        "title": c.message.split("\n")[0],
+                        "message": c.message,
+                        "date": iso(c.date),
+                        "authors": author,
+                    }
+                    for c in repo.history(revision)
+                ]
+            )
         if method == "POST" and action in ("tag", "branch"):
             payload = json.loads(body or b"{}")
             refs, name = (repo.tags, payload["tag"]) if action == "tag" else (repo.branches, revision)
@@ -365,10 +390,24 @@ class LoopbackHub:
                 if lfs := entry.get("lfs"):
                     sibling["lfs"] = {"sha256": lfs["oid"], "size": lfs["size"], "pointerSize": lfs["pointerSize"]}
                 siblings.append(sibling)
-        return _json({"_id": repo.repo_id, "id": repo.repo_id, "author": repo.repo_id.split("/")[0],
-                      "sha": commit.sha, "private": repo.private, "gated": False, "disabled": False,
-                      "downloads": 0, "likes": 0, "createdAt": iso(repo.created), "lastModified": iso(commit.date),
-                      "tags": tags, "cardData": card, "siblings": siblings})
+        return _json(
+            {
+                "_id": repo.repo_id,
+                "id": repo.repo_id,
+                "author": repo.repo_id.split("/")[0],
+                "sha": commit.sha,
+                "private": repo.private,
+                "gated": False,
+                "disabled": False,
+                "downloads": 0,
+                "likes": 0,
+                "createdAt": iso(repo.created),
+                "lastModified": iso(commit.date),
+                "tags": tags,
+                "cardData": card,
+                "siblings": siblings,
+            }
+        )
 
     def _tree(self, commit: Commit, folder: str, recursive: bool) -> list[dict]:
         prefix = f"{folder}/" if folder else ""
@@ -377,7 +416,7 @@ class LoopbackHub:
             raise HubError(404, f"{folder} not found", "EntryNotFound", {"X-Repo-Commit": commit.sha})
         entries: dict[str, dict] = {}
         for path, data in under.items():
-            parts = path[len(prefix):].split("/")
+            parts = path[len(prefix) :].split("/")
             for depth in range(1, len(parts) if recursive else min(2, len(parts))):
                 directory = prefix + "/".join(parts[:depth])
                 directory_oid = hashlib.sha1(directory.encode()).hexdigest()  # not a real tree hash
@@ -388,8 +427,11 @@ class LoopbackHub:
             if path in commit.lfs_paths:  # git stores the pointer; the oid is the pointer's blob id
                 pointer = lfs_pointer(data)
                 entries[path]["oid"] = git_blob_sha1(pointer)
-                entries[path]["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data),
-                                        "pointerSize": len(pointer)}
+                entries[path]["lfs"] = {
+                    "oid": hashlib.sha256(data).hexdigest(),
+                    "size": len(data),
+                    "pointerSize": len(pointer),
+                }
         return [entries[path] for path in sorted(entries)]
 
     def _resolve(self, commit: Commit, path: str) -> tuple:
@@ -429,8 +471,10 @@ class LoopbackHub:
                 continue
             ticket = secrets.token_urlsafe(16)
             self._upload_tickets[ticket] = oid
-            actions = {"upload": {"href": f"{self.url}/_lfs/{oid}/upload/{ticket}"},
-                       "verify": {"href": f"{self.url}/_lfs/{oid}/verify"}}
+            actions = {
+                "upload": {"href": f"{self.url}/_lfs/{oid}/upload/{ticket}"},
+                "verify": {"href": f"{self.url}/_lfs/{oid}/verify"},
+            }
             objects.append({"oid": oid, "size": size, "authenticated": True, "actions": actions})
         body = json.dumps({"transfer": "basic", "objects": objects}).encode()
         return 200, {"Content-Type": "application/vnd.git-lfs+json"}, body
@@ -486,8 +530,13 @@ class LoopbackHub:
                 raise HubError(400, f"LoopbackHub does not support the commit operation {key!r}")
         message = header["summary"] + (f"\n\n{header['description']}" if header.get("description") else "")
         commit = repo.add_commit(revision, message, files, lfs_paths & set(files))
-        return _json({"commitUrl": f"{self._repo_url(repo)}/commit/{commit.sha}", "commitOid": commit.sha,
-                      "pullRequestUrl": None})
+        return _json(
+            {
+                "commitUrl": f"{self._repo_url(repo)}/commit/{commit.sha}",
+                "commitOid": commit.sha,
+                "pullRequestUrl": None,
+            }
+        )
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -520,7 +569,9 @@ class _Handler(BaseHTTPRequestHandler):
         token = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else None
         fault = hub._take_fault(self.command, url.path)
         if fault is not None and fault.drop and not fault.after_handling:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0) // 2)  # half the upload arrives, then the line goes dead
+            self.rfile.read(
+                int(self.headers.get("Content-Length") or 0) // 2
+            )  # half the upload arrives, then the line goes dead
             hub.requests.append(LoggedRequest(self.command, url.path, token, 0))
             self._drop_connection()
             return

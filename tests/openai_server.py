@@ -29,8 +29,15 @@ from pathlib import Path
 
 
 class FakeOpenAIServer:
-    def __init__(self, model_folder: Path | None, served_name: str = "tiny-teacher", *, failure_share: float = 0.0,
-                 failure_seed: int = 0, record_requests: bool = True):
+    def __init__(
+        self,
+        model_folder: Path | None,
+        served_name: str = "tiny-teacher",
+        *,
+        failure_share: float = 0.0,
+        failure_seed: int = 0,
+        record_requests: bool = True,
+    ):
         self.model = self.tokenizer = None
         if model_folder is not None:
             from stillhouse.models import load_causal_lm, load_tokenizer
@@ -42,9 +49,9 @@ class FakeOpenAIServer:
         self.requests: list[dict] = []
         self.record_requests = record_requests
         self.failure_share, self.failure_seed = failure_share, failure_seed
-        self.tries: Counter[str] = Counter()      # requests per conversation
-        self.answered: Counter[str] = Counter()   # 200 answers per conversation
-        self.failures: Counter[int] = Counter()   # injected failures by status
+        self.tries: Counter[str] = Counter()  # requests per conversation
+        self.answered: Counter[str] = Counter()  # 200 answers per conversation
+        self.failures: Counter[int] = Counter()  # injected failures by status
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -94,11 +101,25 @@ class FakeOpenAIServer:
         """The last message's content back, as many choices as asked, one token per UTF-8 byte."""
         text = body["messages"][-1]["content"]
         k = int(body.get("top_logprobs") or 0)
-        content = [{"token": f"token_id:{byte}", "logprob": 0.0,
-                    "top_logprobs": [{"token": f"token_id:{(byte + i) % 256}", "logprob": 0.0 if i == 0 else -30.0} for i in range(k)]}
-                   for byte in text.encode()]
-        choices = [{"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
-                    "logprobs": {"content": content} if body.get("logprobs") else None} for index in range(int(body.get("n", 1)))]
+        content = [
+            {
+                "token": f"token_id:{byte}",
+                "logprob": 0.0,
+                "top_logprobs": [
+                    {"token": f"token_id:{(byte + i) % 256}", "logprob": 0.0 if i == 0 else -30.0} for i in range(k)
+                ],
+            }
+            for byte in text.encode()
+        ]
+        choices = [
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop",
+                "logprobs": {"content": content} if body.get("logprobs") else None,
+            }
+            for index in range(int(body.get("n", 1)))
+        ]
         return {"id": "chatcmpl-echo", "object": "chat.completion", "model": self.served_name, "choices": choices}
 
     def complete(self, body: dict) -> dict:
@@ -110,9 +131,17 @@ class FakeOpenAIServer:
         k = int(body.get("top_logprobs") or 0)
         prompt = render_prompts(self.tokenizer, [body["messages"]])
         with self._lock:
-            generations = generate(self.model, self.tokenizer, prompt, max_new_tokens=int(body["max_tokens"]),
-                                   temperature=float(body.get("temperature", 0.0)), top_p=float(body.get("top_p", 1.0)),
-                                   n=int(body.get("n", 1)), top_k_logprobs=max(k, 1), seed=int(body.get("seed", 0)))
+            generations = generate(
+                self.model,
+                self.tokenizer,
+                prompt,
+                max_new_tokens=int(body["max_tokens"]),
+                temperature=float(body.get("temperature", 0.0)),
+                top_p=float(body.get("top_p", 1.0)),
+                n=int(body.get("n", 1)),
+                top_k_logprobs=max(k, 1),
+                seed=int(body.get("seed", 0)),
+            )
         as_ids = bool(body.get("return_tokens_as_token_ids"))
 
         def token(token_id: int) -> str:
@@ -123,10 +152,21 @@ class FakeOpenAIServer:
             content = []
             for j, token_id in enumerate(generation.token_ids):
                 chosen = generation.top_k_logprobs[j][0] if generation.top_k_ids[j][0] == token_id else None
-                top = [{"token": token(i), "logprob": lp} for i, lp in zip(generation.top_k_ids[j][:k], generation.top_k_logprobs[j][:k])]
-                content.append({"token": token(token_id), "logprob": chosen if chosen is not None else -1.0, "top_logprobs": top})
-            choices.append({"index": index, "message": {"role": "assistant", "content": generation.text},
-                            "finish_reason": "stop", "logprobs": {"content": content} if body.get("logprobs") else None})
+                top = [
+                    {"token": token(i), "logprob": lp}
+                    for i, lp in zip(generation.top_k_ids[j][:k], generation.top_k_logprobs[j][:k])
+                ]
+                content.append(
+                    {"token": token(token_id), "logprob": chosen if chosen is not None else -1.0, "top_logprobs": top}
+                )
+            choices.append(
+                {
+                    "index": index,
+                    "message": {"role": "assistant", "content": generation.text},
+                    "finish_reason": "stop",
+                    "logprobs": {"content": content} if body.get("logprobs") else None,
+                }
+            )
         return {"id": "chatcmpl-test", "object": "chat.completion", "model": self.served_name, "choices": choices}
 
     def _handler(self):
@@ -164,7 +204,9 @@ class FakeOpenAIServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if server.record_requests:
                     with server._lock:
-                        server.requests.append({"path": self.path, "body": body, "authorization": self.headers.get("Authorization")})
+                        server.requests.append(
+                            {"path": self.path, "body": body, "authorization": self.headers.get("Authorization")}
+                        )
                 if self.path != "/v1/chat/completions":
                     return self._send(404, b'{"error": "not found"}')
                 key = server.conversation_key(body)

@@ -20,11 +20,19 @@ def write_config(tmp_path, raw) -> Path:
 
 
 def test_help_describes_every_command():
-    completed = subprocess.run([sys.executable, "-m", "stillhouse.flows.cli", "--help"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    completed = subprocess.run(
+        [sys.executable, "-m", "stillhouse.flows.cli", "--help"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert completed.returncode == 0
     for command in ("run", "validate", "schema"):
         assert command in completed.stdout
-    run_help = subprocess.run([sys.executable, "-m", "stillhouse.flows.cli", "run", "--help"], capture_output=True, text=True, cwd=REPO, timeout=120).stdout
+    run_help = subprocess.run(
+        [sys.executable, "-m", "stillhouse.flows.cli", "run", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    ).stdout
     assert "--set SECTION.KEY=VALUE" in run_help and "--until" in run_help
 
 
@@ -39,12 +47,18 @@ def test_validate_accepts_a_good_config(tmp_path, pipeline_raw, capsys):
     assert "OK" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda raw, tmp: raw["curate"].update(source=str(tmp / "missing.jsonl")), "curate.source: dataset file"),
-    (lambda raw, tmp: raw["sample"].update(teacher=str(tmp / "no-teacher")), "sample.teacher: model path"),
-    (lambda raw, tmp: raw["sample"].update(top_k_logprobs=100_000), "sample.top_k_logprobs: k=100000 is larger than the teacher's vocabulary"),
-    (lambda raw, tmp: raw["train"].update(learning_rate=-1), "train.learning_rate: Input should be greater than 0"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda raw, tmp: raw["curate"].update(source=str(tmp / "missing.jsonl")), "curate.source: dataset file"),
+        (lambda raw, tmp: raw["sample"].update(teacher=str(tmp / "no-teacher")), "sample.teacher: model path"),
+        (
+            lambda raw, tmp: raw["sample"].update(top_k_logprobs=100_000),
+            "sample.top_k_logprobs: k=100000 is larger than the teacher's vocabulary",
+        ),
+        (lambda raw, tmp: raw["train"].update(learning_rate=-1), "train.learning_rate: Input should be greater than 0"),
+    ],
+)
 def test_bad_input_is_refused_with_the_field_and_exit_code_2(tmp_path, pipeline_raw, capsys, change, message):
     change(pipeline_raw, tmp_path)
     assert main(["run", str(write_config(tmp_path, pipeline_raw))]) == 2
@@ -53,14 +67,19 @@ def test_bad_input_is_refused_with_the_field_and_exit_code_2(tmp_path, pipeline_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("content, message", [
-    ("", "has no rows"),
-    ('{"question": "sort letters: cba", "reference": "abc"}\n', "curate.prompt_column: column 'prompt' is not in"),
-])
-def test_bad_data_fails_in_curation_before_the_teacher_is_loaded(prefect_harness, tmp_path, pipeline_raw, content, message):
-    from stillhouse.flows.distill import distill
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "has no rows"),
+        ('{"question": "sort letters: cba", "reference": "abc"}\n', "curate.prompt_column: column 'prompt' is not in"),
+    ],
+)
+def test_bad_data_fails_in_curation_before_the_teacher_is_loaded(
+    prefect_harness, tmp_path, pipeline_raw, content, message
+):
     from stillhouse.config import parse_config
     from stillhouse.errors import InputError
+    from stillhouse.flows.distill import distill
 
     data = tmp_path / "data.jsonl"
     data.write_text(content)

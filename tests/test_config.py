@@ -68,7 +68,9 @@ def test_student_needs_exactly_one_source(pipeline_raw):
 def test_overrides_apply_with_yaml_types(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text((Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())
-    config = load_config(path, ["train.max_steps=7", "publish.repo_id=alice/demo", "curate.max_rows=null", "train.method=kd"])
+    config = load_config(
+        path, ["train.max_steps=7", "publish.repo_id=alice/demo", "curate.max_rows=null", "train.method=kd"]
+    )
     assert config.train.max_steps == 7 and config.publish.repo_id == "alice/demo" and config.train.method == "kd"
     with pytest.raises(ConfigError, match="expected section.key=value"):
         load_config(path, ["train.max_steps"])

@@ -12,10 +12,15 @@ from stillhouse.store import Store
 
 
 def test_jsonl_is_normalized_deduplicated_and_split(tmp_path, prompts_jsonl):
-    dataset = curate(CurateConfig(source=str(prompts_jsonl), category_column="task", eval_fraction=0.2), Store(tmp_path))
+    dataset = curate(
+        CurateConfig(source=str(prompts_jsonl), category_column="task", eval_fraction=0.2), Store(tmp_path)
+    )
     assert dataset.counts["rows_in"] == 122
     assert dataset.counts["dropped_empty"] == 1 and dataset.counts["dropped_duplicate"] >= 1
-    assert dataset.train_rows + dataset.eval_rows == 122 - dataset.counts["dropped_empty"] - dataset.counts["dropped_duplicate"]
+    assert (
+        dataset.train_rows + dataset.eval_rows
+        == 122 - dataset.counts["dropped_empty"] - dataset.counts["dropped_duplicate"]
+    )
     train, evaluation = read_split(dataset, "train"), read_split(dataset, "eval")
     assert set(train["prompt_id"]).isdisjoint(evaluation["prompt_id"])
     messages = json.loads(train["messages"][0])
@@ -44,13 +49,25 @@ def test_split_is_stable_under_row_order_and_changes_with_the_salt(prompts_jsonl
 
 
 def test_chat_message_prompts_are_kept_and_normalized_duplicates_dropped():
-    frame = pd.DataFrame({"prompt": [
-        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Hello  there"}],
-        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}],  # same, normalized
-        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],  # answered: cut to the user turn
-        [{"role": "assistant", "content": "no user turn"}],
-        "  ",
-    ] * 3 + [f"plain prompt {i}" for i in range(20)]})
+    frame = pd.DataFrame(
+        {
+            "prompt": [
+                [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Hello  there"}],
+                [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": "hello there"},
+                ],  # same, normalized
+                [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a"},
+                ],  # answered: cut to the user turn
+                [{"role": "assistant", "content": "no user turn"}],
+                "  ",
+            ]
+            * 3
+            + [f"plain prompt {i}" for i in range(20)]
+        }
+    )
     train, evaluation, counts = curate_frame(frame, CurateConfig(source="x", reference_column=None, eval_fraction=0.5))
     assert counts["dropped_empty"] == 6 and counts["dropped_duplicate"] == 7
     kept = [json.loads(m) for m in pd.concat([train, evaluation])["messages"]]
@@ -67,7 +84,9 @@ def test_missing_file_empty_file_and_missing_column_name_the_fix(tmp_path):
         curate(CurateConfig(source=str(empty)), Store(tmp_path))
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text('{"question": "hi", "reference": "x"}\n')
-    with pytest.raises(InputError, match=r"curate.prompt_column: column 'prompt' is not in .*columns: \['question', 'reference'\]"):
+    with pytest.raises(
+        InputError, match=r"curate.prompt_column: column 'prompt' is not in .*columns: \['question', 'reference'\]"
+    ):
         curate(CurateConfig(source=str(wrong)), Store(tmp_path))
     with pytest.raises(InputError, match=r"set curate.reference_column: null"):
         curate(CurateConfig(source=str(wrong), prompt_column="question", reference_column="answer"), Store(tmp_path))

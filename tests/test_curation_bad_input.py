@@ -3,12 +3,12 @@
 import json
 
 import pytest
+from test_curation_formats import curated, filler, write_jsonl
 
 from stillhouse.config import CurateConfig
 from stillhouse.data.curate import curate
 from stillhouse.errors import InputError
 from stillhouse.store import Store
-from test_curation_formats import curated, filler, write_jsonl
 
 
 def good_lines(count=30):
@@ -23,7 +23,10 @@ def curate_file(tmp_path, path, **settings):
 def test_malformed_jsonl_names_the_file_and_line_or_is_skipped_and_counted(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(good_lines(3) + '{"prompt": "unterminated\n' + "\n" + '["a", "list"]\n' + good_lines(30))
-    with pytest.raises(InputError, match=r"bad.jsonl: line 4: not valid JSON: Invalid control character \(column 25\); fix the data, or set curate.on_error: skip"):
+    with pytest.raises(
+        InputError,
+        match=r"bad.jsonl: line 4: not valid JSON: Invalid control character \(column 25\); fix the data, or set curate.on_error: skip",
+    ):
         curate_file(tmp_path, path)
     dataset = curate_file(tmp_path, path, on_error="skip")
     assert dataset.counts["skipped_malformed"] == 2 and dataset.counts["rows_in"] == 33
@@ -39,7 +42,7 @@ def test_invalid_utf8_in_jsonl_and_csv(tmp_path):
         curate_file(tmp_path, jsonl)
     assert curate_file(tmp_path, jsonl, on_error="skip").counts["skipped_malformed"] == 1
     csv = tmp_path / "latin1.csv"
-    csv.write_bytes(b"prompt\n" + "\n".join(filler(30)).encode() + "\n\"multi\nline café\"\n".encode("latin-1"))
+    csv.write_bytes(b"prompt\n" + "\n".join(filler(30)).encode() + '\n"multi\nline café"\n'.encode("latin-1"))
     with pytest.raises(InputError, match=r"latin1.csv: line 32: invalid UTF-8"):
         curate_file(tmp_path, csv)
 
@@ -47,25 +50,38 @@ def test_invalid_utf8_in_jsonl_and_csv(tmp_path):
 def test_a_csv_row_with_extra_fields(tmp_path):
     csv = tmp_path / "fields.csv"
     csv.write_text("prompt,reference\n" + "\n".join(f"{t},r" for t in filler(30)) + "\nsort: c,b,a,ref\n")
-    with pytest.raises(InputError, match=r"fields.csv: line 32: has 4 fields where the header has 2; quote fields that contain commas"):
+    with pytest.raises(
+        InputError, match=r"fields.csv: line 32: has 4 fields where the header has 2; quote fields that contain commas"
+    ):
         curate_file(tmp_path, csv, reference_column="reference")
 
 
 def test_a_row_missing_the_mapped_column(tmp_path):
-    path = write_jsonl(tmp_path / "missing.jsonl", [{"prompt": t} for t in filler(30)] + [{"question": "where is the prompt?"}])
+    path = write_jsonl(
+        tmp_path / "missing.jsonl", [{"prompt": t} for t in filler(30)] + [{"question": "where is the prompt?"}]
+    )
     with pytest.raises(InputError, match=r"missing.jsonl: line 31: has no value in column 'prompt' \(format columns\)"):
         curate_file(tmp_path, path)
     assert curate_file(tmp_path, path, on_error="skip").counts["skipped_malformed"] == 1
 
 
-@pytest.mark.parametrize("messages, problem", [
-    ([{"role": "system", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "q"}], "message 2 is a second or late system message"),
-    ([{"role": "system", "content": "only a system prompt"}], "has no user turn"),
-    ([{"role": "user", "content": "q1"}, {"role": "user", "content": "q2"}], "turn 2 is 'user' where 'assistant' was expected"),
-    ([{"role": "tool", "content": "42"}, {"role": "user", "content": "q"}], "message 1 has role 'tool'"),
-    ([{"speaker": "user", "content": "q"}], "message 1 of column 'messages' has no 'role' key"),
-    ("not a list", None),
-])
+@pytest.mark.parametrize(
+    "messages, problem",
+    [
+        (
+            [{"role": "system", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "q"}],
+            "message 2 is a second or late system message",
+        ),
+        ([{"role": "system", "content": "only a system prompt"}], "has no user turn"),
+        (
+            [{"role": "user", "content": "q1"}, {"role": "user", "content": "q2"}],
+            "turn 2 is 'user' where 'assistant' was expected",
+        ),
+        ([{"role": "tool", "content": "42"}, {"role": "user", "content": "q"}], "message 1 has role 'tool'"),
+        ([{"speaker": "user", "content": "q"}], "message 1 of column 'messages' has no 'role' key"),
+        ("not a list", None),
+    ],
+)
 def test_role_sequences_that_are_not_conversations(tmp_path, messages, problem):
     rows = [{"messages": [{"role": "user", "content": t}]} for t in filler(30)] + [{"messages": messages}]
     if problem is None:  # a plain string in a messages column is a one-turn prompt
@@ -77,17 +93,26 @@ def test_role_sequences_that_are_not_conversations(tmp_path, messages, problem):
 
 
 def test_an_unknown_sharegpt_speaker(tmp_path):
-    rows = [{"conversations": [{"from": "human", "value": t}]} for t in filler(30)] + [{"conversations": [{"from": "narrator", "value": "x"}]}]
-    with pytest.raises(InputError, match=r"line 31: message 1 of column 'conversations' has speaker 'narrator'; expected one of"):
+    rows = [{"conversations": [{"from": "human", "value": t}]} for t in filler(30)] + [
+        {"conversations": [{"from": "narrator", "value": "x"}]}
+    ]
+    with pytest.raises(
+        InputError, match=r"line 31: message 1 of column 'conversations' has speaker 'narrator'; expected one of"
+    ):
         curated(tmp_path, rows)
 
 
 def test_columns_missing_from_the_data_and_formats_that_do_not_fit(tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"question": t} for t in filler(30)])
-    with pytest.raises(InputError, match=r"curate.prompt_column: column 'prompt' is not in .*q.jsonl' \(columns: \['question'\]\); "
-                                         r"name one of those, or set curate.format"):
+    with pytest.raises(
+        InputError,
+        match=r"curate.prompt_column: column 'prompt' is not in .*q.jsonl' \(columns: \['question'\]\); "
+        r"name one of those, or set curate.format",
+    ):
         curate_file(tmp_path, path)
-    with pytest.raises(InputError, match=r"curate.category_column: column 'topic' is not in .* or set curate.category_column: null"):
+    with pytest.raises(
+        InputError, match=r"curate.category_column: column 'topic' is not in .* or set curate.category_column: null"
+    ):
         curate_file(tmp_path, path, prompt_column="question", category_column="topic")
     with pytest.raises(InputError, match=r"curate.prompt_column: column 'instruction' is not in"):
         curate_file(tmp_path, path, format="alpaca")

@@ -4,6 +4,7 @@ import json
 
 import pandas as pd
 import pytest
+from test_curation_formats import conversations, curated, filler, write_jsonl
 
 from stillhouse.config import CurateConfig, DecontaminateConfig
 from stillhouse.data.curate import curate
@@ -11,10 +12,11 @@ from stillhouse.data.decontaminate import ReferenceNgrams, ngrams
 from stillhouse.data.schema import prompt_hash
 from stillhouse.errors import InputError
 from stillhouse.store import Store
-from test_curation_formats import conversations, curated, filler, write_jsonl
 
-QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-            "How many clips did Natalia sell altogether in April and May?")
+QUESTION = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?"
+)
 
 
 def test_ngrams_are_normalized_words_and_short_texts_are_one_gram():
@@ -23,20 +25,27 @@ def test_ngrams_are_normalized_words_and_short_texts_are_one_gram():
 
 
 def test_a_planted_benchmark_item_is_caught_with_evidence(tmp_path):
-    benchmark = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": QUESTION, "answer": "72"}, {"question": "Unrelated item text", "answer": "1"}])
+    benchmark = write_jsonl(
+        tmp_path / "gsm8k.jsonl",
+        [{"question": QUESTION, "answer": "72"}, {"question": "Unrelated item text", "answer": "1"}],
+    )
     leaked = "Solve step by step. " + QUESTION.upper().replace(",", " ,") + " Show your work."
     rows = [{"prompt": leaked}, {"prompt": "unrelated item text"}] + [{"prompt": t} for t in filler(30)]
     dataset, out = curated(tmp_path, rows, decontaminate={"benchmarks": [str(benchmark)]})
     assert dataset.counts["dropped_contaminated_benchmark"] == 2 and len(out) == 30
     report = json.loads((tmp_path / "store" / "curate" / dataset.fingerprint / "report" / "report.json").read_text())
     examples = report["examples"]["dropped_contaminated_benchmark"]
-    assert examples[0]["matches"] == f"benchmark {benchmark}" and examples[0]["ngram"] in QUESTION.lower().replace(",", "")
+    assert examples[0]["matches"] == f"benchmark {benchmark}" and examples[0]["ngram"] in QUESTION.lower().replace(
+        ",", ""
+    )
     assert {e["ngram"] for e in examples} >= {"unrelated item text"}  # a short item matches as a whole
 
 
 def test_short_benchmark_items_only_match_whole_prompts(tmp_path):
     benchmark = write_jsonl(tmp_path / "bench.jsonl", [{"answer": "Paris"}])
-    rows = [{"prompt": "What is the capital of France? Paris, of course."}, {"prompt": "paris"}] + [{"prompt": t} for t in filler(30)]
+    rows = [{"prompt": "What is the capital of France? Paris, of course."}, {"prompt": "paris"}] + [
+        {"prompt": t} for t in filler(30)
+    ]
     dataset, out = curated(tmp_path, rows, decontaminate={"benchmarks": [str(benchmark)]})
     assert dataset.counts["dropped_contaminated_benchmark"] == 1 and len(out) == 31
 
@@ -59,12 +68,16 @@ def test_training_prompts_sharing_an_ngram_with_the_eval_split_are_dropped(tmp_p
     train, _, counts = curate_frame(leaked_frame, config)
     assert counts["dropped_contaminated_eval"] == 1
     assert leak not in [m[0]["content"] for m in conversations(train)]
-    _, _, off = curate_frame(leaked_frame, config.model_copy(update={"decontaminate": DecontaminateConfig(eval_split=False)}))
+    _, _, off = curate_frame(
+        leaked_frame, config.model_copy(update={"decontaminate": DecontaminateConfig(eval_split=False)})
+    )
     assert "dropped_contaminated_eval" not in off
 
 
 def test_shared_boilerplate_is_not_a_leak():
-    boilerplate = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    boilerplate = (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    )
     rows = [(0, [f"{boilerplate} {text}"]) for text in filler(20, words=3)]
     strict = ReferenceNgrams.build(iter(rows), ["eval"], 13, ignore_common=None)
     lenient = ReferenceNgrams.build(iter(rows), ["eval"], 13, ignore_common=10)
@@ -74,7 +87,12 @@ def test_shared_boilerplate_is_not_a_leak():
 
 def test_a_missing_benchmark_file_fails_before_reading_data(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": t} for t in filler(10)])
-    config = CurateConfig(source=str(data), reference_column=None, decontaminate={"benchmarks": [str(tmp_path / "nope.jsonl")]})
-    with pytest.raises(InputError, match=r"curate.decontaminate.benchmarks\[0\]: benchmark file .*nope.jsonl' does not exist; check the path"):
+    config = CurateConfig(
+        source=str(data), reference_column=None, decontaminate={"benchmarks": [str(tmp_path / "nope.jsonl")]}
+    )
+    with pytest.raises(
+        InputError,
+        match=r"curate.decontaminate.benchmarks\[0\]: benchmark file .*nope.jsonl' does not exist; check the path",
+    ):
         curate(config, Store(tmp_path / "store"))
     assert not list((tmp_path / "store").glob("curate/*/manifest.json"))

@@ -4,9 +4,9 @@ import random
 
 import numpy as np
 from datasketch import MinHash
+from test_curation_formats import all_rows, conversations, curated, filler
 
 from stillhouse.data.dedup import MinHasher, first_occurrences, near_duplicates, shingles
-from test_curation_formats import all_rows, conversations, curated, filler
 
 
 def edited(text, rng, changes):
@@ -20,7 +20,9 @@ def test_injected_near_duplicates_are_found_and_distinct_prompts_kept(tmp_path):
     rng = random.Random(0)
     originals = filler(300, seed=5, words=30)
     copies = [edited(text, rng, rng.randint(1, 3)) for text in originals[:60]]
-    rows = [{"prompt": text, "group": str(i)} for i, text in enumerate(originals)] + [{"prompt": t, "group": str(i)} for i, t in enumerate(copies)]
+    rows = [{"prompt": text, "group": str(i)} for i, text in enumerate(originals)] + [
+        {"prompt": t, "group": str(i)} for i, t in enumerate(copies)
+    ]
     rng.shuffle(rows)
     dataset, out = curated(tmp_path, rows, category_column="group", filters={"near_duplicates": {"enabled": True}})
     survivors = out.groupby("category").size()
@@ -40,7 +42,11 @@ def test_near_duplicates_are_off_by_default_and_the_earliest_row_is_kept(tmp_pat
 
 def test_signatures_are_datasketch_minhashes_and_deterministic():
     hasher = MinHasher(num_perm=64, shingle_size=5)
-    texts = ["the quick brown fox jumps over the lazy dog", "the quick brown fox jumped over the lazy dog", "something else entirely"]
+    texts = [
+        "the quick brown fox jumps over the lazy dog",
+        "the quick brown fox jumped over the lazy dog",
+        "something else entirely",
+    ]
     signatures = hasher.signatures(texts)
     assert signatures.dtype == np.uint32 and signatures.shape == (3, 64)
     assert np.array_equal(signatures, MinHasher(num_perm=64, shingle_size=5).signatures(texts))

@@ -4,10 +4,10 @@ import json
 
 import pytest
 from pydantic import ValidationError
+from test_curation_formats import conversations, curated, filler, padded
 
 from stillhouse.config import CurateConfig
 from stillhouse.data.filters import TokenCounter, mask_pii, repeated_ngram_share
-from test_curation_formats import conversations, curated, filler, padded
 
 
 def report_of(tmp_path, dataset):
@@ -38,7 +38,9 @@ def test_teacher_token_bounds_use_the_teachers_tokenizer_and_chat_template(tmp_p
     dataset, out = curated(tmp_path, rows, filters={"length": bounds})
     assert dataset.counts["dropped_too_short_tokens"] == 1 and dataset.counts["dropped_too_long_tokens"] == 1
     assert len(out) == 30
-    assert (tmp_path / "store" / "curate" / dataset.fingerprint / "report" / "length_tokens.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "store" / "curate" / dataset.fingerprint / "report" / "length_tokens.png").read_bytes()[
+        :4
+    ] == b"\x89PNG"
 
 
 def test_the_tokenizer_is_only_loaded_when_a_token_bound_is_set(tmp_path, monkeypatch):
@@ -57,22 +59,42 @@ def test_repetition_filter(tmp_path):
 
 
 def test_exact_duplicates_are_found_after_normalizing_case_and_spacing(tmp_path):
-    rows = padded([{"prompt": "What is  the Capital of France?"}, {"prompt": "what is the capital of france?"},
-                   {"prompt": "What is the capital of France?\n"}])
+    rows = padded(
+        [
+            {"prompt": "What is  the Capital of France?"},
+            {"prompt": "what is the capital of france?"},
+            {"prompt": "What is the capital of France?\n"},
+        ]
+    )
     dataset, out = curated(tmp_path, rows)
     assert dataset.counts["dropped_duplicate"] == 2 and len(out) == 31
     example = report_of(tmp_path, dataset)["examples"]["dropped_duplicate"][0]
-    assert example["duplicate_of"] == "What is  the Capital of France?" and example["duplicate_of_where"].endswith("line 1")
+    assert example["duplicate_of"] == "What is  the Capital of France?" and example["duplicate_of_where"].endswith(
+        "line 1"
+    )
     _, kept = curated(tmp_path / "off", rows, filters={"exact_duplicates": False})
     assert len(kept) == 33
 
 
 def test_pii_masking_keeps_the_row_and_counts_it(tmp_path):
-    messages, changed = mask_pii([{"role": "user", "content": "Mail ann@example.com, call +1 (555) 123-4567, key sk-abcdefghijklmnopqrstuvwx12"}],
-                                 ["email", "phone", "api_key"])
+    messages, changed = mask_pii(
+        [
+            {
+                "role": "user",
+                "content": "Mail ann@example.com, call +1 (555) 123-4567, key sk-abcdefghijklmnopqrstuvwx12",
+            }
+        ],
+        ["email", "phone", "api_key"],
+    )
     assert changed and messages[0]["content"] == "Mail <EMAIL>, call <PHONE>, key <API_KEY>"
-    assert mask_pii([{"role": "user", "content": "sort numbers: 52 17 88"}], ["phone"]) == ([{"role": "user", "content": "sort numbers: 52 17 88"}], False)
-    assert mask_pii([{"role": "user", "content": 'api_key = "0123456789abcdefXYZ"'}], ["api_key"])[0][0]["content"] == 'api_key = "<API_KEY>"'
+    assert mask_pii([{"role": "user", "content": "sort numbers: 52 17 88"}], ["phone"]) == (
+        [{"role": "user", "content": "sort numbers: 52 17 88"}],
+        False,
+    )
+    assert (
+        mask_pii([{"role": "user", "content": 'api_key = "0123456789abcdefXYZ"'}], ["api_key"])[0][0]["content"]
+        == 'api_key = "<API_KEY>"'
+    )
     rows = padded([{"prompt": "Contact bob@corp.io about GHP token ghp_abcdefghijklmnopqrstuvwxyz0123456789"}])
     dataset, out = curated(tmp_path, rows, filters={"mask_pii": ["email", "api_key"]})
     assert dataset.counts["masked_pii"] == 1 and len(out) == 31
@@ -95,4 +117,8 @@ def test_filter_config_is_validated():
 def test_unconfigured_filters_are_not_counted(tmp_path):
     dataset, _ = curated(tmp_path, [{"prompt": t} for t in filler(20)])
     assert {k for k in dataset.counts if k.startswith(("dropped", "skipped", "masked"))} == {
-        "skipped_malformed", "dropped_empty", "dropped_duplicate", "dropped_contaminated_eval"}
+        "skipped_malformed",
+        "dropped_empty",
+        "dropped_duplicate",
+        "dropped_contaminated_eval",
+    }

@@ -25,7 +25,10 @@ def write_jsonl(path, rows):
 def filler(count, seed=0, words=12):
     """Distinct prompts of random pseudo-words: no two are near duplicates or share an n-gram."""
     rng = random.Random(seed)
-    return [" ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(4, 8))) for _ in range(words)) for _ in range(count)]
+    return [
+        " ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(4, 8))) for _ in range(words))
+        for _ in range(count)
+    ]
 
 
 def all_rows(dataset):
@@ -36,7 +39,9 @@ def curated(tmp_path, rows, name="data.jsonl", **settings):
     """Curate ``rows`` written as JSONL (no reference column unless given); returns (DatasetRef, all output rows)."""
     settings.setdefault("reference_column", None)
     settings.setdefault("eval_fraction", 0.3)
-    dataset = curate(CurateConfig(source=str(write_jsonl(tmp_path / name, rows)), **settings), Store(tmp_path / "store"))
+    dataset = curate(
+        CurateConfig(source=str(write_jsonl(tmp_path / name, rows)), **settings), Store(tmp_path / "store")
+    )
     return dataset, all_rows(dataset)
 
 
@@ -49,8 +54,13 @@ def padded(rows, count=30):
 
 
 def test_openai_messages_keep_every_turn_and_cut_the_final_answer(tmp_path):
-    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-            {"role": "user", "content": "Sort: cba"}, {"role": "assistant", "content": "abc"}]
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Sort: cba"},
+        {"role": "assistant", "content": "abc"},
+    ]
     rows = [{"messages": chat, "id": 1}] + [{"messages": [{"role": "user", "content": t}], "id": 2} for t in filler(30)]
     dataset, out = curated(tmp_path, rows)
     assert dataset.counts["rows_in"] == 31 and dataset.counts["rows_out.data"] == 31
@@ -60,17 +70,37 @@ def test_openai_messages_keep_every_turn_and_cut_the_final_answer(tmp_path):
 
 
 def test_sharegpt_conversations_map_speakers_to_roles(tmp_path):
-    rows = [{"conversations": [{"from": "system", "value": "sys"}, {"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"},
-                               {"from": "human", "value": "q2"}]}]
+    rows = [
+        {
+            "conversations": [
+                {"from": "system", "value": "sys"},
+                {"from": "human", "value": "q1"},
+                {"from": "gpt", "value": "a1"},
+                {"from": "human", "value": "q2"},
+            ]
+        }
+    ]
     rows += [{"conversations": [{"from": "human", "value": t}, {"from": "gpt", "value": "x"}]} for t in filler(30)]
     dataset, out = curated(tmp_path, rows)
-    assert [{"role": "system", "content": "sys"}, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-            {"role": "user", "content": "q2"}] in conversations(out)
-    assert json.loads((tmp_path / "store" / "curate" / dataset.fingerprint / "report" / "report.json").read_text())["sources"]["data"]["format"] == "sharegpt"
+    assert [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+    ] in conversations(out)
+    assert (
+        json.loads((tmp_path / "store" / "curate" / dataset.fingerprint / "report" / "report.json").read_text())[
+            "sources"
+        ]["data"]["format"]
+        == "sharegpt"
+    )
 
 
 def test_alpaca_joins_instruction_and_input_and_can_use_output_as_reference(tmp_path):
-    rows = [{"instruction": "Translate to French", "input": "cat", "output": "chat"}, {"instruction": "Name a color", "input": "", "output": "red"}]
+    rows = [
+        {"instruction": "Translate to French", "input": "cat", "output": "chat"},
+        {"instruction": "Name a color", "input": "", "output": "red"},
+    ]
     rows += [{"instruction": t, "input": "", "output": "o"} for t in filler(30)]
     _, out = curated(tmp_path, rows, reference_column="output")
     by_prompt = {m[-1]["content"]: ref for m, ref in zip(conversations(out), out["reference"])}
@@ -78,21 +108,41 @@ def test_alpaca_joins_instruction_and_input_and_can_use_output_as_reference(tmp_
 
 
 def test_explicit_columns_with_a_system_column_from_csv(tmp_path):
-    frame = pd.DataFrame({"question": ["What is 2+2?"] + filler(30), "persona": ["You are terse."] + [""] * 30,
-                          "answer": ["4"] + ["x"] * 30, "topic": ["math"] + ["misc"] * 30})
+    frame = pd.DataFrame(
+        {
+            "question": ["What is 2+2?"] + filler(30),
+            "persona": ["You are terse."] + [""] * 30,
+            "answer": ["4"] + ["x"] * 30,
+            "topic": ["math"] + ["misc"] * 30,
+        }
+    )
     path = tmp_path / "qa.csv"
     frame.to_csv(path, index=False)
-    config = CurateConfig(source=str(path), format="columns", prompt_column="question", system_column="persona",
-                          reference_column="answer", category_column="topic", eval_fraction=0.3)
+    config = CurateConfig(
+        source=str(path),
+        format="columns",
+        prompt_column="question",
+        system_column="persona",
+        reference_column="answer",
+        category_column="topic",
+        eval_fraction=0.3,
+    )
     out = all_rows(curate(config, Store(tmp_path / "store")))
     row = out[out["category"] == "math"].iloc[0]
-    assert json.loads(row["messages"]) == [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+2?"}]
+    assert json.loads(row["messages"]) == [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "What is 2+2?"},
+    ]
     assert row["reference"] == "4" and row["source"] == "qa"
-    assert all(len(m) == 1 for m in conversations(out[out["category"] == "misc"]))  # an empty system cell adds no message
+    assert all(
+        len(m) == 1 for m in conversations(out[out["category"] == "misc"])
+    )  # an empty system cell adds no message
 
 
 def test_parquet_with_message_lists_and_format_auto_prefers_prompt_column(tmp_path):
-    frame = pd.DataFrame({"prompt": [[{"role": "user", "content": t}] for t in filler(30)], "messages": ["ignored"] * 30})
+    frame = pd.DataFrame(
+        {"prompt": [[{"role": "user", "content": t}] for t in filler(30)], "messages": ["ignored"] * 30}
+    )
     path = tmp_path / "chat.parquet"
     frame.to_parquet(path)
     out = all_rows(curate(CurateConfig(source=str(path), reference_column=None), Store(tmp_path / "store")))
@@ -103,10 +153,12 @@ def test_datasets_dict_folder_reads_the_configured_split(tmp_path):
     import datasets
 
     folder = tmp_path / "dd"
-    datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"prompt": filler(30, seed=1)}),
-        "test": datasets.Dataset.from_dict({"prompt": filler(20, seed=2)}),
-    }).save_to_disk(str(folder))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"prompt": filler(30, seed=1)}),
+            "test": datasets.Dataset.from_dict({"prompt": filler(20, seed=2)}),
+        }
+    ).save_to_disk(str(folder))
     dataset = curate(CurateConfig(source=str(folder), split="test", reference_column=None), Store(tmp_path / "store"))
     assert dataset.counts["rows_in"] == 20
     with pytest.raises(Exception, match=r"curate.split: .* has splits \['train', 'test'\], not 'validation'"):
@@ -124,7 +176,9 @@ def test_a_streamed_hub_dataset_is_read_in_batches(tmp_path, monkeypatch):
         return datasets.Dataset.from_dict({"prompt": filler(250, seed=3)}).to_iterable_dataset()
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    config = CurateConfig(source="someone/prompts", split="train_sft", streaming=True, reference_column=None, batch_rows=100)
+    config = CurateConfig(
+        source="someone/prompts", split="train_sft", streaming=True, reference_column=None, batch_rows=100
+    )
     dataset = curate(config, Store(tmp_path / "store"))
     assert calls == {"name": "someone/prompts", "split": "train_sft", "streaming": True}
     assert dataset.counts["rows_in"] == 250 and dataset.counts["rows_out.someone/prompts"] == 250

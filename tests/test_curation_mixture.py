@@ -4,28 +4,38 @@ import random
 
 import pytest
 from pydantic import ValidationError
+from test_curation_formats import all_rows, filler, write_jsonl
 
 from stillhouse.config import CurateConfig, load_config
 from stillhouse.data.curate import curate
 from stillhouse.errors import InputError
 from stillhouse.store import Store
-from test_curation_formats import all_rows, filler, write_jsonl
 
 
 @pytest.fixture
 def three_sources(tmp_path):
-    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": t}]} for t in filler(900, seed=1)])
-    code = write_jsonl(tmp_path / "code.jsonl", [{"instruction": t, "input": "", "output": "x"} for t in filler(600, seed=2)])
-    math = write_jsonl(tmp_path / "math.jsonl", [{"prompt": t, "answer": str(i)} for i, t in enumerate(filler(400, seed=3))])
+    chat = write_jsonl(
+        tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": t}]} for t in filler(900, seed=1)]
+    )
+    code = write_jsonl(
+        tmp_path / "code.jsonl", [{"instruction": t, "input": "", "output": "x"} for t in filler(600, seed=2)]
+    )
+    math = write_jsonl(
+        tmp_path / "math.jsonl", [{"prompt": t, "answer": str(i)} for i, t in enumerate(filler(400, seed=3))]
+    )
     return chat, code, math
 
 
 def mixture(chat, code, math, seed=0, **math_settings):
-    return CurateConfig(mixture_seed=seed, eval_fraction=0.1, sources=[
-        {"source": str(chat), "weight": 0.5},
-        {"source": str(code), "weight": 0.3, "name": "coding"},
-        {"source": str(math), "weight": 0.2, "reference_column": "answer", **math_settings},
-    ])
+    return CurateConfig(
+        mixture_seed=seed,
+        eval_fraction=0.1,
+        sources=[
+            {"source": str(chat), "weight": 0.5},
+            {"source": str(code), "weight": 0.3, "name": "coding"},
+            {"source": str(math), "weight": 0.2, "reference_column": "answer", **math_settings},
+        ],
+    )
 
 
 def test_proportions_follow_the_weights_and_every_row_names_its_source(tmp_path, three_sources):
@@ -36,15 +46,25 @@ def test_proportions_follow_the_weights_and_every_row_names_its_source(tmp_path,
     assert len(out) == 1800 - dataset.counts["dropped_contaminated_eval"]
     assert shares["chat"] == pytest.approx(0.5, abs=0.01) and shares["coding"] == pytest.approx(0.3, abs=0.01)
     assert shares["math"] == pytest.approx(0.2, abs=0.01)
-    assert out.loc[out["source"] == "math", "reference"].notna().all() and out.loc[out["source"] == "chat", "reference"].isna().all()
-    assert dataset.counts["rows_in.coding"] == 600 and dataset.counts["rows_out.coding"] == (out["source"] == "coding").sum()
+    assert (
+        out.loc[out["source"] == "math", "reference"].notna().all()
+        and out.loc[out["source"] == "chat", "reference"].isna().all()
+    )
+    assert (
+        dataset.counts["rows_in.coding"] == 600
+        and dataset.counts["rows_out.coding"] == (out["source"] == "coding").sum()
+    )
     assert dataset.counts["dropped_mixture"] == 1900 - 1800
 
 
 def test_caps_bound_a_source_and_shrink_the_total(tmp_path, three_sources):
     out = all_rows(curate(mixture(*three_sources, max_rows=100), Store(tmp_path / "store")))
     counts = out["source"].value_counts()
-    assert counts["math"] <= 100 and counts["chat"] == pytest.approx(250, abs=3) and counts["coding"] == pytest.approx(150, abs=3)
+    assert (
+        counts["math"] <= 100
+        and counts["chat"] == pytest.approx(250, abs=3)
+        and counts["coding"] == pytest.approx(150, abs=3)
+    )
 
 
 def test_draws_depend_on_the_seed_not_on_row_order(tmp_path, three_sources):
@@ -79,7 +99,9 @@ def test_mixture_config_rules(tmp_path, three_sources):
     with pytest.raises(InputError, match=r"curate.sources\[1\].name: two sources are named 'chat'"):
         curate(CurateConfig(sources=[{"source": str(chat)}, {"source": str(code), "name": "chat"}]), Store(tmp_path))
     with pytest.raises(InputError, match=r"curate.sources\[1\].source: dataset file .*missing.jsonl' does not exist"):
-        curate(CurateConfig(sources=[{"source": str(chat)}, {"source": str(tmp_path / "missing.jsonl")}]), Store(tmp_path))
+        curate(
+            CurateConfig(sources=[{"source": str(chat)}, {"source": str(tmp_path / "missing.jsonl")}]), Store(tmp_path)
+        )
 
 
 def test_a_yaml_mixture_loads(tmp_path, three_sources):
@@ -98,4 +120,7 @@ train: {{architecture: {{hidden_size: 16, num_layers: 1, intermediate_size: 32, 
 registry: {{model_name: m}}
 """)
     config = load_config(path)
-    assert [s.weight for s in config.curate.source_list()] == [2, 1] and config.curate.filters.near_duplicates.threshold == 0.8
+    assert [s.weight for s in config.curate.source_list()] == [
+        2,
+        1,
+    ] and config.curate.filters.near_duplicates.threshold == 0.8

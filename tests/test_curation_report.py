@@ -5,19 +5,23 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from test_curation_formats import filler, write_jsonl
 
-from stillhouse.registry.datasets import log_curated_dataset
-from stillhouse.registry.tracking import TrackingContext, ensure_experiment
 from stillhouse.config import CurateConfig, parse_config
 from stillhouse.data.curate import curate
+from stillhouse.registry.datasets import log_curated_dataset
+from stillhouse.registry.tracking import TrackingContext, ensure_experiment
 from stillhouse.store import Store
-from test_curation_formats import filler, write_jsonl
 
 
 @pytest.fixture
 def dataset(tmp_path):
     rows = [{"prompt": t} for t in filler(60)] + [{"prompt": filler(1)[0]}, {"prompt": ""}, {"prompt": "x" * 400}]
-    config = CurateConfig(source=str(write_jsonl(tmp_path / "p.jsonl", rows)), reference_column=None, filters={"length": {"max_chars": 300}})
+    config = CurateConfig(
+        source=str(write_jsonl(tmp_path / "p.jsonl", rows)),
+        reference_column=None,
+        filters={"length": {"max_chars": 300}},
+    )
     return curate(config, Store(tmp_path / "store"))
 
 
@@ -29,14 +33,19 @@ def test_report_has_counts_sources_histograms_and_examples(dataset):
     assert set(report["examples"]) == {"dropped_duplicate", "dropped_empty", "dropped_too_long_chars"}
     assert (folder / "length_chars.png").read_bytes()[:4] == b"\x89PNG"
     markdown = (folder / "report.md").read_text()
-    assert "exact duplicate (normalized text) (`dropped_duplicate`) | 1 |" in markdown and "### Removed: more characters than max_chars" in markdown
+    assert (
+        "exact duplicate (normalized text) (`dropped_duplicate`) | 1 |" in markdown
+        and "### Removed: more characters than max_chars" in markdown
+    )
     manifest = json.loads((Path(dataset.path) / "manifest.json").read_text())
     assert "report/length_chars.png" in manifest["report"] and manifest["columns"][-1] == "source"
     assert not (Path(dataset.path) / ".work").exists()
 
 
 def test_a_rerun_reuses_the_versioned_output(tmp_path, dataset):
-    config = CurateConfig(source=str(tmp_path / "p.jsonl"), reference_column=None, filters={"length": {"max_chars": 300}})
+    config = CurateConfig(
+        source=str(tmp_path / "p.jsonl"), reference_column=None, filters={"length": {"max_chars": 300}}
+    )
     again = curate(config, Store(tmp_path / "store"))
     assert again.cached and again.fingerprint == dataset.fingerprint
     changed = curate(config.model_copy(update={"split_salt": "other"}), Store(tmp_path / "store"))
@@ -48,7 +57,12 @@ def test_the_dataset_is_logged_to_mlflow_as_inputs_with_its_digest_and_report(tm
     experiment_id = ensure_experiment("tests", uri)
     client = MlflowClient(uri)
     run_id = client.create_run(experiment_id).info.run_id
-    log_curated_dataset(TrackingContext(tracking_uri=uri, experiment_id=experiment_id, parent_run_id=run_id), run_id, dataset, name="tiny")
+    log_curated_dataset(
+        TrackingContext(tracking_uri=uri, experiment_id=experiment_id, parent_run_id=run_id),
+        run_id,
+        dataset,
+        name="tiny",
+    )
     inputs = client.get_run(run_id).inputs.dataset_inputs
     by_name = {i.dataset.name: i for i in inputs}
     assert set(by_name) == {"tiny-train", "tiny-eval"}
@@ -83,5 +97,9 @@ def test_the_curate_task_logs_the_dataset_and_the_report(prefect_harness, pipeli
 def test_progress_is_reported_from_zero_to_one(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": t} for t in filler(450)])
     fractions = []
-    curate(CurateConfig(source=str(path), reference_column=None, batch_rows=100), Store(tmp_path / "store"), progress=fractions.append)
+    curate(
+        CurateConfig(source=str(path), reference_column=None, batch_rows=100),
+        Store(tmp_path / "store"),
+        progress=fractions.append,
+    )
     assert len(fractions) >= 6 and fractions == sorted(fractions) and fractions[-1] == 1.0 and 0 < fractions[0] < 0.5

@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from servers import background, free_port, prefect_env, prefect_server
 
 pytestmark = pytest.mark.integration
@@ -36,7 +35,14 @@ def stillhouse_deploy(arguments: list[str], api_url: str | None, home: Path) -> 
     env = prefect_env(home, api_url)
     if api_url is None:
         env.pop("PREFECT_API_URL", None)
-    return subprocess.run([sys.executable, "-m", "stillhouse.flows.cli", "deploy", *arguments], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "stillhouse.flows.cli", "deploy", *arguments],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
 
 
 def server_state(api_url: str) -> dict[str, list[str]]:
@@ -55,12 +61,18 @@ def with_bad_cron(tmp_path) -> Path:
     path = tmp_path / "prefect.yaml"
     path.write_text(yaml.safe_dump(content))
     (tmp_path / "infra" / "k8s").mkdir(parents=True)
-    (tmp_path / "infra" / "k8s" / "gpu-job-template.json").write_text((REPO / "infra/k8s/gpu-job-template.json").read_text())
+    (tmp_path / "infra" / "k8s" / "gpu-job-template.json").write_text(
+        (REPO / "infra/k8s/gpu-job-template.json").read_text()
+    )
     return path
 
 
-@pytest.mark.parametrize("case", ["no api url", "api not answering", "bad cron", "missing pool", "mlflow not answering"])
-def test_bad_input_is_refused_with_a_clear_message_before_anything_is_registered(case, prefect_api, config_file, tmp_path):
+@pytest.mark.parametrize(
+    "case", ["no api url", "api not answering", "bad cron", "missing pool", "mlflow not answering"]
+)
+def test_bad_input_is_refused_with_a_clear_message_before_anything_is_registered(
+    case, prefect_api, config_file, tmp_path
+):
     api_url, arguments = prefect_api, ["--config", str(config_file)]
     expected = {
         "no api url": "no Prefect API to register deployments with: PREFECT_API_URL is not set",
@@ -87,25 +99,40 @@ def test_bad_input_is_refused_with_a_clear_message_before_anything_is_registered
     assert server_state(prefect_api) == before, "nothing was registered"
 
 
-def test_deploy_registers_every_deployment_with_active_schedules_pools_and_the_gpu_limit(prefect_api, config_file, tmp_path):
+def test_deploy_registers_every_deployment_with_active_schedules_pools_and_the_gpu_limit(
+    prefect_api, config_file, tmp_path
+):
     for _ in range(2):  # a second deploy updates in place: no duplicate schedules
-        completed = stillhouse_deploy(["--config", str(config_file), "--gpu-limit", "2"], prefect_api, tmp_path / "home")
+        completed = stillhouse_deploy(
+            ["--config", str(config_file), "--gpu-limit", "2"], prefect_api, tmp_path / "home"
+        )
         assert completed.returncode == 0, completed.stderr[-3000:]
     assert "stillhouse-pipeline/nightly" in completed.stdout
     state = server_state(prefect_api)
-    assert {"nightly", "weekly-champion", "curate", "sample", "train", "evaluate", "register", "publish"} <= set(state["deployments"])
+    assert {"nightly", "weekly-champion", "curate", "sample", "train", "evaluate", "register", "publish"} <= set(
+        state["deployments"]
+    )
     assert {"local", "gpu"} <= set(state["pools"]) and "gpu" in state["limits"]
     with httpx.Client(base_url=prefect_api, timeout=10) as client:
         deployments = {d["name"]: d for d in client.post("/deployments/filter", json={}).json()}
         gpu_pool = client.get("/work_pools/gpu").json()
         limit = client.get("/v2/concurrency_limits/gpu").json()
     nightly = deployments["nightly"]
-    assert [(s["schedule"]["cron"], s["active"]) for s in nightly["schedules"]] == [("0 2 * * *", True)] and not nightly["paused"]
-    assert [(s["schedule"]["cron"], s["active"]) for s in deployments["weekly-champion"]["schedules"]] == [("0 6 * * 1", True)]
-    assert nightly["parameters"] == {"config": str(config_file), "overrides": []} and nightly["work_pool_name"] == "local"
+    assert [(s["schedule"]["cron"], s["active"]) for s in nightly["schedules"]] == [
+        ("0 2 * * *", True)
+    ] and not nightly["paused"]
+    assert [(s["schedule"]["cron"], s["active"]) for s in deployments["weekly-champion"]["schedules"]] == [
+        ("0 6 * * 1", True)
+    ]
+    assert (
+        nightly["parameters"] == {"config": str(config_file), "overrides": []} and nightly["work_pool_name"] == "local"
+    )
     assert nightly["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
     assert deployments["train"]["work_pool_name"] == "gpu"
-    assert deployments["train"]["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == "/opt/stillhouse"
+    assert (
+        deployments["train"]["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"]
+        == "/opt/stillhouse"
+    )
     assert gpu_pool["type"] == "kubernetes" and limit["limit"] == 2
     manifest = json.dumps(gpu_pool["base_job_template"]["job_configuration"]["job_manifest"])
     assert '"nvidia.com/gpu": "{{ gpus }}"' in manifest
@@ -113,12 +140,22 @@ def test_deploy_registers_every_deployment_with_active_schedules_pools_and_the_g
 
 def test_serve_schedules_the_pipeline_in_its_own_process_and_refuses_a_bad_cron(prefect_api, config_file, tmp_path):
     env = prefect_env(tmp_path / "home", prefect_api)
-    refused = subprocess.run([sys.executable, "-m", "stillhouse.flows.cli", "serve", str(config_file), "--cron", "every night"],
-                             capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    refused = subprocess.run(
+        [sys.executable, "-m", "stillhouse.flows.cli", "serve", str(config_file), "--cron", "every night"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     assert refused.returncode == 2 and "--cron 'every night': Invalid cron string" in refused.stderr, refused.stderr
 
-    with background([sys.executable, "-m", "stillhouse.flows.cli", "serve", str(config_file), "--cron", "30 3 * * *"], tmp_path / "serve.log",
-                    env, cwd=REPO) as serving:
+    with background(
+        [sys.executable, "-m", "stillhouse.flows.cli", "serve", str(config_file), "--cron", "30 3 * * *"],
+        tmp_path / "serve.log",
+        env,
+        cwd=REPO,
+    ) as serving:
         deadline = time.monotonic() + 120
         while True:
             with httpx.Client(base_url=prefect_api, timeout=10) as client:

@@ -16,15 +16,24 @@ def test_the_champion_is_found_by_alias_and_re_evaluated_in_its_own_run(prefect_
 
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(pipeline_raw))
-    with pytest.raises(StillhouseError, match=r"no version of registered model 'tiny-student' holds the alias @champion"):
+    with pytest.raises(
+        StillhouseError, match=r"no version of registered model 'tiny-student' holds the alias @champion"
+    ):
         evaluate_champion(str(config_path))
 
     trained = distill(parse_config(pipeline_raw), until="register")
     assert trained.verdict.passed, trained.verdict.failures
     report = evaluate_champion(str(config_path))
-    assert report.metrics == trained.report.metrics  # same weights, same eval split: the evaluation is reused from the store
+    assert (
+        report.metrics == trained.report.metrics
+    )  # same weights, same eval split: the evaluation is reused from the store
 
     client = MlflowClient(pipeline_raw["tracking"]["uri"])
-    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id], filter_string="tags.`stillhouse.champion_version` = '1'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("tests").experiment_id], filter_string="tags.`stillhouse.champion_version` = '1'"
+    )
     (run,) = runs
-    assert run.info.status == "FINISHED" and run.data.metrics["student_perplexity"] == trained.report.metrics["student_perplexity"]
+    assert (
+        run.info.status == "FINISHED"
+        and run.data.metrics["student_perplexity"] == trained.report.metrics["student_perplexity"]
+    )

@@ -3,29 +3,34 @@
 import shutil
 import uuid
 
-import pytest
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun
 from prefect.states import Crashed
 
+from stillhouse.config import parse_config
 from stillhouse.flows.hooks import ERROR_TAG, mark_mlflow_run_crashed
 from stillhouse.registry.tracking import start_pipeline_run
-from stillhouse.config import parse_config
 
 
-def test_a_failed_run_is_failed_in_mlflow_with_its_message_and_the_prefect_run_links_to_it(prefect_harness, pipeline_raw, tiny_teacher, tmp_path):
+def test_a_failed_run_is_failed_in_mlflow_with_its_message_and_the_prefect_run_links_to_it(
+    prefect_harness, pipeline_raw, tiny_teacher, tmp_path
+):
     from stillhouse.flows.distill import distill
 
     broken = shutil.copytree(tiny_teacher, tmp_path / "broken-teacher")
-    (broken / "model.safetensors").write_bytes(b"not a safetensors file")  # config and tokenizer pass the checks; loading fails
+    (broken / "model.safetensors").write_bytes(
+        b"not a safetensors file"
+    )  # config and tokenizer pass the checks; loading fails
     pipeline_raw["sample"]["teacher"] = str(broken)
     state = distill(parse_config(pipeline_raw), until="sample", return_state=True)
     assert state.is_failed()
 
     client = MlflowClient(pipeline_raw["tracking"]["uri"])
-    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id], filter_string="tags.`stillhouse.pipeline` = 'tiny'")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("tests").experiment_id], filter_string="tags.`stillhouse.pipeline` = 'tiny'"
+    )
     assert run.info.status == "FAILED"
     assert run.data.tags["stillhouse.error_type"] == "SafetensorError"
     assert run.data.tags[ERROR_TAG].startswith("SafetensorError: Error while deserializing header")
@@ -33,7 +38,9 @@ def test_a_failed_run_is_failed_in_mlflow_with_its_message_and_the_prefect_run_l
     assert flow_run_id == str(state.state_details.flow_run_id)
 
     with get_client(sync_client=True) as prefect:
-        artifacts = prefect.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(flow_run_id)])))
+        artifacts = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(flow_run_id)]))
+        )
     (link,) = [artifact for artifact in artifacts if artifact.key == "mlflow-run"]
     assert run.info.run_id in link.data
 

@@ -39,7 +39,11 @@ def test_compose_has_every_service_with_a_health_check_and_the_ports_users_open(
         check = services[name]["healthcheck"]
         assert check["test"][0] in ("CMD", "CMD-SHELL") and len(check["test"]) > 1 and check["retries"] > 0, name
     published = {name: [port.split(":")[-1] for port in service.get("ports", [])] for name, service in services.items()}
-    assert published["prefect-server"] == ["4200"] and published["mlflow"] == ["5000"] and published["minio"] == ["9000", "9001"]
+    assert (
+        published["prefect-server"] == ["4200"]
+        and published["mlflow"] == ["5000"]
+        and published["minio"] == ["9000", "9001"]
+    )
     assert "ports" not in services["postgres"], "the database is reachable only inside the stack"
 
 
@@ -50,7 +54,9 @@ def test_compose_services_start_in_order_of_health(compose):
     assert dependencies["mlflow"]["postgres"]["condition"] == "service_healthy"
     assert dependencies["mlflow"]["minio-init"]["condition"] == "service_completed_successfully"
     assert {dependency: rule["condition"] for dependency, rule in dependencies["worker"].items()} == {
-        "prefect-server": "service_healthy", "mlflow": "service_healthy"}
+        "prefect-server": "service_healthy",
+        "mlflow": "service_healthy",
+    }
     for name, needs in dependencies.items():
         assert set(needs) <= set(services), f"{name} depends on a service that doesn't exist"
 
@@ -62,8 +68,13 @@ def test_mlflow_uses_postgres_and_s3_and_the_worker_reaches_every_server(compose
     assert "--artifacts-destination s3://" in command and "--serve-artifacts" in command
     assert environment(services["mlflow"])["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     worker = environment(services["worker"])
-    assert worker["PREFECT_API_URL"] == "http://prefect-server:4200/api" and worker["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert worker["AWS_ENDPOINT_URL"] == "http://minio:9000" and {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(worker)
+    assert (
+        worker["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+        and worker["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    )
+    assert worker["AWS_ENDPOINT_URL"] == "http://minio:9000" and {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(
+        worker
+    )
     assert "postgresql+asyncpg://" in environment(services["prefect-server"])["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert "--pool local" in services["worker"]["command"]
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
@@ -103,10 +114,16 @@ def test_the_kubernetes_template_requests_gpus_on_gpu_nodes_and_declares_every_v
     template = json.loads((INFRA / "k8s" / "gpu-job-template.json").read_text())
     pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["resources"]["requests"]["nvidia.com/gpu"] == "{{ gpus }}" == container["resources"]["limits"]["nvidia.com/gpu"]
+    assert (
+        container["resources"]["requests"]["nvidia.com/gpu"]
+        == "{{ gpus }}"
+        == container["resources"]["limits"]["nvidia.com/gpu"]
+    )
     assert pod["nodeSelector"] == "{{ node_selector }}" and container["image"] == "{{ image }}"
     variables = template["variables"]["properties"]
-    assert variables["gpus"]["default"] >= 1 and variables["node_selector"]["default"] == {"nvidia.com/gpu.present": "true"}
+    assert variables["gpus"]["default"] >= 1 and variables["node_selector"]["default"] == {
+        "nvidia.com/gpu.present": "true"
+    }
     placeholders = set(re.findall(r"\{\{ (\w+) \}\}", json.dumps(template["job_configuration"])))
     assert placeholders <= set(variables), f"undeclared: {placeholders - set(variables)}"
 
@@ -117,7 +134,16 @@ def test_prefect_yaml_deployments_point_at_flows_with_valid_schedules():
     deployments, pools = deploy.read_prefect_file()
     assert {"local", "gpu"} == set(pools) and pools["local"].type == "process" and pools["gpu"].type == "kubernetes"
     entrypoints = {d.entrypoint.split(":")[1] for d in deployments}
-    assert {"pipeline", "curate", "sample", "train", "evaluate", "evaluate_champion", "register", "publish"} == entrypoints
+    assert {
+        "pipeline",
+        "curate",
+        "sample",
+        "train",
+        "evaluate",
+        "evaluate_champion",
+        "register",
+        "publish",
+    } == entrypoints
     for deployment in deployments:
         flow = getattr(stages, deployment.entrypoint.split(":")[1])
         assert flow.name.startswith("stillhouse-") and deployment.parameters["config"] == "configs/demo.yaml"

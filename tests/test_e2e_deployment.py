@@ -19,9 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
-
 from conftest import tiny_pipeline_raw
+from mlflow.tracking import MlflowClient
 from servers import BIN, background, mlflow_server, prefect_env, prefect_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -43,14 +42,18 @@ class DeployedRun:
 def tiny_config(folder: Path, teacher: Path, prompts: Path, mlflow_url: str) -> dict:
     config = tiny_pipeline_raw(folder, teacher, prompts)
     config["train"]["max_steps"] = 4
-    config.update(name="e2e-tiny", tracking={"uri": mlflow_url, "experiment": "e2e"}, registry={"model_name": "e2e-student"})
+    config.update(
+        name="e2e-tiny", tracking={"uri": mlflow_url, "experiment": "e2e"}, registry={"model_name": "e2e-student"}
+    )
     return config
 
 
 def run(command: list[str], env: dict, log: Path, timeout: int) -> subprocess.CompletedProcess:
     completed = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     log.write_text(completed.stdout + completed.stderr)
-    assert completed.returncode == 0, f"{' '.join(command[:4])} failed:\n{(completed.stdout + completed.stderr)[-4000:]}"
+    assert completed.returncode == 0, (
+        f"{' '.join(command[:4])} failed:\n{(completed.stdout + completed.stderr)[-4000:]}"
+    )
     return completed
 
 
@@ -63,16 +66,35 @@ def deployed_run(tmp_path_factory, tiny_teacher, prompts_jsonl):
         config = tiny_config(folder, tiny_teacher, prompts_jsonl, mlflow_url)
         config_path = folder / "e2e-tiny.yaml"
         config_path.write_text(yaml.safe_dump(config))
-        env = {**prefect_env(folder / "prefect-home", prefect_api), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-               "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_DISABLE_TELEMETRY": "1", "STILLHOUSE_STORE_CACHE": str(folder / "cache")}
+        env = {
+            **prefect_env(folder / "prefect-home", prefect_api),
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "STILLHOUSE_STORE_CACHE": str(folder / "cache"),
+        }
 
-        run([str(BIN / "stillhouse"), "deploy", "--config", str(config_path), "--pool", "local"], env, folder / "deploy.log", 300)
+        run(
+            [str(BIN / "stillhouse"), "deploy", "--config", str(config_path), "--pool", "local"],
+            env,
+            folder / "deploy.log",
+            300,
+        )
         api = stack.enter_context(httpx.Client(base_url=prefect_api, timeout=30))
         deployment = api.get("/deployments/name/stillhouse-pipeline/nightly").json()
-        flow_run = api.post(f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": {"until": "register"}}).json()
+        flow_run = api.post(
+            f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": {"until": "register"}}
+        ).json()
 
-        worker = stack.enter_context(background([str(BIN / "prefect"), "worker", "start", "--pool", "local", "--run-once"],
-                                                folder / "worker.log", env, cwd=REPO))
+        worker = stack.enter_context(
+            background(
+                [str(BIN / "prefect"), "worker", "start", "--pool", "local", "--run-once"],
+                folder / "worker.log",
+                env,
+                cwd=REPO,
+            )
+        )
         try:
             worker.wait(timeout=420)
         except subprocess.TimeoutExpired:
@@ -96,13 +118,19 @@ def test_deploy_registers_active_schedules_and_a_triggered_run_completes_on_a_wo
     parents = client.search_runs([experiment.experiment_id], filter_string="tags.`stillhouse.pipeline` = 'e2e-tiny'")
     (parent,) = parents
     assert parent.info.status == "FINISHED"
-    stage_runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert {"curate", "sample", "train", "evaluate", "register"} <= {r.data.tags["stillhouse.stage"] for r in stage_runs}
+    stage_runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert {"curate", "sample", "train", "evaluate", "register"} <= {
+        r.data.tags["stillhouse.stage"] for r in stage_runs
+    }
     assert parent.data.metrics["student_perplexity"] > 1
     assert parent.data.tags["prefect.flow_run_id"] in {run.flow_run_id, *(f["id"] for f in _subflow_runs(run))}
     (version,) = client.search_model_versions("name = 'e2e-student'")
     assert client.get_model_version_by_alias("e2e-student", "candidate").version == version.version
-    assert any(a["key"] == "mlflow-run" and parent.info.run_id in a["data"] for a in artifacts), "the Prefect run links to its MLflow run"
+    assert any(a["key"] == "mlflow-run" and parent.info.run_id in a["data"] for a in artifacts), (
+        "the Prefect run links to its MLflow run"
+    )
 
 
 def _subflow_runs(run: DeployedRun) -> list[dict]:
@@ -120,9 +148,19 @@ def test_the_mlflow_and_prefect_uis_show_the_run_in_a_headless_browser(deployed_
     ARTIFACTS.mkdir(exist_ok=True)
     ui_base = run.prefect_api.removesuffix("/api")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{run.mlflow_url}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}")
@@ -140,4 +178,6 @@ def test_the_mlflow_and_prefect_uis_show_the_run_in_a_headless_browser(deployed_
             assert run.flow_run["name"] in page.inner_text("body")
         finally:
             browser.close()
-    assert (ARTIFACTS / "mlflow-run.png").stat().st_size > 10_000 and (ARTIFACTS / "prefect-flow-run.png").stat().st_size > 10_000
+    assert (ARTIFACTS / "mlflow-run.png").stat().st_size > 10_000 and (
+        ARTIFACTS / "prefect-flow-run.png"
+    ).stat().st_size > 10_000

@@ -21,10 +21,19 @@ def test_every_new_field_has_a_description():
 
 def test_defaults_keep_old_configs_and_compute_what_the_data_supports(pipeline_raw):
     config = parse_config(pipeline_raw)
-    assert config.evaluate.metrics is None and config.evaluate.gate.must_beat_champion and config.evaluate.gate.champion_alias == "champion"
+    assert (
+        config.evaluate.metrics is None
+        and config.evaluate.gate.must_beat_champion
+        and config.evaluate.gate.champion_alias == "champion"
+    )
     assert "exact_match" in config.evaluate.selected_groups(has_references=True, has_top_k=True)
     assert config.evaluate.selected_groups(has_references=False, has_top_k=False) == [
-        "perplexity", "agreement", "rouge_l_teacher", "speed", "size"]
+        "perplexity",
+        "agreement",
+        "rouge_l_teacher",
+        "speed",
+        "size",
+    ]
 
 
 def test_metric_names_map_to_their_groups():
@@ -32,21 +41,30 @@ def test_metric_names_map_to_their_groups():
     assert metric_group("kl_teacher_student") == "kl" and metric_group("parameter_ratio") == "always"
     assert metric_group("student_lm_eval/hellaswag/acc") == "lm_eval"
     assert metric_group("student_accuracy") is None
-    assert all(metric_group(name) == group for group, names in METRIC_NAMES.items() for name in names if "<" not in name)
+    assert all(
+        metric_group(name) == group for group, names in METRIC_NAMES.items() for name in names if "<" not in name
+    )
 
 
-@pytest.mark.parametrize("section, value, message", [
-    ("gate", {"min": {"student_acuracy": 0.5}}, "evaluate.gate.min.student_acuracy: unknown metric 'student_acuracy'"),
-    ("gate", {"champion_metric": "bleu"}, "evaluate.gate.champion_metric: unknown metric 'bleu'"),
-    ("gate", {"max": {"student_latency_seconds": 1}}, None),
-    ("gate", {"min_accuracy_ratio_to_teacher": 0}, "greater than 0"),
-    ("gate", {"max_kl": -1}, "greater than or equal to 0"),
-    ("gate", {"champion_tolerance": -0.1}, "greater than or equal to 0"),
-    ("gate", {"max": {"baseline_perplexity": 3}}, "needs evaluate.baseline"),
-    ("metrics", ["exact_match", "bogus"], "metrics"),
-    ("metrics", [], "at least 1"),
-    ("latency_prompts", 0, "greater than 0"),
-])
+@pytest.mark.parametrize(
+    "section, value, message",
+    [
+        (
+            "gate",
+            {"min": {"student_acuracy": 0.5}},
+            "evaluate.gate.min.student_acuracy: unknown metric 'student_acuracy'",
+        ),
+        ("gate", {"champion_metric": "bleu"}, "evaluate.gate.champion_metric: unknown metric 'bleu'"),
+        ("gate", {"max": {"student_latency_seconds": 1}}, None),
+        ("gate", {"min_accuracy_ratio_to_teacher": 0}, "greater than 0"),
+        ("gate", {"max_kl": -1}, "greater than or equal to 0"),
+        ("gate", {"champion_tolerance": -0.1}, "greater than or equal to 0"),
+        ("gate", {"max": {"baseline_perplexity": 3}}, "needs evaluate.baseline"),
+        ("metrics", ["exact_match", "bogus"], "metrics"),
+        ("metrics", [], "at least 1"),
+        ("latency_prompts", 0, "greater than 0"),
+    ],
+)
 def test_bad_evaluation_settings_are_refused(pipeline_raw, section, value, message):
     pipeline_raw["evaluate"][section] = value
     if message is None:
@@ -89,4 +107,3 @@ def test_an_eval_set_with_zero_rows_is_refused(pipeline_raw):
     pipeline_raw["curate"]["eval_fraction"] = 0.1
     with pytest.raises(ConfigError, match="the eval set would be empty"):
         parse_config(pipeline_raw)
-

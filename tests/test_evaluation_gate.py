@@ -6,21 +6,35 @@ from pathlib import Path
 import pytest
 
 from stillhouse.config import GateConfig
-from stillhouse.evaluation.gate import judge
+from stillhouse.evaluation.gate import check_candidate
 
-CANDIDATE = {"student_exact_match": 0.6, "teacher_exact_match": 0.8, "kl_teacher_student": 0.4, "student_perplexity": 2.5,
-             "student_exact_match/reverse": 0.5}
+CANDIDATE = {
+    "student_exact_match": 0.6,
+    "teacher_exact_match": 0.8,
+    "kl_teacher_student": 0.4,
+    "student_perplexity": 2.5,
+    "student_exact_match/reverse": 0.5,
+}
 
 
 def test_a_candidate_within_every_threshold_passes():
-    verdict = judge(GateConfig(min_accuracy_ratio_to_teacher=0.75, max_kl=0.5, min={"student_exact_match/reverse": 0.5},
-                               max={"student_perplexity": 3}), CANDIDATE)
+    verdict = check_candidate(
+        GateConfig(
+            min_accuracy_ratio_to_teacher=0.75,
+            max_kl=0.5,
+            min={"student_exact_match/reverse": 0.5},
+            max={"student_perplexity": 3},
+        ),
+        CANDIDATE,
+    )
     assert verdict.passed and verdict.failures == [] and len(verdict.checks) == 5
     assert verdict.candidate_metrics["kl_teacher_student"] == 0.4 and verdict.champion_version is None
 
 
 def test_each_failed_threshold_is_named_with_the_values():
-    verdict = judge(GateConfig(min_accuracy_ratio_to_teacher=0.9, max_kl=0.1, max={"student_perplexity": 2.0}), CANDIDATE)
+    verdict = check_candidate(
+        GateConfig(min_accuracy_ratio_to_teacher=0.9, max_kl=0.1, max={"student_perplexity": 2.0}), CANDIDATE
+    )
     assert not verdict.passed
     assert verdict.failures == [
         "min_accuracy_ratio_to_teacher 0.9: student exact match 0.6 vs teacher 0.8 (needs >= 0.72)",
@@ -30,32 +44,63 @@ def test_each_failed_threshold_is_named_with_the_values():
 
 
 def test_a_metric_missing_from_the_report_fails_the_gate():
-    verdict = judge(GateConfig(min={"student_rouge_l_reference": 0.1}, must_beat_champion=False), CANDIDATE)
+    verdict = check_candidate(GateConfig(min={"student_rouge_l_reference": 0.1}, must_beat_champion=False), CANDIDATE)
     assert not verdict.passed and "student_rouge_l_reference is missing" in verdict.failures[0]
 
 
 def test_the_champion_comparison_knows_which_way_is_better():
-    better = judge(GateConfig(), CANDIDATE, champion={"student_exact_match": 0.55}, champion_version="3", candidate_version="4")
-    assert better.passed and better.champion_metric == "student_exact_match" and better.champion_metrics == {"student_exact_match": 0.55}
-    worse = judge(GateConfig(), CANDIDATE, champion={"student_exact_match": 0.7}, champion_version="3", candidate_version="4")
+    better = check_candidate(
+        GateConfig(), CANDIDATE, champion={"student_exact_match": 0.55}, champion_version="3", candidate_version="4"
+    )
+    assert (
+        better.passed
+        and better.champion_metric == "student_exact_match"
+        and better.champion_metrics == {"student_exact_match": 0.55}
+    )
+    worse = check_candidate(
+        GateConfig(), CANDIDATE, champion={"student_exact_match": 0.7}, champion_version="3", candidate_version="4"
+    )
     assert not worse.passed
-    assert worse.failures == ["must_beat_champion on student_exact_match (higher is better, tolerance 0): candidate 0.6 vs champion version 3 0.7"]
-    assert judge(GateConfig(champion_tolerance=0.1), CANDIDATE, champion={"student_exact_match": 0.7}, champion_version="3").passed
+    assert worse.failures == [
+        "must_beat_champion on student_exact_match (higher is better, tolerance 0): candidate 0.6 vs champion version 3 0.7"
+    ]
+    assert check_candidate(
+        GateConfig(champion_tolerance=0.1), CANDIDATE, champion={"student_exact_match": 0.7}, champion_version="3"
+    ).passed
     # Perplexity is lower-is-better; MLflow's spelling of names ("/" as ".") is understood.
-    lower = judge(GateConfig(champion_metric="student_perplexity"), CANDIDATE, champion={"student_perplexity": 2.0}, champion_version="3")
+    lower = check_candidate(
+        GateConfig(champion_metric="student_perplexity"),
+        CANDIDATE,
+        champion={"student_perplexity": 2.0},
+        champion_version="3",
+    )
     assert not lower.passed and "lower is better" in lower.failures[0]
-    dotted = judge(GateConfig(champion_metric="student_exact_match/reverse"), CANDIDATE, champion={"student_exact_match.reverse": 0.4}, champion_version="3")
+    dotted = check_candidate(
+        GateConfig(champion_metric="student_exact_match/reverse"),
+        CANDIDATE,
+        champion={"student_exact_match.reverse": 0.4},
+        champion_version="3",
+    )
     assert dotted.passed
 
 
 def test_no_champion_the_same_version_or_a_disabled_gate_pass():
-    assert judge(GateConfig(), CANDIDATE).passed
-    assert judge(GateConfig(), CANDIDATE, champion={"student_exact_match": 0.9}, champion_version="2", candidate_version="2").passed
-    assert judge(GateConfig(enabled=False, max_kl=0.0), CANDIDATE).passed
-    no_record = judge(GateConfig(), CANDIDATE, champion={"other": 1.0}, champion_version="2", candidate_version="5")
+    assert check_candidate(GateConfig(), CANDIDATE).passed
+    assert check_candidate(
+        GateConfig(), CANDIDATE, champion={"student_exact_match": 0.9}, champion_version="2", candidate_version="2"
+    ).passed
+    assert check_candidate(GateConfig(enabled=False, max_kl=0.0), CANDIDATE).passed
+    no_record = check_candidate(
+        GateConfig(), CANDIDATE, champion={"other": 1.0}, champion_version="2", candidate_version="5"
+    )
     assert not no_record.passed and "champion version 2 has no recorded student_exact_match" in no_record.failures[0]
     # Without references the default champion metric is the student's perplexity.
-    assert judge(GateConfig(), {"student_perplexity": 3.0}, champion={"student_perplexity": 2.0}, champion_version="1").champion_metric == "student_perplexity"
+    assert (
+        check_candidate(
+            GateConfig(), {"student_perplexity": 3.0}, champion={"student_perplexity": 2.0}, champion_version="1"
+        ).champion_metric
+        == "student_perplexity"
+    )
 
 
 @pytest.mark.integration
@@ -67,29 +112,43 @@ def test_evaluate_register_gate_in_mlflow(prefect_harness, tmp_path, tiny_teache
     from prefect import flow
     from transformers import AutoModelForCausalLM
 
-    from stillhouse.registry.tracking import start_pipeline_run
     from stillhouse.config import parse_config
     from stillhouse.refs import ModelRef
+    from stillhouse.registry.tracking import start_pipeline_run
     from stillhouse.tasks.evaluate import evaluate_task
     from stillhouse.tasks.gate import gate_task
     from stillhouse.tasks.register import register_task
 
     _, dataset, samples = curate_and_sample(tmp_path / "store", tiny_teacher, prompts_jsonl)
     raw = {
-        "name": "gate", "store": str(tmp_path / "store"),
+        "name": "gate",
+        "store": str(tmp_path / "store"),
         "curate": {"source": str(prompts_jsonl), "category_column": "task", "eval_fraction": 0.2},
         "sample": {"teacher": str(tiny_teacher), "max_new_tokens": 8, "top_k_logprobs": 4, "batch_size": 32},
         "train": {"architecture": {"hidden_size": 16, "num_layers": 2, "intermediate_size": 32, "num_heads": 2}},
-        "evaluate": {"max_new_tokens": 8, "max_prompts": 12, "latency_prompts": 2,
-                     "gate": {"champion_metric": "kl_teacher_student", "max_kl": 5.0}},
+        "evaluate": {
+            "max_new_tokens": 8,
+            "max_prompts": 12,
+            "latency_prompts": 2,
+            "gate": {"champion_metric": "kl_teacher_student", "max_kl": 5.0},
+        },
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "gate"},
         "registry": {"model_name": "gated-student"},
     }
     config = parse_config(raw)
 
     def as_student(path: Path, name: str) -> ModelRef:
-        return ModelRef(stage="train", fingerprint=name, path=str(path), cached=True, model_path=str(path), parameters=0, train_seconds=0,
-                        final_loss=None, loss_history=[{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}])
+        return ModelRef(
+            stage="train",
+            fingerprint=name,
+            path=str(path),
+            cached=True,
+            model_path=str(path),
+            parameters=0,
+            train_seconds=0,
+            final_loss=None,
+            loss_history=[{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}],
+        )
 
     @flow
     def evaluate_and_gate(student: ModelRef):
@@ -105,19 +164,34 @@ def test_evaluate_register_gate_in_mlflow(prefect_harness, tmp_path, tiny_teache
     assert str(client.get_model_version_by_alias("gated-student", "champion").version) == registered.version
 
     # The report's files are in the stage folder and in MLflow, with the numbers MLflow holds.
-    runs = {r.data.tags["stillhouse.stage"]: r for r in client.search_runs([tracking.experiment_id], f"tags.mlflow.parentRunId = '{tracking.parent_run_id}'")}
+    runs = {
+        r.data.tags["stillhouse.stage"]: r
+        for r in client.search_runs([tracking.experiment_id], f"tags.mlflow.parentRunId = '{tracking.parent_run_id}'")
+    }
     logged = {a.path for a in client.list_artifacts(runs["evaluate"].info.run_id, "report")}
-    assert {"report/report.md", "report/report.html", "report/loss_curve.png", "report/kl_by_position.png", "report/accuracy.png", "report/categories.png"} <= logged
+    assert {
+        "report/report.md",
+        "report/report.html",
+        "report/loss_curve.png",
+        "report/kl_by_position.png",
+        "report/accuracy.png",
+        "report/categories.png",
+    } <= logged
     markdown = (Path(report.path) / "report" / "report.md").read_text()
     mlflow_metrics = runs["evaluate"].data.metrics
-    assert f"{mlflow_metrics['student_perplexity']:.3f}" in markdown and f"{mlflow_metrics['kl_teacher_student']:.4f}" in markdown
+    assert (
+        f"{mlflow_metrics['student_perplexity']:.3f}" in markdown
+        and f"{mlflow_metrics['kl_teacher_student']:.4f}" in markdown
+    )
     assert f"{mlflow_metrics['teacher_parameters']:,.0f}" in markdown and "exact match · reverse" in markdown
     assert runs["gate"].data.tags["stillhouse.gate"] == "passed" and runs["gate"].data.metrics["gate_passed"] == 1.0
 
     # 2. Another random model: its KL to the teacher is far above the champion's, so it is refused.
     worse = build_tiny_model(tmp_path / "worse", hidden_size=16, seed=5)
     model = AutoModelForCausalLM.from_pretrained(worse)
-    with torch.no_grad():  # random weights give near-uniform, teacher-like outputs; scaled up they are confidently different
+    with (
+        torch.no_grad()
+    ):  # random weights give near-uniform, teacher-like outputs; scaled up they are confidently different
         model.model.embed_tokens.weight.mul_(30)
     model.save_pretrained(worse)
     tracking, report, registered, verdict = evaluate_and_gate(as_student(worse, "random"))
@@ -125,11 +199,25 @@ def test_evaluate_register_gate_in_mlflow(prefect_harness, tmp_path, tiny_teache
     assert not verdict.passed and not verdict.promoted and str(champion.version) != registered.version
     assert str(client.get_model_version_by_alias("gated-student", "candidate").version) == registered.version
     [failure] = verdict.failures
-    assert failure.startswith("must_beat_champion on kl_teacher_student (lower is better") and f"vs champion version {champion.version} " in failure
-    gate_run = client.search_runs([tracking.experiment_id], f"tags.mlflow.parentRunId = '{tracking.parent_run_id}' and tags.`stillhouse.stage` = 'gate'")[0]
-    assert gate_run.data.tags["stillhouse.gate"] == "failed" and gate_run.data.tags["stillhouse.champion_version"] == str(champion.version)
-    assert gate_run.data.metrics["champion.kl_teacher_student"] < 0.01 < gate_run.data.metrics["candidate.kl_teacher_student"]
-    saved = json.loads(Path(client.download_artifacts(gate_run.info.run_id, "gate_verdict.json", str(tmp_path))).read_text())
+    assert (
+        failure.startswith("must_beat_champion on kl_teacher_student (lower is better")
+        and f"vs champion version {champion.version} " in failure
+    )
+    gate_run = client.search_runs(
+        [tracking.experiment_id],
+        f"tags.mlflow.parentRunId = '{tracking.parent_run_id}' and tags.`stillhouse.stage` = 'gate'",
+    )[0]
+    assert gate_run.data.tags["stillhouse.gate"] == "failed" and gate_run.data.tags[
+        "stillhouse.champion_version"
+    ] == str(champion.version)
+    assert (
+        gate_run.data.metrics["champion.kl_teacher_student"]
+        < 0.01
+        < gate_run.data.metrics["candidate.kl_teacher_student"]
+    )
+    saved = json.loads(
+        Path(client.download_artifacts(gate_run.info.run_id, "gate_verdict.json", str(tmp_path))).read_text()
+    )
     assert saved["failures"] == verdict.failures
     assert client.get_run(tracking.parent_run_id).data.tags["stillhouse.gate"] == "failed"
     assert client.get_model_version("gated-student", registered.version).tags["stillhouse.gate"] == "failed"

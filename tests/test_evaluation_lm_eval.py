@@ -29,8 +29,12 @@ def local_task(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
-    rows = [{"question": "reverse: ab", "choices": ["ba", "ab"], "answer": 0}, {"question": "upper: a", "choices": ["A", "b"], "answer": 0},
-            {"question": "sort: ba", "choices": ["ab", "ba"], "answer": 1}, {"question": "add: 1 2", "choices": ["3", "4"], "answer": 0}]
+    rows = [
+        {"question": "reverse: ab", "choices": ["ba", "ab"], "answer": 0},
+        {"question": "upper: a", "choices": ["A", "b"], "answer": 0},
+        {"question": "sort: ba", "choices": ["ab", "ba"], "answer": 1},
+        {"question": "add: 1 2", "choices": ["3", "4"], "answer": 0},
+    ]
     data = tmp_path / "tiny.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     folder = tmp_path / "tasks"
@@ -45,7 +49,9 @@ def test_lm_eval_runs_a_local_task_on_a_tiny_model(local_task, tiny_teacher):
     from stillhouse.models import load_causal_lm, load_tokenizer
 
     model, tokenizer = load_causal_lm(str(tiny_teacher), device="cpu"), load_tokenizer(str(tiny_teacher))
-    results = run_lm_eval(model, tokenizer, LmEvalConfig(tasks=["stillhouse_tiny_choice"], include_path=str(local_task), batch_size=4))
+    results = run_lm_eval(
+        model, tokenizer, LmEvalConfig(tasks=["stillhouse_tiny_choice"], include_path=str(local_task), batch_size=4)
+    )
     assert set(results) == {"stillhouse_tiny_choice/acc"}
     assert results["stillhouse_tiny_choice/acc"] in {0.0, 0.25, 0.5, 0.75, 1.0}  # 4 documents
 

@@ -55,7 +55,8 @@ def test_perplexity_kl_top1_and_kl_by_position_by_hand():
     # Position 0: teacher p = [0.25, 0.5, 0.25] (top-1 is id 1, the student's is id 0): KL(p||q) = 0.25 ln(0.5) + 0.5 ln 2 = 0.25 ln 2.
     # Position 1: teacher p = q: KL 0, and the top-1 ids agree.
     example = {
-        "input_ids": [0, 1, 1], "labels": [-100, 1, 1],
+        "input_ids": [0, 1, 1],
+        "labels": [-100, 1, 1],
         "top_k_ids": [[0, 0, 0], [1, 0, 2], [0, 1, 2]],
         "top_k_logprobs": [[0.0] * 3, [log(0.5), log(0.25), log(0.25)], [log(0.5), log(0.25), log(0.25)]],
     }
@@ -72,5 +73,58 @@ def test_reference_examples_mask_the_prompt_and_end_with_eos(tiny_teacher):
     tokenizer = load_tokenizer(str(tiny_teacher))
     [example] = reference_examples(tokenizer, [[{"role": "user", "content": "reverse: ab"}]], ["ba"])
     answer = tokenizer("ba", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert example["labels"][-len(answer):] == answer == example["input_ids"][-len(answer):]
+    assert example["labels"][-len(answer) :] == answer == example["input_ids"][-len(answer) :]
     assert set(example["labels"][: -len(answer)]) == {-100}
+
+
+def test_student_teacher_ratios_only_where_both_are_measured():
+    metrics = {
+        "student_parameters": 10,
+        "teacher_parameters": 40,
+        "student_size_mb": 1.0,
+        "teacher_size_mb": 0.0,
+        "student_tokens_per_second": 30.0,
+    }
+    assert m.student_teacher_ratios(metrics) == {"parameter_ratio": 0.25}  # size: teacher 0; speed: no teacher
+
+
+def test_answer_metric_groups_by_hand():
+    import pandas as pd
+
+    from stillhouse.evaluation.evaluate import (
+        EvalPrompts,
+        answer_agreement_metrics,
+        exact_match_metrics,
+        rouge_l_reference_metrics,
+        rouge_l_teacher_metrics,
+    )
+
+    # Three prompts; the second has no reference, so exact match and ROUGE-L vs references skip it.
+    frame = pd.DataFrame(
+        {
+            "prompt_id": ["a", "b", "c"],
+            "messages": ["[]"] * 3,
+            "reference": ["x y", None, "z"],
+            "category": ["one", "one", "two"],
+        }
+    )
+    prompts = EvalPrompts(frame=frame, conversations=[[]] * 3, with_references=frame["reference"].notna())
+    answers = {"teacher": ["x y", "q", "w"], "student": ["x y", "q", "z"]}
+    assert prompts.references() == ["x y", None, "z"]
+    assert answer_agreement_metrics(answers) == {"student_teacher_agreement": pytest.approx(2 / 3)}
+    assert rouge_l_teacher_metrics(answers) == {"student_rouge_l_teacher": pytest.approx(2 / 3)}
+    assert rouge_l_reference_metrics(answers, prompts) == {
+        "teacher_rouge_l_reference": 0.5,
+        "student_rouge_l_reference": 1.0,
+    }
+    metrics, correct = exact_match_metrics(answers, prompts)
+    assert metrics == {
+        "teacher_exact_match": 0.5,
+        "teacher_exact_match/one": 1.0,
+        "teacher_exact_match/two": 0.0,
+        "student_exact_match": 1.0,
+        "student_exact_match/one": 1.0,
+        "student_exact_match/two": 1.0,
+        "accuracy_ratio_to_teacher": 2.0,
+    }
+    assert correct["teacher"].to_dict() == {0: True, 2: False}  # indexed like the prompts that have a reference

@@ -11,12 +11,26 @@ from stillhouse.evaluation.report import (
 )
 
 METRICS = {
-    "teacher_exact_match": 0.8, "student_exact_match": 0.6, "baseline_exact_match": 0.1, "accuracy_ratio_to_teacher": 0.75,
-    "teacher_exact_match/reverse": 1.0, "student_exact_match/reverse": 0.5, "baseline_exact_match/reverse": 0.0,
-    "teacher_perplexity": 1.5, "student_perplexity": 2.25, "kl_teacher_student": 0.1234, "student_teacher_agreement": 0.7,
-    "teacher_parameters": 1000.0, "student_parameters": 250.0, "baseline_parameters": 250.0, "parameter_ratio": 0.25,
-    "teacher_tokens_per_second": 100.0, "student_tokens_per_second": 300.0, "speed_ratio": 3.0,
-    "student_lm_eval/tiny/acc": 0.5, "teacher_lm_eval/tiny/acc": 0.75,
+    "teacher_exact_match": 0.8,
+    "student_exact_match": 0.6,
+    "baseline_exact_match": 0.1,
+    "accuracy_ratio_to_teacher": 0.75,
+    "teacher_exact_match/reverse": 1.0,
+    "student_exact_match/reverse": 0.5,
+    "baseline_exact_match/reverse": 0.0,
+    "teacher_perplexity": 1.5,
+    "student_perplexity": 2.25,
+    "kl_teacher_student": 0.1234,
+    "student_teacher_agreement": 0.7,
+    "teacher_parameters": 1000.0,
+    "student_parameters": 250.0,
+    "baseline_parameters": 250.0,
+    "parameter_ratio": 0.25,
+    "teacher_tokens_per_second": 100.0,
+    "student_tokens_per_second": 300.0,
+    "speed_ratio": 3.0,
+    "student_lm_eval/tiny/acc": 0.5,
+    "teacher_lm_eval/tiny/acc": 0.75,
 }
 
 
@@ -24,35 +38,58 @@ def test_comparison_rows_put_each_role_in_its_column():
     header, rows = comparison_rows(METRICS)
     assert header == ["metric", "teacher", "student", "baseline", "student / teacher"]
     by_label = {row[0]: row[1:] for row in rows}
-    assert by_label["exact match (vs references)"] == ["80.0%", "60.0%", "10.0%", "75.0%"]
-    assert by_label["KL(teacher‖model) per token"] == ["", "0.1234", "", ""]
-    assert by_label["parameters"] == ["1,000", "250", "250", "25.0%"]
-    assert by_label["generation tokens/s"][-1] == "300.0%"
-    assert by_label["exact match · reverse"] == ["100.0%", "50.0%", "0.0%", ""]
-    assert by_label["lm_eval · tiny/acc"] == ["0.75", "0.5", "", ""]
+    assert by_label["exact match vs references (exact_match)"] == ["80.0%", "60.0%", "10.0%", "75.0%"]
+    assert by_label["KL(teacher‖model) per token (kl_teacher_*)"] == ["", "0.1234", "", ""]
+    assert by_label["parameters (parameters)"] == ["1,000", "250", "250", "25.0%"]
+    assert by_label["generation tokens/s (tokens_per_second)"][-1] == "300.0%"
+    assert by_label["exact match · reverse (exact_match/reverse)"] == ["100.0%", "50.0%", "0.0%", ""]
+    assert by_label["lm_eval · tiny/acc (lm_eval/tiny/acc)"] == ["0.75", "0.5", "", ""]
     assert "ROUGE-L vs references" not in by_label  # not computed, not shown
 
 
 def test_write_report_writes_markdown_html_and_plots(tmp_path):
-    files = write_report(tmp_path / "report", METRICS, title="tiny", loss_history=[{"step": 2, "loss": 3.0}, {"step": 4, "loss": 2.0}],
-                         kl_by_position={"student": [0.3, 0.2, 0.1]}, eval_prompts=12)
-    assert {p.name for p in files} == {"report.md", "report.html", "loss_curve.png", "kl_by_position.png", "accuracy.png", "categories.png"}
+    files = write_report(
+        tmp_path / "report",
+        METRICS,
+        title="tiny",
+        loss_history=[{"step": 2, "loss": 3.0}, {"step": 4, "loss": 2.0}],
+        kl_by_position={"student": [0.3, 0.2, 0.1]},
+        eval_prompts=12,
+    )
+    assert {p.name for p in files} == {
+        "report.md",
+        "report.html",
+        "loss_curve.png",
+        "kl_by_position.png",
+        "accuracy.png",
+        "categories.png",
+    }
     assert all(p.stat().st_size > 0 for p in files)
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in files if p.suffix == ".png")
     markdown = (tmp_path / "report" / "report.md").read_text()
-    assert "| exact match (vs references) | 80.0% | 60.0% | 10.0% | 75.0% |" in markdown and "![loss_curve](loss_curve.png)" in markdown
+    assert (
+        "| exact match vs references (exact_match) | 80.0% | 60.0% | 10.0% | 75.0% |" in markdown
+        and "![loss_curve](loss_curve.png)" in markdown
+    )
     assert "12 held-out prompts" in markdown
     assert "<td>0.1234</td>" in (tmp_path / "report" / "report.html").read_text()
 
 
 def test_a_report_without_training_history_or_kl_skips_those_plots(tmp_path):
-    files = write_report(tmp_path, {"teacher_perplexity": 2.0, "student_perplexity": 3.0, "teacher_parameters": 2.0, "student_parameters": 1.0},
-                         title="t", loss_history=[], kl_by_position={})
+    files = write_report(
+        tmp_path,
+        {"teacher_perplexity": 2.0, "student_perplexity": 3.0, "teacher_parameters": 2.0, "student_parameters": 1.0},
+        title="t",
+        loss_history=[],
+        kl_by_position={},
+    )
     assert {p.name for p in files} == {"report.md", "report.html"}
 
 
 def test_the_terminal_table_shows_the_numbers_and_the_gate_outcome():
-    failed = GateVerdict(passed=False, failures=["max_kl 0.1: kl_teacher_student is 0.1234"], candidate_version="2", champion_version="1")
+    failed = GateVerdict(
+        passed=False, failures=["max_kl 0.1: kl_teacher_student is 0.1234"], candidate_version="2", champion_version="1"
+    )
     console = Console(width=160, record=True)
     console.print(comparison_table(METRICS, title="tiny", verdict=failed))
     text = console.export_text()

@@ -4,11 +4,17 @@ import math
 
 import pytest
 import torch
+from conftest import build_tiny_model
 from transformers import AutoModelForCausalLM
 
-from conftest import build_tiny_model
 from stillhouse.feedback.judge import (
-    PairJudgement, judge_pairs, label_logprobs, parse_verdict, pointwise_scores, render_judge_prompts, verifier_scores,
+    PairJudgement,
+    judge_pairs,
+    label_logprobs,
+    parse_verdict,
+    pointwise_scores,
+    render_judge_prompts,
+    verifier_scores,
 )
 from stillhouse.feedback.pairs import build_pairs
 from stillhouse.models import load_tokenizer
@@ -80,9 +86,13 @@ def test_dpo_loss_formula():
 @pytest.mark.slow
 def test_trl_dpo_starts_at_log_2_and_learns_the_preference(tmp_path):
     student = build_tiny_model(tmp_path / "student", hidden_size=16)
-    pairs = [{"prompt": [{"role": "user", "content": f"reverse: {word}"}], "chosen": word[::-1], "rejected": word}
-             for word in ["abc", "dog", "kite", "moon", "star", "tree", "fish", "lamp"]]
-    result = train_dpo(str(student), pairs, tmp_path / "dpo", beta=0.1, learning_rate=5e-3, max_steps=30, batch_size=8, logging_steps=1)
+    pairs = [
+        {"prompt": [{"role": "user", "content": f"reverse: {word}"}], "chosen": word[::-1], "rejected": word}
+        for word in ["abc", "dog", "kite", "moon", "star", "tree", "fish", "lamp"]
+    ]
+    result = train_dpo(
+        str(student), pairs, tmp_path / "dpo", beta=0.1, learning_rate=5e-3, max_steps=30, batch_size=8, logging_steps=1
+    )
     history = result["history"]
     # At step 1 the policy is the reference, so the sigmoid DPO loss is exactly log 2 (see dpo_loss).
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
@@ -102,18 +112,40 @@ def test_win_rate_counts_ties_half_and_has_a_wilson_interval():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("judge, method", [({"kind": "verifier"}, "dpo"), ({"kind": "pointwise"}, "best_of_n"), ({"kind": "pairwise"}, "dpo")])
+@pytest.mark.parametrize(
+    "judge, method",
+    [({"kind": "verifier"}, "dpo"), ({"kind": "pointwise"}, "best_of_n"), ({"kind": "pairwise"}, "dpo")],
+)
 def test_judged_pairs_then_training_from_an_sft_student(tmp_path, tiny_teacher, prompts_jsonl, judge, method):
     from conftest import curate_and_sample
+
     from stillhouse.config import FeedbackConfig, TrainConfig
     from stillhouse.feedback.stage import collect_preferences, read_pairs, train_on_feedback
     from stillhouse.training.train import train_student
 
     store, dataset, samples = curate_and_sample(tmp_path / "store", tiny_teacher, prompts_jsonl)
-    sft = train_student(TrainConfig(architecture={"hidden_size": 16, "num_layers": 2, "intermediate_size": 32, "num_heads": 2},
-                                    max_steps=5, batch_size=8), dataset, samples, store)
-    config = FeedbackConfig(method=method, candidates=3, max_new_tokens=6, max_prompts=12, judge=judge, min_margin=0.0,
-                            max_steps=3, batch_size=4, max_unusable_share=1.0, include_teacher=True)
+    sft = train_student(
+        TrainConfig(
+            architecture={"hidden_size": 16, "num_layers": 2, "intermediate_size": 32, "num_heads": 2},
+            max_steps=5,
+            batch_size=8,
+        ),
+        dataset,
+        samples,
+        store,
+    )
+    config = FeedbackConfig(
+        method=method,
+        candidates=3,
+        max_new_tokens=6,
+        max_prompts=12,
+        judge=judge,
+        min_margin=0.0,
+        max_steps=3,
+        batch_size=4,
+        max_unusable_share=1.0,
+        include_teacher=True,
+    )
     pairs = collect_preferences(config, dataset, samples, sft, store)
     table = read_pairs(pairs)
     assert len(table) == pairs.pairs and (table["chosen"] != table["rejected"]).all()
@@ -132,12 +164,21 @@ def test_judged_pairs_then_training_from_an_sft_student(tmp_path, tiny_teacher, 
 def test_sft_then_dpo_chain_runs_in_the_flow_and_logs_its_metrics(prefect_harness, pipeline_raw):
     from mlflow.tracking import MlflowClient
 
-    from stillhouse.flows.distill import distill
     from stillhouse.config import parse_config
+    from stillhouse.flows.distill import distill
 
     pipeline_raw["train"].update(method="sft")
-    pipeline_raw["feedback"] = {"judge": {"kind": "pointwise"}, "candidates": 3, "include_teacher": True, "max_new_tokens": 6,
-                                "max_prompts": 16, "min_margin": 0.0, "max_unusable_share": 1.0, "max_steps": 4, "batch_size": 4}
+    pipeline_raw["feedback"] = {
+        "judge": {"kind": "pointwise"},
+        "candidates": 3,
+        "include_teacher": True,
+        "max_new_tokens": 6,
+        "max_prompts": 16,
+        "min_margin": 0.0,
+        "max_unusable_share": 1.0,
+        "max_steps": 4,
+        "batch_size": 4,
+    }
     config = parse_config(pipeline_raw)
     result = distill(config, until="evaluate")
     assert result.sft_student.stage == "train" and result.student.stage == "feedback" and result.pairs.pairs > 0

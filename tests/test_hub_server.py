@@ -1,6 +1,6 @@
 """The loopback Hub against the real huggingface_hub client (2.4.0): upload, download, tags, auth.
 
-    .venv/bin/python -m pytest tests/test_hub_server.py -q
+.venv/bin/python -m pytest tests/test_hub_server.py -q
 """
 
 import os
@@ -11,21 +11,20 @@ import os
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
-import hashlib  # noqa: E402
-import http.client  # noqa: E402
-import json  # noqa: E402
+import hashlib
+import http.client
+import json
 
-import httpx2  # noqa: E402
-import pytest  # noqa: E402
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants  # noqa: E402
-from huggingface_hub.errors import (  # noqa: E402
+import httpx2
+import pytest
+from hub_server import LoopbackHub
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
+from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-
-from hub_server import LoopbackHub  # noqa: E402
 
 TOKEN = "hf_test_token"
 REPO_ID = "alice/tiny-student"
@@ -242,8 +241,13 @@ def test_chunked_bodies_and_keep_alive_after_errors(hub):
     refused.read()
 
     readme = json.dumps({"content": README, "repoType": "model"}).encode()
-    connection.request("POST", "/api/validate-yaml", body=iter([readme[:10], readme[10:]]), encode_chunked=True,
-                       headers={"Content-Type": "application/json"})
+    connection.request(
+        "POST",
+        "/api/validate-yaml",
+        body=iter([readme[:10], readme[10:]]),
+        encode_chunked=True,
+        headers={"Content-Type": "application/json"},
+    )
     validated = connection.getresponse()
     assert (validated.status, json.loads(validated.read())) == (200, {"errors": [], "warnings": []})
     connection.close()
@@ -258,13 +262,18 @@ def test_injected_faults_hit_only_matching_requests_and_only_so_often(hub, api, 
     assert api.model_info(REPO_ID).sha == hub.commits(REPO_ID)[0]["sha"]  # other requests are untouched
     with pytest.raises(HfHubHTTPError):
         api.upload_file(path_or_fileobj=b"a\n", path_in_repo="a.txt", repo_id=REPO_ID)
-    api.upload_file(path_or_fileobj=b"a\n", path_in_repo="a.txt", repo_id=REPO_ID)  # the third try: the fault is used up
+    api.upload_file(
+        path_or_fileobj=b"a\n", path_in_repo="a.txt", repo_id=REPO_ID
+    )  # the third try: the fault is used up
     assert hub.files(REPO_ID) == {"a.txt": b"a\n"} and len(hub.commits(REPO_ID)) == 2
 
     hub.inject("POST", r"/commit/", drop=True, after_handling=True)
     with pytest.raises(httpx2.RemoteProtocolError):  # the answer is lost ...
-        api.create_commit(REPO_ID, operations=[CommitOperationAdd(path_in_repo="b.txt", path_or_fileobj=b"b\n")],
-                          commit_message="lost answer")
+        api.create_commit(
+            REPO_ID,
+            operations=[CommitOperationAdd(path_in_repo="b.txt", path_or_fileobj=b"b\n")],
+            commit_message="lost answer",
+        )
     assert hub.files(REPO_ID)["b.txt"] == b"b\n"  # ... but the commit was applied
     with pytest.raises(ValueError):
         hub.inject("GET", "x")

@@ -1,36 +1,70 @@
 """The license table and the check a student goes through before it is published.
 
-    .venv/bin/python -m pytest tests/test_licenses.py -q
+.venv/bin/python -m pytest tests/test_licenses.py -q
 """
 
 import pytest
 
 from stillhouse.config import parse_config
-from stillhouse.licenses import LICENSES, LicenseError, check_licenses, check_pipeline_licenses, license_from_front_matter, preflight_licenses
+from stillhouse.licenses import (
+    LICENSES,
+    LicenseError,
+    check_licenses,
+    check_pipeline_licenses,
+    license_from_front_matter,
+    preflight_licenses,
+)
 
 
 def test_every_license_quotes_the_clause_behind_each_duty():
     for terms in LICENSES.values():
         if terms.name_prefix:
-            assert terms.clauses["name_prefix"].text and terms.name_prefix.split()[0] in terms.clauses["name_prefix"].text
+            assert (
+                terms.clauses["name_prefix"].text and terms.name_prefix.split()[0] in terms.clauses["name_prefix"].text
+            )
         if terms.outputs_only_improve:
             assert "output" in terms.clauses["outputs"].text
         if not terms.commercial:
             assert terms.clauses["non_commercial"].text
         if terms.derivative_licenses is not None:
             assert terms.clauses["derivatives"].text
-    assert {"apache-2.0", "mit", "llama3", "llama3.1", "llama3.2", "llama3.3", "gemma", "qwen", "qwen-research", "deepseek", "mrl",
-            "cc-by-nc-4.0", "openrail", "openrail++"} <= set(LICENSES)
+    assert {
+        "apache-2.0",
+        "mit",
+        "llama3",
+        "llama3.1",
+        "llama3.2",
+        "llama3.3",
+        "gemma",
+        "qwen",
+        "qwen-research",
+        "deepseek",
+        "mrl",
+        "cc-by-nc-4.0",
+        "openrail",
+        "openrail++",
+    } <= set(LICENSES)
 
 
 def test_permissive_teacher_and_base_model_let_the_student_pick_its_license():
-    check = check_licenses("mit", "alice/tiny", "apache-2.0", "apache-2.0", has_base_model=True, base_model_name="org/base")
+    check = check_licenses(
+        "mit", "alice/tiny", "apache-2.0", "apache-2.0", has_base_model=True, base_model_name="org/base"
+    )
     assert check.ok
-    assert check.obligations == ["The base model org/base is licensed under Apache License 2.0 (https://www.apache.org/licenses/LICENSE-2.0)."]
+    assert check.obligations == [
+        "The base model org/base is licensed under Apache License 2.0 (https://www.apache.org/licenses/LICENSE-2.0)."
+    ]
 
 
 def test_a_llama_31_teacher_requires_the_name_prefix_even_for_outputs_only():
-    broken = check_licenses("apache-2.0", "alice/tiny-student", "llama3.1", None, has_base_model=False, teacher_name="meta-llama/Llama-3.1-8B")
+    broken = check_licenses(
+        "apache-2.0",
+        "alice/tiny-student",
+        "llama3.1",
+        None,
+        has_base_model=False,
+        teacher_name="meta-llama/Llama-3.1-8B",
+    )
     assert len(broken.violations) == 1
     message = str(broken.violations[0])
     assert "must start with “Llama”" in message and "alice/Llama-tiny-student" in message
@@ -59,7 +93,9 @@ def test_llama_3_outputs_may_only_improve_llama_3_models():
 
 def test_a_gemma_teacher_makes_the_student_a_model_derivative():
     check = check_licenses("apache-2.0", "alice/tiny", "gemma", None, has_base_model=False)
-    assert "must carry gemma" in check.violations[0].message and "distillation methods" in check.violations[0].clause.text
+    assert (
+        "must carry gemma" in check.violations[0].message and "distillation methods" in check.violations[0].clause.text
+    )
     passed_on = check_licenses("gemma", "alice/tiny", "gemma", None, has_base_model=False)
     assert passed_on.ok and any("prohibited_use_policy" in line for line in passed_on.obligations)
 

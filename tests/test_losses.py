@@ -38,7 +38,9 @@ def test_forward_kl_is_zero_for_identical_distributions():
 
 def test_forward_kl_wrapper_with_full_vocabulary_top_k_equals_dense():
     student, teacher, labels = random_inputs(1)
-    torch.testing.assert_close(forward_kl(student, top_k_of(teacher, V), labels), forward_kl(student, teacher, labels), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        forward_kl(student, top_k_of(teacher, V), labels), forward_kl(student, teacher, labels), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_top_k_bucket_is_non_negative_and_below_dense():
@@ -133,7 +135,9 @@ def test_forward_and_reverse_kl_equal_kl_div(temperature):
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_kind_matches_its_formula(kind):
     student, teacher, labels = random_inputs(5)
-    expected = masked_mean(reference(kind, teacher.log_softmax(-1), student.log_softmax(-1), beta=0.3, alpha=0.2), labels)
+    expected = masked_mean(
+        reference(kind, teacher.log_softmax(-1), student.log_softmax(-1), beta=0.3, alpha=0.2), labels
+    )
     torch.testing.assert_close(distillation_loss(student, teacher, labels, kind=kind, beta=0.3, alpha=0.2), expected)
 
 
@@ -176,12 +180,16 @@ def test_top_k_gradients_equal_autograd_through_the_dense_path(kind, tail, tempe
     options = dict(kind=kind, temperature=temperature)
     grad = grad_of(distillation_loss(student, top, labels, tail=tail, **options))
     if tail == "bucket":
-        plain = distillation_loss(with_bucket(student.log_softmax(-1).gather(-1, top.ids)), with_bucket(top.logprobs), labels, **options)
+        plain = distillation_loss(
+            with_bucket(student.log_softmax(-1).gather(-1, top.ids)), with_bucket(top.logprobs), labels, **options
+        )
     else:
         plain = distillation_loss(student.gather(-1, top.ids), teacher.gather(-1, top.ids), labels, **options)
     torch.testing.assert_close(grad, grad_of(plain), atol=1e-6, rtol=0)
     full_vocabulary = grad_of(distillation_loss(student, top_k_of(teacher, V), labels, tail=tail, **options))
-    torch.testing.assert_close(full_vocabulary, grad_of(distillation_loss(student, teacher, labels, **options)), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        full_vocabulary, grad_of(distillation_loss(student, teacher, labels, **options)), atol=1e-6, rtol=0
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -195,13 +203,19 @@ def test_temperature_on_a_top_k_teacher_is_as_documented(kind):
     options = dict(kind=kind, temperature=2.0)
     torch.testing.assert_close(
         distillation_loss(student, top, labels, tail="bucket", **options),
-        distillation_loss(with_bucket(student_top), with_bucket(top.logprobs), labels, **options),  # dense over k+1 outcomes
-        atol=1e-5, rtol=0,
+        distillation_loss(
+            with_bucket(student_top), with_bucket(top.logprobs), labels, **options
+        ),  # dense over k+1 outcomes
+        atol=1e-5,
+        rtol=0,
     )
     torch.testing.assert_close(
         distillation_loss(student, top, labels, tail="renormalize", **options),
-        distillation_loss(student.gather(-1, top.ids), teacher.gather(-1, top.ids), labels, **options),  # dense over k outcomes
-        atol=1e-6, rtol=1e-6,
+        distillation_loss(
+            student.gather(-1, top.ids), teacher.gather(-1, top.ids), labels, **options
+        ),  # dense over k outcomes
+        atol=1e-6,
+        rtol=1e-6,
     )
 
 
@@ -256,7 +270,9 @@ def test_fused_without_gradients_and_with_a_frozen_head():
     with torch.no_grad():
         for target in (teacher, teacher_logits):
             expected = distillation_loss(hidden @ weight.T, target, labels, kind="jsd")
-            torch.testing.assert_close(distillation_loss_from_hidden(hidden, weight, target, labels, kind="jsd", chunk_size=3), expected)
+            torch.testing.assert_close(
+                distillation_loss_from_hidden(hidden, weight, target, labels, kind="jsd", chunk_size=3), expected
+            )
     frozen = weight.detach()
     fused = distillation_loss_from_hidden(hidden, frozen, teacher, labels, kind="jsd", chunk_size=3)
     (expected_grad,) = torch.autograd.grad(distillation_loss(hidden @ frozen.T, teacher, labels, kind="jsd"), hidden)
@@ -291,8 +307,14 @@ def test_bf16_inputs_are_computed_in_fp32(kind, teacher_type):
     assert grad.dtype == torch.bfloat16 and torch.isfinite(grad.float()).all()
 
     hidden, weight, _, _ = hidden_inputs(13, dtype=torch.bfloat16)
-    unfused = loss_and_gradients(distillation_loss(hidden @ weight.T, teacher, labels, kind=kind, tail=tail), hidden, weight)
-    fused = loss_and_gradients(distillation_loss_from_hidden(hidden, weight, teacher, labels, kind=kind, tail=tail, chunk_size=3), hidden, weight)
+    unfused = loss_and_gradients(
+        distillation_loss(hidden @ weight.T, teacher, labels, kind=kind, tail=tail), hidden, weight
+    )
+    fused = loss_and_gradients(
+        distillation_loss_from_hidden(hidden, weight, teacher, labels, kind=kind, tail=tail, chunk_size=3),
+        hidden,
+        weight,
+    )
     assert fused[0].dtype == torch.float32 and [g.dtype for g in fused[1:]] == [torch.bfloat16] * 2
     for expected, actual in zip(unfused, fused):
         torch.testing.assert_close(actual.float(), expected.float(), atol=2e-2, rtol=2e-2)
@@ -351,7 +373,10 @@ def test_whatever_masked_rows_hold_does_not_matter(teacher_type):
     clean = distillation_loss(hidden @ weight.T, teacher, labels, kind="jsd", tail=tail)
     for loss, leaf in (
         (distillation_loss(garbage_logits, teacher, labels, kind="jsd", tail=tail), garbage_logits),
-        (distillation_loss_from_hidden(garbage_hidden, weight, teacher, labels, kind="jsd", tail=tail, chunk_size=3), garbage_hidden),
+        (
+            distillation_loss_from_hidden(garbage_hidden, weight, teacher, labels, kind="jsd", tail=tail, chunk_size=3),
+            garbage_hidden,
+        ),
     ):
         torch.testing.assert_close(loss, clean)
         (grad,) = torch.autograd.grad(loss, leaf)
@@ -361,7 +386,9 @@ def test_whatever_masked_rows_hold_does_not_matter(teacher_type):
 def test_forward_kl_is_distillation_loss_forward_kl():
     student, teacher, labels = random_inputs(17)
     for target in (teacher, top_k_of(teacher, K)):
-        torch.testing.assert_close(forward_kl(student, target, labels), distillation_loss(student, target, labels, kind="forward_kl"))
+        torch.testing.assert_close(
+            forward_kl(student, target, labels), distillation_loss(student, target, labels, kind="forward_kl")
+        )
 
 
 @pytest.mark.parametrize(
@@ -373,7 +400,10 @@ def test_forward_kl_is_distillation_loss_forward_kl():
         (dict(kind="skew_forward_kl", alpha=0.0), "skew_forward_kl needs 0 < alpha < 1.*kind='forward_kl'"),
         (dict(kind="skew_reverse_kl", alpha=1.0), "skew_reverse_kl needs 0 < alpha < 1.*kind='reverse_kl'"),
         (dict(kind="skew_reverse_kl", alpha=-0.1), "skew_reverse_kl needs 0 < alpha < 1"),
-        (dict(kind="kl"), "kind must be one of forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd; got 'kl'"),
+        (
+            dict(kind="kl"),
+            "kind must be one of forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd; got 'kl'",
+        ),
         (dict(kind="forward_kl", tail="drop"), "tail must be 'bucket'.*or 'renormalize'.*got 'drop'"),
         (dict(kind="forward_kl", temperature=0.0), "temperature must be > 0"),
     ],
@@ -408,5 +438,7 @@ def test_fused_takes_shifted_slices_as_train_passes_them():
     for teacher in (teacher_logits[:, 1:], TopK(top.ids[:, 1:], top.logprobs[:, 1:])):
         fused = distillation_loss_from_hidden(hidden[:, :-1], weight, teacher, chunk_size=3, **shifted)
         unfused = distillation_loss((hidden @ weight.T)[:, :-1], teacher, **shifted)
-        for expected, actual in zip(loss_and_gradients(unfused, hidden, weight), loss_and_gradients(fused, hidden, weight)):
+        for expected, actual in zip(
+            loss_and_gradients(unfused, hidden, weight), loss_and_gradients(fused, hidden, weight)
+        ):
             torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)

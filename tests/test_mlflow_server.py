@@ -15,9 +15,11 @@ def mlflow_server(tmp_path):
         yield url
 
 
-def test_pipeline_registers_the_student_on_a_real_tracking_server(prefect_harness, mlflow_server, pipeline_raw, tmp_path):
-    from stillhouse.flows.distill import distill
+def test_pipeline_registers_the_student_on_a_real_tracking_server(
+    prefect_harness, mlflow_server, pipeline_raw, tmp_path
+):
     from stillhouse.config import parse_config
+    from stillhouse.flows.distill import distill
 
     pipeline_raw["tracking"]["uri"] = mlflow_server
     result = distill(parse_config(pipeline_raw), until="register")
@@ -27,7 +29,12 @@ def test_pipeline_registers_the_student_on_a_real_tracking_server(prefect_harnes
     assert version.tags["stillhouse.train_fingerprint"] == result.student.fingerprint
     import mlflow.artifacts
 
-    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/tiny-student@candidate", dst_path=str(tmp_path / "download"),
-                                                          tracking_uri=mlflow_server))
+    downloaded = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri="models:/tiny-student@candidate",
+            dst_path=str(tmp_path / "download"),
+            tracking_uri=mlflow_server,
+        )
+    )
     assert list(downloaded.rglob("model.safetensors")), "the logged student's weights are on the server"
     assert any((tmp_path / "mlflow-artifacts").iterdir())  # artifacts went through the server, not to a local ./mlruns

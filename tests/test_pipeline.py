@@ -7,8 +7,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stillhouse.flows.distill import distill
 from stillhouse.config import parse_config
+from stillhouse.flows.distill import distill
 
 TOKEN = "hf_test_token"
 
@@ -52,27 +52,48 @@ def test_pipeline_end_to_end_then_from_cache(prefect_harness, pipeline_raw, hub,
     version = client.get_model_version_by_alias("tiny-student", "candidate")
     assert str(version.version) == result.registered.version and version.run_id == by_stage["register"].info.run_id
     # The first candidate has no champion to beat: it passes the gate, becomes @champion and is published.
-    assert result.verdict.passed and str(client.get_model_version_by_alias("tiny-student", "champion").version) == result.registered.version
+    assert (
+        result.verdict.passed
+        and str(client.get_model_version_by_alias("tiny-student", "champion").version) == result.registered.version
+    )
 
     # The published folder loads with plain transformers and generates; the Hub got it in one commit.
     folder = Path(result.published.folder)
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md", "stillhouse.json"} <= {p.name for p in folder.iterdir()}
+    assert {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "README.md",
+        "stillhouse.json",
+    } <= {p.name for p in folder.iterdir()}
     model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "reverse: abc"}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "reverse: abc"}], tokenize=False, add_generation_prompt=True
+    )
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     assert model.generate(**inputs, max_new_tokens=4).shape[1] > inputs["input_ids"].shape[1]
     card = (folder / "README.md").read_text()
     assert "license: apache-2.0" in card and "stillhouse" in card and str(config.sample.teacher) in card
     provenance = json.loads((folder / "stillhouse.json").read_text())
-    assert provenance["mlflow_run_id"] == result.mlflow_run_id and provenance["fingerprints"]["train"] == result.student.fingerprint
+    assert (
+        provenance["mlflow_run_id"] == result.mlflow_run_id
+        and provenance["fingerprints"]["train"] == result.student.fingerprint
+    )
     assert hub.files("alice/tiny-student").keys() >= {"model.safetensors", "README.md", "stillhouse.json"}
     assert [c["message"] for c in hub.commits("alice/tiny-student")][0].startswith("Stillhouse: publish tiny v1")
     assert result.published.commit_oid == hub.commits("alice/tiny-student")[0]["sha"]
     # The run links to the Hub revision, the card back to the run; the round trip from a fresh cache matched.
     linked = client.get_run(result.mlflow_run_id).data.tags
-    assert linked["stillhouse.hub.commit"] == result.published.commit_oid and linked["stillhouse.hub.tag"] == f"v{result.registered.version}"
+    assert (
+        linked["stillhouse.hub.commit"] == result.published.commit_oid
+        and linked["stillhouse.hub.tag"] == f"v{result.registered.version}"
+    )
     assert linked["stillhouse.round_trip"] == "passed" and result.mlflow_run_id in card
-    assert by_stage_after(client, result)["publish"].data.metrics["round_trip_matching"] == config.publish.round_trip_prompts
+    assert (
+        by_stage_after(client, result)["publish"].data.metrics["round_trip_matching"]
+        == config.publish.round_trip_prompts
+    )
     # The registering run names what the student learned from: the curated prompts and the teacher's outputs.
     inputs = {(d.dataset.name, d.dataset.digest) for d in client.get_run(version.run_id).inputs.dataset_inputs}
     assert inputs == {("tiny-train", result.dataset.fingerprint), ("tiny-teacher-outputs", result.samples.fingerprint)}

@@ -11,16 +11,17 @@ import json
 
 import pytest
 import torch
+from conftest import build_tiny_model
 from huggingface_hub import HfApi
 from huggingface_hub.errors import RepositoryNotFoundError
 from transformers import AutoModelForCausalLM
 
-from conftest import build_tiny_model
-from stillhouse.registry.publish import push_folder, write_publish_folder
 from stillhouse.config import parse_config
 from stillhouse.errors import InputError, StillhouseError
 from stillhouse.licenses import check_pipeline_licenses
 from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
+from stillhouse.registry.hub import push_folder
+from stillhouse.registry.publish import write_publish_folder
 
 TOKEN = "hf_test_token"
 REPO = "alice/tiny-student"
@@ -32,18 +33,59 @@ def tiny_student(tmp_path_factory):
 
 
 def refs(student_path):
-    dataset = DatasetRef(stage="curate", fingerprint="d" * 16, path="/x", cached=True, train_rows=96, eval_rows=24, has_references=True, counts={})
-    samples = SamplesRef(stage="sample", fingerprint="s" * 16, path="/x", cached=True, rows=120, teacher="t", teacher_revision="local-sha256:abc",
-                         tokenizer_fingerprint="tok123", top_k_logprobs=4, generated_tokens=960)
-    student = ModelRef(stage="train", fingerprint="m" * 16, path="/x", cached=True, model_path=str(student_path), parameters=1234,
-                       train_seconds=12.5, final_loss=1.0)
-    report = EvalReport(stage="evaluate", fingerprint="e" * 16, path="/x", cached=True,
-                        metrics={"student_exact_match": 0.5, "teacher_exact_match": 0.9, "parameter_ratio": 0.25, "student_perplexity": 3.2})
+    dataset = DatasetRef(
+        stage="curate",
+        fingerprint="d" * 16,
+        path="/x",
+        cached=True,
+        train_rows=96,
+        eval_rows=24,
+        has_references=True,
+        counts={},
+    )
+    samples = SamplesRef(
+        stage="sample",
+        fingerprint="s" * 16,
+        path="/x",
+        cached=True,
+        rows=120,
+        teacher="t",
+        teacher_revision="local-sha256:abc",
+        tokenizer_fingerprint="tok123",
+        top_k_logprobs=4,
+        generated_tokens=960,
+    )
+    student = ModelRef(
+        stage="train",
+        fingerprint="m" * 16,
+        path="/x",
+        cached=True,
+        model_path=str(student_path),
+        parameters=1234,
+        train_seconds=12.5,
+        final_loss=1.0,
+    )
+    report = EvalReport(
+        stage="evaluate",
+        fingerprint="e" * 16,
+        path="/x",
+        cached=True,
+        metrics={
+            "student_exact_match": 0.5,
+            "teacher_exact_match": 0.9,
+            "parameter_ratio": 0.25,
+            "student_perplexity": 3.2,
+        },
+    )
     return dataset, samples, student, report
 
 
-LINEAGE = {"mlflow_run_id": "run123", "mlflow_run_url": "http://mlflow.example/#/experiments/1/runs/run123",
-           "prefect_flow_run_id": "flow-run-9", "code_version": "0.1.0+gabc"}
+LINEAGE = {
+    "mlflow_run_id": "run123",
+    "mlflow_run_url": "http://mlflow.example/#/experiments/1/runs/run123",
+    "prefect_flow_run_id": "flow-run-9",
+    "code_version": "0.1.0+gabc",
+}
 
 
 def publish_config(pipeline_raw, hub, **publish):
@@ -70,7 +112,9 @@ def test_publish_creates_uploads_tags_and_reads_back(tmp_path, pipeline_raw, hub
     published = push_folder(folder, config, tag="v1", description="publish fingerprint p1")
 
     commits = hub.commits(REPO)
-    assert len(commits) == 2 and commits[0]["sha"] == published.commit_oid  # the repo's initial commit + one publish commit
+    assert (
+        len(commits) == 2 and commits[0]["sha"] == published.commit_oid
+    )  # the repo's initial commit + one publish commit
     assert set(commits[0]["files"]) == {p.name for p in folder.iterdir()}
     api = HfApi(endpoint=hub.url, token=TOKEN)
     assert [(t.name, t.target_commit) for t in api.list_repo_refs(REPO).tags] == [("v1", published.commit_oid)]
@@ -85,15 +129,28 @@ def test_publish_creates_uploads_tags_and_reads_back(tmp_path, pipeline_raw, hub
     assert results == {"teacher exact_match": 0.9, "student exact_match": 0.5, "student perplexity": 3.2}
     assert card.model_name == "tiny-student"
     readme = (folder / "README.md").read_text()
-    assert "run123" in readme and "http://mlflow.example/#/experiments/1/runs/run123" in readme  # the card links back to the run
+    assert (
+        "run123" in readme and "http://mlflow.example/#/experiments/1/runs/run123" in readme
+    )  # the card links back to the run
     assert "## Intended use" in readme and "## Limitations" in readme and "12 s of training" in readme
 
     provenance = json.loads((folder / "stillhouse.json").read_text())
-    assert provenance["teacher"] == {"id": config.sample.teacher, "revision": "local-sha256:abc", "tokenizer_fingerprint": "tok123"}
+    assert provenance["teacher"] == {
+        "id": config.sample.teacher,
+        "revision": "local-sha256:abc",
+        "tokenizer_fingerprint": "tok123",
+    }
     assert provenance["mlflow_run_id"] == "run123" and provenance["prefect_flow_run_id"] == "flow-run-9"
     assert provenance["fingerprints"]["curate"] == "d" * 16 and provenance["config"]["publish"]["repo_id"] == REPO
-    assert set(provenance["files"]) == {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                                        "README.md", "chat_template.jinja"} & {p.name for p in folder.iterdir()} | {"model.safetensors"}
+    assert set(provenance["files"]) == {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        "chat_template.jinja",
+    } & {p.name for p in folder.iterdir()} | {"model.safetensors"}
 
     downloaded = api.snapshot_download(REPO, revision="v1", cache_dir=tmp_path / "fresh-cache")
     remote, local = AutoModelForCausalLM.from_pretrained(downloaded), AutoModelForCausalLM.from_pretrained(tiny_student)
@@ -118,7 +175,9 @@ def test_a_private_repo_is_refused_without_a_token(tmp_path, pipeline_raw, hub, 
 def test_a_wrong_token_fails_with_a_clear_message(tmp_path, pipeline_raw, hub, monkeypatch, tiny_student):
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     config = publish_config(pipeline_raw, hub)
-    with pytest.raises(StillhouseError, match=r"HTTP 401 Invalid credentials.*refused the token in \$HF_TOKEN") as failure:
+    with pytest.raises(
+        StillhouseError, match=r"HTTP 401 Invalid credentials.*refused the token in \$HF_TOKEN"
+    ) as failure:
         push_folder(write_folder(tmp_path, config, tiny_student), config)
     assert "hf_wrong" not in str(failure.value)
     assert not hub.repos
@@ -133,14 +192,18 @@ def test_a_transient_503_on_the_commit_is_retried(tmp_path, pipeline_raw, hub, m
 
     assert [r.status for r in hub.requests if r.path.endswith("/commit/main")] == [503, 200]
     assert len(hub.commits(REPO)) == 2 and hub.commits(REPO)[0]["sha"] == published.commit_oid
-    assert messages == [f"Hub commit: HTTP 503 LoopbackHub injected fault: HTTP 503; retry 1/{config.publish.hub_retries} in 0.0s"]
+    assert messages == [
+        f"Hub commit: HTTP 503 LoopbackHub injected fault: HTTP 503; retry 1/{config.publish.hub_retries} in 0.0s"
+    ]
 
 
 def test_a_commit_whose_answer_is_lost_is_not_applied_twice(tmp_path, pipeline_raw, hub, monkeypatch, tiny_student):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     config = publish_config(pipeline_raw, hub)
     hub.inject("POST", r"/commit/", drop=True, after_handling=True)
-    published = push_folder(write_folder(tmp_path, config, tiny_student), config, tag="v1", description="fingerprint f1")
+    published = push_folder(
+        write_folder(tmp_path, config, tiny_student), config, tag="v1", description="fingerprint f1"
+    )
     # The first commit landed; on the retry the client sees every file already there and commits nothing
     # (had anything differed, the retry's pin to the old head would have been refused with 412).
     assert [r.status for r in hub.requests if r.path.endswith("/commit/main")] == [0]
@@ -154,7 +217,9 @@ def test_a_license_override_is_written_into_the_card(tmp_path, pipeline_raw, hub
     (teacher / "config.json").write_text("{}")
     (teacher / "README.md").write_text(teacher_readme)
     pipeline_raw["sample"]["teacher"] = str(teacher)
-    config = publish_config(pipeline_raw, hub, license_override="Meta granted us a naming exception in writing (ref 42)")
+    config = publish_config(
+        pipeline_raw, hub, license_override="Meta granted us a naming exception in writing (ref 42)"
+    )
     check = check_pipeline_licenses(config)
     assert not check.ok
     folder = write_publish_folder(tmp_path / "out", config, *refs(tiny_student), check, LINEAGE)
@@ -187,7 +252,9 @@ def test_a_license_violation_blocks_publishing_before_anything_runs(tmp_path, pi
     assert main(["validate", str(config_path)]) == 0
 
 
-def test_a_retried_commit_refused_as_stale_is_recognised_as_landed(tmp_path, pipeline_raw, hub, monkeypatch, tiny_student):
+def test_a_retried_commit_refused_as_stale_is_recognised_as_landed(
+    tmp_path, pipeline_raw, hub, monkeypatch, tiny_student
+):
     """The retry of a commit that did land is pinned to the old head, so the Hub refuses it (412) rather than apply it twice."""
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     config = publish_config(pipeline_raw, hub)
@@ -199,7 +266,9 @@ def test_a_retried_commit_refused_as_stale_is_recognised_as_landed(tmp_path, pip
     published = push_folder(second, config, tag="v2", description="publish fingerprint f2")
 
     assert [r.status for r in hub.requests if r.path.endswith("/commit/main")][-2:] == [0, 412]
-    assert len(hub.commits(REPO)) == 3 and published.commit_oid == hub.commits(REPO)[0]["sha"]  # initial, v1, v2: nothing twice
+    assert (
+        len(hub.commits(REPO)) == 3 and published.commit_oid == hub.commits(REPO)[0]["sha"]
+    )  # initial, v1, v2: nothing twice
     assert "notes.txt" not in hub.files(REPO)
     refs_now = HfApi(endpoint=hub.url, token=TOKEN).list_repo_refs(REPO)
     assert {t.name: t.target_commit for t in refs_now.tags}["v2"] == published.commit_oid

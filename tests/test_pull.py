@@ -1,6 +1,6 @@
 """`stillhouse pull`: download a published student, verify it, prompt it or chat with it.
 
-    .venv/bin/python -m pytest tests/test_pull.py -q
+.venv/bin/python -m pytest tests/test_pull.py -q
 """
 
 import io
@@ -8,17 +8,18 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import build_tiny_model
 from huggingface_hub import HfApi
 from rich.console import Console
+from test_publish import LINEAGE, refs
 
-from conftest import build_tiny_model
-from stillhouse.flows.cli import main
-from stillhouse.registry.publish import push_folder, write_publish_folder
-from stillhouse.registry.pull import Chat, chat_loop, download
 from stillhouse.config import parse_config
 from stillhouse.errors import StillhouseError
+from stillhouse.flows.cli import main
 from stillhouse.licenses import check_pipeline_licenses
-from test_publish import LINEAGE, refs
+from stillhouse.registry.hub import push_folder
+from stillhouse.registry.publish import PublishedModel, write_publish_folder
+from stillhouse.registry.pull import Chat, chat_loop, download
 
 TOKEN = "hf_test_token"
 REPO = "alice/tiny-student"
@@ -32,12 +33,28 @@ def published(tmp_path, pipeline_raw, hub, monkeypatch):
     pipeline_raw["publish"] = {"repo_id": REPO, "endpoint": hub.url, "private": False, "retry_backoff_s": 0.01}
     config = parse_config(pipeline_raw)
     folder = write_publish_folder(tmp_path / "out", config, *refs(student), check_pipeline_licenses(config), LINEAGE)
-    return push_folder(folder, config, tag="v1")
+    return PublishedModel(folder=str(folder), **push_folder(folder, config, tag="v1").model_dump())
 
 
 def test_pull_verifies_and_answers_a_prompt(published, hub, capsys, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")  # a public repo needs no token
-    assert main(["pull", REPO, "--revision", "v1", "--endpoint", hub.url, "--prompt", "reverse: abc", "--max-new-tokens", "4"]) == 0
+    assert (
+        main(
+            [
+                "pull",
+                REPO,
+                "--revision",
+                "v1",
+                "--endpoint",
+                hub.url,
+                "--prompt",
+                "reverse: abc",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     files = len(json.loads((Path(published.folder) / "stillhouse.json").read_text())["files"])
     assert f"commit {published.commit_oid[:12]}" in out and f"verified {files} files against stillhouse.json" in out
@@ -54,6 +71,7 @@ def test_chat_loop_keeps_the_conversation_and_ends_on_exit_or_eof(published, hub
 
     def end_of_input(prompt):
         raise EOFError
+
     assert chat_loop(chat, console, read=end_of_input) == 0
 
 
@@ -61,9 +79,13 @@ def test_changed_weights_are_refused(published, hub, tmp_path):
     api = HfApi(endpoint=hub.url, token=TOKEN)
     other = build_tiny_model(tmp_path / "other", hidden_size=16, seed=99)
     api.upload_file(path_or_fileobj=str(other / "model.safetensors"), path_in_repo="model.safetensors", repo_id=REPO)
-    with pytest.raises(StillhouseError, match=r"model.safetensors has sha256 [0-9a-f]{64}, but stillhouse.json records"):
+    with pytest.raises(
+        StillhouseError, match=r"model.safetensors has sha256 [0-9a-f]{64}, but stillhouse.json records"
+    ):
         download(REPO, None, hub.url, cache_dir=str(tmp_path / "cache"))
-    assert download(REPO, "v1", hub.url, cache_dir=str(tmp_path / "cache")).commit == published.commit_oid  # the tag still verifies
+    assert (
+        download(REPO, "v1", hub.url, cache_dir=str(tmp_path / "cache")).commit == published.commit_oid
+    )  # the tag still verifies
 
     api.delete_file("stillhouse.json", repo_id=REPO)
     with pytest.raises(StillhouseError, match="has no stillhouse.json"):

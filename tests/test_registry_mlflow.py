@@ -1,18 +1,18 @@
 """The MLflow side of a student: lineage tags on runs and versions, and loading the champion with mlflow.transformers.
 
-    .venv/bin/python -m pytest tests/test_registry_mlflow.py -q
+.venv/bin/python -m pytest tests/test_registry_mlflow.py -q
 """
 
 import mlflow
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import build_tiny_model
+from mlflow.tracking import MlflowClient
+from test_publish import refs
+
+from stillhouse.config import parse_config
 from stillhouse.registry.model_registry import register_student
 from stillhouse.registry.promotion import find_champion, promote
 from stillhouse.registry.tracking import code_version, lineage_tags, log_stage, start_pipeline_run
-from stillhouse.config import parse_config
-from test_publish import refs
 
 pytestmark = pytest.mark.slow  # mlflow.transformers.log_model writes and reads a model: ~10 s
 
@@ -22,7 +22,9 @@ def test_a_registered_student_carries_its_lineage_and_loads_as_champion(tmp_path
     tracking = start_pipeline_run(config, "flow-run-1", "http://127.0.0.1:4200/flow-runs/flow-run/flow-run-1")
     client = MlflowClient(tracking.tracking_uri)
     parent = client.get_run(tracking.parent_run_id).data.tags
-    assert parent["prefect.flow_run_id"] == "flow-run-1" and parent["prefect.flow_run_url"].endswith("/flow-run/flow-run-1")
+    assert parent["prefect.flow_run_id"] == "flow-run-1" and parent["prefect.flow_run_url"].endswith(
+        "/flow-run/flow-run-1"
+    )
     assert parent["stillhouse.code_version"] == code_version() and code_version().startswith("0.")
     assert parent["stillhouse.teacher"] == config.sample.teacher and parent["stillhouse.method"] == "kd"
 
@@ -32,16 +34,24 @@ def test_a_registered_student_carries_its_lineage_and_loads_as_champion(tmp_path
     registered = register_student(config.registry, tracking, student, run_id, tags=lineage, license="apache-2.0")
     version = client.get_model_version(registered.name, registered.version)
     assert version.tags["stillhouse.teacher_revision"] == "local-sha256:abc"
-    assert version.tags["stillhouse.data_fingerprint"] == dataset.fingerprint and version.tags["stillhouse.samples_fingerprint"] == samples.fingerprint
+    assert (
+        version.tags["stillhouse.data_fingerprint"] == dataset.fingerprint
+        and version.tags["stillhouse.samples_fingerprint"] == samples.fingerprint
+    )
     assert version.tags["stillhouse.method"] == "kd" and version.tags["prefect.flow_run_id"] == "flow-run-1"
-    assert version.tags["stillhouse.code_version"] == code_version() and version.tags["stillhouse.train_fingerprint"] == student.fingerprint
+    assert (
+        version.tags["stillhouse.code_version"] == code_version()
+        and version.tags["stillhouse.train_fingerprint"] == student.fingerprint
+    )
 
-    promote(client, registered.name, registered.version, "champion")
-    assert find_champion(client, registered.name, "champion").version == registered.version
+    promote(tracking, registered.name, registered.version, "champion")
+    assert find_champion(tracking, registered.name, "champion").version == registered.version
     mlflow.set_tracking_uri(tracking.tracking_uri)
     components = mlflow.transformers.load_model(f"models:/{registered.name}@champion", return_type="components")
     tokenizer, model = components["tokenizer"], components["model"]
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "reverse: ab"}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "reverse: ab"}], tokenize=False, add_generation_prompt=True
+    )
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert inputs["input_ids"].shape[1] < generated.shape[1] <= inputs["input_ids"].shape[1] + 3

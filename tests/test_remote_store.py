@@ -9,8 +9,8 @@ from pathlib import Path
 import boto3
 import pyarrow.parquet as pq
 import pytest
-
 from servers import s3_server
+
 from stillhouse.config import CurateConfig, SampleConfig
 from stillhouse.data.curate import curate
 from stillhouse.errors import StillhouseError
@@ -57,7 +57,9 @@ def test_a_stage_output_is_uploaded_with_its_manifest_and_read_back_elsewhere(s3
     assert Path(read.path).is_relative_to(tmp_path / "machine-b")
     for name in ("train.parquet", "eval.parquet"):
         assert pq.read_table(Path(read.path) / name).equals(pq.read_table(Path(written.path) / name))
-    assert json.loads((Path(read.path) / MANIFEST).read_text()) == json.loads(s3.get_object(Bucket="stillhouse", Key=prefix + MANIFEST)["Body"].read())
+    assert json.loads((Path(read.path) / MANIFEST).read_text()) == json.loads(
+        s3.get_object(Bucket="stillhouse", Key=prefix + MANIFEST)["Body"].read()
+    )
 
 
 def test_a_failed_stage_uploads_no_manifest_and_is_computed_again(s3, tmp_path):
@@ -71,18 +73,24 @@ def test_a_failed_stage_uploads_no_manifest_and_is_computed_again(s3, tmp_path):
         store.build("train", "f0", killed)
     assert not keys(s3, f"store/{tmp_path.name}/train/f0/"), "nothing of an unfinished stage is uploaded"
     assert store.manifest("train", "f0") is None
+
     def finished(folder):
         (folder / "weights.bin").write_bytes(b"w")
         return {"ok": True}
 
     redone = store.build("train", "f0", finished)
-    assert not redone.cached and Store(f"{URL}/{tmp_path.name}", cache=tmp_path / "other").manifest("train", "f0")["ok"] is True
+    assert (
+        not redone.cached
+        and Store(f"{URL}/{tmp_path.name}", cache=tmp_path / "other").manifest("train", "f0")["ok"] is True
+    )
 
 
 def test_a_missing_bucket_is_named_before_anything_is_computed(s3, tmp_path):
     computed = []
     with pytest.raises(StillhouseError, match=r"bucket 'no-such-bucket' does not exist .*create it"):
-        Store("s3://no-such-bucket/x", cache=tmp_path / "cache").build("curate", "f1", lambda folder: computed.append(1) or {})
+        Store("s3://no-such-bucket/x", cache=tmp_path / "cache").build(
+            "curate", "f1", lambda folder: computed.append(1) or {}
+        )
     assert not computed
 
 
@@ -90,7 +98,15 @@ def test_a_missing_bucket_is_named_before_anything_is_computed(s3, tmp_path):
 def test_sampling_interrupted_after_two_shards_resumes_on_another_machine(s3, tmp_path, tiny_teacher, prompts_jsonl):
     url = f"{URL}/{tmp_path.name}"
     dataset = curate(CurateConfig(source=str(prompts_jsonl)), Store(url, cache=tmp_path / "machine-a"))
-    config = SampleConfig(teacher=str(tiny_teacher), max_new_tokens=6, temperature=1.0, seed=3, top_k_logprobs=3, shard_rows=30, batch_size=8)
+    config = SampleConfig(
+        teacher=str(tiny_teacher),
+        max_new_tokens=6,
+        temperature=1.0,
+        seed=3,
+        top_k_logprobs=3,
+        shard_rows=30,
+        batch_size=8,
+    )
 
     # Machine A samples two shards and dies: no finish_sampling, so no manifest; its lock dies with it.
     first_store = Store(url, cache=tmp_path / "machine-a")
@@ -100,7 +116,9 @@ def test_sampling_interrupted_after_two_shards_resumes_on_another_machine(s3, tm
         sample_shard(config, dataset, first, index)
     first_store.release("sample", first.fingerprint)
     prefix = f"store/{tmp_path.name}/sample/{first.fingerprint}/"
-    assert set(keys(s3, prefix)) == {prefix + "shard-00000.parquet", prefix + "shard-00001.parquet"}, "each shard is uploaded as it finishes"
+    assert set(keys(s3, prefix)) == {prefix + "shard-00000.parquet", prefix + "shard-00001.parquet"}, (
+        "each shard is uploaded as it finishes"
+    )
 
     # Machine B (an empty cache) plans only the missing shards, then finishes the stage.
     second_store = Store(url, cache=tmp_path / "machine-b")
@@ -116,16 +134,23 @@ def test_sampling_interrupted_after_two_shards_resumes_on_another_machine(s3, tm
 
 
 @pytest.mark.slow
-def test_the_whole_pipeline_runs_on_an_s3_store_and_a_second_machine_reuses_it(s3, prefect_harness, pipeline_raw, tmp_path, monkeypatch):
-    from stillhouse.flows.distill import distill
+def test_the_whole_pipeline_runs_on_an_s3_store_and_a_second_machine_reuses_it(
+    s3, prefect_harness, pipeline_raw, tmp_path, monkeypatch
+):
     from stillhouse.config import parse_config
+    from stillhouse.flows.distill import distill
 
     pipeline_raw["store"] = f"{URL}/{tmp_path.name}"
     monkeypatch.setenv("STILLHOUSE_STORE_CACHE", str(tmp_path / "machine-a"))
     first = distill(parse_config(pipeline_raw), until="register")
     assert first.registered is not None and not any(first.cached.values())
     uploaded = keys(s3, f"store/{tmp_path.name}/")
-    for stage, ref in {"curate": first.dataset, "sample": first.samples, "train": first.student, "evaluate": first.report}.items():
+    for stage, ref in {
+        "curate": first.dataset,
+        "sample": first.samples,
+        "train": first.student,
+        "evaluate": first.report,
+    }.items():
         assert f"store/{tmp_path.name}/{stage}/{ref.fingerprint}/{MANIFEST}" in uploaded, stage
     assert any(key.endswith(".safetensors") for key in uploaded), "the student's weights are in the bucket"
 

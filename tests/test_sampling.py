@@ -8,15 +8,18 @@ import torch
 
 from stillhouse.config import CurateConfig, SampleConfig
 from stillhouse.data.curate import curate
-from stillhouse.errors import InputError
 from stillhouse.demo import TEACHER_DIR as DEMO_TEACHER_DIR
+from stillhouse.errors import InputError
 from stillhouse.models import load_causal_lm, load_tokenizer
 from stillhouse.sampling.hf_engine import generate, greedy_loop_supported, render_prompts
 from stillhouse.sampling.sample import sample_teacher
 from stillhouse.sampling.teacher_outputs import read_teacher_outputs
 from stillhouse.store import MANIFEST, Store
 
-PROMPTS = [[{"role": "user", "content": text}] for text in ["sort letters: dcba", "reverse: hello there", "hi", "sort numbers: 31 12 77 40"]]
+PROMPTS = [
+    [{"role": "user", "content": text}]
+    for text in ["sort letters: dcba", "reverse: hello there", "hi", "sort numbers: 31 12 77 40"]
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +43,19 @@ def test_the_greedy_loop_retiring_finished_rows_equals_model_generate():
     rendered = render_prompts(tokenizer, PROMPTS)
     assert greedy_loop_supported(model)
     ours = generate(model, tokenizer, rendered, max_new_tokens=12, batch_size=4, top_k_logprobs=4)
-    assert len({len(g.token_ids) for g in ours}) > 1, "rows must finish at different steps for this test to mean anything"
+    assert len({len(g.token_ids) for g in ours}) > 1, (
+        "rows must finish at different steps for this test to mean anything"
+    )
     for prompt, generation in zip(rendered, ours):
         inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        output = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                return_dict_in_generate=True, output_logits=True)
+        output = model.generate(
+            **inputs,
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
         expected = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
         if tokenizer.eos_token_id in expected:
             expected = expected[: expected.index(tokenizer.eos_token_id) + 1]
@@ -62,7 +73,9 @@ def test_a_generation_config_that_changes_greedy_decoding_goes_through_generate(
         ours = generate(model, tokenizer, rendered, max_new_tokens=10, batch_size=2)
         for prompt, generation in zip(rendered, ours):
             inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-            expected = model.generate(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, inputs["input_ids"].shape[1] :].tolist()
+            expected = model.generate(
+                **inputs, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )[0, inputs["input_ids"].shape[1] :].tolist()
             assert generation.token_ids == expected[: len(generation.token_ids)]
     finally:
         model.generation_config.repetition_penalty = 1.0
@@ -72,7 +85,9 @@ def test_top_k_logprobs_are_the_teachers_full_distribution_at_each_generated_pos
     model, tokenizer = teacher
     rendered = render_prompts(tokenizer, PROMPTS[:2])
     # Sampling at a high temperature must not change the captured log-probs (taken at temperature 1).
-    generations = generate(model, tokenizer, rendered, max_new_tokens=6, batch_size=2, top_k_logprobs=5, temperature=1.7, seed=3)
+    generations = generate(
+        model, tokenizer, rendered, max_new_tokens=6, batch_size=2, top_k_logprobs=5, temperature=1.7, seed=3
+    )
     for prompt, generation in zip(rendered, generations):
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         sequence = torch.tensor([prompt_ids + generation.token_ids])
@@ -113,7 +128,9 @@ def test_store_holds_rows_and_manifest_and_resumes_at_shard_level(tmp_path, tiny
 def test_k_larger_than_vocabulary_and_missing_teacher_fail_before_loading(tmp_path, tiny_teacher):
     from stillhouse.sampling.sample import check_teacher
 
-    with pytest.raises(InputError, match=r"sample.top_k_logprobs: k=500 is larger than the teacher's vocabulary \(\d+\)"):
+    with pytest.raises(
+        InputError, match=r"sample.top_k_logprobs: k=500 is larger than the teacher's vocabulary \(\d+\)"
+    ):
         check_teacher(SampleConfig(teacher=str(tiny_teacher), top_k_logprobs=500))
     with pytest.raises(InputError, match=r"sample.teacher: model path '.*no-such-teacher' does not exist"):
         check_teacher(SampleConfig(teacher=str(tmp_path / "no-such-teacher")))
@@ -135,7 +152,9 @@ def test_token_budget_batches_hold_the_budget_and_give_the_same_greedy_outputs(t
 
 def test_tail_mass_completes_the_top_k_to_one(teacher):
     model, tokenizer = teacher
-    (generation,) = generate(model, tokenizer, render_prompts(tokenizer, PROMPTS[:1]), max_new_tokens=5, top_k_logprobs=3)
+    (generation,) = generate(
+        model, tokenizer, render_prompts(tokenizer, PROMPTS[:1]), max_new_tokens=5, top_k_logprobs=3
+    )
     total = torch.tensor(generation.top_k_logprobs).exp().sum(-1) + torch.tensor(generation.tail_logprobs).exp()
     torch.testing.assert_close(total, torch.ones(len(generation.token_ids)), atol=1e-5, rtol=0)
 
@@ -145,7 +164,9 @@ def test_n_samples_per_prompt_are_seeded_and_top_k_1_sampling_is_greedy(teacher)
     rendered = render_prompts(tokenizer, PROMPTS[:2])
     sampled = generate(model, tokenizer, rendered, max_new_tokens=8, temperature=1.0, n=3, seed=7)
     assert [g.sample_index for g in sampled] == [0, 1, 2, 0, 1, 2]
-    assert [g.token_ids for g in generate(model, tokenizer, rendered, max_new_tokens=8, temperature=1.0, n=3, seed=7)] == [g.token_ids for g in sampled]
+    assert [
+        g.token_ids for g in generate(model, tokenizer, rendered, max_new_tokens=8, temperature=1.0, n=3, seed=7)
+    ] == [g.token_ids for g in sampled]
     assert len({tuple(g.token_ids) for g in sampled[:3]}) > 1  # a random 2-layer model samples different answers
     greedy = generate(model, tokenizer, rendered, max_new_tokens=8)
     top_1 = generate(model, tokenizer, rendered, max_new_tokens=8, temperature=1.3, top_k=1, n=2, seed=1)
@@ -168,11 +189,22 @@ def small_dataset(tmp_path_factory, prompts_jsonl):
     return curate(CurateConfig(source=str(prompts_jsonl)), Store(tmp_path_factory.mktemp("curated")))
 
 
-def test_overlong_prompts_fail_before_sampling_or_are_truncated_or_skipped_and_counted(tmp_path, tiny_teacher, small_dataset):
+def test_overlong_prompts_fail_before_sampling_or_are_truncated_or_skipped_and_counted(
+    tmp_path, tiny_teacher, small_dataset
+):
     from stillhouse.sampling.sample import plan_shards
 
-    settings = {"teacher": str(tiny_teacher), "max_new_tokens": 4, "top_k_logprobs": 2, "context_length": 24, "shard_rows": 50}
-    with pytest.raises(InputError, match=r"prompt '\w+' \((train|eval) split\): \d+ tokens \+ max_new_tokens 4 exceed the teacher's context of 24; set sample.overlong_prompts"):
+    settings = {
+        "teacher": str(tiny_teacher),
+        "max_new_tokens": 4,
+        "top_k_logprobs": 2,
+        "context_length": 24,
+        "shard_rows": 50,
+    }
+    with pytest.raises(
+        InputError,
+        match=r"prompt '\w+' \((train|eval) split\): \d+ tokens \+ max_new_tokens 4 exceed the teacher's context of 24; set sample.overlong_prompts",
+    ):
         plan_shards(SampleConfig(**settings), small_dataset, Store(tmp_path))
     assert not list(tmp_path.rglob("shard-*"))
 
@@ -181,7 +213,9 @@ def test_overlong_prompts_fail_before_sampling_or_are_truncated_or_skipped_and_c
     assert counts["skipped"] > 0 and counts["truncated"] == 0
     assert skipped.rows == small_dataset.train_rows + small_dataset.eval_rows - counts["skipped"]
 
-    truncated = sample_teacher(SampleConfig(**settings, overlong_prompts="truncate_left"), small_dataset, Store(tmp_path))
+    truncated = sample_teacher(
+        SampleConfig(**settings, overlong_prompts="truncate_left"), small_dataset, Store(tmp_path)
+    )
     counts = json.loads((tmp_path / "sample" / truncated.fingerprint / MANIFEST).read_text())["counts"]
     assert counts == {"truncated": skipped_count(skipped, small_dataset), "skipped": 0}
     assert truncated.rows == small_dataset.train_rows + small_dataset.eval_rows
@@ -197,12 +231,24 @@ def test_n_samples_land_in_the_store_as_rows_with_a_sample_index(tmp_path, tiny_
     rows = read_teacher_outputs(samples.path)
     assert samples.rows == 2 * (small_dataset.train_rows + small_dataset.eval_rows) == len(rows)
     assert all(sorted(indices) == [0, 1] for indices in rows.groupby("prompt_id")["sample_index"].apply(list))
-    assert list(rows.columns) == ["prompt_id", "split", "sample_index", "response_text", "response_token_ids", "top_k_ids",
-                                  "top_k_logprobs", "tail_logprobs"]
-    assert str(rows["top_k_ids"].iloc[0][0].dtype) == "int32" and str(rows["top_k_logprobs"].iloc[0][0].dtype) == "float16"
+    assert list(rows.columns) == [
+        "prompt_id",
+        "split",
+        "sample_index",
+        "response_text",
+        "response_token_ids",
+        "top_k_ids",
+        "top_k_logprobs",
+        "tail_logprobs",
+    ]
+    assert (
+        str(rows["top_k_ids"].iloc[0][0].dtype) == "int32" and str(rows["top_k_logprobs"].iloc[0][0].dtype) == "float16"
+    )
 
 
-def test_teacher_without_chat_template_and_bad_revision_and_vllm_without_gpu_fail_before_sampling(tmp_path, tiny_teacher, monkeypatch):
+def test_teacher_without_chat_template_and_bad_revision_and_vllm_without_gpu_fail_before_sampling(
+    tmp_path, tiny_teacher, monkeypatch
+):
     import shutil
 
     from stillhouse.sampling.sample import check_teacher
@@ -213,18 +259,27 @@ def test_teacher_without_chat_template_and_bad_revision_and_vllm_without_gpu_fai
     tokenizer_config = json.loads((plain / "tokenizer_config.json").read_text())
     tokenizer_config.pop("chat_template", None)
     (plain / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    with pytest.raises(InputError, match=r"sample.teacher: '.*plain-teacher' has no chat template, and the prompts are chat messages"):
+    with pytest.raises(
+        InputError, match=r"sample.teacher: '.*plain-teacher' has no chat template, and the prompts are chat messages"
+    ):
         check_teacher(SampleConfig(teacher=str(plain)))
 
     from huggingface_hub import constants
 
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no network: the lookup fails at once, as a missing repo would
+    monkeypatch.setattr(
+        constants, "HF_HUB_OFFLINE", True
+    )  # no network: the lookup fails at once, as a missing repo would
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    with pytest.raises(InputError, match=r"sample.teacher/sample.revision: cannot read 'no-org/no-model' at revision 'v9'"):
+    with pytest.raises(
+        InputError, match=r"sample.teacher/sample.revision: cannot read 'no-org/no-model' at revision 'v9'"
+    ):
         check_teacher(SampleConfig(teacher="no-org/no-model", revision="v9"))
 
     if not torch.cuda.is_available():
-        with pytest.raises(InputError, match=r"sample.engine: `vllm` needs vLLM and a CUDA GPU; install it with `pip install stillhouse\[vllm\]`"):
+        with pytest.raises(
+            InputError,
+            match=r"sample.engine: `vllm` needs vLLM and a CUDA GPU; install it with `pip install stillhouse\[vllm\]`",
+        ):
             check_teacher(SampleConfig(teacher=str(tiny_teacher), engine="vllm"))
 
 

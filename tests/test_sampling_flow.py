@@ -16,18 +16,29 @@ pytestmark = pytest.mark.slow
 def same_shards(a: str, b: str) -> bool:
     names = sorted(p.name for p in Path(a).glob("shard-*.parquet"))
     return names == sorted(p.name for p in Path(b).glob("shard-*.parquet")) and all(
-        pq.read_table(Path(a) / n).equals(pq.read_table(Path(b) / n)) for n in names)
+        pq.read_table(Path(a) / n).equals(pq.read_table(Path(b) / n)) for n in names
+    )
 
 
-def test_shards_run_as_mapped_tasks_under_the_gpu_limit_with_progress_and_resume(prefect_harness, pipeline_raw, tmp_path):
+def test_shards_run_as_mapped_tasks_under_the_gpu_limit_with_progress_and_resume(
+    prefect_harness, pipeline_raw, tmp_path
+):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName, FlowRunFilter,
-                                                FlowRunFilterId)
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
     from prefect.client.schemas.sorting import FlowRunSort
 
     from stillhouse.tasks.sample import sample_task
 
-    pipeline_raw["sample"].update(shard_rows=30, task_runner={"kind": "threads", "max_workers": 2, "gpu_concurrency": 2})
+    pipeline_raw["sample"].update(
+        shard_rows=30, task_runner={"kind": "threads", "max_workers": 2, "gpu_concurrency": 2}
+    )
     config = parse_config(pipeline_raw)
     dataset = curate(config.curate, Store(config.store))
     samples = sample_task(config, dataset, None)
@@ -37,10 +48,15 @@ def test_shards_run_as_mapped_tasks_under_the_gpu_limit_with_progress_and_resume
 
     with get_client(sync_client=True) as client:
         assert client.read_concurrency_limit_by_tag("gpu").concurrency_limit >= 1
-        (flow_run,) = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["sample-teacher"])),
-                                            sort=FlowRunSort.START_TIME_DESC, limit=1)
+        (flow_run,) = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["sample-teacher"])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=1,
+        )
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
+        )
     shard_runs = [run for run in runs if run.name.startswith("sample-shard")]
     assert len(shard_runs) == 4 and all("gpu" in run.tags for run in shard_runs)
     (progress,) = [a for a in artifacts if a.key == "sample-progress"]

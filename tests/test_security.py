@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import upload_to_default_hub
-from stillhouse.flows.cli import main
+
 from stillhouse.config import ConfigError, SampleConfig, TrainConfig, parse_config
 from stillhouse.errors import InputError
+from stillhouse.flows.cli import main
 from stillhouse.models import load_causal_lm, resolve_model
 from stillhouse.sampling.sample import check_teacher
 from stillhouse.training.train import build_student
@@ -43,7 +43,10 @@ def pickled_model(tmp_path, tiny_teacher) -> tuple[Path, Path]:
 
 def test_a_pickle_only_checkpoint_is_refused_before_it_is_opened(pickled_model, tmp_path, pipeline_raw, capsys):
     folder, marker = pickled_model
-    with pytest.raises(InputError, match=r"train.student: .* has weights only as pickle files \(pytorch_model.bin\), which can run arbitrary code"):
+    with pytest.raises(
+        InputError,
+        match=r"train.student: .* has weights only as pickle files \(pytorch_model.bin\), which can run arbitrary code",
+    ):
         load_causal_lm(str(folder), field="train.student")
     with pytest.raises(InputError, match=r"sample.teacher: .*pickle files.*convert it once"):
         resolve_model(str(folder), "sample.teacher")
@@ -58,9 +61,14 @@ def test_a_pickle_only_checkpoint_is_refused_before_it_is_opened(pickled_model, 
 def test_a_pickle_only_hub_repo_is_refused_before_any_weight_is_downloaded(pickled_model, hub, monkeypatch):
     folder, marker = pickled_model
     upload_to_default_hub(hub, monkeypatch, folder, "alice/pickled")
-    with pytest.raises(InputError, match=r"sample.teacher: 'alice/pickled' at revision 'main' has weights only as pickle files \(pytorch_model.bin\)"):
+    with pytest.raises(
+        InputError,
+        match=r"sample.teacher: 'alice/pickled' at revision 'main' has weights only as pickle files \(pytorch_model.bin\)",
+    ):
         check_teacher(SampleConfig(teacher="alice/pickled"))
-    with pytest.raises(InputError, match=r"train.student: 'alice/pickled' at revision 'main' has weights only as pickle files"):
+    with pytest.raises(
+        InputError, match=r"train.student: 'alice/pickled' at revision 'main' has weights only as pickle files"
+    ):
         load_causal_lm("alice/pickled", field="train.student")
     assert not marker.exists()
     assert not any(request.path.endswith("pytorch_model.bin") and request.method == "GET" for request in hub.requests)
@@ -88,18 +96,27 @@ def model_with_code(tmp_path, tiny_teacher, monkeypatch) -> tuple[Path, Path]:
         "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n"
     )
     settings = json.loads((folder / "config.json").read_text())
-    settings.update(model_type="custom-llama", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
-                                                         "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    settings.update(
+        model_type="custom-llama",
+        auto_map={
+            "AutoConfig": "configuration_custom.CustomConfig",
+            "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM",
+        },
+    )
     (folder / "config.json").write_text(json.dumps(settings))
     return folder, marker
 
 
 def test_model_code_runs_only_when_the_config_allows_it_for_that_model(model_with_code, tiny_teacher):
     folder, marker = model_with_code
-    with pytest.raises(InputError, match=r"sample.teacher: .* ships its own Python code .*set sample.trust_remote_code: true"):
+    with pytest.raises(
+        InputError, match=r"sample.teacher: .* ships its own Python code .*set sample.trust_remote_code: true"
+    ):
         check_teacher(SampleConfig(teacher=str(folder)))
     student = {"student": str(folder), "method": "sft", "max_steps": 1, "batch_size": 8}
-    with pytest.raises(InputError, match=r"train.student: .* ships its own Python code .*set train.trust_remote_code: true"):
+    with pytest.raises(
+        InputError, match=r"train.student: .* ships its own Python code .*set train.trust_remote_code: true"
+    ):
         build_student(TrainConfig.model_validate(student), str(tiny_teacher))
     assert not marker.exists()
 
@@ -110,17 +127,20 @@ def test_model_code_runs_only_when_the_config_allows_it_for_that_model(model_wit
     assert type(model).__name__ == "CustomForCausalLM"
 
 
-@pytest.mark.parametrize("section, key, value, message", [
-    ("", "name", "..", "name: Value error, '..' is not usable as a folder name"),
-    ("", "name", ".", "is not usable as a folder name"),
-    ("", "name", "../outside", "name: String should match pattern"),
-    ("", "name", "/etc", "name: String should match pattern"),
-    ("publish", "repo_id", "alice/..", "publish.repo_id: Value error, 'alice/..': each part of a Hub repo id"),
-    ("publish", "repo_id", "../alice", "each part of a Hub repo id must not start or end"),
-    ("publish", "repo_id", "alice/x/../y", "publish.repo_id: String should match pattern"),
-    ("publish", "repo_id", "/alice/model", "publish.repo_id: String should match pattern"),
-    ("publish", "repo_id", "alice/-model", "each part of a Hub repo id"),
-])
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("", "name", "..", "name: Value error, '..' is not usable as a folder name"),
+        ("", "name", ".", "is not usable as a folder name"),
+        ("", "name", "../outside", "name: String should match pattern"),
+        ("", "name", "/etc", "name: String should match pattern"),
+        ("publish", "repo_id", "alice/..", "publish.repo_id: Value error, 'alice/..': each part of a Hub repo id"),
+        ("publish", "repo_id", "../alice", "each part of a Hub repo id must not start or end"),
+        ("publish", "repo_id", "alice/x/../y", "publish.repo_id: String should match pattern"),
+        ("publish", "repo_id", "/alice/model", "publish.repo_id: String should match pattern"),
+        ("publish", "repo_id", "alice/-model", "each part of a Hub repo id"),
+    ],
+)
 def test_names_and_repo_ids_that_could_escape_are_refused(pipeline_raw, section, key, value, message):
     (pipeline_raw.setdefault(section, {}) if section else pipeline_raw)[key] = value
     with pytest.raises(ConfigError) as error:
@@ -140,41 +160,63 @@ def files_below(folder: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_tokens_never_reach_anything_the_pipeline_writes(prefect_harness, pipeline_raw, tiny_teacher, tmp_path, monkeypatch, capfd, caplog):
+def test_tokens_never_reach_anything_the_pipeline_writes(
+    prefect_harness, pipeline_raw, tiny_teacher, tmp_path, monkeypatch, capfd, caplog
+):
     """The tiny pipeline with both secrets set: the student pushed to a Hub that needs the token, and the
     teacher sampled behind an OpenAI-compatible server that needs the key. Every byte written is scanned."""
+    from hub_server import LoopbackHub
     from huggingface_hub import constants
+    from openai_server import FakeOpenAIServer
     from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
 
     from stillhouse.flows.distill import distill
-    from hub_server import LoopbackHub
-    from openai_server import FakeOpenAIServer
 
     home = tmp_path / "hf-home"
-    for name, value in {"HF_HOME": home, "HF_HUB_CACHE": home / "hub", "HF_TOKEN_PATH": home / "token",
-                        "HF_STORED_TOKENS_PATH": home / "stored_tokens"}.items():
+    for name, value in {
+        "HF_HOME": home,
+        "HF_HUB_CACHE": home / "hub",
+        "HF_TOKEN_PATH": home / "token",
+        "HF_STORED_TOKENS_PATH": home / "stored_tokens",
+    }.items():
         monkeypatch.setattr(constants, name, str(value))
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
     monkeypatch.setenv("STILLHOUSE_TEST_OPENAI_KEY", OPENAI_KEY)
     with LoopbackHub(tokens={HUB_TOKEN: "alice"}) as hub, FakeOpenAIServer(tiny_teacher) as teacher_server:
         # The whole pipeline, published to the Hub with the token.
-        pipeline_raw["publish"] = {"repo_id": "alice/tiny-student", "endpoint": hub.url, "teacher_license": "apache-2.0"}
+        pipeline_raw["publish"] = {
+            "repo_id": "alice/tiny-student",
+            "endpoint": hub.url,
+            "teacher_license": "apache-2.0",
+        }
         result = distill(parse_config(pipeline_raw))
         assert result.published is not None and result.published.repo_id == "alice/tiny-student"
         # The same prompts sampled through the OpenAI-compatible engine with the key, in the same store,
         # MLflow and Prefect. Up to sampling: the key is used only there (tests/test_served_teacher.py
         # runs the later stages with a served teacher).
-        pipeline_raw["sample"].update(engine="openai", teacher="tiny-teacher", openai={
-            "base_url": teacher_server.url, "api_key_env": "STILLHOUSE_TEST_OPENAI_KEY", "tokenizer": str(tiny_teacher), "backoff_seconds": 0})
+        pipeline_raw["sample"].update(
+            engine="openai",
+            teacher="tiny-teacher",
+            openai={
+                "base_url": teacher_server.url,
+                "api_key_env": "STILLHOUSE_TEST_OPENAI_KEY",
+                "tokenizer": str(tiny_teacher),
+                "backoff_seconds": 0,
+            },
+        )
         served = distill(parse_config(pipeline_raw), until="sample")
         assert served.samples.rows == result.samples.rows and not served.samples.cached
         # Both secrets were used, so the scan below means something.
         assert {request["authorization"] for request in teacher_server.requests} == {f"Bearer {OPENAI_KEY}"}
         assert any(request.token == HUB_TOKEN for request in hub.requests)
         assert not hub.server_errors, hub.server_errors
-        hub_files = {f"hub:{repo_id}@{sha}/{path}": content for (_, repo_id), repo in hub.repos.items()
-                     for sha, commit in repo.commits.items() for path, content in commit.files.items()}
+        hub_files = {
+            f"hub:{repo_id}@{sha}/{path}": content
+            for (_, repo_id), repo in hub.repos.items()
+            for sha, commit in repo.commits.items()
+            for path, content in commit.files.items()
+        }
         hub_files.update({f"hub-lfs:{oid}": content for oid, content in hub.lfs_objects.items()})
 
     # Everything under tmp_path: the store (with the published folder), MLflow's database and
@@ -183,10 +225,14 @@ def test_tokens_never_reach_anything_the_pipeline_writes(prefect_harness, pipeli
     prefect_db = Path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value().split("///", 1)[1])
     written.update(files_below(prefect_db.parent))
     captured = capfd.readouterr()
-    written.update({"stdout": captured.out.encode(), "stderr": captured.err.encode(), "log records": caplog.text.encode()})
+    written.update(
+        {"stdout": captured.out.encode(), "stderr": captured.err.encode(), "log records": caplog.text.encode()}
+    )
     written.update(hub_files)
     assert any(name.endswith("mlflow.db") for name in written) and str(prefect_db) in written
-    assert any(name.endswith("/README.md") for name in hub_files) and any(name.endswith("/model.safetensors") for name in hub_files)
+    assert any(name.endswith("/README.md") for name in hub_files) and any(
+        name.endswith("/model.safetensors") for name in hub_files
+    )
     for secret in (HUB_TOKEN, OPENAI_KEY):
         # Also a secret's distinctive middle, in case something wrote it truncated or quoted.
         for needle in (secret, secret[3:15]):

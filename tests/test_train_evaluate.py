@@ -1,14 +1,18 @@
 """Training on transformers.Trainer (SFT and top-k KD) and evaluation against the teacher."""
 
+import ast
+import inspect
+
 import pytest
+from conftest import curate_and_sample
 from transformers import AutoModelForCausalLM
 
-from conftest import curate_and_sample
 from stillhouse.config import EvaluateConfig, TrainConfig
 from stillhouse.evaluation.evaluate import evaluate_student
 from stillhouse.models import load_tokenizer
 from stillhouse.refs import ModelRef
-from stillhouse.training.train import build_examples, train_student
+from stillhouse.training.examples import build_examples
+from stillhouse.training.train import train_student
 
 ARCHITECTURE = {"hidden_size": 16, "num_layers": 2, "intermediate_size": 32, "num_heads": 2}
 
@@ -18,10 +22,35 @@ def sampled(tmp_path_factory, tiny_teacher, prompts_jsonl):
     return curate_and_sample(tmp_path_factory.mktemp("store"), tiny_teacher, prompts_jsonl)
 
 
+def imports_of(module) -> set[tuple[str, str]]:
+    """(module, name) of every ``from module import name`` in a module's source."""
+    tree = ast.parse(inspect.getsource(module))
+    return {
+        (node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names
+    }
+
+
+def test_training_and_evaluation_build_examples_from_their_own_module():
+    """Evaluation reads no training internals: both stages take example building from `stillhouse.training.examples`."""
+    from stillhouse.evaluation import evaluate
+    from stillhouse.training import examples, train
+
+    assert examples.build_examples.__module__ == examples.PadCollator.__module__ == "stillhouse.training.examples"
+    for stage in (train, evaluate):
+        assert {
+            ("stillhouse.training.examples", "build_examples"),
+            ("stillhouse.training.examples", "PadCollator"),
+        } <= imports_of(stage)
+        assert stage.build_examples is examples.build_examples and stage.PadCollator is examples.PadCollator
+    assert not [name for module, name in imports_of(evaluate) if module == "stillhouse.training.train"]
+
+
 def test_examples_mask_the_prompt_and_align_top_k_with_labels(sampled, tiny_teacher):
     _, dataset, samples = sampled
     tokenizer = load_tokenizer(str(tiny_teacher))
-    example = build_examples(dataset, samples, tokenizer, split="train", shared_vocabulary=True, with_top_k=True, max_seq_len=512)[0]
+    example = build_examples(
+        dataset, samples, tokenizer, split="train", shared_vocabulary=True, with_top_k=True, max_seq_len=512
+    )[0]
     prompt_length = example["labels"].count(-100)
     assert example["labels"][:prompt_length] == [-100] * prompt_length
     assert example["labels"][prompt_length:] == example["input_ids"][prompt_length:]
@@ -34,7 +63,15 @@ def test_examples_mask_the_prompt_and_align_top_k_with_labels(sampled, tiny_teac
 @pytest.mark.parametrize("method", ["sft", "kd"])
 def test_training_lowers_the_loss_and_saves_a_loadable_student(sampled, method):
     store, dataset, samples = sampled
-    config = TrainConfig(architecture=ARCHITECTURE, method=method, max_steps=40, batch_size=16, learning_rate=0.01, logging_steps=5, warmup_ratio=0.0)
+    config = TrainConfig(
+        architecture=ARCHITECTURE,
+        method=method,
+        max_steps=40,
+        batch_size=16,
+        learning_rate=0.01,
+        logging_steps=5,
+        warmup_ratio=0.0,
+    )
     student = train_student(config, dataset, samples, store)
     losses = [point["loss"] for point in student.loss_history]
     assert len(losses) == 8 and losses[-1] < losses[0] * 0.8
@@ -45,8 +82,16 @@ def test_training_lowers_the_loss_and_saves_a_loadable_student(sampled, method):
 
 def test_evaluating_the_teacher_against_itself_gives_zero_kl_and_full_agreement(sampled, tiny_teacher):
     store, dataset, samples = sampled
-    as_student = ModelRef(stage="train", fingerprint="teacher-copy", path=str(tiny_teacher), cached=True, model_path=str(tiny_teacher),
-                          parameters=0, train_seconds=0, final_loss=None)
+    as_student = ModelRef(
+        stage="train",
+        fingerprint="teacher-copy",
+        path=str(tiny_teacher),
+        cached=True,
+        model_path=str(tiny_teacher),
+        parameters=0,
+        train_seconds=0,
+        final_loss=None,
+    )
     report = evaluate_student(EvaluateConfig(max_new_tokens=8, max_prompts=15), dataset, samples, as_student, store)
     metrics = report.metrics
     assert metrics["kl_teacher_student"] < 1e-3  # float16 storage of the top-k is the only difference

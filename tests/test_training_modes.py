@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny_model, curate_and_sample
 from transformers import AutoModelForCausalLM
 
-from conftest import build_tiny_model, curate_and_sample
 from stillhouse.config import EvaluateConfig, TrainConfig
 from stillhouse.errors import InputError
 from stillhouse.evaluation.evaluate import evaluate_student
@@ -34,8 +34,16 @@ def sampled(tmp_path_factory, sharp_teacher, prompts_jsonl):
 
 
 def kd_config(**changes) -> TrainConfig:
-    settings = {"architecture": ARCHITECTURE, "method": "kd", "max_steps": 30, "batch_size": 16, "learning_rate": 0.01,
-                "logging_steps": 5, "warmup_ratio": 0.0, "ce_weight": 0.0}
+    settings = {
+        "architecture": ARCHITECTURE,
+        "method": "kd",
+        "max_steps": 30,
+        "batch_size": 16,
+        "learning_rate": 0.01,
+        "logging_steps": 5,
+        "warmup_ratio": 0.0,
+        "ce_weight": 0.0,
+    }
     settings.update(changes)
     return TrainConfig.model_validate(settings)
 
@@ -46,7 +54,9 @@ def test_vocabulary_check_accepts_padded_embeddings_and_refuses_a_real_mismatch(
     model = AutoModelForCausalLM.from_pretrained(padded)
     model.resize_token_embeddings(len(load_tokenizer(str(padded))) + 13)  # rows that are padding, as in Qwen2.5
     model.save_pretrained(padded)
-    student = train_student(TrainConfig(student=str(padded), method="kd", max_steps=2, batch_size=8), dataset, samples, store)
+    student = train_student(
+        TrainConfig(student=str(padded), method="kd", max_steps=2, batch_size=8), dataset, samples, store
+    )
     assert AutoModelForCausalLM.from_pretrained(student.model_path).config.vocab_size == model.config.vocab_size
 
     other = build_tiny_model(tmp_path / "other", hidden_size=16)
@@ -58,18 +68,33 @@ def test_vocabulary_check_accepts_padded_embeddings_and_refuses_a_real_mismatch(
         train_student(TrainConfig(student=str(other), method="kd", max_steps=1, batch_size=8), dataset, samples, store)
 
 
-@pytest.mark.parametrize("kd", [{"teacher": "online"}, {"teacher": "online", "online_top_k": 8, "kind": "jsd"}, {"kind": "reverse_kl", "tail": "renormalize"}])
+@pytest.mark.parametrize(
+    "kd",
+    [
+        {"teacher": "online"},
+        {"teacher": "online", "online_top_k": 8, "kind": "jsd"},
+        {"kind": "reverse_kl", "tail": "renormalize"},
+    ],
+)
 def test_kd_lowers_the_held_out_teacher_student_kl(sampled, kd):
     store, dataset, samples = sampled
     evaluation = EvaluateConfig(max_new_tokens=4, max_prompts=10)
-    barely = evaluate_student(evaluation, dataset, samples, train_student(kd_config(kd=kd, max_steps=1), dataset, samples, store), store)
-    trained = evaluate_student(evaluation, dataset, samples, train_student(kd_config(kd=kd), dataset, samples, store), store)
+    barely = evaluate_student(
+        evaluation, dataset, samples, train_student(kd_config(kd=kd, max_steps=1), dataset, samples, store), store
+    )
+    trained = evaluate_student(
+        evaluation, dataset, samples, train_student(kd_config(kd=kd), dataset, samples, store), store
+    )
     assert trained.metrics["kl_teacher_student"] < 0.8 * barely.metrics["kl_teacher_student"]
 
 
 def test_on_policy_training_scores_the_students_own_samples(sampled):
     store, dataset, samples = sampled
-    config = kd_config(kd={"teacher": "online", "lmbda": 1.0, "kind": "reverse_kl", "rollout_max_new_tokens": 6}, max_steps=6, logging_steps=2)
+    config = kd_config(
+        kd={"teacher": "online", "lmbda": 1.0, "kind": "reverse_kl", "rollout_max_new_tokens": 6},
+        max_steps=6,
+        logging_steps=2,
+    )
     student = train_student(config, dataset, samples, store)
     losses = [point["loss"] for point in student.loss_history]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
@@ -83,9 +108,16 @@ def test_rollout_labels_cover_generated_tokens_up_to_the_first_eos(tiny_teacher)
 
     tokenizer = load_tokenizer(str(tiny_teacher))
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher)
-    trainer = DistillationTrainer(model=model, args=TrainingArguments(output_dir="/tmp/unused", use_cpu=True, report_to="none"),
-                                  ce_weight=0.0, kd_weight=1.0, kd=KDConfig(teacher="online", lmbda=1.0, rollout_max_new_tokens=5),
-                                  vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    trainer = DistillationTrainer(
+        model=model,
+        args=TrainingArguments(output_dir="/tmp/unused", use_cpu=True, report_to="none"),
+        ce_weight=0.0,
+        kd_weight=1.0,
+        kd=KDConfig(teacher="online", lmbda=1.0, rollout_max_new_tokens=5),
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     prompt_ids = torch.tensor([[tokenizer.pad_token_id, 7, 8], [5, 6, 7]])
     prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
     inputs, labels = trainer.student_rollout(model, prompt_ids, prompt_mask)
@@ -101,11 +133,18 @@ def test_rollout_labels_cover_generated_tokens_up_to_the_first_eos(tiny_teacher)
 def test_lora_student_is_merged_into_plain_weights(sampled, tmp_path):
     store, dataset, samples = sampled
     base = build_tiny_model(tmp_path / "base", hidden_size=16)
-    config = TrainConfig(student=str(base), method="sft", max_steps=10, batch_size=8, learning_rate=0.05, lora={"r": 4, "alpha": 8})
+    config = TrainConfig(
+        student=str(base), method="sft", max_steps=10, batch_size=8, learning_rate=0.05, lora={"r": 4, "alpha": 8}
+    )
     student = train_student(config, dataset, samples, store)
-    trained, original = AutoModelForCausalLM.from_pretrained(student.model_path), AutoModelForCausalLM.from_pretrained(base)
+    trained, original = (
+        AutoModelForCausalLM.from_pretrained(student.model_path),
+        AutoModelForCausalLM.from_pretrained(base),
+    )
     assert set(trained.state_dict()) == set(original.state_dict())  # no adapter weights left
-    changed = [name for name, weight in trained.state_dict().items() if not torch.equal(weight, original.state_dict()[name])]
+    changed = [
+        name for name, weight in trained.state_dict().items() if not torch.equal(weight, original.state_dict()[name])
+    ]
     assert any("q_proj" in name for name in changed)
 
 
@@ -130,7 +169,9 @@ def test_two_processes_follow_the_single_process_loss_curve(sampled):
     store, dataset, samples = sampled
     single = train_student(kd_config(max_steps=20, batch_size=16, threads=1), dataset, samples, store)
     # The 2-process run also takes the chunked loss path, which must give the same curve.
-    double = train_student(kd_config(max_steps=20, batch_size=16, threads=1, num_processes=2, loss_chunk_size=64), dataset, samples, store)
+    double = train_student(
+        kd_config(max_steps=20, batch_size=16, threads=1, num_processes=2, loss_chunk_size=64), dataset, samples, store
+    )
     assert double.parameters == single.parameters
     assert (Path(double.path) / "result.json").is_file()  # written by rank 0 of the torchrun launch
     one, two = ([p["loss"] for p in run.loss_history] for run in (single, double))
@@ -145,7 +186,12 @@ def test_two_processes_follow_the_single_process_loss_curve(sampled):
 def test_gradient_accumulation_and_checkpointing_train_the_same_global_batch(sampled):
     store, dataset, samples = sampled
     plain = train_student(kd_config(max_steps=8, logging_steps=4), dataset, samples, store)
-    accumulated = train_student(kd_config(max_steps=8, logging_steps=4, gradient_accumulation_steps=2, gradient_checkpointing=True), dataset, samples, store)
+    accumulated = train_student(
+        kd_config(max_steps=8, logging_steps=4, gradient_accumulation_steps=2, gradient_checkpointing=True),
+        dataset,
+        samples,
+        store,
+    )
     assert [p["step"] for p in accumulated.loss_history] == [4, 8]
     for a, b in zip(plain.loss_history, accumulated.loss_history):
         assert abs(a["loss"] - b["loss"]) <= 0.05 * a["loss"]

@@ -29,6 +29,8 @@ def load_builtin(group: str, reference: str, field: str) -> Callable[..., Any]:
     found = entry_points(group=group, name=name)
     if not found:
         installed = ", ".join(sorted(PREFIX + point.name for point in entry_points(group=group))) or "none"
-        raise InputError(f"{field}: {reference!r} is not an installed built-in (installed: {installed}); "
-                         "use one of those, a local path or a Hub id")
+        raise InputError(
+            f"{field}: {reference!r} is not an installed built-in (installed: {installed}); "
+            "use one of those, a local path or a Hub id"
+        )
     return next(iter(found)).load()

@@ -16,7 +16,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from stillhouse import capabilities
 from stillhouse.builtins import is_builtin
+from stillhouse.capabilities import METRIC_GROUPS_NEEDING_REFERENCES
 
 DEMO_SOURCE = "builtin:demo"
 DEMO_TEACHER = "builtin:demo-teacher"
@@ -42,15 +44,33 @@ FORMAT_HELP = (
 class SourceConfig(StrictModel):
     """One source of a mixture: where its rows come from, how they map to chat messages, and its share."""
 
-    source: str = Field(description=f"A local .jsonl/.parquet/.csv file, a local `datasets` folder, a Hub dataset id, or `{DEMO_SOURCE}`.")
-    name: str | None = Field(None, min_length=1, description="Label of this source in the output's `source` column; null uses the file stem or dataset id.")
-    weight: float = Field(1.0, gt=0, description="Relative share of this source in the mixture's output (after filtering and deduplication).")
-    max_rows: int | None = Field(None, gt=0, description="Cap on the rows this source contributes; null leaves it uncapped.")
+    source: str = Field(
+        description=f"A local .jsonl/.parquet/.csv file, a local `datasets` folder, a Hub dataset id, or `{DEMO_SOURCE}`."
+    )
+    name: str | None = Field(
+        None,
+        min_length=1,
+        description="Label of this source in the output's `source` column; null uses the file stem or dataset id.",
+    )
+    weight: float = Field(
+        1.0,
+        gt=0,
+        description="Relative share of this source in the mixture's output (after filtering and deduplication).",
+    )
+    max_rows: int | None = Field(
+        None, gt=0, description="Cap on the rows this source contributes; null leaves it uncapped."
+    )
     format: ChatFormat = Field("auto", description=FORMAT_HELP)
-    prompt_column: str = Field("prompt", min_length=1, description="Column holding the prompt text (or a list of chat messages).")
+    prompt_column: str = Field(
+        "prompt", min_length=1, description="Column holding the prompt text (or a list of chat messages)."
+    )
     system_column: str | None = Field(None, description="Optional column holding a system prompt (format `columns`).")
-    reference_column: str | None = Field(None, description="Column holding a reference answer for exact-match evaluation; null if the data has none.")
-    category_column: str | None = Field(None, description="Optional column naming each row's category, for per-category accuracy.")
+    reference_column: str | None = Field(
+        None, description="Column holding a reference answer for exact-match evaluation; null if the data has none."
+    )
+    category_column: str | None = Field(
+        None, description="Optional column naming each row's category, for per-category accuracy."
+    )
     split: str = Field("train", description="Split to read when `source` is a `datasets` id or folder.")
     streaming: bool = Field(False, description="Stream a Hub dataset instead of downloading it first (Hub ids only).")
 
@@ -58,38 +78,71 @@ class SourceConfig(StrictModel):
 class LengthFilterConfig(StrictModel):
     """Bounds on a prompt's length, in characters and in teacher tokens; a bound left null is not checked."""
 
-    min_chars: int | None = Field(None, ge=0, description="Drop prompts with fewer characters (all turns' content together).")
-    max_chars: int | None = Field(None, gt=0, description="Drop prompts with more characters (all turns' content together).")
-    min_tokens: int | None = Field(None, ge=0, description="Drop prompts shorter than this many tokens of `tokenizer`, chat template applied.")
-    max_tokens: int | None = Field(None, gt=0, description="Drop prompts longer than this many tokens of `tokenizer`, chat template applied.")
+    min_chars: int | None = Field(
+        None, ge=0, description="Drop prompts with fewer characters (all turns' content together)."
+    )
+    max_chars: int | None = Field(
+        None, gt=0, description="Drop prompts with more characters (all turns' content together)."
+    )
+    min_tokens: int | None = Field(
+        None, ge=0, description="Drop prompts shorter than this many tokens of `tokenizer`, chat template applied."
+    )
+    max_tokens: int | None = Field(
+        None, gt=0, description="Drop prompts longer than this many tokens of `tokenizer`, chat template applied."
+    )
     tokenizer: str | None = Field(
-        None, description=f"The teacher's tokenizer for the token bounds: a local model folder, a Hub id, or `{DEMO_TEACHER}`. "
-        "Loaded only when a token bound is set."
+        None,
+        description=f"The teacher's tokenizer for the token bounds: a local model folder, a Hub id, or `{DEMO_TEACHER}`. "
+        "Loaded only when a token bound is set.",
     )
 
     @model_validator(mode="after")
     def _bounds(self) -> LengthFilterConfig:
         for low, high in (("min_chars", "max_chars"), ("min_tokens", "max_tokens")):
-            if getattr(self, low) is not None and getattr(self, high) is not None and getattr(self, low) > getattr(self, high):
-                raise ValueError(f"{low} ({getattr(self, low)}) is larger than {high} ({getattr(self, high)}); no prompt could pass")
+            if (
+                getattr(self, low) is not None
+                and getattr(self, high) is not None
+                and getattr(self, low) > getattr(self, high)
+            ):
+                raise ValueError(
+                    f"{low} ({getattr(self, low)}) is larger than {high} ({getattr(self, high)}); no prompt could pass"
+                )
         if (self.min_tokens is not None or self.max_tokens is not None) and self.tokenizer is None:
-            raise ValueError("min_tokens/max_tokens need `tokenizer`: set it to the teacher (e.g. the value of sample.teacher)")
+            raise ValueError(
+                "min_tokens/max_tokens need `tokenizer`: set it to the teacher (e.g. the value of sample.teacher)"
+            )
         return self
 
 
 class NearDuplicateConfig(StrictModel):
     """Near-duplicate removal with MinHash LSH over character shingles of the prompt's user turns."""
 
-    enabled: bool = Field(False, description="Remove near-duplicates; off by default because short templated prompts look alike.")
-    threshold: float = Field(0.6, gt=0, lt=1, description="Estimated Jaccard similarity of shingle sets at or above which two prompts are duplicates.")
-    shingle_size: int = Field(5, ge=1, le=64, description="Characters per shingle (of the lowercased, whitespace-collapsed text).")
-    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations: more is more accurate, slower and larger.")
+    enabled: bool = Field(
+        False, description="Remove near-duplicates; off by default because short templated prompts look alike."
+    )
+    threshold: float = Field(
+        0.6,
+        gt=0,
+        lt=1,
+        description="Estimated Jaccard similarity of shingle sets at or above which two prompts are duplicates.",
+    )
+    shingle_size: int = Field(
+        5, ge=1, le=64, description="Characters per shingle (of the lowercased, whitespace-collapsed text)."
+    )
+    num_perm: int = Field(
+        128, ge=16, le=1024, description="MinHash permutations: more is more accurate, slower and larger."
+    )
 
 
 class RepetitionFilterConfig(StrictModel):
     """Drop degenerate prompts whose word n-grams repeat."""
 
-    max_repeated_share: float = Field(0.3, gt=0, le=1, description="Drop a prompt when more than this share of its word n-grams repeat an earlier one.")
+    max_repeated_share: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="Drop a prompt when more than this share of its word n-grams repeat an earlier one.",
+    )
     ngram: int = Field(3, ge=1, le=32, description="Words per n-gram.")
 
 
@@ -97,12 +150,19 @@ class FilterConfig(StrictModel):
     """Row filters, each optional and each counted in the curation report."""
 
     empty: bool = Field(True, description="Drop prompts that are empty or whitespace-only.")
-    length: LengthFilterConfig = Field(default_factory=LengthFilterConfig, description="Length bounds in characters and teacher tokens.")
-    exact_duplicates: bool = Field(True, description="Drop prompts whose normalized text (lowercase, collapsed whitespace) repeats an earlier one.")
-    near_duplicates: NearDuplicateConfig = Field(default_factory=NearDuplicateConfig, description="MinHash LSH near-duplicate removal.")
+    length: LengthFilterConfig = Field(
+        default_factory=LengthFilterConfig, description="Length bounds in characters and teacher tokens."
+    )
+    exact_duplicates: bool = Field(
+        True, description="Drop prompts whose normalized text (lowercase, collapsed whitespace) repeats an earlier one."
+    )
+    near_duplicates: NearDuplicateConfig = Field(
+        default_factory=NearDuplicateConfig, description="MinHash LSH near-duplicate removal."
+    )
     repetition: RepetitionFilterConfig | None = Field(None, description="Repeated n-gram filter; null disables it.")
     mask_pii: list[Literal["email", "phone", "api_key"]] = Field(
-        default_factory=list, description="Replace these patterns in message text by <EMAIL>, <PHONE>, <API_KEY>; rows are kept."
+        default_factory=list,
+        description="Replace these patterns in message text by <EMAIL>, <PHONE>, <API_KEY>; rows are kept.",
     )
 
 
@@ -111,11 +171,19 @@ class DecontaminateConfig(StrictModel):
 
     eval_split: bool = Field(True, description="Check training prompts against the pipeline's own eval split.")
     benchmarks: list[str] = Field(
-        default_factory=list, description="Benchmark files (.jsonl/.parquet/.csv); every string field of every row is reference text."
+        default_factory=list,
+        description="Benchmark files (.jsonl/.parquet/.csv); every string field of every row is reference text.",
     )
-    ngram: int = Field(13, ge=1, le=64, description="Words per n-gram (normalized: lowercase, punctuation stripped). Shorter texts count as one n-gram.")
+    ngram: int = Field(
+        13,
+        ge=1,
+        le=64,
+        description="Words per n-gram (normalized: lowercase, punctuation stripped). Shorter texts count as one n-gram.",
+    )
     ignore_common: int | None = Field(
-        10, gt=0, description="Ignore n-grams found in more than this many reference rows (shared boilerplate, not leaks); null keeps all."
+        10,
+        gt=0,
+        description="Ignore n-grams found in more than this many reference rows (shared boilerplate, not leaks); null keeps all.",
     )
 
 
@@ -126,131 +194,224 @@ class CurateConfig(StrictModel):
     """
 
     source: str | None = Field(
-        None, description="A local .jsonl/.parquet/.csv file, a local `datasets` folder, a Hub dataset id, "
-        f"or `{DEMO_SOURCE}` for the bundled demo tasks. Leave null when `sources` lists a mixture."
+        None,
+        description="A local .jsonl/.parquet/.csv file, a local `datasets` folder, a Hub dataset id, "
+        f"or `{DEMO_SOURCE}` for the bundled demo tasks. Leave null when `sources` lists a mixture.",
     )
-    sources: list[SourceConfig] | None = Field(None, min_length=1, description="A mixture of sources with weights and caps, instead of `source`.")
+    sources: list[SourceConfig] | None = Field(
+        None, min_length=1, description="A mixture of sources with weights and caps, instead of `source`."
+    )
     format: ChatFormat = Field("auto", description=FORMAT_HELP + " (for `source`; each mixture entry has its own)")
-    prompt_column: str = Field("prompt", min_length=1, description="Column holding the prompt text (or a list of chat messages).")
+    prompt_column: str = Field(
+        "prompt", min_length=1, description="Column holding the prompt text (or a list of chat messages)."
+    )
     system_column: str | None = Field(None, description="Optional column holding a system prompt (format `columns`).")
     reference_column: str | None = Field(
-        "reference", description="Column holding a reference answer for exact-match evaluation; null if the data has none."
+        "reference",
+        description="Column holding a reference answer for exact-match evaluation; null if the data has none.",
     )
-    category_column: str | None = Field(None, description="Optional column naming each row's category, for per-category accuracy.")
+    category_column: str | None = Field(
+        None, description="Optional column naming each row's category, for per-category accuracy."
+    )
     split: str = Field("train", description="Split to read when `source` is a `datasets` id or folder.")
     streaming: bool = Field(False, description="Stream a Hub dataset instead of downloading it first (Hub ids only).")
     mixture_seed: int = Field(0, description="Seed of the rows drawn from each source of a mixture.")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="Row filters and deduplication.")
-    decontaminate: DecontaminateConfig = Field(default_factory=DecontaminateConfig, description="N-gram decontamination.")
+    decontaminate: DecontaminateConfig = Field(
+        default_factory=DecontaminateConfig, description="N-gram decontamination."
+    )
     on_error: Literal["fail", "skip"] = Field(
-        "fail", description="A malformed row (bad JSON, invalid UTF-8, missing column, not a conversation): `fail` stops, `skip` drops and counts it."
+        "fail",
+        description="A malformed row (bad JSON, invalid UTF-8, missing column, not a conversation): `fail` stops, `skip` drops and counts it.",
     )
     batch_rows: int = Field(10000, ge=100, le=1_000_000, description="Rows read and processed per batch.")
-    report_examples: int = Field(5, ge=0, le=100, description="Examples of removed rows kept per filter in the curation report.")
-    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of prompts held out for evaluation, chosen by a hash of the prompt.")
-    split_salt: str = Field("stillhouse", description="Salt of the split hash; change it to draw a different, equally stable split.")
-    max_rows: int | None = Field(None, gt=0, description="Keep at most this many prompts after filtering (first by hash order); null keeps all.")
+    report_examples: int = Field(
+        5, ge=0, le=100, description="Examples of removed rows kept per filter in the curation report."
+    )
+    eval_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of prompts held out for evaluation, chosen by a hash of the prompt."
+    )
+    split_salt: str = Field(
+        "stillhouse", description="Salt of the split hash; change it to draw a different, equally stable split."
+    )
+    max_rows: int | None = Field(
+        None, gt=0, description="Keep at most this many prompts after filtering (first by hash order); null keeps all."
+    )
     demo_rows: int = Field(4000, gt=0, description=f"Rows to generate when `source` is `{DEMO_SOURCE}`.")
     demo_seed: int = Field(0, description=f"Seed of the generated rows when `source` is `{DEMO_SOURCE}`.")
 
     @model_validator(mode="after")
     def _one_source_form(self) -> CurateConfig:
         if (self.source is None) == (self.sources is None):
-            raise ValueError("set exactly one of `source` (one dataset) or `sources` (a mixture: a list of {source, weight, max_rows, ...})")
+            raise ValueError(
+                "set exactly one of `source` (one dataset) or `sources` (a mixture: a list of {source, weight, max_rows, ...})"
+            )
         if self.sources is not None:
-            per_source = {"format", "prompt_column", "system_column", "reference_column", "category_column", "split", "streaming"}
+            per_source = {
+                "format",
+                "prompt_column",
+                "system_column",
+                "reference_column",
+                "category_column",
+                "split",
+                "streaming",
+            }
             misplaced = sorted(per_source & self.model_fields_set)
             if misplaced:
-                raise ValueError(f"{', '.join(misplaced)} apply to `source` only; with `sources`, set them in each mixture entry")
+                raise ValueError(
+                    f"{', '.join(misplaced)} apply to `source` only; with `sources`, set them in each mixture entry"
+                )
         return self
 
     def source_list(self) -> list[SourceConfig]:
         """The sources to read: the mixture's entries, or `source` with the top-level column fields."""
         if self.sources is not None:
             return list(self.sources)
-        return [SourceConfig(
-            source=self.source, format=self.format, prompt_column=self.prompt_column, system_column=self.system_column,
-            reference_column=self.reference_column, category_column=self.category_column, split=self.split, streaming=self.streaming,
-        )]
+        return [
+            SourceConfig(
+                source=self.source,
+                format=self.format,
+                prompt_column=self.prompt_column,
+                system_column=self.system_column,
+                reference_column=self.reference_column,
+                category_column=self.category_column,
+                split=self.split,
+                streaming=self.streaming,
+            )
+        ]
 
 
 class OpenAIEngineConfig(StrictModel):
     """The `openai` engine: any OpenAI-compatible chat-completions endpoint (vLLM server, TGI, llama.cpp, hosted)."""
 
-    base_url: str = Field("http://127.0.0.1:8000/v1", pattern=r"^https?://", description="Endpoint root; `/chat/completions` is appended.")
+    base_url: str = Field(
+        "http://127.0.0.1:8000/v1", pattern=r"^https?://", description="Endpoint root; `/chat/completions` is appended."
+    )
     api_key_env: str | None = Field(
-        "OPENAI_API_KEY", min_length=1,
+        "OPENAI_API_KEY",
+        min_length=1,
         description="Environment variable holding the API key (sent as a Bearer token, never stored or logged); null sends none.",
     )
     max_concurrency: int = Field(8, gt=0, le=1024, description="Requests in flight at once, per shard.")
-    max_retries: int = Field(5, ge=0, le=50, description="Retries of one request after a 429, a 5xx, a timeout or a dropped connection.")
-    backoff_seconds: float = Field(1.0, ge=0, le=600, description="First retry delay; it doubles each retry (a server's Retry-After wins).")
-    timeout_seconds: float = Field(120.0, gt=0, le=3600, description="Seconds to wait for one response before retrying.")
+    max_retries: int = Field(
+        5, ge=0, le=50, description="Retries of one request after a 429, a 5xx, a timeout or a dropped connection."
+    )
+    backoff_seconds: float = Field(
+        1.0, ge=0, le=600, description="First retry delay; it doubles each retry (a server's Retry-After wins)."
+    )
+    timeout_seconds: float = Field(
+        120.0, gt=0, le=3600, description="Seconds to wait for one response before retrying."
+    )
     tokenizer: str | None = Field(
-        None, description="The served model's tokenizer (local folder or Hub id), to map returned tokens to ids and check prompt lengths and k; "
+        None,
+        description="The served model's tokenizer (local folder or Hub id), to map returned tokens to ids and check prompt lengths and k; "
         "null trusts the server's token ids (`return_token_ids`).",
     )
     return_token_ids: bool = Field(
-        True, description="Ask the server for tokens as ids (vLLM's `return_tokens_as_token_ids`); turn off for servers that refuse unknown fields.",
+        True,
+        description="Ask the server for tokens as ids (vLLM's `return_tokens_as_token_ids`); turn off for servers that refuse unknown fields.",
     )
 
 
 class TaskRunnerConfig(StrictModel):
     """Where the sampling flow runs its shards: threads in this process, or a Ray cluster (prefect-ray)."""
 
-    kind: Literal["threads", "ray"] = Field("threads", description="`threads`: Prefect's thread pool here. `ray`: RayTaskRunner (pip install stillhouse[ray]).")
-    max_workers: int = Field(1, gt=0, le=256, description="Threads running shards at once (kind `threads`); one per GPU or one on a CPU.")
-    ray_address: str | None = Field(None, description="Ray cluster address (`ray://host:10001` or `auto`); null starts a local Ray.")
-    ray_num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray started when `ray_address` is null; null lets Ray count them.")
-    gpus_per_shard: float = Field(1.0, ge=0, le=8, description="GPUs each shard asks Ray for (kind `ray`); 0 for CPU-only clusters.")
+    kind: Literal["threads", "ray"] = Field(
+        "threads",
+        description="`threads`: Prefect's thread pool here. `ray`: RayTaskRunner (pip install stillhouse[ray]).",
+    )
+    max_workers: int = Field(
+        1, gt=0, le=256, description="Threads running shards at once (kind `threads`); one per GPU or one on a CPU."
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster address (`ray://host:10001` or `auto`); null starts a local Ray."
+    )
+    ray_num_cpus: int | None = Field(
+        None, gt=0, description="CPUs of a local Ray started when `ray_address` is null; null lets Ray count them."
+    )
+    gpus_per_shard: float = Field(
+        1.0, ge=0, le=8, description="GPUs each shard asks Ray for (kind `ray`); 0 for CPU-only clusters."
+    )
     gpu_concurrency: int = Field(
-        1, gt=0, le=4096, description="Shards in flight at once, enforced by a Prefect tag concurrency limit on `gpu`, created at this size when absent.",
+        1,
+        gt=0,
+        le=4096,
+        description="Shards in flight at once, enforced by a Prefect tag concurrency limit on `gpu`, created at this size when absent.",
     )
 
 
 class SampleConfig(StrictModel):
     """How the teacher answers the prompts."""
 
-    teacher: str = Field(description=f"Teacher model: a local folder, a Hub id such as `Qwen/Qwen2.5-1.5B-Instruct`, or `{DEMO_TEACHER}`; "
-                         "for engine `openai`, the model name the server serves.")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the teacher; ignored for local folders.")
+    teacher: str = Field(
+        description=f"Teacher model: a local folder, a Hub id such as `Qwen/Qwen2.5-1.5B-Instruct`, or `{DEMO_TEACHER}`; "
+        "for engine `openai`, the model name the server serves."
+    )
+    revision: str | None = Field(
+        None, description="Hub revision (branch, tag or commit) of the teacher; ignored for local folders."
+    )
     trust_remote_code: bool = Field(
-        False, description="Let the teacher's own Python code run (auto_map in its config); off, such a teacher is refused. Only for code you have read.",
+        False,
+        description="Let the teacher's own Python code run (auto_map in its config); off, such a teacher is refused. Only for code you have read.",
     )
     engine: Literal["hf", "vllm", "openai"] = Field(
-        "hf", description="Generation engine. `hf`: transformers in this process. `vllm`: vLLM on a GPU (pip install stillhouse[vllm]). "
+        "hf",
+        description="Generation engine. `hf`: transformers in this process. `vllm`: vLLM on a GPU (pip install stillhouse[vllm]). "
         "`openai`: an OpenAI-compatible HTTP endpoint (see `openai`).",
     )
     max_new_tokens: int = Field(64, gt=0, le=32768, description="Most tokens the teacher may generate per response.")
     temperature: float = Field(0.0, ge=0, le=10, description="Sampling temperature; 0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (used when temperature > 0).")
-    top_k: int = Field(0, ge=0, description="Sample only among the k most likely tokens (used when temperature > 0); 0 turns it off.")
-    n: int = Field(1, gt=0, le=128, description="Responses sampled per prompt (rows get sample_index 0..n-1); n > 1 needs temperature > 0.")
+    top_k: int = Field(
+        0, ge=0, description="Sample only among the k most likely tokens (used when temperature > 0); 0 turns it off."
+    )
+    n: int = Field(
+        1,
+        gt=0,
+        le=128,
+        description="Responses sampled per prompt (rows get sample_index 0..n-1); n > 1 needs temperature > 0.",
+    )
     stop: list[str] = Field(
-        default_factory=list, max_length=16,
+        default_factory=list,
+        max_length=16,
         description="Stop strings: a response ends with the token that completes one of them (kept in the response, like EOS).",
     )
     top_k_logprobs: int = Field(
-        16, ge=0, description="Teacher top-k token ids and log-probs stored per generated position for white-box training; 0 stores none."
+        16,
+        ge=0,
+        description="Teacher top-k token ids and log-probs stored per generated position for white-box training; 0 stores none.",
     )
     batch_size: int = Field(64, gt=0, description="Most prompts per generate call (sorted by length, left-padded).")
     batch_tokens: int | None = Field(
-        None, gt=0, description="Token budget of one generate call: rows x n x (longest prompt + max_new_tokens) stays under it; null uses batch_size alone.",
+        None,
+        gt=0,
+        description="Token budget of one generate call: rows x n x (longest prompt + max_new_tokens) stays under it; null uses batch_size alone.",
     )
     overlong_prompts: Literal["error", "truncate_left", "skip"] = Field(
-        "error", description="A prompt that leaves no room for max_new_tokens in the teacher's context: `error` before sampling, "
+        "error",
+        description="A prompt that leaves no room for max_new_tokens in the teacher's context: `error` before sampling, "
         "`truncate_left` (keep its end), or `skip` it; truncations and skips are counted in the manifest.",
     )
     context_length: int | None = Field(
-        None, gt=0, description="Teacher's context in tokens; null reads max_position_embeddings from its config (engine `openai`: unchecked unless set).",
+        None,
+        gt=0,
+        description="Teacher's context in tokens; null reads max_position_embeddings from its config (engine `openai`: unchecked unless set).",
     )
-    shard_rows: int = Field(2048, gt=0, description="Prompts per Parquet shard of the teacher-output store; a shard is the unit of resume and scale-out.")
+    shard_rows: int = Field(
+        2048,
+        gt=0,
+        description="Prompts per Parquet shard of the teacher-output store; a shard is the unit of resume and scale-out.",
+    )
     seed: int = Field(0, description="Seed of sampling; fixed seeds give identical outputs on the same hardware.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description="Teacher weights' dtype.")
     device: str = Field("auto", description="`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`.")
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Engine `vllm`: share of GPU memory vLLM may take.")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="Engine `vllm`: share of GPU memory vLLM may take."
+    )
     openai: OpenAIEngineConfig = Field(default_factory=OpenAIEngineConfig, description="Settings of engine `openai`.")
-    task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig, description="Where shards run: threads here or a Ray cluster.")
+    task_runner: TaskRunnerConfig = Field(
+        default_factory=TaskRunnerConfig, description="Where shards run: threads here or a Ray cluster."
+    )
 
     @model_validator(mode="after")
     def _sampling_rules(self) -> SampleConfig:
@@ -286,29 +447,55 @@ LossKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_r
 class KDConfig(StrictModel):
     """White-box settings: which divergence, where the teacher's distribution comes from, on-policy share."""
 
-    kind: LossKind = Field("forward_kl", description="Divergence between teacher (p) and student (q): forward_kl = KL(p||q), reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd.")
-    beta: float = Field(0.5, gt=0, lt=1, description="Interpolation of `jsd`: beta*KL(p||m) + (1-beta)*KL(q||m), m = beta*p + (1-beta)*q.")
-    alpha: float = Field(0.1, gt=0, lt=1, description="Skew of the skew_* kinds (DistiLLM).")
-    temperature: float = Field(1.0, gt=0, description="Both distributions are softened by this temperature; the loss is multiplied by its square.")
-    tail: Literal["bucket", "renormalize"] = Field("bucket", description="Top-k teachers: `bucket` adds one outcome for the rest of the mass; `renormalize` compares over the k ids only.")
-    teacher: Literal["offline", "online"] = Field(
-        "offline", description="`offline`: the top-k log-probs stored by the sample stage. `online`: the teacher model in memory scores every batch."
+    kind: LossKind = Field(
+        "forward_kl",
+        description="Divergence between teacher (p) and student (q): forward_kl = KL(p||q), reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd.",
     )
-    online_top_k: int | None = Field(None, gt=0, description="Online teacher: keep only its top-k per position (null compares full distributions).")
+    beta: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Interpolation of `jsd`: beta*KL(p||m) + (1-beta)*KL(q||m), m = beta*p + (1-beta)*q.",
+    )
+    alpha: float = Field(0.1, gt=0, lt=1, description="Skew of the skew_* kinds (DistiLLM).")
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        description="Both distributions are softened by this temperature; the loss is multiplied by its square.",
+    )
+    tail: Literal["bucket", "renormalize"] = Field(
+        "bucket",
+        description="Top-k teachers: `bucket` adds one outcome for the rest of the mass; `renormalize` compares over the k ids only.",
+    )
+    teacher: Literal["offline", "online"] = Field(
+        "offline",
+        description="`offline`: the top-k log-probs stored by the sample stage. `online`: the teacher model in memory scores every batch.",
+    )
+    online_top_k: int | None = Field(
+        None, gt=0, description="Online teacher: keep only its top-k per position (null compares full distributions)."
+    )
     lmbda: float = Field(
-        0.0, ge=0, le=1,
+        0.0,
+        ge=0,
+        le=1,
         description="On-policy share (GKD): the probability that a batch's responses are generated by the student and scored by the online teacher. "
         "0 trains on the teacher's own responses (sequence-level KD).",
     )
-    rollout_max_new_tokens: int = Field(64, gt=0, description="Most tokens the student generates per on-policy rollout.")
+    rollout_max_new_tokens: int = Field(
+        64, gt=0, description="Most tokens the student generates per on-policy rollout."
+    )
     rollout_temperature: float = Field(1.0, gt=0, description="Sampling temperature of on-policy rollouts.")
 
     @model_validator(mode="after")
     def _on_policy_needs_online_teacher(self) -> KDConfig:
         if self.lmbda > 0 and self.teacher != "online":
-            raise ValueError("lmbda > 0 scores the student's own samples, which only a teacher in memory can do: set kd.teacher: online")
+            raise ValueError(
+                "lmbda > 0 scores the student's own samples, which only a teacher in memory can do: set kd.teacher: online"
+            )
         if self.online_top_k is not None and self.teacher != "online":
-            raise ValueError("online_top_k applies to kd.teacher: online; the offline top-k size is sample.top_k_logprobs")
+            raise ValueError(
+                "online_top_k applies to kd.teacher: online; the offline top-k size is sample.top_k_logprobs"
+            )
         return self
 
 
@@ -318,81 +505,160 @@ class LoraSettings(StrictModel):
     r: int = Field(16, gt=0, description="Rank of the adapters.")
     alpha: int = Field(32, gt=0, description="Scaling numerator of the adapters (lora_alpha).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
-    target_modules: str | list[str] = Field("all-linear", description="Modules that get adapters: `all-linear` or a list of module names.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules that get adapters: `all-linear` or a list of module names."
+    )
 
 
 class TrainConfig(StrictModel):
     """How the student learns from the teacher's outputs."""
 
-    student: str | None = Field(None, description="Pretrained student: a local folder or a Hub id. Leave null and set `architecture` to build one from scratch.")
-    trust_remote_code: bool = Field(
-        False, description="Let the pretrained student's own Python code run (auto_map in its config); off, such a student is refused.",
+    student: str | None = Field(
+        None,
+        description="Pretrained student: a local folder or a Hub id. Leave null and set `architecture` to build one from scratch.",
     )
-    architecture: StudentArchitecture | None = Field(None, description="Build the student from scratch with this shape and the teacher's tokenizer.")
+    trust_remote_code: bool = Field(
+        False,
+        description="Let the pretrained student's own Python code run (auto_map in its config); off, such a student is refused.",
+    )
+    architecture: StudentArchitecture | None = Field(
+        None, description="Build the student from scratch with this shape and the teacher's tokenizer."
+    )
     method: Literal["sft", "kd"] = Field(
         "sft",
         description="`sft`: cross-entropy on the teacher's response tokens (black-box). "
-        "`kd`: forward KL to the stored teacher top-k, mixed with cross-entropy by `kd_weight` and `ce_weight` (white-box).",
+        "`kd`: a divergence (`kd.kind`: forward or reverse KL, JSD, skew KLs, TVD) to the teacher's distribution (`kd.teacher`: the "
+        "stored top-k or the teacher in memory), mixed with cross-entropy by `kd_weight` and `ce_weight` (white-box).",
     )
-    kd_weight: float = Field(1.0, ge=0, description="Weight of the forward-KL term when method is `kd`.")
+    kd_weight: float = Field(1.0, ge=0, description="Weight of the divergence term (`kd.kind`) when method is `kd`.")
     ce_weight: float = Field(0.5, ge=0, description="Weight of the cross-entropy term when method is `kd`.")
     max_steps: int = Field(500, gt=0, description="Optimizer steps.")
-    batch_size: int = Field(64, gt=0, description="Sequences per optimizer step, over all processes and accumulation steps.")
+    batch_size: int = Field(
+        64, gt=0, description="Sequences per optimizer step, over all processes and accumulation steps."
+    )
     learning_rate: float = Field(1e-3, gt=0, lt=1, description="Peak learning rate of AdamW.")
-    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
-    max_seq_len: int = Field(512, gt=0, description="Prompt + response tokens kept per example; longer ones are cut from the right.")
+    max_seq_len: int = Field(
+        512, gt=0, description="Prompt + response tokens kept per example; longer ones are cut from the right."
+    )
     kd: KDConfig = Field(default_factory=KDConfig, description="White-box settings (used when method is `kd`).")
     loss_chunk_size: int | None = Field(
-        None, gt=0, description="Compute the losses from the last hidden state this many positions at a time, so full-vocabulary "
+        None,
+        gt=0,
+        description="Compute the losses from the last hidden state this many positions at a time, so full-vocabulary "
         "logits never exist for the whole batch (large vocabularies); null uses the model's logits.",
     )
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step per process (they split batch_size).")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
-    save_steps: int | None = Field(None, gt=0, description="Checkpoint every this many steps; a rerun after a crash resumes from the newest checkpoint. Null: no checkpoints.")
-    lora: LoraSettings | None = Field(None, description="Train LoRA adapters on a pretrained student (merged before saving); null trains every weight.")
-    num_processes: int = Field(1, gt=0, description="Training processes (data parallel), started with torchrun; CPU runs use the gloo backend.")
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="Micro-batches per optimizer step per process (they split batch_size)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass to save memory."
+    )
+    save_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Checkpoint every this many steps; a rerun after a crash resumes from the newest checkpoint. Null: no checkpoints.",
+    )
+    lora: LoraSettings | None = Field(
+        None,
+        description="Train LoRA adapters on a pretrained student (merged before saving); null trains every weight.",
+    )
+    num_processes: int = Field(
+        1, gt=0, description="Training processes (data parallel), started with torchrun; CPU runs use the gloo backend."
+    )
     seed: int = Field(0, description="Seed of initialization and data order.")
     logging_steps: int = Field(25, gt=0, description="Log the training loss every this many steps.")
-    threads: int | None = Field(None, gt=0, description="CPU threads for torch; null keeps torch's default. One is fastest for tiny models.")
-    device: Literal["auto", "cpu"] = Field("auto", description="`auto` trains on the GPU when one is present; `cpu` forces the CPU.")
+    threads: int | None = Field(
+        None, gt=0, description="CPU threads for torch; null keeps torch's default. One is fastest for tiny models."
+    )
+    device: Literal["auto", "cpu"] = Field(
+        "auto", description="`auto` trains on the GPU when one is present; `cpu` forces the CPU."
+    )
     bf16: bool = Field(False, description="Train in bfloat16 mixed precision (GPU).")
 
     @model_validator(mode="after")
     def _one_student(self) -> TrainConfig:
         if (self.student is None) == (self.architecture is None):
-            raise ValueError("set exactly one of `student` (a pretrained model) or `architecture` (a student built from scratch)")
+            raise ValueError(
+                "set exactly one of `student` (a pretrained model) or `architecture` (a student built from scratch)"
+            )
         if self.method == "kd" and self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError("kd_weight and ce_weight are both 0: nothing to learn from")
         if self.batch_size % (self.num_processes * self.gradient_accumulation_steps):
-            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by num_processes x gradient_accumulation_steps "
-                             f"({self.num_processes} x {self.gradient_accumulation_steps})")
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by num_processes x gradient_accumulation_steps "
+                f"({self.num_processes} x {self.gradient_accumulation_steps})"
+            )
         if self.lora is not None and self.student is None:
             raise ValueError("lora needs a pretrained `student`; a student built from scratch trains every weight")
         return self
 
 
 MetricGroup = Literal[
-    "perplexity", "reference_perplexity", "kl", "agreement", "exact_match", "rouge_l_teacher", "rouge_l_reference", "speed", "size", "win_rate",
+    "perplexity",
+    "reference_perplexity",
+    "kl",
+    "agreement",
+    "exact_match",
+    "rouge_l_teacher",
+    "rouge_l_reference",
+    "speed",
+    "size",
+    "win_rate",
 ]
-METRIC_GROUPS_NEEDING_REFERENCES = ("reference_perplexity", "exact_match", "rouge_l_reference")
 # Metrics each group adds (roles: teacher, student and, with evaluate.baseline, baseline). `<category>` stands for any
 # category name; `parameter_ratio`, `*_parameters` are always computed. A gate may name any of these.
 METRIC_NAMES: dict[str, tuple[str, ...]] = {
     "perplexity": ("teacher_perplexity", "student_perplexity", "baseline_perplexity"),
-    "reference_perplexity": ("teacher_reference_perplexity", "student_reference_perplexity", "baseline_reference_perplexity"),
+    "reference_perplexity": (
+        "teacher_reference_perplexity",
+        "student_reference_perplexity",
+        "baseline_reference_perplexity",
+    ),
     "kl": ("kl_teacher_student", "kl_teacher_baseline"),
-    "agreement": ("student_teacher_agreement", "student_top1_agreement", "baseline_teacher_agreement", "baseline_top1_agreement"),
-    "exact_match": ("teacher_exact_match", "student_exact_match", "baseline_exact_match", "accuracy_ratio_to_teacher",
-                    "teacher_exact_match/<category>", "student_exact_match/<category>", "baseline_exact_match/<category>"),
+    "agreement": (
+        "student_teacher_agreement",
+        "student_top1_agreement",
+        "baseline_teacher_agreement",
+        "baseline_top1_agreement",
+    ),
+    "exact_match": (
+        "teacher_exact_match",
+        "student_exact_match",
+        "baseline_exact_match",
+        "accuracy_ratio_to_teacher",
+        "teacher_exact_match/<category>",
+        "student_exact_match/<category>",
+        "baseline_exact_match/<category>",
+    ),
     "rouge_l_teacher": ("student_rouge_l_teacher", "baseline_rouge_l_teacher"),
     "rouge_l_reference": ("teacher_rouge_l_reference", "student_rouge_l_reference", "baseline_rouge_l_reference"),
-    "speed": ("teacher_tokens_per_second", "student_tokens_per_second", "baseline_tokens_per_second", "teacher_latency_seconds",
-              "student_latency_seconds", "baseline_latency_seconds", "speed_ratio", "latency_ratio"),
+    "speed": (
+        "teacher_tokens_per_second",
+        "student_tokens_per_second",
+        "baseline_tokens_per_second",
+        "teacher_latency_seconds",
+        "student_latency_seconds",
+        "baseline_latency_seconds",
+        "speed_ratio",
+        "latency_ratio",
+    ),
     "size": ("teacher_size_mb", "student_size_mb", "baseline_size_mb", "size_ratio"),
-    "win_rate": ("student_win_rate", "student_win_rate_low", "student_win_rate_high", "baseline_win_rate", "baseline_win_rate_low", "baseline_win_rate_high",
-                 "student_win_rate_vs_baseline", "student_win_rate_vs_baseline_low", "student_win_rate_vs_baseline_high"),
+    "win_rate": (
+        "student_win_rate",
+        "student_win_rate_low",
+        "student_win_rate_high",
+        "baseline_win_rate",
+        "baseline_win_rate_low",
+        "baseline_win_rate_high",
+        "student_win_rate_vs_baseline",
+        "student_win_rate_vs_baseline_low",
+        "student_win_rate_vs_baseline_high",
+    ),
     "always": ("teacher_parameters", "student_parameters", "baseline_parameters", "parameter_ratio"),
 }
 
@@ -411,13 +677,27 @@ def metric_group(name: str) -> str | None:
 class LmEvalConfig(StrictModel):
     """Standard benchmarks through EleutherAI's lm-evaluation-harness (pip install stillhouse[eval])."""
 
-    tasks: list[str] = Field(min_length=1, description="lm_eval task names (e.g. `hellaswag`, `gsm8k`) or tasks defined by YAML files in `include_path`.")
-    include_path: str | None = Field(None, description="Folder of extra lm_eval task YAMLs (custom tasks over local files); null uses lm_eval's own tasks only.")
-    limit: int | None = Field(None, gt=0, description="Evaluate at most this many documents per task (quick checks); null runs every document.")
-    num_fewshot: int | None = Field(None, ge=0, le=64, description="Few-shot examples per prompt; null keeps each task's default.")
+    tasks: list[str] = Field(
+        min_length=1,
+        description="lm_eval task names (e.g. `hellaswag`, `gsm8k`) or tasks defined by YAML files in `include_path`.",
+    )
+    include_path: str | None = Field(
+        None,
+        description="Folder of extra lm_eval task YAMLs (custom tasks over local files); null uses lm_eval's own tasks only.",
+    )
+    limit: int | None = Field(
+        None,
+        gt=0,
+        description="Evaluate at most this many documents per task (quick checks); null runs every document.",
+    )
+    num_fewshot: int | None = Field(
+        None, ge=0, le=64, description="Few-shot examples per prompt; null keeps each task's default."
+    )
     batch_size: int = Field(8, gt=0, le=4096, description="Requests per forward pass in lm_eval's HF model.")
     roles: list[Literal["teacher", "student", "baseline"]] = Field(
-        default_factory=lambda: ["teacher", "student"], min_length=1, description="Which models run the benchmarks (the teacher must be a loadable model)."
+        default_factory=lambda: ["teacher", "student"],
+        min_length=1,
+        description="Which models run the benchmarks (the teacher must be a loadable model).",
     )
 
 
@@ -429,21 +709,43 @@ class GateConfig(StrictModel):
 
     enabled: bool = Field(True, description="Apply the gate; when false every candidate passes and becomes champion.")
     min_accuracy_ratio_to_teacher: float | None = Field(
-        None, gt=0, le=10, description="Student exact match must be at least this share of the teacher's (e.g. 0.9); needs references.",
+        None,
+        gt=0,
+        le=10,
+        description="Student exact match must be at least this share of the teacher's (e.g. 0.9); needs references.",
     )
-    max_kl: float | None = Field(None, ge=0, description="Largest allowed kl_teacher_student (nats per response token); needs sample.top_k_logprobs > 0.")
+    max_kl: float | None = Field(
+        None,
+        ge=0,
+        description="Largest allowed kl_teacher_student (nats per response token); needs sample.top_k_logprobs > 0.",
+    )
     must_beat_champion: bool = Field(
-        True, description="The candidate must not be worse than the version holding the champion alias on `champion_metric` "
+        True,
+        description="The candidate must not be worse than the version holding the champion alias on `champion_metric` "
         "(within `champion_tolerance`); with no champion yet this check passes.",
     )
     champion_metric: str | None = Field(
-        None, min_length=1, description="Metric compared with the champion; null uses student_exact_match when the eval set has references, "
+        None,
+        min_length=1,
+        description="Metric compared with the champion; null uses student_exact_match when the eval set has references, "
         "else student_perplexity. Perplexity, KL, latency and size metrics are lower-is-better, the rest higher-is-better.",
     )
-    champion_tolerance: float = Field(0.0, ge=0, description="How much worse (absolute, in the metric's units) than the champion the candidate may be.")
-    min: dict[str, float] = Field(default_factory=dict, description="Lower bounds on any metric, e.g. {student_exact_match: 0.5}.")
-    max: dict[str, float] = Field(default_factory=dict, description="Upper bounds on any metric, e.g. {student_perplexity: 3.0}.")
-    champion_alias: str = Field("champion", pattern=r"^[A-Za-z][\w-]*$", description="Registry alias held by the current best version; moved to a passing candidate.")
+    champion_tolerance: float = Field(
+        0.0,
+        ge=0,
+        description="How much worse (absolute, in the metric's units) than the champion the candidate may be.",
+    )
+    min: dict[str, float] = Field(
+        default_factory=dict, description="Lower bounds on any metric, e.g. {student_exact_match: 0.5}."
+    )
+    max: dict[str, float] = Field(
+        default_factory=dict, description="Upper bounds on any metric, e.g. {student_perplexity: 3.0}."
+    )
+    champion_alias: str = Field(
+        "champion",
+        pattern=r"^[A-Za-z][\w-]*$",
+        description="Registry alias held by the current best version; moved to a passing candidate.",
+    )
 
     def metric_names(self) -> list[str]:
         """Every metric this gate reads, for checking them against the selected metrics."""
@@ -456,30 +758,46 @@ class GateConfig(StrictModel):
 class EvaluateConfig(StrictModel):
     """How the student (and the teacher, on the same prompts) is measured."""
 
-    max_prompts: int | None = Field(None, gt=0, description="Evaluate on at most this many held-out prompts; null uses the whole eval split.")
+    max_prompts: int | None = Field(
+        None, gt=0, description="Evaluate on at most this many held-out prompts; null uses the whole eval split."
+    )
     max_new_tokens: int = Field(64, gt=0, description="Tokens generated per prompt for exact-match accuracy.")
     batch_size: int = Field(64, gt=0, description="Prompts per batch for generation and scoring.")
     metrics: list[MetricGroup] | None = Field(
-        None, min_length=1,
+        None,
+        min_length=1,
         description="Metric groups to compute: perplexity (on teacher responses), reference_perplexity, kl (token KL teacher‖student), "
         "agreement (answer and top-1 token), exact_match, rouge_l_teacher, rouge_l_reference, speed (tokens/s, latency), size (on disk), "
         "win_rate (a judge compares each answer with the teacher's, and the student's with the baseline's, both orders). "
         "Null computes every group the data supports except win_rate; listing one that needs references the data lacks is an error.",
     )
     baseline: str | None = Field(
-        None, min_length=1, description="Also evaluate this model (e.g. the student's initialization, a local folder or Hub id) as role `baseline`.",
+        None,
+        min_length=1,
+        description="Also evaluate this model (e.g. the student's initialization, a local folder or Hub id) as role `baseline`.",
     )
     judge_model: str | None = Field(
-        None, min_length=1, description="Judge of group win_rate (a local folder or Hub id); null uses the teacher. Ties and order-inconsistent verdicts count half.",
+        None,
+        min_length=1,
+        description="Judge of group win_rate (a local folder or Hub id); null uses the teacher. Ties and order-inconsistent verdicts count half.",
     )
     win_rate_judge: Literal["model", "verifier"] = Field(
-        "model", description="Group win_rate: `model` asks the judge model (both orders); `verifier` compares each answer with the "
+        "model",
+        description="Group win_rate: `model` asks the judge model (both orders); `verifier` compares each answer with the "
         "reference (a win when only the first is right, a tie when both or neither are): for tasks with checkable answers.",
     )
-    latency_prompts: int = Field(4, gt=0, le=1000, description="Prompts generated one at a time to time per-prompt latency (group `speed`).")
-    report: bool = Field(True, description="Write report.md, report.html and PNG plots into the evaluate stage's folder.")
-    lm_eval: LmEvalConfig | None = Field(None, description="Standard benchmarks through lm-evaluation-harness; null runs none.")
-    gate: GateConfig = Field(default_factory=GateConfig, description="Promotion gate in front of the champion alias and publishing.")
+    latency_prompts: int = Field(
+        4, gt=0, le=1000, description="Prompts generated one at a time to time per-prompt latency (group `speed`)."
+    )
+    report: bool = Field(
+        True, description="Write report.md, report.html and PNG plots into the evaluate stage's folder."
+    )
+    lm_eval: LmEvalConfig | None = Field(
+        None, description="Standard benchmarks through lm-evaluation-harness; null runs none."
+    )
+    gate: GateConfig = Field(
+        default_factory=GateConfig, description="Promotion gate in front of the champion alias and publishing."
+    )
 
     def selected_groups(self, has_references: bool, has_top_k: bool) -> list[str]:
         """The groups to compute: the configured ones, or (null) every group the data supports."""
@@ -497,49 +815,88 @@ class JudgeConfig(StrictModel):
     """Who judges the candidates, and how."""
 
     kind: Literal["pointwise", "pairwise", "verifier"] = Field(
-        "pointwise", description="`pointwise`: a 1-10 score per response (expected value over the score labels); "
+        "pointwise",
+        description="`pointwise`: a 1-10 score per response (expected value over the score labels); "
         "`pairwise`: A/B comparisons of each candidate with the first, both orders; `verifier`: exact match with the reference answer.",
     )
-    model: str | None = Field(None, description="Judge model (a local folder or Hub id); null uses the teacher. Engine `openai`: the model name the server serves (required).")
-    rubric: str | None = Field(None, description="The judge's prompt with {prompt} and {response} (pointwise) or {prompt}, {first}, {second} (pairwise); null uses the built-in rubric.")
-    tie_margin: float = Field(0.05, ge=0, lt=0.5, description="Pairwise: a P(first better) within this of 0.5 is a tie (dropped).")
+    model: str | None = Field(
+        None,
+        description="Judge model (a local folder or Hub id); null uses the teacher. Engine `openai`: the model name the server serves (required).",
+    )
+    rubric: str | None = Field(
+        None,
+        description="The judge's prompt with {prompt} and {response} (pointwise) or {prompt}, {first}, {second} (pairwise); null uses the built-in rubric.",
+    )
+    tie_margin: float = Field(
+        0.05, ge=0, lt=0.5, description="Pairwise: a P(first better) within this of 0.5 is a tie (dropped)."
+    )
     engine: Literal["hf", "openai"] = Field(
-        "hf", description="`hf`: the judge model in this process, labels scored by teacher forcing. `openai`: a served judge behind an "
+        "hf",
+        description="`hf`: the judge model in this process, labels scored by teacher forcing. `openai`: a served judge behind an "
         "OpenAI-compatible endpoint (`openai`); the verdict is read from its top_logprobs over the labels, or from its text when it returns none.",
     )
-    openai: OpenAIEngineConfig = Field(default_factory=OpenAIEngineConfig, description="Engine `openai`: endpoint, key variable, concurrency, retries, timeout.")
+    openai: OpenAIEngineConfig = Field(
+        default_factory=OpenAIEngineConfig,
+        description="Engine `openai`: endpoint, key variable, concurrency, retries, timeout.",
+    )
     top_logprobs: int = Field(
-        20, ge=0, le=1000, description="Engine `openai`: log-probs asked per answer position (20 is OpenAI's and vLLM's usual cap); "
+        20,
+        ge=0,
+        le=1000,
+        description="Engine `openai`: log-probs asked per answer position (20 is OpenAI's and vLLM's usual cap); "
         "labels outside them count as improbable. 0 asks for none and parses the text (for servers that refuse `logprobs`).",
     )
-    max_tokens: int = Field(4, gt=0, le=64, description="Engine `openai`: most tokens of the judge's answer; it only has to name a label.")
-    shard_prompts: int = Field(256, gt=0, description="Prompts per shard of the judge stage (candidates sampled, then judged); a finished shard "
-                               "is kept on disk, so a rerun after a failure judges only the missing ones.")
+    max_tokens: int = Field(
+        4, gt=0, le=64, description="Engine `openai`: most tokens of the judge's answer; it only has to name a label."
+    )
+    shard_prompts: int = Field(
+        256,
+        gt=0,
+        description="Prompts per shard of the judge stage (candidates sampled, then judged); a finished shard "
+        "is kept on disk, so a rerun after a failure judges only the missing ones.",
+    )
 
     @model_validator(mode="after")
     def _served_judge_needs_a_name(self) -> JudgeConfig:
         if self.engine == "openai" and self.kind != "verifier" and not self.model:
-            raise ValueError("judge.engine is `openai` but judge.model is not set: name the model the server serves (e.g. `Qwen/Qwen2.5-7B-Instruct`)")
+            raise ValueError(
+                "judge.engine is `openai` but judge.model is not set: name the model the server serves (e.g. `Qwen/Qwen2.5-7B-Instruct`)"
+            )
         return self
 
 
 class FeedbackConfig(StrictModel):
     """Feedback-guided distillation after the first student: candidates, judged pairs, then DPO or best-of-n SFT."""
 
-    method: Literal["dpo", "best_of_n"] = Field("dpo", description="`dpo` on (best, worst) pairs, or `best_of_n`: SFT on each prompt's best candidate.")
+    method: Literal["dpo", "best_of_n"] = Field(
+        "dpo", description="`dpo` on (best, worst) pairs, or `best_of_n`: SFT on each prompt's best candidate."
+    )
     candidates: int = Field(4, ge=2, le=64, description="Responses sampled from the student per prompt.")
     include_teacher: bool = Field(False, description="Add the teacher's stored response to each prompt's candidates.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the candidates.")
     max_new_tokens: int = Field(64, gt=0, description="Most tokens per candidate.")
     max_prompts: int | None = Field(None, gt=0, description="Use at most this many training prompts; null uses all.")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The judge.")
-    min_margin: float = Field(0.5, ge=0, description="Keep a pair only when best and worst scores differ by at least this.")
-    max_unusable_share: float = Field(0.5, ge=0, le=1, description="Fail the stage when more than this share of prompts yield no usable pair.")
-    beta: float = Field(0.1, gt=0, description="DPO beta: how far the policy may move from the reference (the pre-DPO student).")
-    sft_weight: float = Field(0.0, ge=0, description="DPO: weight of an added negative log-likelihood of the chosen responses (RPO); 0 is plain DPO.")
+    min_margin: float = Field(
+        0.5, ge=0, description="Keep a pair only when best and worst scores differ by at least this."
+    )
+    max_unusable_share: float = Field(
+        0.5, ge=0, le=1, description="Fail the stage when more than this share of prompts yield no usable pair."
+    )
+    beta: float = Field(
+        0.1, gt=0, description="DPO beta: how far the policy may move from the reference (the pre-DPO student)."
+    )
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description="DPO: weight of an added negative log-likelihood of the chosen responses (RPO); 0 is plain DPO.",
+    )
     learning_rate: float = Field(5e-4, gt=0, lt=1, description="Learning rate of the DPO or best-of-n SFT step.")
     warmup_ratio: float = Field(
-        0.1, ge=0, lt=1, description="Share of the feedback steps spent warming the learning rate up: a fresh optimizer's first, "
+        0.1,
+        ge=0,
+        lt=1,
+        description="Share of the feedback steps spent warming the learning rate up: a fresh optimizer's first, "
         "full-size Adam steps would otherwise jolt the trained student.",
     )
     max_steps: int = Field(100, gt=0, description="Optimizer steps of the DPO or best-of-n SFT step.")
@@ -552,7 +909,8 @@ class TrackingConfig(StrictModel):
     """Where MLflow records runs."""
 
     uri: str | None = Field(
-        None, description="MLflow tracking URI; null uses $MLFLOW_TRACKING_URI or, without it, sqlite:///.stillhouse/mlflow.db."
+        None,
+        description="MLflow tracking URI; null uses $MLFLOW_TRACKING_URI or, without it, sqlite:///.stillhouse/mlflow.db.",
     )
     experiment: str = Field("stillhouse", min_length=1, description="MLflow experiment name.")
 
@@ -562,13 +920,19 @@ class RegisterConfig(StrictModel):
 
     enabled: bool = Field(True, description="Log the student as an MLflow model and register a version.")
     model_name: str = Field(min_length=1, description="Registered model name in the MLflow registry.")
-    alias: str = Field("candidate", pattern=r"^[A-Za-z][\w-]*$", description="Alias set on the new version (e.g. `candidate`).")
+    alias: str = Field(
+        "candidate", pattern=r"^[A-Za-z][\w-]*$", description="Alias set on the new version (e.g. `candidate`)."
+    )
 
 
 class PublishConfig(StrictModel):
     """What is written for the Hub, and where it is pushed."""
 
-    repo_id: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$", description="Hub repo `namespace/name` to push to; null only writes the folder.")
+    repo_id: str | None = Field(
+        None,
+        pattern=r"^[\w.-]+/[\w.-]+$",
+        description="Hub repo `namespace/name` to push to; null only writes the folder.",
+    )
 
     @field_validator("repo_id")
     @classmethod
@@ -576,44 +940,83 @@ class PublishConfig(StrictModel):
         """The Hub's own rules, checked here so that a config can only ever publish to the repo it spells out."""
         for part in (repo_id or "").split("/"):
             if part and (part[0] in ".-" or part[-1] in ".-" or ".." in part or "--" in part):
-                raise ValueError(f"{repo_id!r}: each part of a Hub repo id must not start or end with `.` or `-` nor contain `..` or `--`; "
-                                 "write it as `namespace/name`, e.g. `alice/tiny-student`")
+                raise ValueError(
+                    f"{repo_id!r}: each part of a Hub repo id must not start or end with `.` or `-` nor contain `..` or `--`; "
+                    "write it as `namespace/name`, e.g. `alice/tiny-student`"
+                )
         return repo_id
 
     endpoint: str | None = Field(None, description="Hub endpoint URL; null uses $HF_ENDPOINT or huggingface.co.")
-    token_env: str = Field("HF_TOKEN", min_length=1, description="Environment variable holding the Hub token (the token itself never goes in a config).")
+    token_env: str = Field(
+        "HF_TOKEN",
+        min_length=1,
+        description="Environment variable holding the Hub token (the token itself never goes in a config).",
+    )
     private: bool = Field(True, description="Create the Hub repo as private.")
-    license: str = Field("apache-2.0", description="The student's license id, written into the model card (a Hub id like `apache-2.0` or `llama3.1`, "
-                         "or a name from stillhouse.licenses such as `qwen`); checked against the teacher's and base model's terms before publishing.")
-    teacher_license: str | None = Field(None, description="The teacher's license id; null reads `license:` from the teacher folder's README.md "
-                                        "(or the local Hugging Face cache). Needed for a teacher whose license can't be read locally.")
-    base_model_license: str | None = Field(None, description="License id of train.student (the student's base model); null reads it like teacher_license.")
-    license_override: str | None = Field(None, min_length=1, description="Publish despite a license check failure; your reason, written into the model card.")
-    tag: str = Field("v{version}", min_length=1, description="Git tag created on the Hub for each published version; `{version}` is the MLflow "
-                     "model version (or the publish fingerprint when registry.enabled is false), `{name}` the experiment name.")
-    round_trip_prompts: int = Field(4, ge=0, description="After pushing, download the revision into a fresh cache and compare greedy generations "
-                                    "on this many eval prompts with the local student; 0 skips the check.")
-    hub_retries: int = Field(4, ge=0, le=20, description="Retries of each idempotent Hub call (create repo, upload commit, tag) on HTTP 429/5xx and connection errors.")
-    retry_backoff_s: float = Field(2.0, ge=0, description="First wait before a Hub retry, in seconds; doubled after each try.")
+    license: str = Field(
+        "apache-2.0",
+        description="The student's license id, written into the model card (a Hub id like `apache-2.0` or `llama3.1`, "
+        "or a name from stillhouse.licenses such as `qwen`); checked against the teacher's and base model's terms before publishing.",
+    )
+    teacher_license: str | None = Field(
+        None,
+        description="The teacher's license id; null reads `license:` from the teacher folder's README.md "
+        "(or the local Hugging Face cache). Needed for a teacher whose license can't be read locally.",
+    )
+    base_model_license: str | None = Field(
+        None, description="License id of train.student (the student's base model); null reads it like teacher_license."
+    )
+    license_override: str | None = Field(
+        None,
+        min_length=1,
+        description="Publish despite a license check failure; your reason, written into the model card.",
+    )
+    tag: str = Field(
+        "v{version}",
+        min_length=1,
+        description="Git tag created on the Hub for each published version; `{version}` is the MLflow "
+        "model version (or the publish fingerprint when registry.enabled is false), `{name}` the experiment name.",
+    )
+    round_trip_prompts: int = Field(
+        4,
+        ge=0,
+        description="After pushing, download the revision into a fresh cache and compare greedy generations "
+        "on this many eval prompts with the local student; 0 skips the check.",
+    )
+    hub_retries: int = Field(
+        4,
+        ge=0,
+        le=20,
+        description="Retries of each idempotent Hub call (create repo, upload commit, tag) on HTTP 429/5xx and connection errors.",
+    )
+    retry_backoff_s: float = Field(
+        2.0, ge=0, description="First wait before a Hub retry, in seconds; doubled after each try."
+    )
 
 
 class PipelineConfig(StrictModel):
     """One distillation experiment: every stage's settings."""
 
-    name: str = Field(min_length=1, pattern=r"^[\w.-]+$", description="Experiment name: used for run names and the published folder.")
+    name: str = Field(
+        min_length=1, pattern=r"^[\w.-]+$", description="Experiment name: used for run names and the published folder."
+    )
 
     @field_validator("name")
     @classmethod
     def _name_is_a_folder_name(cls, name: str) -> str:
         if set(name) == {"."}:  # `.` or `..` would put the published folder outside its stage folder
-            raise ValueError(f"{name!r} is not usable as a folder name; use letters, digits, `_`, `-` or `.` (e.g. `tiny-run`)")
+            raise ValueError(
+                f"{name!r} is not usable as a folder name; use letters, digits, `_`, `-` or `.` (e.g. `tiny-run`)"
+            )
         return name
 
     store: str = Field(".stillhouse/store", description="Root of the content-addressed artifact store.")
     curate: CurateConfig = Field(description="Prompt curation.")
     sample: SampleConfig = Field(description="Teacher sampling.")
     train: TrainConfig = Field(description="Student training.")
-    feedback: FeedbackConfig | None = Field(None, description="Feedback-guided distillation after training (e.g. dSFT -> dDPO); null skips it.")
+    feedback: FeedbackConfig | None = Field(
+        None, description="Feedback-guided distillation after training (e.g. dSFT -> dDPO); null skips it."
+    )
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig, description="Evaluation.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     registry: RegisterConfig = Field(description="MLflow model registry: where the student is registered.")
@@ -621,66 +1024,84 @@ class PipelineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _cross_stage_rules(self) -> PipelineConfig:
-        if self.train.method == "kd" and self.train.kd.teacher == "offline" and self.sample.top_k_logprobs == 0:
-            raise ValueError("train.method is `kd` but sample.top_k_logprobs is 0: store the teacher's top-k (e.g. 16), use train.kd.teacher: online, or use method `sft`")
+        problem = capabilities.offline_kd_top_k_problem(
+            method=self.train.method, kd_teacher=self.train.kd.teacher, top_k_stored=self.sample.top_k_logprobs > 0
+        )
+        if problem:
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
     def _served_teacher_rules(self) -> PipelineConfig:
         """With sample.engine `openai` the teacher is a name on a server: only its answers (and top-k) reach later stages.
 
-        Its tokenizer is known only through sample.openai.tokenizer; its weights never are.
+        Its tokenizer is known only through sample.openai.tokenizer; its weights never are. The rules live in
+        `stillhouse.capabilities`, where the stages check them again on what the sample stage recorded.
         """
-        if self.sample.engine != "openai":
-            return self
-        served = "the teacher behind sample.engine `openai` is a served model that can't be loaded here"
-        if self.train.method == "kd" and self.train.kd.teacher == "online":
-            raise ValueError(f"{served}, but train.kd.teacher: online needs it in memory; use the stored top-k (train.kd.teacher: offline, "
-                             "with sample.openai.tokenizer set) or train.method: sft")
-        if self.sample.openai.tokenizer is None:
-            if self.train.method == "kd":
-                raise ValueError("train.method `kd` compares the teacher's top-k token ids with the student's, but the served teacher's vocabulary "
-                                 "is unknown (sample.openai.tokenizer is null); set sample.openai.tokenizer to the served model's tokenizer "
-                                 "(a local folder or Hub id) and use a student that shares it, or use train.method: sft")
-            if self.train.student is None:
-                raise ValueError("train.architecture builds the student from scratch with the teacher's tokenizer, but the served teacher's "
-                                 "is unknown (sample.openai.tokenizer is null); set sample.openai.tokenizer to the served model's tokenizer, "
-                                 "or set train.student to a pretrained student")
-        if self.feedback is not None and self.feedback.judge.kind != "verifier" and self.feedback.judge.model is None:
-            raise ValueError(f"feedback.judge.model is null, so the teacher would judge, but {served}; set feedback.judge.model "
-                             "(a local judge, or the served name with feedback.judge.engine: openai), or use feedback.judge.kind: verifier")
-        evaluate = self.evaluate
-        if "win_rate" in (evaluate.metrics or []) and evaluate.win_rate_judge == "model" and evaluate.judge_model is None:
-            raise ValueError(f"evaluate.metrics lists win_rate and evaluate.judge_model is null, so the teacher would judge, but {served}; "
-                             "set evaluate.judge_model to a local judge model, or evaluate.win_rate_judge: verifier")
-        if evaluate.lm_eval is not None and "teacher" in evaluate.lm_eval.roles:
-            raise ValueError(f"evaluate.lm_eval.roles lists `teacher`, but {served}; drop `teacher` from the roles")
-        # Measured on the teacher's weights, so never computed for a served teacher (its answers come from the stored responses).
-        needs_weights = {"teacher_perplexity", "teacher_reference_perplexity", "teacher_tokens_per_second", "teacher_latency_seconds",
-                         "speed_ratio", "latency_ratio", "teacher_size_mb", "size_ratio", "teacher_parameters", "parameter_ratio"}
-        for name in evaluate.gate.metric_names():
-            if name in needs_weights:
-                raise ValueError(f"evaluate.gate: metric {name!r} is measured on the teacher's weights, but {served}; gate on a student metric instead")
+        served = self.sample.engine == "openai"
+        tokenizer_known = not served or self.sample.openai.tokenizer is not None
+        train, evaluate, feedback = self.train, self.evaluate, self.feedback
+        listed = evaluate.metrics or []
+        problems = [
+            capabilities.online_teacher_problem(
+                teacher_is_served=served, method=train.method, kd_teacher=train.kd.teacher
+            ),
+            capabilities.kd_vocabulary_problem(teacher_tokenizer_known=tokenizer_known, method=train.method),
+            capabilities.student_from_scratch_problem(
+                teacher_tokenizer_known=tokenizer_known, student_from_scratch=train.student is None
+            ),
+            capabilities.feedback_judge_problem(
+                teacher_is_served=served, judge_kind=feedback.judge.kind, judge_model=feedback.judge.model
+            )
+            if feedback
+            else None,
+            capabilities.win_rate_judge_problem(
+                teacher_is_served=served,
+                listed_metric_groups=listed,
+                win_rate_judge=evaluate.win_rate_judge,
+                judge_model=evaluate.judge_model,
+            ),
+            capabilities.lm_eval_teacher_problem(
+                teacher_is_served=served, lm_eval_roles=evaluate.lm_eval.roles if evaluate.lm_eval else []
+            ),
+            capabilities.teacher_weight_gate_problem(
+                teacher_is_served=served, gate_metric_names=evaluate.gate.metric_names()
+            ),
+        ]
+        for problem in problems:  # the first one found is reported
+            if problem:
+                raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
     def _evaluation_rules(self) -> PipelineConfig:
         """Evaluation and gate settings the data or the other sections can't satisfy, refused before any sampling."""
         evaluate, gate, curate = self.evaluate, self.evaluate.gate, self.curate
-        expected_rows = curate.max_rows if curate.max_rows is not None else (curate.demo_rows if is_builtin(curate.source) else None)
+        expected_rows = (
+            curate.max_rows
+            if curate.max_rows is not None
+            else (curate.demo_rows if is_builtin(curate.source) else None)
+        )
         if expected_rows is not None and expected_rows * curate.eval_fraction < 1:
-            raise ValueError(f"the eval set would be empty: {expected_rows} rows x curate.eval_fraction {curate.eval_fraction} is under one row; "
-                             "raise curate.max_rows or curate.eval_fraction")
+            raise ValueError(
+                f"the eval set would be empty: {expected_rows} rows x curate.eval_fraction {curate.eval_fraction} is under one row; "
+                "raise curate.max_rows or curate.eval_fraction"
+            )
         has_references = is_builtin(curate.source) or any(source.reference_column for source in curate.source_list())
         has_top_k = self.sample.top_k_logprobs > 0
-        needing = [g for g in evaluate.metrics or [] if g in METRIC_GROUPS_NEEDING_REFERENCES]
-        if needing and not has_references:
-            raise ValueError(f"evaluate.metrics lists {', '.join(needing)}, which need reference answers, but curate sets no reference_column; "
-                             "set curate.reference_column (or each source's) or drop those metrics")
-        if evaluate.metrics is not None and "kl" in evaluate.metrics and not has_top_k:
-            raise ValueError("evaluate.metrics lists kl, which needs the teacher's stored top-k: set sample.top_k_logprobs > 0 or drop kl")
-        groups = evaluate.selected_groups(has_references, has_top_k) + ["always"] + (["lm_eval"] if evaluate.lm_eval else [])
-        checks = [(name, f"evaluate.gate.min.{name}") for name in gate.min] + [(name, f"evaluate.gate.max.{name}") for name in gate.max]
+        listed = evaluate.metrics or []
+        for problem in (
+            capabilities.reference_metrics_problem(listed_metric_groups=listed, has_references=has_references),
+            capabilities.kl_top_k_problem(listed_metric_groups=listed, top_k_stored=has_top_k),
+        ):
+            if problem:
+                raise ValueError(problem)
+        groups = (
+            evaluate.selected_groups(has_references, has_top_k) + ["always"] + (["lm_eval"] if evaluate.lm_eval else [])
+        )
+        checks = [(name, f"evaluate.gate.min.{name}") for name in gate.min] + [
+            (name, f"evaluate.gate.max.{name}") for name in gate.max
+        ]
         if gate.champion_metric is not None:
             checks.append((gate.champion_metric, "evaluate.gate.champion_metric"))
         if gate.min_accuracy_ratio_to_teacher is not None:
@@ -691,14 +1112,26 @@ class PipelineConfig(StrictModel):
             group = metric_group(name)
             if group is None:
                 known = sorted(n for names in METRIC_NAMES.values() for n in names)
-                raise ValueError(f"{field}: unknown metric {name!r}; known metrics: {', '.join(known)} (and <role>_lm_eval/<task>/<metric>)")
+                raise ValueError(
+                    f"{field}: unknown metric {name!r}; known metrics: {', '.join(known)} (and <role>_lm_eval/<task>/<metric>)"
+                )
             if group not in groups:
-                why = ("the eval data has no references (set curate.reference_column)" if group in METRIC_GROUPS_NEEDING_REFERENCES and not has_references
-                       else "sample.top_k_logprobs is 0" if group == "kl" and not has_top_k
-                       else "evaluate.lm_eval is not set" if group == "lm_eval" else f"add {group!r} to evaluate.metrics")
-                raise ValueError(f"{field}: metric {name!r} comes from metric group {group!r}, which this config does not compute: {why}")
+                why = (
+                    "the eval data has no references (set curate.reference_column)"
+                    if group in METRIC_GROUPS_NEEDING_REFERENCES and not has_references
+                    else "sample.top_k_logprobs is 0"
+                    if group == "kl" and not has_top_k
+                    else "evaluate.lm_eval is not set"
+                    if group == "lm_eval"
+                    else f"add {group!r} to evaluate.metrics"
+                )
+                raise ValueError(
+                    f"{field}: metric {name!r} comes from metric group {group!r}, which this config does not compute: {why}"
+                )
             if name.startswith("baseline_") and evaluate.baseline is None:
-                raise ValueError(f"{field}: metric {name!r} needs evaluate.baseline (the model evaluated as role `baseline`)")
+                raise ValueError(
+                    f"{field}: metric {name!r} needs evaluate.baseline (the model evaluated as role `baseline`)"
+                )
         return self
 
 
@@ -730,7 +1163,11 @@ def format_validation_error(error: ValidationError, origin: str) -> str:
             reason = "required field is missing"
         # A rule across fields already names them; echoing the whole section back would bury the message.
         whole_section = problem["type"] == "value_error" and isinstance(problem.get("input"), dict)
-        given = "" if problem["type"] in ("missing", "extra_forbidden") or whole_section else f" (got {problem.get('input')!r})"
+        given = (
+            ""
+            if problem["type"] in ("missing", "extra_forbidden") or whole_section
+            else f" (got {problem.get('input')!r})"
+        )
         lines.append(f"  {location}: {reason}{given}")
     return "\n".join(lines)
 

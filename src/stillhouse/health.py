@@ -16,9 +16,13 @@ def check_server_health(base_url: str, what: str, fix: str, timeout_s: float = 1
     try:
         response = httpx.get(health_url, timeout=timeout_s)
     except httpx.HTTPError as error:
-        raise StillhouseError(f"{what} at {base_url} does not answer ({type(error).__name__}: {error}); {fix}") from None
+        raise StillhouseError(
+            f"{what} at {base_url} does not answer ({type(error).__name__}: {error}); {fix}"
+        ) from None
     if response.status_code != 200:
-        raise StillhouseError(f"{what} at {base_url} answered its health check {health_url} with HTTP {response.status_code}; {fix}")
+        raise StillhouseError(
+            f"{what} at {base_url} answered its health check {health_url} with HTTP {response.status_code}; {fix}"
+        )
 
 
 def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
@@ -29,5 +33,9 @@ def check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
     are local and need no check.
     """
     if uri.startswith(("http://", "https://")):
-        check_server_health(uri, "the MLflow tracking server", "start it (mlflow server ...) or fix tracking.uri / $MLFLOW_TRACKING_URI",
-                            timeout_s)
+        check_server_health(
+            uri,
+            "the MLflow tracking server",
+            "start it (mlflow server ...) or fix tracking.uri / $MLFLOW_TRACKING_URI",
+            timeout_s,
+        )

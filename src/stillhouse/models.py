@@ -37,7 +37,7 @@ def check_safetensors_weights(path: Path, field: str) -> None:
         raise InputError(
             f"{field}: {str(path)!r} has weights only as pickle files ({', '.join(pickled[:3])}), which can run arbitrary code "
             "when loaded; Stillhouse loads safetensors only. If you trust the file, convert it once: "
-            "python -c \"from transformers import AutoModelForCausalLM as M; "
+            'python -c "from transformers import AutoModelForCausalLM as M; '
             f"M.from_pretrained('{path}', use_safetensors=False).save_pretrained('{path}-safetensors')\" and point {field} there"
         )
 
@@ -57,14 +57,18 @@ def check_hub_safetensors(repo_id: str, revision: str | None, field: str) -> Non
         return
     pickled = sorted(name for name in files if name.endswith(tuple(pattern[1:] for pattern in PICKLE_WEIGHTS)))
     if pickled:
-        raise InputError(f"{field}: {repo_id!r} at revision {revision or 'main'!r} has weights only as pickle files ({', '.join(pickled[:3])}), "
-                         "which can run arbitrary code when loaded; Stillhouse loads safetensors only. Use a revision with model.safetensors "
-                         "(many repos have one on the `refs/pr/N` branch the Hub's conversion bot opened), or convert a checkpoint you trust")
+        raise InputError(
+            f"{field}: {repo_id!r} at revision {revision or 'main'!r} has weights only as pickle files ({', '.join(pickled[:3])}), "
+            "which can run arbitrary code when loaded; Stillhouse loads safetensors only. Use a revision with model.safetensors "
+            "(many repos have one on the `refs/pr/N` branch the Hub's conversion bot opened), or convert a checkpoint you trust"
+        )
 
 
 def remote_code_error(model: str, field: str) -> InputError:
-    return InputError(f"{field}: {model!r} ships its own Python code (auto_map in its config), which runs only when allowed; "
-                      f"if you trust it, set {field.rsplit('.', 1)[0]}.trust_remote_code: true, else use a model that plain transformers supports")
+    return InputError(
+        f"{field}: {model!r} ships its own Python code (auto_map in its config), which runs only when allowed; "
+        f"if you trust it, set {field.rsplit('.', 1)[0]}.trust_remote_code: true, else use a model that plain transformers supports"
+    )
 
 
 def resolve_model(reference: str, field: str) -> str:
@@ -74,12 +78,16 @@ def resolve_model(reference: str, field: str) -> str:
     path = Path(reference).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise InputError(f"{field}: {reference!r} is a folder without config.json; point it at a folder written by save_pretrained")
+            raise InputError(
+                f"{field}: {reference!r} is a folder without config.json; point it at a folder written by save_pretrained"
+            )
         check_safetensors_weights(path, field)
         return str(path.resolve())
     looks_like_path = reference.startswith((".", "/", "~")) or reference.count("/") != 1
     if looks_like_path or not _HUB_ID.match(reference):
-        raise InputError(f"{field}: model path {reference!r} does not exist; give an existing folder, a Hub id like `org/name`, or a `builtin:` model such as `builtin:demo-teacher`")
+        raise InputError(
+            f"{field}: model path {reference!r} does not exist; give an existing folder, a Hub id like `org/name`, or a `builtin:` model such as `builtin:demo-teacher`"
+        )
     return reference
 
 
@@ -88,7 +96,9 @@ def vocab_size(model: str, revision: str | None = None, *, trust_remote_code: bo
     return AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code).vocab_size
 
 
-def load_tokenizer(model: str, revision: str | None = None, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    model: str, revision: str | None = None, *, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -102,8 +112,15 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_causal_lm(model: str, *, revision: str | None = None, dtype: str = "float32", device: str = "auto",
-                   trust_remote_code: bool = False, field: str = "model"):
+def load_causal_lm(
+    model: str,
+    *,
+    revision: str | None = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    field: str = "model",
+):
     """The model in eval mode on ``device``: safetensors weights only, its own code only when trusted.
 
     ``field`` names the config field the model came from, for the error messages.
@@ -114,15 +131,18 @@ def load_causal_lm(model: str, *, revision: str | None = None, dtype: str = "flo
     else:
         check_hub_safetensors(model, revision, field)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=torch_dtype, use_safetensors=True,
-                                                      trust_remote_code=trust_remote_code)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            model, revision=revision, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError) as error:
         text = str(error)
         if "trust_remote_code" in text:
             raise remote_code_error(model, field) from None
         if "pytorch_model.bin" in text or (".safetensors" in text and "does not appear to have" in text):
-            raise InputError(f"{field}: {model!r} has no safetensors weights (only pickle files, which can run arbitrary code when "
-                             "loaded); use a revision that has model.safetensors, or convert a checkpoint you trust") from None
+            raise InputError(
+                f"{field}: {model!r} has no safetensors weights (only pickle files, which can run arbitrary code when "
+                "loaded); use a revision that has model.safetensors, or convert a checkpoint you trust"
+            ) from None
         raise
     return loaded.to(pick_device(device)).eval()
 
@@ -149,9 +169,11 @@ def vocabulary_difference(student: PreTrainedTokenizerBase, teacher: PreTrainedT
     missing = sorted(set(teacher_vocab) - set(student_vocab))
     extra = sorted(set(student_vocab) - set(teacher_vocab))
     moved = sorted(t for t in set(student_vocab) & set(teacher_vocab) if student_vocab[t] != teacher_vocab[t])
-    parts = [f"{len(missing)} teacher tokens missing (e.g. {missing[:3]})" if missing else "",
-             f"{len(extra)} student-only tokens (e.g. {extra[:3]})" if extra else "",
-             f"{len(moved)} tokens with other ids (e.g. {moved[:3]})" if moved else ""]
+    parts = [
+        f"{len(missing)} teacher tokens missing (e.g. {missing[:3]})" if missing else "",
+        f"{len(extra)} student-only tokens (e.g. {extra[:3]})" if extra else "",
+        f"{len(moved)} tokens with other ids (e.g. {moved[:3]})" if moved else "",
+    ]
     return "; ".join(p for p in parts if p)
 
 

@@ -27,6 +27,14 @@ def preflight(config: PipelineConfig) -> None:
         if config.train.method == "kd" and teacher.tokenizer_path is not None:
             # Tokenizers only: a student that doesn't share the teacher's vocabulary can't learn its top-k, found before sampling.
             local = config.sample.engine != "openai"
-            check_vocabularies(config.train, load_tokenizer(teacher.tokenizer_path, config.sample.revision if local else None,
-                                                            trust_remote_code=config.sample.trust_remote_code and local))
-    preflight_licenses(config)  # a push the teacher's or base model's terms forbid fails before training, quoting the clause
+            check_vocabularies(
+                config.train,
+                load_tokenizer(
+                    teacher.tokenizer_path,
+                    config.sample.revision if local else None,
+                    trust_remote_code=config.sample.trust_remote_code and local,
+                ),
+            )
+    preflight_licenses(
+        config
+    )  # a push the teacher's or base model's terms forbid fails before training, quoting the clause

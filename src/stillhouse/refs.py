@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
+
+
+class Stage(StrEnum):
+    """The pipeline's stages, in the order they run, as a run can be stopped after them (`--until`).
+
+    `train` includes a feedback chain's links (the judge and feedback stages, which have their own
+    store entries), so it always ends with the final student; `register` includes the promotion gate.
+    """
+
+    curate = "curate"
+    sample = "sample"
+    train = "train"
+    evaluate = "evaluate"
+    register = "register"
+    publish = "publish"
+
+    def reached_by(self, until: Stage) -> bool:
+        """Whether a run that stops after ``until`` runs this stage."""
+        order = list(Stage)
+        return order.index(self) <= order.index(until)
 
 
 class StageRef(BaseModel):
@@ -29,11 +50,13 @@ class SamplesRef(StageRef):
     top_k_logprobs: int
     generated_tokens: int
     teacher_tokenizer: str | None = Field(
-        None, description="Where the teacher's tokenizer loads from (a local folder or Hub id): the teacher itself for engines hf "
+        None,
+        description="Where the teacher's tokenizer loads from (a local folder or Hub id): the teacher itself for engines hf "
         "and vllm, sample.openai.tokenizer for a served teacher; null when a served teacher's tokenizer is unknown.",
     )
     teacher_is_served: bool = Field(
-        False, description="The teacher answered through an HTTP endpoint (engine `openai`): `teacher` is the served model's name, "
+        False,
+        description="The teacher answered through an HTTP endpoint (engine `openai`): `teacher` is the served model's name, "
         "and its weights can't be loaded here.",
     )
 
@@ -61,4 +84,6 @@ class EvalReport(StageRef):
 class PairsRef(StageRef):
     pairs: int
     counts: dict[str, int]
-    judge_consistency: float | None = Field(None, description="Pairwise judges: share of comparisons whose two orders agreed.")
+    judge_consistency: float | None = Field(
+        None, description="Pairwise judges: share of comparisons whose two orders agreed."
+    )

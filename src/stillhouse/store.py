@@ -211,7 +211,11 @@ class Store:
                     return StageOutput(folder, existing, cached=True)
                 folder.mkdir(parents=True, exist_ok=True)
                 self._check_bucket()  # before computing, not after
-                manifest = {"stage": stage, "fingerprint": stage_fingerprint, "stillhouse_version": stillhouse.__version__}
+                manifest = {
+                    "stage": stage,
+                    "fingerprint": stage_fingerprint,
+                    "stillhouse_version": stillhouse.__version__,
+                }
                 manifest.update(compute(folder))
                 if self.remote:
                     self._upload(stage, stage_fingerprint, manifest)
@@ -250,7 +254,11 @@ class Store:
             try:
                 lock.acquire(timeout=0)
             except Timeout:
-                log.warning("another run is computing %s; waiting for it to finish (lock %s)", self.location(stage, stage_fingerprint), path)
+                log.warning(
+                    "another run is computing %s; waiting for it to finish (lock %s)",
+                    self.location(stage, stage_fingerprint),
+                    path,
+                )
                 lock.acquire()
 
     def _describe(self, stage: str, stage_fingerprint: str) -> str:
@@ -264,9 +272,13 @@ class Store:
             return
         bucket = self.remote_root.split("/", 1)[0]
         if not self.fs.exists(bucket):
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint"
-            raise StoreWriteError(f"store {self.url}: the bucket {bucket!r} does not exist at {endpoint}; create it "
-                                  f"(e.g. `aws s3 mb s3://{bucket}` or MinIO's `mc mb`) or fix `store:` / $AWS_ENDPOINT_URL")
+            endpoint = (
+                os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint"
+            )
+            raise StoreWriteError(
+                f"store {self.url}: the bucket {bucket!r} does not exist at {endpoint}; create it "
+                f"(e.g. `aws s3 mb s3://{bucket}` or MinIO's `mc mb`) or fix `store:` / $AWS_ENDPOINT_URL"
+            )
 
     def _fetch_completed(self, stage: str, stage_fingerprint: str) -> dict[str, Any] | None:
         try:
@@ -289,7 +301,7 @@ class Store:
         for key, info in sorted(remote_files.items(), key=lambda item: item[0] == manifest_key):
             if key == manifest_key and not include_manifest:
                 continue
-            local = folder / key[len(prefix) + 1:]
+            local = folder / key[len(prefix) + 1 :]
             if key != manifest_key and local.is_file() and local.stat().st_size == info["size"]:
                 continue
             local.parent.mkdir(parents=True, exist_ok=True)

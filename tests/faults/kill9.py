@@ -10,10 +10,16 @@ import time
 from collections.abc import Callable
 
 
-def run_then_kill(script: str, arguments: list[str], ready: Callable[[], bool], what: str, timeout_s: float = 180) -> None:
+def run_then_kill(
+    script: str, arguments: list[str], ready: Callable[[], bool], what: str, timeout_s: float = 180
+) -> None:
     """Run ``python -c script arguments`` and kill -9 it as soon as ``ready()``; fail if it exits or stalls first."""
-    child = subprocess.Popen([sys.executable, "-c", script, *arguments], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, *arguments],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + timeout_s
     try:
         while not ready():

@@ -12,17 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import build_tiny_model
 from huggingface_hub import HfApi
 from mlflow.tracking import MlflowClient
+from test_publish import LINEAGE, refs
 from transformers import AutoModelForCausalLM
 
-from conftest import build_tiny_model
-from stillhouse.flows.cli import main
-from stillhouse.registry.publish import push_folder, write_publish_folder
 from stillhouse.config import parse_config
 from stillhouse.errors import StillhouseError
+from stillhouse.flows.cli import main
 from stillhouse.licenses import check_pipeline_licenses
-from test_publish import LINEAGE, refs
+from stillhouse.registry.hub import push_folder
+from stillhouse.registry.publish import write_publish_folder
 
 TOKEN = "hf_test_token"
 REPO = "alice/tiny-student"
@@ -57,19 +58,33 @@ def assert_still_v1(hub, tmp_path, v1_commit, v1_files):
 def test_a_commit_failing_for_good_is_retried_then_leaves_the_previous_revision(first_release, hub, tmp_path):
     config, v1_commit, v1_files = first_release
     hub.inject("POST", r"/commit/", status=500, times=100)
-    with pytest.raises(StillhouseError, match=r"publishing alice/tiny-student .* failed after 2 retries: HTTP 500 .*previous revision is unchanged"):
+    with pytest.raises(
+        StillhouseError,
+        match=r"publishing alice/tiny-student .* failed after 2 retries: HTTP 500 .*previous revision is unchanged",
+    ):
         push_folder(second_folder(tmp_path, config), config, tag="v2")
-    assert [r.status for r in hub.requests if r.path.endswith("/commit/main")][-3:] == [500, 500, 500]  # first try + hub_retries
+    assert [r.status for r in hub.requests if r.path.endswith("/commit/main")][-3:] == [
+        500,
+        500,
+        500,
+    ]  # first try + hub_retries
     assert_still_v1(hub, tmp_path, v1_commit, v1_files)
 
 
 def test_an_upload_refused_halfway_leaves_the_previous_revision(first_release, hub, tmp_path):
     config, v1_commit, v1_files = first_release
-    hub.inject("PUT", r"^/_lfs/", status=400, times=100)  # the weights never arrive; the small files would go in the commit
+    hub.inject(
+        "PUT", r"^/_lfs/", status=400, times=100
+    )  # the weights never arrive; the small files would go in the commit
     folder, before = second_folder(tmp_path, config), len(hub.requests)
-    with pytest.raises(StillhouseError, match="Error while uploading 'model.safetensors' to the Hub. HTTP 400 .*previous revision is unchanged"):
+    with pytest.raises(
+        StillhouseError,
+        match="Error while uploading 'model.safetensors' to the Hub. HTTP 400 .*previous revision is unchanged",
+    ):
         push_folder(folder, config, tag="v2")
-    assert not any(r.path.endswith("/commit/main") for r in hub.requests[before:])  # no commit was attempted without its weights
+    assert not any(
+        r.path.endswith("/commit/main") for r in hub.requests[before:]
+    )  # no commit was attempted without its weights
     assert_still_v1(hub, tmp_path, v1_commit, v1_files)
 
 
@@ -85,7 +100,9 @@ def test_a_connection_dropped_during_an_lfs_upload_is_retried(first_release, hub
 
 
 @pytest.mark.slow
-def test_the_flow_fails_with_a_clear_message_and_the_run_is_marked_failed(prefect_harness, pipeline_raw, hub, tmp_path, monkeypatch, capsys):
+def test_the_flow_fails_with_a_clear_message_and_the_run_is_marked_failed(
+    prefect_harness, pipeline_raw, hub, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     pipeline_raw["publish"] = {"repo_id": REPO, "endpoint": hub.url, "hub_retries": 1, "retry_backoff_s": 0.01}
     config_path = tmp_path / "broken-hub.yaml"
@@ -94,10 +111,19 @@ def test_the_flow_fails_with_a_clear_message_and_the_run_is_marked_failed(prefec
 
     assert main(["run", str(config_path)]) == 2
     error = capsys.readouterr().err
-    assert "publishing alice/tiny-student" in error and "HTTP 503" in error and "previous revision is unchanged" in error
+    assert (
+        "publishing alice/tiny-student" in error and "HTTP 503" in error and "previous revision is unchanged" in error
+    )
     assert TOKEN not in error
-    assert [commit["message"] for commit in hub.commits(REPO)] == ["initial commit"]  # the repo exists, nothing was committed
+    assert [commit["message"] for commit in hub.commits(REPO)] == [
+        "initial commit"
+    ]  # the repo exists, nothing was committed
     client = MlflowClient(pipeline_raw["tracking"]["uri"])
-    (run,) = client.search_runs(client.get_experiment_by_name("tests").experiment_id, "tags.stillhouse.pipeline = 'tiny' and attributes.status = 'FAILED'")
+    (run,) = client.search_runs(
+        client.get_experiment_by_name("tests").experiment_id,
+        "tags.stillhouse.pipeline = 'tiny' and attributes.status = 'FAILED'",
+    )
     assert run.data.tags.get("stillhouse.hub.commit") is None  # the run links to no revision that doesn't exist
-    assert not list((Path(pipeline_raw["store"]) / "publish").glob("*/manifest.json"))  # nothing sealed: a rerun pushes again
+    assert not list(
+        (Path(pipeline_raw["store"]) / "publish").glob("*/manifest.json")
+    )  # nothing sealed: a rerun pushes again

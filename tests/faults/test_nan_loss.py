@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import curate_and_sample
 from safetensors.torch import load_file
 
-from conftest import curate_and_sample
 from stillhouse.config import TrainConfig
 from stillhouse.errors import StillhouseError
 from stillhouse.store import MANIFEST
@@ -38,13 +38,24 @@ def poison_teacher_logprobs(samples_path: str, row: int) -> str:
     return table.column("prompt_id")[row].as_py()
 
 
-def test_a_nan_loss_stops_training_at_that_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_teacher, prompts_jsonl):
+def test_a_nan_loss_stops_training_at_that_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, tiny_teacher, prompts_jsonl
+):
     store, dataset, samples = curate_and_sample(tmp_path / "store", tiny_teacher, prompts_jsonl)
     poison_teacher_logprobs(samples.path, POISONED_ROW)
-    config = TrainConfig.model_validate({
-        "architecture": ARCHITECTURE, "method": "kd", "max_steps": 40, "batch_size": 8, "learning_rate": 0.005,
-        "logging_steps": 5, "save_steps": 1, "threads": 1, "device": "cpu",
-    })
+    config = TrainConfig.model_validate(
+        {
+            "architecture": ARCHITECTURE,
+            "method": "kd",
+            "max_steps": 40,
+            "batch_size": 8,
+            "learning_rate": 0.005,
+            "logging_steps": 5,
+            "save_steps": 1,
+            "threads": 1,
+            "device": "cpu",
+        }
+    )
     with pytest.raises(NonFiniteLossError) as raised:
         train_student(config, dataset, samples, store)
     message = str(raised.value)
@@ -72,7 +83,9 @@ def test_a_nan_loss_stops_training_at_that_step_and_keeps_the_last_good_checkpoi
     assert not (folder / MANIFEST).exists()
 
 
-def test_a_non_finite_loss_at_the_first_step_stops_with_no_checkpoint_and_nothing_sealed(tmp_path, tiny_teacher, prompts_jsonl):
+def test_a_non_finite_loss_at_the_first_step_stops_with_no_checkpoint_and_nothing_sealed(
+    tmp_path, tiny_teacher, prompts_jsonl
+):
     """+inf teacher log-probs in every row: the first step's loss is not finite (inf x 0 makes it NaN)."""
     store, dataset, samples = curate_and_sample(tmp_path / "store", tiny_teacher, prompts_jsonl)
     (shard,) = sorted(Path(samples.path).glob("shard-*.parquet"))[:1]
@@ -80,9 +93,15 @@ def test_a_non_finite_loss_at_the_first_step_stops_with_no_checkpoint_and_nothin
     column = table.column("top_k_logprobs").to_pylist()
     column = [[[float("inf")] + values[1:] for values in row] for row in column]  # every row: the first step fails
     index = table.schema.get_field_index("top_k_logprobs")
-    pq.write_table(table.set_column(index, table.schema.field(index), pa.array(column, type=table.schema.field(index).type)), shard)
-    config = TrainConfig.model_validate({"architecture": ARCHITECTURE, "method": "kd", "max_steps": 5, "batch_size": 8, "threads": 1, "device": "cpu"})
-    with pytest.raises(NonFiniteLossError, match=r"the loss is (inf|nan) at step 1 of 5; .*No checkpoint was written yet"):
+    pq.write_table(
+        table.set_column(index, table.schema.field(index), pa.array(column, type=table.schema.field(index).type)), shard
+    )
+    config = TrainConfig.model_validate(
+        {"architecture": ARCHITECTURE, "method": "kd", "max_steps": 5, "batch_size": 8, "threads": 1, "device": "cpu"}
+    )
+    with pytest.raises(
+        NonFiniteLossError, match=r"the loss is (inf|nan) at step 1 of 5; .*No checkpoint was written yet"
+    ):
         train_student(config, dataset, samples, store)
     assert not list((store.root / "train").glob(f"*/{MANIFEST}"))
 
@@ -92,10 +111,19 @@ def test_under_torchrun_the_stopping_rank_s_message_reaches_the_caller(tmp_path,
     the launching process raises that message instead of a bare exit code."""
     store, dataset, samples = curate_and_sample(tmp_path / "store", tiny_teacher, prompts_jsonl)
     poison_teacher_logprobs(samples.path, POISONED_ROW)
-    config = TrainConfig.model_validate({
-        "architecture": ARCHITECTURE, "method": "kd", "max_steps": 40, "batch_size": 8, "learning_rate": 0.005,
-        "logging_steps": 5, "threads": 1, "device": "cpu", "num_processes": 2,
-    })
+    config = TrainConfig.model_validate(
+        {
+            "architecture": ARCHITECTURE,
+            "method": "kd",
+            "max_steps": 40,
+            "batch_size": 8,
+            "learning_rate": 0.005,
+            "logging_steps": 5,
+            "threads": 1,
+            "device": "cpu",
+            "num_processes": 2,
+        }
+    )
     with pytest.raises(StillhouseError, match=r"train: the loss is nan at step \d+ of 40.*Lower train.learning_rate"):
         train_student(config, dataset, samples, store)
     assert not list((store.root / "train").glob(f"*/{MANIFEST}"))

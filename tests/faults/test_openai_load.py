@@ -9,8 +9,8 @@ import json
 import time
 
 import pytest
-
 from openai_server import FakeOpenAIServer
+
 from stillhouse.config import CurateConfig, OpenAIEngineConfig, SampleConfig
 from stillhouse.data.curate import curate
 from stillhouse.sampling.sample import read_prompts, sample_teacher
@@ -24,23 +24,37 @@ PROMPTS = 10_000
 
 def test_ten_thousand_prompts_each_answered_once_through_429s_and_503s(tmp_path, monkeypatch):
     data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"question {i}: what is {i} plus {i * 7 % 101}?"}) + "\n" for i in range(PROMPTS)))
+    data.write_text(
+        "".join(json.dumps({"prompt": f"question {i}: what is {i} plus {i * 7 % 101}?"}) + "\n" for i in range(PROMPTS))
+    )
     dataset = curate(CurateConfig(source=str(data), reference_column=None), Store(tmp_path / "store"))
     assert dataset.train_rows + dataset.eval_rows == PROMPTS
     monkeypatch.setenv("LOAD_TEST_KEY", "sk-load-test")
     with FakeOpenAIServer(None, served_name="echo", failure_share=0.1, failure_seed=0, record_requests=False) as server:
         config = SampleConfig(
-            teacher="echo", engine="openai", max_new_tokens=32, top_k_logprobs=0, shard_rows=2500,
-            openai=OpenAIEngineConfig(base_url=server.url, api_key_env="LOAD_TEST_KEY", max_concurrency=16, max_retries=8,
-                                      backoff_seconds=0.001, timeout_seconds=30),
+            teacher="echo",
+            engine="openai",
+            max_new_tokens=32,
+            top_k_logprobs=0,
+            shard_rows=2500,
+            openai=OpenAIEngineConfig(
+                base_url=server.url,
+                api_key_env="LOAD_TEST_KEY",
+                max_concurrency=16,
+                max_retries=8,
+                backoff_seconds=0.001,
+                timeout_seconds=30,
+            ),
         )
         started = time.perf_counter()
         samples = sample_teacher(config, dataset, Store(tmp_path / "store"))
         seconds = time.perf_counter() - started
 
     tries, failures = sum(server.tries.values()), sum(server.failures.values())
-    print(f"{PROMPTS} prompts in {seconds:.1f} s ({PROMPTS / seconds:.0f}/s); {tries} tries, "
-          f"{server.failures[429]} x 429 and {server.failures[503]} x 503 ({failures / tries:.1%})")
+    print(
+        f"{PROMPTS} prompts in {seconds:.1f} s ({PROMPTS / seconds:.0f}/s); {tries} tries, "
+        f"{server.failures[429]} x 429 and {server.failures[503]} x 503 ({failures / tries:.1%})"
+    )
     # About 10% of tries failed, both kinds, and each was retried until answered.
     assert 0.08 < failures / tries < 0.12 and server.failures[429] > 0 and server.failures[503] > 0
     assert tries == PROMPTS + failures

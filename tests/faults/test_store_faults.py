@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -83,15 +82,32 @@ def configs(tmp_path, tiny_teacher, prompts_jsonl):
     """Curate + sample configs as files; sampling is slowed (one prompt per batch, 12 shards) so two runs overlap."""
     curate_path, sample_path = tmp_path / "curate.json", tmp_path / "sample.json"
     curate_path.write_text(CurateConfig(source=str(prompts_jsonl)).model_dump_json())
-    sample_path.write_text(SampleConfig(teacher=str(tiny_teacher), max_new_tokens=8, temperature=1.0, seed=2, top_k_logprobs=3,
-                                        shard_rows=10, batch_size=1).model_dump_json())
+    sample_path.write_text(
+        SampleConfig(
+            teacher=str(tiny_teacher),
+            max_new_tokens=8,
+            temperature=1.0,
+            seed=2,
+            top_k_logprobs=3,
+            shard_rows=10,
+            batch_size=1,
+        ).model_dump_json()
+    )
     return curate_path, sample_path
 
 
 def test_two_runs_of_one_config_at_once_compute_each_stage_once_and_the_other_reuses_it(tmp_path, configs):
     root, go = tmp_path / "store", tmp_path / "go"
-    runs = [subprocess.Popen([sys.executable, "-c", RUN, *map(str, configs), str(root), str(go)], env=child_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RUN, *map(str, configs), str(root), str(go)],
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     try:
         for run in runs:
             assert run.stdout.readline().strip() == "ready", run.stderr.read()[-2000:]
@@ -105,22 +121,33 @@ def test_two_runs_of_one_config_at_once_compute_each_stage_once_and_the_other_re
         assert run.returncode == 0, stderr[-3000:]
     reports = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
     for stage in ("curate", "sample"):
-        assert sorted(report[stage] for report in reports) == [False, True], f"{stage}: exactly one run computes it, the other reuses it"
+        assert sorted(report[stage] for report in reports) == [False, True], (
+            f"{stage}: exactly one run computes it, the other reuses it"
+        )
     assert any("waiting for it to finish" in stderr for _, stderr in outputs), "the second run waited for the first"
 
     (sample_folder,) = [path for path in (root / "sample").iterdir()]
     manifest = json.loads((sample_folder / MANIFEST).read_text())
     assert {shard["name"]: shard["sha256"] for shard in manifest["shards"]} == {
-        path.name: file_sha256(path) for path in sample_folder.glob("shard-*.parquet")}
+        path.name: file_sha256(path) for path in sample_folder.glob("shard-*.parquet")
+    }
     rows = read_teacher_outputs(sample_folder)
-    assert len(rows) == reports[0]["rows"] == reports[1]["rows"] == 120 and not rows.duplicated(["prompt_id", "sample_index"]).any()
+    assert (
+        len(rows) == reports[0]["rows"] == reports[1]["rows"] == 120
+        and not rows.duplicated(["prompt_id", "sample_index"]).any()
+    )
     assert not list(sample_folder.glob(".*")), "no temporary shard left behind"
 
 
 def test_a_full_disk_during_sampling_names_the_folder_and_marks_nothing_complete(tmp_path, configs):
     root = tmp_path / "store"
-    failed = subprocess.run([sys.executable, "-c", WRITE, *map(str, configs), str(root), "1500"], env=child_env(),
-                            capture_output=True, text=True, timeout=300)
+    failed = subprocess.run(
+        [sys.executable, "-c", WRITE, *map(str, configs), str(root), "1500"],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert failed.returncode == 2, failed.stderr[-3000:]
     message = error_line(failed.stderr)
     (sample_folder,) = (root / "sample").iterdir()
@@ -129,8 +156,13 @@ def test_a_full_disk_during_sampling_names_the_folder_and_marks_nothing_complete
     assert not (sample_folder / MANIFEST).exists() and not list(sample_folder.glob("shard-*.parquet"))
 
     # Space again: the rerun completes, and only then is the output marked complete.
-    rerun = subprocess.run([sys.executable, "-c", WRITE, *map(str, configs), str(root), "0"], env=child_env(),
-                           capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        [sys.executable, "-c", WRITE, *map(str, configs), str(root), "0"],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert (sample_folder / MANIFEST).exists() and len(read_teacher_outputs(sample_folder)) == 120
 
@@ -149,8 +181,14 @@ def drop_root_override() -> None:
 
 
 def run_without_write_permission(command: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(command, env=child_env(), preexec_fn=drop_root_override if os.geteuid() == 0 else None,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        command,
+        env=child_env(),
+        preexec_fn=drop_root_override if os.geteuid() == 0 else None,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_a_read_only_store_still_serves_completed_outputs_and_refuses_new_ones_naming_the_path(tmp_path, prompts_jsonl):

@@ -58,8 +58,14 @@ def test_run_fails_fast_naming_the_tracking_uri_before_any_stage(tmp_path, pipel
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump(pipeline_raw))
     started = time.monotonic()
-    completed = subprocess.run([sys.executable, "-m", "stillhouse.flows.cli", "run", str(config)], cwd=REPO, env=env,
-                               capture_output=True, text=True, timeout=120)
+    completed = subprocess.run(
+        [sys.executable, "-m", "stillhouse.flows.cli", "run", str(config)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     seconds = time.monotonic() - started
     assert completed.returncode == 2, completed.stderr[-3000:]
     assert f"the MLflow tracking server at {uri} does not answer" in completed.stderr

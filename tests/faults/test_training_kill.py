@@ -9,10 +9,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from conftest import curate_and_sample
 from kill9 import run_then_kill
+from transformers import AutoModelForCausalLM
+
 from stillhouse.config import TrainConfig
 from stillhouse.store import MANIFEST, Store
 from stillhouse.training.train import last_complete_checkpoint, train_student
@@ -42,19 +42,35 @@ def sampled(tmp_path_factory, tiny_teacher, prompts_jsonl):
 
 def test_a_killed_training_resumes_from_its_checkpoint_and_ends_at_max_steps(sampled, tmp_path):
     store, dataset, samples = sampled
-    config = TrainConfig.model_validate({
-        "architecture": ARCHITECTURE, "method": "kd", "max_steps": 300, "batch_size": 8, "learning_rate": 0.005,
-        "warmup_ratio": 0.0, "logging_steps": 10, "save_steps": 20, "threads": 1, "device": "cpu",
-    })
+    config = TrainConfig.model_validate(
+        {
+            "architecture": ARCHITECTURE,
+            "method": "kd",
+            "max_steps": 300,
+            "batch_size": 8,
+            "learning_rate": 0.005,
+            "warmup_ratio": 0.0,
+            "logging_steps": 10,
+            "save_steps": 20,
+            "threads": 1,
+            "device": "cpu",
+        }
+    )
     for name, model in {"config": config, "dataset": dataset, "samples": samples}.items():
         (tmp_path / f"{name}.json").write_text(model.model_dump_json())
     # Killed once two checkpoints exist: the run is well under way, and far from its 300 steps.
-    run_then_kill(CHILD, [*(str(tmp_path / f"{n}.json") for n in ("config", "dataset", "samples")), str(store.root)],
-                  ready=lambda: len(list(store.root.glob("train/*/checkpoints/checkpoint-*/trainer_state.json"))) >= 2, what="training")
+    run_then_kill(
+        CHILD,
+        [*(str(tmp_path / f"{n}.json") for n in ("config", "dataset", "samples")), str(store.root)],
+        ready=lambda: len(list(store.root.glob("train/*/checkpoints/checkpoint-*/trainer_state.json"))) >= 2,
+        what="training",
+    )
     (folder,) = {path.parent for path in (store.root / "train").glob("*/checkpoints")}
     assert not (folder / MANIFEST).exists(), "training finished before the kill; the test needs a longer run"
     newest = last_complete_checkpoint(folder / "checkpoints")
-    killed_at = json.loads((folder / "checkpoints" / newest.rsplit("/", 1)[1] / "trainer_state.json").read_text())["global_step"]
+    killed_at = json.loads((folder / "checkpoints" / newest.rsplit("/", 1)[1] / "trainer_state.json").read_text())[
+        "global_step"
+    ]
     assert 20 <= killed_at < 300
     # What a kill in the middle of writing the next checkpoint leaves: a folder without trainer_state.json.
     half_written = folder / "checkpoints" / f"checkpoint-{killed_at + 20}"

@@ -42,15 +42,35 @@ from stillhouse.data.decontaminate import ReferenceNgrams, check_benchmarks
 from stillhouse.data.dedup import MinHasher, band_parameters, first_occurrences, near_duplicates
 from stillhouse.data.filters import RowFilters
 from stillhouse.data.report import CurationReport
-from stillhouse.data.schema import ColumnMapping, RowError, conversation_text, normalized_messages, optional_text, resolve_mapping, to_messages, user_text
-from stillhouse.data.sources import Problems, RawBatch, Source, count_rows, read_batches, resolve_sources, source_identity, source_kind
+from stillhouse.data.schema import (
+    ColumnMapping,
+    RowError,
+    conversation_text,
+    normalized_messages,
+    optional_text,
+    resolve_mapping,
+    to_messages,
+    user_text,
+)
+from stillhouse.data.sources import (
+    Problems,
+    RawBatch,
+    Source,
+    count_rows,
+    read_batches,
+    resolve_sources,
+    source_identity,
+    source_kind,
+)
 from stillhouse.errors import InputError
 from stillhouse.refs import DatasetRef
 from stillhouse.store import Store, file_sha256, fingerprint
 
 CODE_VERSION = 2
 SPLITS = ("train", "eval")
-OUTPUT_SCHEMA = pa.schema([(name, pa.string()) for name in ("prompt_id", "messages", "reference", "category", "source")])
+OUTPUT_SCHEMA = pa.schema(
+    [(name, pa.string()) for name in ("prompt_id", "messages", "reference", "category", "source")]
+)
 WORK_SCHEMA = OUTPUT_SCHEMA.append(pa.field("text", pa.string())).append(pa.field("where", pa.string()))
 
 __all__ = ["curate", "curate_frame", "read_split", "source_kind"]
@@ -63,13 +83,24 @@ def read_split(dataset: DatasetRef, split: str) -> pd.DataFrame:
 def curate(config: CurateConfig, store: Store, progress: Callable[[float], None] | None = None) -> DatasetRef:
     sources = resolve_sources(config)  # fail on a missing file before anything else
     benchmarks = [f"file-sha256:{file_sha256(path)}" for path in check_benchmarks(config.decontaminate.benchmarks)]
-    inputs = {"sources": json.dumps([source_identity(source, config) for source in sources]), "benchmarks": json.dumps(benchmarks)}
+    inputs = {
+        "sources": json.dumps([source_identity(source, config) for source in sources]),
+        "benchmarks": json.dumps(benchmarks),
+    }
     stage_fingerprint = fingerprint("curate", config, inputs, CODE_VERSION)
-    output = store.build("curate", stage_fingerprint, lambda folder: run_curation(config, sources, folder, read_batches, progress))
+    output = store.build(
+        "curate", stage_fingerprint, lambda folder: run_curation(config, sources, folder, read_batches, progress)
+    )
     counts = output.manifest["counts"]
     return DatasetRef(
-        stage="curate", fingerprint=stage_fingerprint, path=str(output.path), cached=output.cached,
-        train_rows=counts["train_rows"], eval_rows=counts["eval_rows"], has_references=output.manifest["has_references"], counts=counts,
+        stage="curate",
+        fingerprint=stage_fingerprint,
+        path=str(output.path),
+        cached=output.cached,
+        train_rows=counts["train_rows"],
+        eval_rows=counts["eval_rows"],
+        has_references=output.manifest["has_references"],
+        counts=counts,
     )
 
 
@@ -79,8 +110,10 @@ def curate_frame(frame: pd.DataFrame, config: CurateConfig) -> tuple[pd.DataFram
 
     def batches(_source: Source, config: CurateConfig, _problems: Problems) -> Iterator[RawBatch]:
         for start in range(0, len(frame), config.batch_rows):
-            chunk = frame.iloc[start:start + config.batch_rows]
-            yield RawBatch(chunk.to_dict("records"), list(range(start + 1, start + len(chunk) + 1)), list(frame.columns))
+            chunk = frame.iloc[start : start + config.batch_rows]
+            yield RawBatch(
+                chunk.to_dict("records"), list(range(start + 1, start + len(chunk) + 1)), list(frame.columns)
+            )
 
     with tempfile.TemporaryDirectory() as folder:
         manifest = run_curation(config, [source], Path(folder), batches)
@@ -122,8 +155,11 @@ class Survivors:
 
 
 def run_curation(
-    config: CurateConfig, sources: list[Source], folder: Path,
-    batches: Callable[[Source, CurateConfig, Problems], Iterator[RawBatch]], progress: Callable[[float], None] | None = None,
+    config: CurateConfig,
+    sources: list[Source],
+    folder: Path,
+    batches: Callable[[Source, CurateConfig, Problems], Iterator[RawBatch]],
+    progress: Callable[[float], None] | None = None,
 ) -> dict:
     """Curate into ``folder`` (train/eval Parquet and report/); returns the manifest's content."""
     work = folder / ".work"
@@ -167,13 +203,15 @@ class Curation:
             found = near_duplicates(signatures, near.threshold, candidates=alive)
             del signatures
             self.drop("dropped_near_duplicate", found.removed, alive, duplicate_of=found.representative)
-            manifest["near_duplicate_lsh"] = dict(zip(("bands", "rows_per_band"), band_parameters(near.threshold, near.num_perm)))
+            manifest["near_duplicate_lsh"] = dict(
+                zip(("bands", "rows_per_band"), band_parameters(near.threshold, near.num_perm))
+            )
         if len(self.sources) > 1 or any(s.config.max_rows is not None for s in self.sources):
             self.drop("dropped_mixture", ~draw_mixture(config, self.sources, keys, source_of, alive), alive)
         if config.max_rows is not None and alive.sum() > config.max_rows:
             rows = np.flatnonzero(alive)
             beyond = np.zeros(len(alive), dtype=bool)
-            beyond[rows[np.argsort(split_keys[rows], kind="stable")[config.max_rows:]]] = True
+            beyond[rows[np.argsort(split_keys[rows], kind="stable")[config.max_rows :]]] = True
             self.drop("dropped_max_rows", beyond, alive)
         is_eval = split_keys < config.eval_fraction
         if config.decontaminate.eval_split:
@@ -183,10 +221,14 @@ class Curation:
         counts = {"train_rows": int((alive & ~is_eval).sum()), "eval_rows": int((alive & is_eval).sum())}
         if counts["train_rows"] == 0 or counts["eval_rows"] == 0:
             empty = "train" if counts["train_rows"] == 0 else "eval"
-            raise InputError(f"curate: {int(alive.sum())} prompts give an empty {empty} split; add data or change curate.eval_fraction")
+            raise InputError(
+                f"curate: {int(alive.sum())} prompts give an empty {empty} split; add data or change curate.eval_fraction"
+            )
         has_references = write_splits(folder, survivors, alive, is_eval)
         for source in self.sources:
-            report.sources.setdefault(source.name, {"rows_in": 0})["rows_out"] = int((alive & (source_of == source.index)).sum())
+            report.sources.setdefault(source.name, {"rows_in": 0})["rows_out"] = int(
+                (alive & (source_of == source.index)).sum()
+            )
         report.counts.update(counts)
         lengths = {"chars": (concatenated(self.chars_read, np.int32), survivors.concatenated("chars", np.int32)[alive])}
         if self.row_filters.token_counter is not None:
@@ -197,8 +239,14 @@ class Curation:
         counts = dict(report.counts)
         for name, info in report.sources.items():
             counts[f"rows_in.{name}"], counts[f"rows_out.{name}"] = info["rows_in"], info["rows_out"]
-        return {"counts": counts, "has_references": has_references, "sources": report.sources,
-                "report": [f"report/{name}" for name in report_files], "columns": OUTPUT_SCHEMA.names, **manifest}
+        return {
+            "counts": counts,
+            "has_references": has_references,
+            "sources": report.sources,
+            "report": [f"report/{name}" for name in report_files],
+            "columns": OUTPUT_SCHEMA.names,
+            **manifest,
+        }
 
     def read_sources(self, batches: Callable[[Source, CurateConfig, Problems], Iterator[RawBatch]]) -> None:
         """Step 1-2: every batch of every source through the row filters, survivors into shards and arrays."""
@@ -208,12 +256,21 @@ class Curation:
         with tqdm(total=total, unit="rows", desc="curate", mininterval=1.0) as bar:
             for source in self.sources:
                 mapping, label = None, source.config.source if source.kind != "frame" else "the frame"
-                unit = "line" if source.kind == "file" and source.path.suffix.lower() in (".jsonl", ".json", ".csv") else "row"
+                unit = (
+                    "line"
+                    if source.kind == "file" and source.path.suffix.lower() in (".jsonl", ".json", ".csv")
+                    else "row"
+                )
                 read = 0
                 for batch in batches(source, self.config, self.problems):
                     if mapping is None:
                         mapping = resolve_mapping(source.config, batch.columns, source.field, label)
-                        report.sources[source.name] = {"source": label, "format": mapping.format, "rows_in": 0, "rows_out": 0}
+                        report.sources[source.name] = {
+                            "source": label,
+                            "format": mapping.format,
+                            "rows_in": 0,
+                            "rows_out": 0,
+                        }
                     read += len(batch.records)
                     report.count("rows_in", len(batch.records))
                     report.sources[source.name]["rows_in"] += len(batch.records)
@@ -222,13 +279,19 @@ class Curation:
                     if total:
                         self.progress(0.85 * report.counts["rows_in"] / total)
                 if read == 0 and not self.problems.skipped:
-                    raise InputError(f"{source.field}.source: {label!r} has no rows; point it at a dataset with prompts")
+                    raise InputError(
+                        f"{source.field}.source: {label!r} has no rows; point it at a dataset with prompts"
+                    )
         report.counts["skipped_malformed"] = self.problems.skipped
         if self.problems.examples:
-            report.examples["skipped_malformed"] = [{"source": "", "text": "", **example} for example in self.problems.examples]
+            report.examples["skipped_malformed"] = [
+                {"source": "", "text": "", **example} for example in self.problems.examples
+            ]
         if not self.survivors.shards:
             labels = ", ".join(repr(s.config.source) for s in self.sources)
-            raise InputError(f"curate: every row of {labels} was empty, malformed or filtered out; check the prompt column and the filters")
+            raise InputError(
+                f"curate: every row of {labels} was empty, malformed or filtered out; check the prompt column and the filters"
+            )
 
     def process_batch(self, batch: RawBatch, source: Source, mapping: ColumnMapping, place: str) -> None:
         """Map one batch to messages, apply the row filters, keep the survivors' text in a shard and their keys in arrays."""
@@ -262,18 +325,30 @@ class Curation:
         prompt_ids = [short_sha256(text) for text in normalized]
         survivors.keys.append(np.array([int(p, 16) for p in prompt_ids], dtype=np.uint64))
         # Position in [0, 1) from a salted hash of the prompt: stable across reruns and row order.
-        survivors.split_keys.append(np.array([int(short_sha256(self.config.split_salt + text)[:15], 16) / 16**15 for text in normalized]))
+        survivors.split_keys.append(
+            np.array([int(short_sha256(self.config.split_salt + text)[:15], 16) / 16**15 for text in normalized])
+        )
         survivors.sources.append(np.full(len(rows), source.index, dtype=np.int16))
         survivors.chars.append(chars[rows])
         survivors.tokens.append(tokens[rows])
         if self.hasher is not None:
             survivors.signatures.append(self.hasher.signatures([texts[row] for row in rows]))
         shard = self.work / f"{len(survivors.shards):06d}.parquet"
-        pq.write_table(pa.table({
-            "prompt_id": prompt_ids, "messages": [json.dumps(messages[row], ensure_ascii=False) for row in rows],
-            "reference": [references[row] for row in rows], "category": [categories[row] for row in rows],
-            "source": [source.name] * len(rows), "text": [texts[row] for row in rows], "where": [wheres[row] for row in rows],
-        }, schema=WORK_SCHEMA), shard)
+        pq.write_table(
+            pa.table(
+                {
+                    "prompt_id": prompt_ids,
+                    "messages": [json.dumps(messages[row], ensure_ascii=False) for row in rows],
+                    "reference": [references[row] for row in rows],
+                    "category": [categories[row] for row in rows],
+                    "source": [source.name] * len(rows),
+                    "text": [texts[row] for row in rows],
+                    "where": [wheres[row] for row in rows],
+                },
+                schema=WORK_SCHEMA,
+            ),
+            shard,
+        )
         survivors.shards.append((shard, len(rows)))
 
     def drop(self, name: str, rejected: np.ndarray, alive: np.ndarray, duplicate_of: np.ndarray | None = None) -> None:
@@ -292,7 +367,10 @@ class Curation:
             detail = {}
             if duplicate_of is not None:
                 kept = kept_rows[position]
-                detail = {"duplicate_of": conversation_text(json.loads(texts[kept])), "duplicate_of_where": wheres[kept]}
+                detail = {
+                    "duplicate_of": conversation_text(json.loads(texts[kept])),
+                    "duplicate_of_where": wheres[kept],
+                }
             self.report.add_example(name, names[row], wheres[row], conversation_text(json.loads(texts[row])), **detail)
 
     def eval_contamination(self, eval_rows: np.ndarray, train_rows: np.ndarray) -> np.ndarray:
@@ -302,13 +380,17 @@ class Curation:
 
         def eval_texts() -> Iterator[tuple[int, list[str]]]:
             for offset, table in survivors.iter_shards(["text"]):
-                for text in table.filter(pa.array(eval_rows[offset:offset + table.num_rows])).column("text").to_pylist():
+                for text in (
+                    table.filter(pa.array(eval_rows[offset : offset + table.num_rows])).column("text").to_pylist()
+                ):
                     yield 0, [text]
 
-        reference = ReferenceNgrams.build(eval_texts(), ["eval split"], decontaminate.ngram, decontaminate.ignore_common)
+        reference = ReferenceNgrams.build(
+            eval_texts(), ["eval split"], decontaminate.ngram, decontaminate.ignore_common
+        )
         contaminated = np.zeros(len(eval_rows), dtype=bool)
         for offset, table in survivors.iter_shards(["text", "messages", "where", "source"]):
-            local = np.flatnonzero(train_rows[offset:offset + table.num_rows])
+            local = np.flatnonzero(train_rows[offset : offset + table.num_rows])
             if not len(local):
                 continue
             texts = table.column("text").take(local).to_pylist()
@@ -317,9 +399,13 @@ class Curation:
             for position in np.flatnonzero(hits >= 0)[: report.max_examples]:
                 if report.wants_example("dropped_contaminated_eval"):
                     row = int(local[position])
-                    report.add_example("dropped_contaminated_eval", table.column("source")[row].as_py(), table.column("where")[row].as_py(),
-                                       conversation_text(json.loads(table.column("messages")[row].as_py())),
-                                       **reference.evidence(texts[position], hits[position]))
+                    report.add_example(
+                        "dropped_contaminated_eval",
+                        table.column("source")[row].as_py(),
+                        table.column("where")[row].as_py(),
+                        conversation_text(json.loads(table.column("messages")[row].as_py())),
+                        **reference.evidence(texts[position], hits[position]),
+                    )
         report.count("dropped_contaminated_eval", int(contaminated.sum()))
         return contaminated
 
@@ -333,7 +419,9 @@ def short_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def draw_mixture(config: CurateConfig, sources: list[Source], keys: np.ndarray, source_of: np.ndarray, alive: np.ndarray) -> np.ndarray:
+def draw_mixture(
+    config: CurateConfig, sources: list[Source], keys: np.ndarray, source_of: np.ndarray, alive: np.ndarray
+) -> np.ndarray:
     """Rows drawn for the mixture: each source's share of the output follows its weight, within its cap.
 
     The total is the largest the sources can fill; within a source, rows are drawn in the order of
@@ -341,11 +429,15 @@ def draw_mixture(config: CurateConfig, sources: list[Source], keys: np.ndarray, 
     """
     weights = np.array([s.config.weight for s in sources], dtype=np.float64)
     shares = weights / weights.sum()
-    available = np.array([min(int((alive & (source_of == s.index)).sum()), s.config.max_rows or np.iinfo(np.int64).max) for s in sources])
+    available = np.array(
+        [min(int((alive & (source_of == s.index)).sum()), s.config.max_rows or np.iinfo(np.int64).max) for s in sources]
+    )
     for source, count in zip(sources, available):
         if count == 0:
-            raise InputError(f"{source.field}: no rows of {source.config.source!r} are left after filtering, so its weight can't be met; "
-                             "fix its column mapping or filters, or remove it from the mixture")
+            raise InputError(
+                f"{source.field}: no rows of {source.config.source!r} are left after filtering, so its weight can't be met; "
+                "fix its column mapping or filters, or remove it from the mixture"
+            )
     total = float(np.min(available / shares))
     drawn = np.zeros(len(keys), dtype=bool)
     for source, share, count in zip(sources, shares, available):
@@ -379,7 +471,9 @@ def write_splits(folder: Path, survivors: Survivors, alive: np.ndarray, is_eval:
                 chosen = table.filter(pa.array(selected))
                 if chosen.num_rows:
                     writers[split].write_table(chosen)
-                    has_references = has_references or (split == "train" and chosen.column("reference").null_count < chosen.num_rows)
+                    has_references = has_references or (
+                        split == "train" and chosen.column("reference").null_count < chosen.num_rows
+                    )
     finally:
         for writer in writers.values():
             writer.close()

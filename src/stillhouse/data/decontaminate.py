@@ -29,7 +29,7 @@ def ngrams(text: str, n: int) -> list[str]:
     words = WORD.findall(text.lower())
     if len(words) < n:
         return [" ".join(words)] if words else []
-    return [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
 def ngram_hashes(text: str, n: int) -> list[int]:
@@ -60,7 +60,9 @@ class ReferenceNgrams:
     ignored_common: int = 0
 
     @classmethod
-    def build(cls, rows: Iterable[tuple[int, Sequence[str]]], labels: list[str], n: int, ignore_common: int | None) -> ReferenceNgrams:
+    def build(
+        cls, rows: Iterable[tuple[int, Sequence[str]]], labels: list[str], n: int, ignore_common: int | None
+    ) -> ReferenceNgrams:
         """``rows``: (label index, texts of one reference row)."""
         per_row, origin_per_row = [], []
         for label, texts in rows:
@@ -108,10 +110,14 @@ def check_benchmarks(paths: Sequence[str]) -> list[Path]:
     for index, name in enumerate(paths):
         path = Path(name).expanduser()
         if not path.is_file():
-            raise InputError(f"curate.decontaminate.benchmarks[{index}]: benchmark file {name!r} does not exist; "
-                             f"check the path (relative paths start from {Path.cwd()}) or remove it from the list")
+            raise InputError(
+                f"curate.decontaminate.benchmarks[{index}]: benchmark file {name!r} does not exist; "
+                f"check the path (relative paths start from {Path.cwd()}) or remove it from the list"
+            )
         if path.suffix.lower() not in BENCHMARK_READERS:
-            raise InputError(f"curate.decontaminate.benchmarks[{index}]: {name!r} has an unsupported extension; use .jsonl, .parquet or .csv")
+            raise InputError(
+                f"curate.decontaminate.benchmarks[{index}]: {name!r} has an unsupported extension; use .jsonl, .parquet or .csv"
+            )
         checked.append(path)
     return checked
 

@@ -31,7 +31,7 @@ def shingles(text: str, size: int) -> set[bytes]:
     encoded = text.encode()
     if len(encoded) <= size:
         return {encoded}
-    return {encoded[i:i + size] for i in range(len(encoded) - size + 1)}
+    return {encoded[i : i + size] for i in range(len(encoded) - size + 1)}
 
 
 class MinHasher:
@@ -81,7 +81,7 @@ def near_duplicates(signatures: np.ndarray, threshold: float, candidates: np.nda
     bands, rows = band_parameters(threshold, num_perm)
     left, right = [], []
     for band in range(bands):
-        keys = band_keys(signatures[rows_index, band * rows:(band + 1) * rows])
+        keys = band_keys(signatures[rows_index, band * rows : (band + 1) * rows])
         order = np.argsort(keys, kind="stable")
         same = keys[order[1:]] == keys[order[:-1]]
         # Neighbours in a bucket (sorted by row): a bucket of k rows gives k-1 pairs, not k^2.

@@ -20,13 +20,19 @@ from stillhouse.data.schema import Messages, conversation_text, user_text
 PII_PATTERNS = {
     "email": (re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"), "<EMAIL>"),
     # An optional +country code, then groups like (555) 123-4567 / 555.123.4567 / +44 20 7946 0958: at least 9 digits.
-    "phone": (re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]?\d{3,4}(?![\w])"), "<PHONE>"),
+    "phone": (
+        re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]?\d{3,4}(?![\w])"),
+        "<PHONE>",
+    ),
     # Well-known key shapes (OpenAI, GitHub, Hugging Face, AWS, Slack, Google), and the value of `api_key = <long secret>`.
-    "api_key": (re.compile(
-        r"(?i:(\b(?:api[_-]?key|secret|access[_-]?token|auth[_-]?token|password)\s*[:=]\s*[\"']?))[\w./+=-]{16,}"
-        r"|\b(?:sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{30,}|hf_[A-Za-z0-9]{30,}|AKIA[0-9A-Z]{16}|xox[abprs]-[A-Za-z0-9-]{10,}"
-        r"|AIza[0-9A-Za-z_-]{35})\b"
-    ), r"\1<API_KEY>"),
+    "api_key": (
+        re.compile(
+            r"(?i:(\b(?:api[_-]?key|secret|access[_-]?token|auth[_-]?token|password)\s*[:=]\s*[\"']?))[\w./+=-]{16,}"
+            r"|\b(?:sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{30,}|hf_[A-Za-z0-9]{30,}|AKIA[0-9A-Z]{16}|xox[abprs]-[A-Za-z0-9-]{10,}"
+            r"|AIza[0-9A-Za-z_-]{35})\b"
+        ),
+        r"\1<API_KEY>",
+    ),
 }
 
 
@@ -54,7 +60,7 @@ def repeated_ngram_share(text: str, n: int) -> float:
     total = len(words) - n + 1
     if total <= 1:
         return 0.0
-    grams = [" ".join(words[i:i + n]) for i in range(total)] if n > 1 else words
+    grams = [" ".join(words[i : i + n]) for i in range(total)] if n > 1 else words
     return (total - len(set(grams))) / total
 
 
@@ -71,7 +77,9 @@ class TokenCounter:
 
     def count(self, conversations: Sequence[Messages]) -> list[int]:
         if self.tokenizer.chat_template:
-            texts = [self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
+            texts = [
+                self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations
+            ]
         else:
             texts = ["\n".join(message["content"] for message in m) for m in conversations]
         return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
@@ -83,12 +91,18 @@ class RowFilters:
     def __init__(self, config: CurateConfig, report: CurationReport):
         filters, length = config.filters, config.filters.length
         self.config, self.report = config, report
-        self.token_counter = TokenCounter(length.tokenizer) if (length.min_tokens is not None or length.max_tokens is not None) else None
+        self.token_counter = (
+            TokenCounter(length.tokenizer) if (length.min_tokens is not None or length.max_tokens is not None) else None
+        )
         self.benchmarks = None
         if config.decontaminate.benchmarks:
             labels = [f"benchmark {p}" for p in config.decontaminate.benchmarks]
-            self.benchmarks = ReferenceNgrams.build(benchmark_rows(config.decontaminate.benchmarks, config.batch_rows), labels,
-                                                    config.decontaminate.ngram, config.decontaminate.ignore_common)
+            self.benchmarks = ReferenceNgrams.build(
+                benchmark_rows(config.decontaminate.benchmarks, config.batch_rows),
+                labels,
+                config.decontaminate.ngram,
+                config.decontaminate.ignore_common,
+            )
         active = ["skipped_malformed", "dropped_empty"]
         active += ["masked_pii"] if filters.mask_pii else []
         active += ["dropped_too_short_chars"] if length.min_chars is not None else []
@@ -100,7 +114,9 @@ class RowFilters:
         for name in active:
             report.count(name, 0)
 
-    def apply(self, messages: list, texts: list[str], wheres: list[str], source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def apply(
+        self, messages: list, texts: list[str], wheres: list[str], source: str
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(keep mask, character lengths, token lengths or -1) for one batch of non-empty prompts; masks PII in place."""
         filters, length = self.config.filters, self.config.filters.length
         if filters.mask_pii:
@@ -128,17 +144,29 @@ class RowFilters:
             rows = np.flatnonzero(keep)
             tokens[rows] = self.token_counter.count([messages[row] for row in rows])
             if length.min_tokens is not None:
-                drop("dropped_too_short_tokens", (tokens >= 0) & (tokens < length.min_tokens), lambda row: {"tokens": str(tokens[row])})
+                drop(
+                    "dropped_too_short_tokens",
+                    (tokens >= 0) & (tokens < length.min_tokens),
+                    lambda row: {"tokens": str(tokens[row])},
+                )
             if length.max_tokens is not None:
                 drop("dropped_too_long_tokens", tokens > length.max_tokens, lambda row: {"tokens": str(tokens[row])})
         if filters.repetition is not None:
             rows = np.flatnonzero(keep)
             shares = np.zeros(len(messages))
-            shares[rows] = [repeated_ngram_share(conversation_text(messages[row]).lower(), filters.repetition.ngram) for row in rows]
-            drop("dropped_repetitive", shares > filters.repetition.max_repeated_share, lambda row: {"repeated_share": f"{shares[row]:.2f}"})
+            shares[rows] = [
+                repeated_ngram_share(conversation_text(messages[row]).lower(), filters.repetition.ngram) for row in rows
+            ]
+            drop(
+                "dropped_repetitive",
+                shares > filters.repetition.max_repeated_share,
+                lambda row: {"repeated_share": f"{shares[row]:.2f}"},
+            )
         if self.benchmarks is not None:
             rows = np.flatnonzero(keep)
             hits = np.full(len(messages), -1, dtype=np.int64)
             hits[rows] = self.benchmarks.match([texts[row] for row in rows])
-            drop("dropped_contaminated_benchmark", hits >= 0, lambda row: self.benchmarks.evidence(texts[row], hits[row]))
+            drop(
+                "dropped_contaminated_benchmark", hits >= 0, lambda row: self.benchmarks.evidence(texts[row], hits[row])
+            )
         return keep, chars, tokens

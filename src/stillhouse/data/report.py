@@ -55,7 +55,9 @@ class CurationReport:
 
     def add_example(self, name: str, source: str, where: str, text: str, **detail: str) -> None:
         if self.wants_example(name):
-            self.examples.setdefault(name, []).append({"source": source, "where": where, "text": shorten(text), **detail})
+            self.examples.setdefault(name, []).append(
+                {"source": source, "where": where, "text": shorten(text), **detail}
+            )
 
     def to_dict(self) -> dict:
         return {"counts": self.counts, "sources": self.sources, "examples": self.examples}
@@ -66,13 +68,19 @@ class CurationReport:
             lines.append(f"| {FILTER_DESCRIPTIONS.get(name, name)} (`{name}`) | {value} |")
         lines += ["", "| source | format | rows in | rows out |", "|---|---|---|---|"]
         for name, info in self.sources.items():
-            lines.append(f"| {name} | {info.get('format', '')} | {info.get('rows_in', 0)} | {info.get('rows_out', 0)} |")
+            lines.append(
+                f"| {name} | {info.get('format', '')} | {info.get('rows_in', 0)} | {info.get('rows_out', 0)} |"
+            )
         for name, examples in self.examples.items():
             lines += ["", f"### Removed: {FILTER_DESCRIPTIONS.get(name, name)}", ""]
             for example in examples:
-                detail = "; ".join(f"{k}: {shorten(str(v))!r}" for k, v in example.items() if k not in ("source", "where", "text"))
+                detail = "; ".join(
+                    f"{k}: {shorten(str(v))!r}" for k, v in example.items() if k not in ("source", "where", "text")
+                )
                 text = example["text"].replace("\n", " ").replace("|", "\\|")
-                lines.append(f"- {example['where']} ({example['source']}): {text!r}" + (f" — {detail}" if detail else ""))
+                lines.append(
+                    f"- {example['where']} ({example['source']}): {text!r}" + (f" — {detail}" if detail else "")
+                )
         return "\n".join(lines) + "\n"
 
     def write(self, folder: Path, lengths: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[str]:

@@ -26,8 +26,15 @@ from stillhouse.errors import InputError
 Messages = list[dict[str, str]]
 
 SHAREGPT_ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-    "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "system": "system",
 }
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -77,8 +84,11 @@ def resolve_mapping(source: SourceConfig, columns: list[str], field: str, label:
         if prompt_column in columns:
             fmt = "columns"
         else:
-            detected = [(name, column) for name, column in (("messages", "messages"), ("sharegpt", "conversations"), ("alpaca", "instruction"))
-                        if column in columns]
+            detected = [
+                (name, column)
+                for name, column in (("messages", "messages"), ("sharegpt", "conversations"), ("alpaca", "instruction"))
+                if column in columns
+            ]
             if not detected:
                 raise InputError(
                     f"{field}.prompt_column: column {prompt_column!r} is not in {label!r} (columns: {columns}); name one of those, "
@@ -91,11 +101,19 @@ def resolve_mapping(source: SourceConfig, columns: list[str], field: str, label:
         prompt_column = prompt_column if prompt_column in columns else "conversations"
     elif fmt == "alpaca":
         prompt_column = "instruction"
-    needed = {"prompt_column": prompt_column, "system_column": source.system_column,
-              "reference_column": source.reference_column, "category_column": source.category_column}
+    needed = {
+        "prompt_column": prompt_column,
+        "system_column": source.system_column,
+        "reference_column": source.reference_column,
+        "category_column": source.category_column,
+    }
     for name, column in needed.items():
         if column is not None and column not in columns:
-            hint = f"name one of those, or set {field}.format" if name == "prompt_column" else f"name one of those, or set {field}.{name}: null"
+            hint = (
+                f"name one of those, or set {field}.format"
+                if name == "prompt_column"
+                else f"name one of those, or set {field}.{name}: null"
+            )
             raise InputError(f"{field}.{name}: column {column!r} is not in {label!r} (columns: {columns}); {hint}")
     return ColumnMapping(fmt, prompt_column, source.system_column, source.reference_column, source.category_column)
 
@@ -111,7 +129,9 @@ def text_of(value: Any, what: str) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list):  # OpenAI content parts: [{"type": "text", "text": "..."}, ...]
-        return "\n".join(str(part.get("text", "")) for part in value if isinstance(part, dict) and part.get("type", "text") == "text")
+        return "\n".join(
+            str(part.get("text", "")) for part in value if isinstance(part, dict) and part.get("type", "text") == "text"
+        )
     if isinstance(value, (int, float)):
         return str(value)
     raise RowError(f"{what} is a {type(value).__name__}, not text")
@@ -132,11 +152,15 @@ def message_list(value: Any, column: str, role_key: str, content_key: str, roles
     messages = []
     for position, message in enumerate(value, 1):
         if not isinstance(message, dict) or role_key not in message:
-            raise RowError(f"message {position} of column {column!r} has no {role_key!r} key (expected {{{role_key!r}, {content_key!r}}})")
+            raise RowError(
+                f"message {position} of column {column!r} has no {role_key!r} key (expected {{{role_key!r}, {content_key!r}}})"
+            )
         role = str(message[role_key])
         if roles is not None:
             if role.lower() not in roles:
-                raise RowError(f"message {position} of column {column!r} has speaker {role!r}; expected one of {sorted(roles)}")
+                raise RowError(
+                    f"message {position} of column {column!r} has speaker {role!r}; expected one of {sorted(roles)}"
+                )
             role = roles[role.lower()]
         messages.append({"role": role, "content": text_of(message.get(content_key), f"message {position} content")})
     return messages
@@ -176,7 +200,9 @@ def validate_conversation(messages: Messages) -> Messages:
         return []
     for position, message in enumerate(messages, 1):
         if message["role"] not in CHAT_ROLES:
-            raise RowError(f"message {position} has role {message['role']!r}; a prompt has only system, user and assistant turns")
+            raise RowError(
+                f"message {position} has role {message['role']!r}; a prompt has only system, user and assistant turns"
+            )
         if message["role"] == "system" and position > 1:
             raise RowError(f"message {position} is a second or late system message; keep one system message, first")
     turns = messages[1:] if messages[0]["role"] == "system" else messages
@@ -185,6 +211,8 @@ def validate_conversation(messages: Messages) -> Messages:
     for position, message in enumerate(turns):
         expected = "user" if position % 2 == 0 else "assistant"
         if message["role"] != expected:
-            raise RowError(f"turn {position + 1} is {message['role']!r} where {expected!r} was expected; "
-                           "turns must alternate user, assistant, user, ... starting with user")
+            raise RowError(
+                f"turn {position + 1} is {message['role']!r} where {expected!r} was expected; "
+                "turns must alternate user, assistant, user, ... starting with user"
+            )
     return messages

@@ -78,7 +78,9 @@ def source_kind(source: str | None) -> str:
     if path.is_dir():
         return "datasets-folder"
     if path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise InputError(f"curate.source: dataset file {source!r} does not exist; check the path (relative paths start from {Path.cwd()})")
+        raise InputError(
+            f"curate.source: dataset file {source!r} does not exist; check the path (relative paths start from {Path.cwd()})"
+        )
     return "hub"
 
 
@@ -102,12 +104,16 @@ def resolve_sources(config: CurateConfig) -> list[Source]:
         except InputError as error:
             raise InputError(str(error).replace("curate.source:", f"{field_path}.source:", 1)) from None
         if source.streaming and kind != "hub":
-            raise InputError(f"{field_path}.streaming: only Hub datasets stream; {source.source!r} is read in batches anyway, set streaming: false")
+            raise InputError(
+                f"{field_path}.streaming: only Hub datasets stream; {source.source!r} is read in batches anyway, set streaming: false"
+            )
         name = re.sub(r"[^\w./-]", "_", default_name(source, kind))
         sources.append(Source(index, source, field_path, name, kind))
     for position, source in enumerate(sources):
         if source.name in [earlier.name for earlier in sources[:position]]:
-            raise InputError(f"{source.field}.name: two sources are named {source.name!r}; give each mixture entry a distinct `name`")
+            raise InputError(
+                f"{source.field}.name: two sources are named {source.name!r}; give each mixture entry a distinct `name`"
+            )
     return sources
 
 
@@ -116,7 +122,9 @@ def datasets_folder_identity(path: Path) -> str:
     states = sorted(path.rglob("state.json"))
     if not states:
         return f"folder:{path.resolve()}"
-    return "datasets:" + ",".join(f"{s.parent.relative_to(path)}={json.loads(s.read_text()).get('_fingerprint')}" for s in states)
+    return "datasets:" + ",".join(
+        f"{s.parent.relative_to(path)}={json.loads(s.read_text()).get('_fingerprint')}" for s in states
+    )
 
 
 def source_identity(source: Source, config: CurateConfig) -> str:
@@ -151,7 +159,7 @@ def read_batches(source: Source, config: CurateConfig, problems: Problems) -> It
     if source.kind == "builtin":
         rows = load_builtin(SOURCES, source.config.source, f"{source.field}.source")(config.demo_rows, config.demo_seed)
         for start in range(0, len(rows), config.batch_rows):
-            chunk = rows[start:start + config.batch_rows]
+            chunk = rows[start : start + config.batch_rows]
             yield RawBatch(chunk, list(range(start + 1, start + len(chunk) + 1)), ["prompt", "reference", "task"])
         return
     if source.kind == "file":
@@ -181,7 +189,10 @@ def read_jsonl(path: Path, batch_rows: int, problems: Problems) -> Iterator[RawB
                 problems.report(where, f"not valid JSON: {error.msg.removesuffix(' at')} (column {error.colno})")
                 continue
             if not isinstance(record, dict):
-                problems.report(where, f"is a JSON {type(record).__name__}, not an object; JSON Lines files hold one object per line")
+                problems.report(
+                    where,
+                    f"is a JSON {type(record).__name__}, not an object; JSON Lines files hold one object per line",
+                )
                 continue
             records.append(record)
             positions.append(line_number)
@@ -224,7 +235,10 @@ def read_csv(path: Path, batch_rows: int, problems: Problems) -> Iterator[RawBat
                 problems.report(where, "invalid UTF-8; re-encode the file as UTF-8")
                 continue
             if len(values) != len(header):
-                problems.report(where, f"has {len(values)} fields where the header has {len(header)}; quote fields that contain commas")
+                problems.report(
+                    where,
+                    f"has {len(values)} fields where the header has {len(header)}; quote fields that contain commas",
+                )
                 continue
             records.append(dict(zip(header, values)))
             positions.append(line)
@@ -258,7 +272,9 @@ def read_datasets(source: Source, batch_rows: int) -> Iterator[RawBatch]:
         loaded = datasets.load_from_disk(config.source)
         if isinstance(loaded, datasets.DatasetDict):
             if config.split not in loaded:
-                raise InputError(f"{source.field}.split: {config.source} has splits {list(loaded)}, not {config.split!r}; name one of those")
+                raise InputError(
+                    f"{source.field}.split: {config.source} has splits {list(loaded)}, not {config.split!r}; name one of those"
+                )
             loaded = loaded[config.split]
     else:
         loaded = datasets.load_dataset(config.source, split=config.split, streaming=config.streaming)

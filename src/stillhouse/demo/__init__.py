@@ -14,5 +14,7 @@ def teacher_folder() -> Path:
     from stillhouse.errors import InputError
 
     if not (TEACHER_DIR / "config.json").is_file():
-        raise InputError(f"the bundled demo teacher is missing at {TEACHER_DIR}; run `python -m stillhouse.demo.train_teacher`")
+        raise InputError(
+            f"the bundled demo teacher is missing at {TEACHER_DIR}; run `python -m stillhouse.demo.train_teacher`"
+        )
     return TEACHER_DIR

@@ -129,8 +129,10 @@ def main() -> None:
     }
     (args.out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
     # The license is read from the card like any model folder's (the publish stage checks it).
-    (args.out / "README.md").write_text("---\nlicense: apache-2.0\n---\n# Stillhouse demo teacher\n\nA 1.06 M-parameter Llama trained by "
-                                        "`python -m stillhouse.demo.train_teacher` on three verifiable tasks.\n")
+    (args.out / "README.md").write_text(
+        "---\nlicense: apache-2.0\n---\n# Stillhouse demo teacher\n\nA 1.06 M-parameter Llama trained by "
+        "`python -m stillhouse.demo.train_teacher` on three verifiable tasks.\n"
+    )
 
 
 if __name__ == "__main__":

@@ -26,10 +26,14 @@ sample stage stored for the eval split (the first sample per prompt, generated w
 settings), so exact match, agreement and ROUGE against the teacher still work, and the student's
 perplexity, KL and top-1 agreement on those responses too. What needs the teacher's weights is left
 out for role ``teacher``: its perplexities, size, speed and parameter count, and the ratios built on
-them (``parameter_ratio``, ``size_ratio``, ``speed_ratio``, ``latency_ratio``). Eval prompts the teacher
-did not answer (skipped as overlong) are left out for every role.
+them (``parameter_ratio``, ``size_ratio``, ``speed_ratio``, ``latency_ratio``); the list is
+`stillhouse.capabilities.TEACHER_WEIGHT_METRICS`. Eval prompts the teacher did not answer (skipped as
+overlong) are left out for every role.
 
-The report (Markdown, HTML, PNG) is written into ``report/`` of the stage's folder.
+`evaluate_student` reads top to bottom: pick the eval prompts, measure each role whose weights load here
+(`measure_role`: one function per metric group that needs the model), then the groups that compare answers
+(agreement, ROUGE-L, exact match, win rate). The report (Markdown, HTML, PNG) is written into ``report/``
+of the stage's folder.
 """
 
 from __future__ import annotations
@@ -40,13 +44,15 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from stillhouse.config import METRIC_GROUPS_NEEDING_REFERENCES, EvaluateConfig
+from stillhouse import capabilities
+from stillhouse.config import EvaluateConfig, LmEvalConfig
 from stillhouse.data.curate import read_split
 from stillhouse.errors import InputError
 from stillhouse.evaluation import metrics as m
@@ -63,8 +69,8 @@ from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
 from stillhouse.sampling.hf_engine import generate, render_prompts
 from stillhouse.sampling.teacher_outputs import read_teacher_outputs
 from stillhouse.store import Store, fingerprint
+from stillhouse.training.examples import PadCollator, build_examples
 from stillhouse.training.losses import TopK, cross_entropy, forward_kl
-from stillhouse.training.train import PadCollator, build_examples
 
 CODE_VERSION = 2
 MAX_KL_POSITIONS = 256  # KL by position is reported for the first this many response tokens
@@ -72,7 +78,12 @@ MAX_KL_POSITIONS = 256  # KL by position is reported for the first this many res
 
 @torch.inference_mode()
 def score_responses(
-    model, examples: list[dict], pad_token_id: int, batch_size: int, vocab_size: int, max_positions: int = MAX_KL_POSITIONS,
+    model,
+    examples: list[dict],
+    pad_token_id: int,
+    batch_size: int,
+    vocab_size: int,
+    max_positions: int = MAX_KL_POSITIONS,
 ) -> dict[str, float | list[float]]:
     """Token-weighted mean cross-entropy and, when top-k targets are present, forward KL, top-1 agreement and KL by position.
 
@@ -82,7 +93,10 @@ def score_responses(
     """
     collate = PadCollator(pad_token_id)
     totals = defaultdict(float)
-    kl_sums, kl_counts = torch.zeros(max_positions, dtype=torch.float64), torch.zeros(max_positions, dtype=torch.float64)
+    kl_sums, kl_counts = (
+        torch.zeros(max_positions, dtype=torch.float64),
+        torch.zeros(max_positions, dtype=torch.float64),
+    )
     for start in range(0, len(examples), batch_size):
         batch = {key: value.to(model.device) for key, value in collate(examples[start : start + batch_size]).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1, :vocab_size]
@@ -100,7 +114,9 @@ def score_responses(
                 at_position = counted & offsets.eq(position)
                 count = at_position.sum().item()
                 if count:
-                    kl_sums[position] += forward_kl(logits, teacher, targets.masked_fill(~at_position, -100)).item() * count
+                    kl_sums[position] += (
+                        forward_kl(logits, teacher, targets.masked_fill(~at_position, -100)).item() * count
+                    )
                     kl_counts[position] += count
     tokens = max(totals["tokens"], 1)
     scores: dict[str, float | list[float]] = {"cross_entropy": totals["cross_entropy"] / tokens}
@@ -122,39 +138,281 @@ def reference_examples(tokenizer, conversations: list[list[dict]], references: l
     return examples
 
 
-def timed_generation(model, tokenizer, rendered: list[str], config: EvaluateConfig, description: str, latency_prompts: int):
-    """Greedy answers to every prompt (batched), the generation's tokens/s, and the median latency of single prompts (NaN for none)."""
+@dataclass(frozen=True)
+class EvalPrompts:
+    """The held-out prompts every role answers, in one order, and what their answers are compared with."""
+
+    frame: pd.DataFrame  # one row per prompt: prompt_id, messages, reference, category
+    conversations: list[list[dict]]  # each row's chat messages
+    with_references: pd.Series  # True where a row has a reference answer; all False when the data has none
+
+    def referenced(self, values: list) -> list:
+        """The items of ``values`` (one per prompt) whose prompt has a reference answer."""
+        return [value for value, has_reference in zip(values, self.with_references) if has_reference]
+
+    def references(self) -> list[str | None]:
+        """Each prompt's reference answer, None where it has none."""
+        return [
+            reference if has_reference else None
+            for reference, has_reference in zip(self.frame["reference"], self.with_references)
+        ]
+
+
+def select_eval_prompts(
+    config: EvaluateConfig, dataset: DatasetRef, samples: SamplesRef
+) -> tuple[EvalPrompts, list[str] | None]:
+    """The eval prompts to measure on and, for a served teacher, its stored answers to them (None otherwise).
+
+    A served teacher can't answer again: its answers are its stored eval responses (the first sample per
+    prompt), and the prompts it didn't answer (skipped as overlong) are left out for every role.
+    """
+    prompts = read_split(dataset, "eval")
+    stored_answers = None
+    if samples.teacher_is_served:
+        stored = read_teacher_outputs(samples.path, split="eval")
+        stored_answers = stored[stored["sample_index"] == 0].set_index("prompt_id")["response_text"]
+        prompts = prompts[prompts["prompt_id"].isin(stored_answers.index)].reset_index(drop=True)
+        if prompts.empty:
+            raise InputError(
+                f"evaluate: the served teacher answered none of the eval prompts in {samples.path} "
+                "(all skipped as overlong?); raise sample.context_length or shorten the prompts"
+            )
+    if config.max_prompts is not None:
+        prompts = prompts.head(config.max_prompts)
+    with_references = prompts["reference"].notna() if dataset.has_references else pd.Series(False, index=prompts.index)
+    selected = EvalPrompts(
+        frame=prompts,
+        conversations=[json.loads(messages) for messages in prompts["messages"]],
+        with_references=with_references,
+    )
+    if stored_answers is None:
+        return selected, None
+    return selected, [stored_answers[prompt_id] for prompt_id in prompts["prompt_id"]]
+
+
+# Metric groups measured on a role's weights: each takes the loaded model and tokenizer and returns its metrics.
+
+
+def size_metrics(role: str, path: str, model) -> dict[str, float]:
+    """Group ``size``: ``<role>_size_mb``, its weight files on disk (the weights in memory for a Hub id)."""
+    return {f"{role}_size_mb": m.size_on_disk_mb(path, sum(p.numel() * p.element_size() for p in model.parameters()))}
+
+
+def response_metrics(
+    model,
+    tokenizer,
+    role: str,
+    groups: set[str],
+    dataset: DatasetRef,
+    samples: SamplesRef,
+    prompts: EvalPrompts,
+    teacher_tokenizer,
+    batch_size: int,
+) -> tuple[dict[str, float], list[float] | None]:
+    """Groups ``perplexity``, ``kl`` and ``agreement`` (top-1), from one scoring pass over the teacher's responses.
+
+    Returns ``<role>_perplexity``, ``kl_teacher_<role>`` and ``<role>_top1_agreement`` (these two only where the
+    model shares the teacher's vocabulary and its top-k is stored), and the KL by response position (or None).
+    """
+    shared_vocabulary = teacher_tokenizer is not None and vocabulary_difference(tokenizer, teacher_tokenizer) is None
+    with_top_k = (
+        role != "teacher" and shared_vocabulary and samples.top_k_logprobs > 0 and bool(groups & {"kl", "agreement"})
+    )
+    examples = build_examples(
+        dataset,
+        samples,
+        tokenizer,
+        split="eval",
+        shared_vocabulary=shared_vocabulary,
+        with_top_k=with_top_k,
+        max_seq_len=100_000,
+        prompt_ids=set(prompts.frame["prompt_id"]),
+    )
+    scores = score_responses(model, examples, tokenizer.pad_token_id, batch_size, vocab_size=len(tokenizer))
+    metrics, kl_by_position = {}, None
+    if "perplexity" in groups:
+        metrics[f"{role}_perplexity"] = m.perplexity(scores["cross_entropy"])
+    if "kl" in scores and "kl" in groups:
+        metrics[f"kl_teacher_{role}"] = scores["kl"]
+        kl_by_position = scores["kl_by_position"]
+    if "top1_agreement" in scores and "agreement" in groups:
+        metrics[f"{role}_top1_agreement"] = scores["top1_agreement"]
+    return metrics, kl_by_position
+
+
+def reference_perplexity_metrics(
+    model, tokenizer, role: str, prompts: EvalPrompts, batch_size: int
+) -> dict[str, float]:
+    """Group ``reference_perplexity``: ``<role>_reference_perplexity`` of the reference answers."""
+    examples = reference_examples(
+        tokenizer, prompts.referenced(prompts.conversations), prompts.referenced(list(prompts.frame["reference"]))
+    )
+    scores = score_responses(model, examples, tokenizer.pad_token_id, batch_size, vocab_size=len(tokenizer))
+    return {f"{role}_reference_perplexity": m.perplexity(scores["cross_entropy"])}
+
+
+def answers_and_speed(
+    model, tokenizer, role: str, prompts: EvalPrompts, config: EvaluateConfig, *, timed: bool
+) -> tuple[list[str], dict[str, float]]:
+    """Greedy answers to every prompt (batched) and, ``timed`` (group ``speed``), how fast they came.
+
+    The speed is ``<role>_tokens_per_second`` of that batched generation and ``<role>_latency_seconds``, the
+    median time of ``config.latency_prompts`` prompts generated one at a time (NaN for none).
+    """
+    rendered = render_prompts(tokenizer, prompts.conversations)
     started = time.perf_counter()
-    with tqdm(total=len(rendered), desc=description, unit="prompt") as bar:
-        generations = generate(model, tokenizer, rendered, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, on_batch=bar.update)
+    with tqdm(total=len(rendered), desc=f"evaluate {role}", unit="prompt") as bar:
+        generations = generate(
+            model,
+            tokenizer,
+            rendered,
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.batch_size,
+            on_batch=bar.update,
+        )
     seconds = time.perf_counter() - started
-    tokens_per_second = m.tokens_per_second(sum(len(g.token_ids) for g in generations), seconds)
+    answers = [g.text for g in generations]
+    if not timed:
+        return answers, {}
     latencies = []
-    for prompt in rendered[:latency_prompts]:
+    for prompt in rendered[: config.latency_prompts]:
         started = time.perf_counter()
         generate(model, tokenizer, [prompt], max_new_tokens=config.max_new_tokens, batch_size=1)
         latencies.append(time.perf_counter() - started)
-    return [g.text for g in generations], tokens_per_second, statistics.median(latencies) if latencies else float("nan")
+    return answers, {
+        f"{role}_tokens_per_second": m.tokens_per_second(sum(len(g.token_ids) for g in generations), seconds),
+        f"{role}_latency_seconds": statistics.median(latencies) if latencies else float("nan"),
+    }
 
 
-def judged_win_rates(config: EvaluateConfig, teacher: str, conversations: list[list[dict]], answers: dict[str, list[str]],
-                     references: list[str | None]) -> dict[str, float]:
+def lm_eval_metrics(model, tokenizer, role: str, settings: LmEvalConfig) -> dict[str, float]:
+    """``<role>_lm_eval/<task>/<metric>`` from lm-evaluation-harness."""
+    from stillhouse.evaluation.lm_eval_adapter import run_lm_eval
+
+    return {f"{role}_lm_eval/{name}": value for name, value in run_lm_eval(model, tokenizer, settings).items()}
+
+
+@dataclass
+class RoleMeasurement:
+    """What one role's weights gave: its metrics, its answers to the eval prompts, its KL by response position."""
+
+    metrics: dict[str, float]
+    answers: list[str]
+    kl_by_position: list[float] | None
+
+
+def measure_role(
+    role: str,
+    path: str,
+    config: EvaluateConfig,
+    groups: set[str],
+    dataset: DatasetRef,
+    samples: SamplesRef,
+    prompts: EvalPrompts,
+    teacher_tokenizer,
+) -> RoleMeasurement:
+    """Load one role's model and run the metric groups that need its weights; the model is freed on return."""
+    model, tokenizer = load_causal_lm(path, device="auto"), load_tokenizer(path)
+    metrics = {f"{role}_parameters": count_parameters(model)}
+    if "size" in groups:
+        metrics.update(size_metrics(role, path, model))
+    kl_by_position = None
+    if groups & {"perplexity", "kl", "agreement"}:
+        scored, kl_by_position = response_metrics(
+            model, tokenizer, role, groups, dataset, samples, prompts, teacher_tokenizer, config.batch_size
+        )
+        metrics.update(scored)
+    if "reference_perplexity" in groups and prompts.with_references.any():
+        metrics.update(reference_perplexity_metrics(model, tokenizer, role, prompts, config.batch_size))
+    answers, speed = answers_and_speed(model, tokenizer, role, prompts, config, timed="speed" in groups)
+    metrics.update(speed)
+    if config.lm_eval is not None and role in config.lm_eval.roles:
+        metrics.update(lm_eval_metrics(model, tokenizer, role, config.lm_eval))
+    return RoleMeasurement(metrics=metrics, answers=answers, kl_by_position=kl_by_position)
+
+
+# Metric groups that compare answers: each takes every role's answers (and the prompts) and returns its metrics.
+
+
+def answer_agreement_metrics(answers: dict[str, list[str]]) -> dict[str, float]:
+    """Group ``agreement`` (answers): ``<role>_teacher_agreement``, the share of prompts answered as the teacher did."""
+    teacher = answers["teacher"]
+    return {
+        f"{role}_teacher_agreement": sum(m.exact_match(answers[role], teacher)) / len(teacher)
+        for role in answers
+        if role != "teacher"
+    }
+
+
+def rouge_l_teacher_metrics(answers: dict[str, list[str]]) -> dict[str, float]:
+    """Group ``rouge_l_teacher``: ``<role>_rouge_l_teacher``, the mean ROUGE-L F1 of its answers vs the teacher's."""
+    return {
+        f"{role}_rouge_l_teacher": m.mean_rouge_l(answers[role], answers["teacher"])
+        for role in answers
+        if role != "teacher"
+    }
+
+
+def rouge_l_reference_metrics(answers: dict[str, list[str]], prompts: EvalPrompts) -> dict[str, float]:
+    """Group ``rouge_l_reference``: ``<role>_rouge_l_reference``, against the reference answers."""
+    references = prompts.referenced(list(prompts.frame["reference"]))
+    return {
+        f"{role}_rouge_l_reference": m.mean_rouge_l(prompts.referenced(role_answers), references)
+        for role, role_answers in answers.items()
+    }
+
+
+def exact_match_metrics(
+    answers: dict[str, list[str]], prompts: EvalPrompts
+) -> tuple[dict[str, float], dict[str, pd.Series]]:
+    """Group ``exact_match``, on the prompts with a reference answer.
+
+    Returns ``<role>_exact_match``, ``<role>_exact_match/<category>`` and ``accuracy_ratio_to_teacher``, and
+    each role's right/wrong per prompt (a Series indexed like the prompts' rows that have a reference).
+    """
+    scored = prompts.frame[prompts.with_references.to_numpy()]
+    metrics, correct_by_role = {}, {}
+    for role, role_answers in answers.items():
+        correct = pd.Series(m.exact_match(prompts.referenced(role_answers), scored["reference"]), index=scored.index)
+        correct_by_role[role] = correct
+        metrics[f"{role}_exact_match"] = float(correct.mean())
+        for category, hits in correct.groupby(scored["category"]):
+            metrics[f"{role}_exact_match/{category}"] = float(hits.mean())
+    accuracy_ratio = m.ratio(metrics.get("student_exact_match"), metrics.get("teacher_exact_match"))
+    if accuracy_ratio is not None:
+        metrics["accuracy_ratio_to_teacher"] = accuracy_ratio
+    return metrics, correct_by_role
+
+
+def judged_win_rates(
+    config: EvaluateConfig,
+    teacher: str,
+    conversations: list[list[dict]],
+    answers: dict[str, list[str]],
+    references: list[str | None],
+) -> dict[str, float]:
     """``<role>_win_rate`` of each role's answers against the teacher's and ``student_win_rate_vs_baseline``, with 95% intervals."""
     from stillhouse.feedback.judge import PairJudgement, judge_pairs, verifier_scores, win_rate
 
     if config.win_rate_judge == "verifier":
         if any(reference is None for reference in references):
-            raise InputError("evaluate.win_rate_judge: `verifier` needs a reference answer for every eval prompt; "
-                             "use the `model` judge, or curate data whose reference column is filled")
+            raise InputError(
+                "evaluate.win_rate_judge: `verifier` needs a reference answer for every eval prompt; "
+                "use the `model` judge, or curate data whose reference column is filled"
+            )
 
         def judged(firsts: list[str], seconds: list[str]) -> list[PairJudgement]:
             # Right beats wrong; both right or both wrong is a tie (first_better 0.5), which counts half.
-            return [PairJudgement(first_better=(a - b + 1) / 2, consistent=True)
-                    for a, b in zip(verifier_scores(firsts, references), verifier_scores(seconds, references))]
+            return [
+                PairJudgement(first_better=(a - b + 1) / 2, consistent=True)
+                for a, b in zip(verifier_scores(firsts, references), verifier_scores(seconds, references))
+            ]
     else:
         judge = resolve_model(config.judge_model, "evaluate.judge_model") if config.judge_model else teacher
         model, tokenizer = load_causal_lm(judge, device="auto"), load_tokenizer(judge)
-        questions = [next((m["content"] for m in reversed(messages) if m["role"] == "user"), "") for messages in conversations]
+        questions = [
+            next((m["content"] for m in reversed(messages) if m["role"] == "user"), "") for messages in conversations
+        ]
 
         def judged(firsts: list[str], seconds: list[str]) -> list[PairJudgement]:
             return judge_pairs(model, tokenizer, questions, firsts, seconds, batch_size=config.batch_size)
@@ -170,21 +428,44 @@ def judged_win_rates(config: EvaluateConfig, teacher: str, conversations: list[l
 
 
 def check_eval_set(config: EvaluateConfig, dataset: DatasetRef) -> None:
-    """Refuse an empty eval split, or explicitly chosen reference metrics on data without references."""
+    """Refuse an empty eval split, or explicitly chosen reference metrics on data without references.
+
+    Whether the data has references is known for sure only after curation (a reference column can be empty),
+    so these are errors the user fixes, not internal ones.
+    """
     if dataset.eval_rows == 0:
         raise InputError("evaluate: the eval split has no rows; add data or raise curate.eval_fraction")
-    needing = [g for g in config.metrics or [] if g in METRIC_GROUPS_NEEDING_REFERENCES]
-    if needing and not dataset.has_references:
-        raise InputError(f"evaluate.metrics: {', '.join(needing)} need reference answers, but the curated data has none; "
-                         "set curate.reference_column to the column holding them, or drop those metrics")
-    if "win_rate" in (config.metrics or []) and config.win_rate_judge == "verifier" and not dataset.has_references:
-        raise InputError("evaluate.win_rate_judge: `verifier` judges by reference answers, but the curated data has none; "
-                         "set curate.reference_column, or use win_rate_judge: model")
+    listed = config.metrics or []
+    for problem in (
+        capabilities.reference_metrics_problem(listed_metric_groups=listed, has_references=dataset.has_references),
+        capabilities.verifier_win_rate_problem(
+            listed_metric_groups=listed, win_rate_judge=config.win_rate_judge, has_references=dataset.has_references
+        ),
+    ):
+        if problem:
+            raise InputError(problem)
+
+
+def roles_to_evaluate(
+    config: EvaluateConfig, samples: SamplesRef, student: ModelRef, baseline: ModelRef | None
+) -> dict[str, str]:
+    """Each role and the model it is: teacher, student and, from ``baseline`` or else ``config.baseline``, baseline."""
+    roles = {"teacher": samples.teacher, "student": student.model_path}
+    if baseline is not None:
+        roles["baseline"] = baseline.model_path
+    elif config.baseline is not None:
+        roles["baseline"] = resolve_model(config.baseline, "evaluate.baseline")
+    return roles
 
 
 def evaluate_student(
-    config: EvaluateConfig, dataset: DatasetRef, samples: SamplesRef, student: ModelRef, store: Store,
-    progress: Callable[[float], None] | None = None, baseline: ModelRef | None = None,
+    config: EvaluateConfig,
+    dataset: DatasetRef,
+    samples: SamplesRef,
+    student: ModelRef,
+    store: Store,
+    progress: Callable[[float], None] | None = None,
+    baseline: ModelRef | None = None,
 ) -> EvalReport:
     """Measure teacher, student and baseline on the eval split; the result is cached in the store by fingerprint.
 
@@ -192,121 +473,92 @@ def evaluate_student(
     and takes precedence over ``config.baseline``.
     """
     check_eval_set(config, dataset)
-    if samples.teacher_is_served and "win_rate" in (config.metrics or []) and config.win_rate_judge == "model" and config.judge_model is None:
-        raise InputError("evaluate.judge_model: win_rate's default judge is the teacher, but the teacher behind sample.engine `openai` is a "
-                         "served model that can't be loaded here; set evaluate.judge_model to a local judge model, or evaluate.win_rate_judge: verifier")
-    settings = config.model_dump(mode="json", exclude={"gate"})  # the gate decides promotion; it doesn't change measurements
+    # Config validation refuses a served teacher as the win-rate judge; met here, it is an internal error.
+    capabilities.assert_no_problem(
+        capabilities.win_rate_judge_problem(
+            teacher_is_served=samples.teacher_is_served,
+            listed_metric_groups=config.metrics or [],
+            win_rate_judge=config.win_rate_judge,
+            judge_model=config.judge_model,
+        )
+    )
+    settings = config.model_dump(
+        mode="json", exclude={"gate"}
+    )  # the gate decides promotion; it doesn't change measurements
     inputs = {"dataset": dataset.fingerprint, "samples": samples.fingerprint, "student": student.fingerprint}
     if baseline is not None:
         inputs["baseline"] = baseline.fingerprint
     stage_fingerprint = fingerprint("evaluate", settings, inputs, CODE_VERSION)
 
     def compute(folder: Path) -> dict:
-        prompts = read_split(dataset, "eval")
-        if samples.teacher_is_served:
-            stored = read_teacher_outputs(samples.path, split="eval")
-            stored_answers = stored[stored["sample_index"] == 0].set_index("prompt_id")["response_text"]
-            prompts = prompts[prompts["prompt_id"].isin(stored_answers.index)].reset_index(drop=True)
-            if prompts.empty:
-                raise InputError(f"evaluate: the served teacher answered none of the eval prompts in {samples.path} "
-                                 "(all skipped as overlong?); raise sample.context_length or shorten the prompts")
-        if config.max_prompts is not None:
-            prompts = prompts.head(config.max_prompts)
+        prompts, stored_teacher_answers = select_eval_prompts(config, dataset, samples)
         groups = set(config.selected_groups(dataset.has_references, samples.top_k_logprobs > 0))
-        conversations = [json.loads(messages) for messages in prompts["messages"]]
-        with_references = prompts["reference"].notna() if dataset.has_references else pd.Series(False, index=prompts.index)
+        roles = roles_to_evaluate(config, samples, student, baseline)
+        teacher_tokenizer = load_tokenizer(samples.teacher_tokenizer) if samples.teacher_tokenizer else None
+
         metrics: dict[str, float] = {}
         answers: dict[str, list[str]] = {}
         kl_by_position: dict[str, list[float]] = {}
-        roles = {"teacher": samples.teacher, "student": student.model_path}
-        if baseline is not None:
-            roles["baseline"] = baseline.model_path
-        elif config.baseline is not None:
-            roles["baseline"] = resolve_model(config.baseline, "evaluate.baseline")
-        teacher_tokenizer = load_tokenizer(samples.teacher_tokenizer) if samples.teacher_tokenizer else None
         for step, (role, path) in enumerate(roles.items()):
             if role == "teacher" and samples.teacher_is_served:
-                answers[role] = [stored_answers[prompt_id] for prompt_id in prompts["prompt_id"]]  # nothing to load or measure
-                continue
-            model, tokenizer = load_causal_lm(path, device="auto"), load_tokenizer(path)
-            metrics[f"{role}_parameters"] = count_parameters(model)
-            if "size" in groups:
-                metrics[f"{role}_size_mb"] = m.size_on_disk_mb(path, sum(p.numel() * p.element_size() for p in model.parameters()))
-            shared_vocabulary = teacher_tokenizer is not None and vocabulary_difference(tokenizer, teacher_tokenizer) is None
-            with_top_k = role != "teacher" and shared_vocabulary and samples.top_k_logprobs > 0 and groups & {"kl", "agreement"}
-            if groups & {"perplexity", "kl", "agreement"}:
-                examples = build_examples(
-                    dataset, samples, tokenizer, split="eval", shared_vocabulary=shared_vocabulary, with_top_k=bool(with_top_k),
-                    max_seq_len=100_000, prompt_ids=set(prompts["prompt_id"]),
-                )
-                scores = score_responses(model, examples, tokenizer.pad_token_id, config.batch_size, vocab_size=len(tokenizer))
-                if "perplexity" in groups:
-                    metrics[f"{role}_perplexity"] = m.perplexity(scores["cross_entropy"])
-                if "kl" in scores and "kl" in groups:
-                    metrics[f"kl_teacher_{role}"] = scores["kl"]
-                    kl_by_position[role] = scores["kl_by_position"]
-                if "top1_agreement" in scores and "agreement" in groups:
-                    metrics[f"{role}_top1_agreement"] = scores["top1_agreement"]
-            if "reference_perplexity" in groups and with_references.any():
-                kept = prompts[with_references]
-                examples = reference_examples(tokenizer, [conversations[i] for i in range(len(prompts)) if with_references.iloc[i]], list(kept["reference"]))
-                metrics[f"{role}_reference_perplexity"] = m.perplexity(
-                    score_responses(model, examples, tokenizer.pad_token_id, config.batch_size, vocab_size=len(tokenizer))["cross_entropy"])
-            rendered = render_prompts(tokenizer, conversations)
-            answers[role], tokens_per_second, latency = timed_generation(
-                model, tokenizer, rendered, config, f"evaluate {role}", latency_prompts=config.latency_prompts if "speed" in groups else 0)
-            if "speed" in groups:
-                metrics[f"{role}_tokens_per_second"], metrics[f"{role}_latency_seconds"] = tokens_per_second, latency
-            if config.lm_eval is not None and role in config.lm_eval.roles:
-                from stillhouse.evaluation.lm_eval_adapter import run_lm_eval
-
-                for name, value in run_lm_eval(model, tokenizer, config.lm_eval).items():
-                    metrics[f"{role}_lm_eval/{name}"] = value
-            del model
+                answers[role] = stored_teacher_answers  # no weights here: nothing to load or measure
+            else:
+                measured = measure_role(role, path, config, groups, dataset, samples, prompts, teacher_tokenizer)
+                metrics.update(measured.metrics)
+                answers[role] = measured.answers
+                if measured.kl_by_position is not None:
+                    kl_by_position[role] = measured.kl_by_position
             if progress is not None:
                 progress((step + 1) / len(roles))
+        metrics.update(m.student_teacher_ratios(metrics))
 
-        for name, numerator, denominator in [("parameter_ratio", "student_parameters", "teacher_parameters"), ("size_ratio", "student_size_mb", "teacher_size_mb"),
-                                             ("speed_ratio", "student_tokens_per_second", "teacher_tokens_per_second"),
-                                             ("latency_ratio", "student_latency_seconds", "teacher_latency_seconds")]:
-            value = m.ratio(metrics.get(numerator), metrics.get(denominator))
-            if value is not None:
-                metrics[name] = value
-        table = prompts[["prompt_id", "messages", "reference", "category"]].assign(**{f"{role}_answer": answers[role] for role in roles})
-        for role in roles:
-            if role == "teacher":
-                continue
-            if "agreement" in groups:
-                metrics[f"{role}_teacher_agreement"] = sum(m.exact_match(answers[role], answers["teacher"])) / len(prompts)
-            if "rouge_l_teacher" in groups:
-                metrics[f"{role}_rouge_l_teacher"] = m.mean_rouge_l(answers[role], answers["teacher"])
-        if dataset.has_references and with_references.any():
-            scored = table[with_references.to_numpy()]
-            for role in roles:
-                if "exact_match" in groups:
-                    correct = pd.Series(m.exact_match(scored[f"{role}_answer"], scored["reference"]), index=scored.index)
+        table = prompts.frame[["prompt_id", "messages", "reference", "category"]].assign(
+            **{f"{role}_answer": answers[role] for role in roles}
+        )
+        if "agreement" in groups:
+            metrics.update(answer_agreement_metrics(answers))
+        if "rouge_l_teacher" in groups:
+            metrics.update(rouge_l_teacher_metrics(answers))
+        if prompts.with_references.any():
+            if "exact_match" in groups:
+                accuracy, correct_by_role = exact_match_metrics(answers, prompts)
+                metrics.update(accuracy)
+                for role, correct in correct_by_role.items():
                     table[f"{role}_correct"] = correct  # NaN where a prompt has no reference
-                    metrics[f"{role}_exact_match"] = float(correct.mean())
-                    for category, hits in correct.groupby(scored["category"]):
-                        metrics[f"{role}_exact_match/{category}"] = float(hits.mean())
-                if "rouge_l_reference" in groups:
-                    metrics[f"{role}_rouge_l_reference"] = m.mean_rouge_l(list(scored[f"{role}_answer"]), list(scored["reference"]))
-            accuracy_ratio = m.ratio(metrics.get("student_exact_match"), metrics.get("teacher_exact_match"))
-            if accuracy_ratio is not None:
-                metrics["accuracy_ratio_to_teacher"] = accuracy_ratio
+            if "rouge_l_reference" in groups:
+                metrics.update(rouge_l_reference_metrics(answers, prompts))
         if "win_rate" in groups:
-            references = [r if isinstance(r, str) else None for r in prompts["reference"]] if dataset.has_references else [None] * len(prompts)
-            metrics.update(judged_win_rates(config, samples.teacher, conversations, answers, references))
+            metrics.update(
+                judged_win_rates(config, samples.teacher, prompts.conversations, answers, prompts.references())
+            )
+
         metrics = {name: float(value) for name, value in metrics.items() if not math.isnan(value)}
         table.to_parquet(folder / "generations.parquet", index=False)
         if config.report:
-            write_report(folder / "report", metrics, title="Teacher vs student", loss_history=student.loss_history,
-                         kl_by_position=kl_by_position, eval_prompts=len(prompts))
-        return {"metrics": metrics, "eval_prompts": len(prompts), "kl_by_position": kl_by_position, "metric_groups": sorted(groups),
-                "teacher_answers": "stored" if samples.teacher_is_served else "generated"}
+            write_report(
+                folder / "report",
+                metrics,
+                title="Teacher vs student",
+                loss_history=student.loss_history,
+                kl_by_position=kl_by_position,
+                eval_prompts=len(prompts.frame),
+            )
+        return {
+            "metrics": metrics,
+            "eval_prompts": len(prompts.frame),
+            "kl_by_position": kl_by_position,
+            "metric_groups": sorted(groups),
+            "teacher_answers": "stored" if samples.teacher_is_served else "generated",
+        }
 
     output = store.build("evaluate", stage_fingerprint, compute)
-    return EvalReport(stage="evaluate", fingerprint=stage_fingerprint, path=str(output.path), cached=output.cached, metrics=output.manifest["metrics"])
+    return EvalReport(
+        stage="evaluate",
+        fingerprint=stage_fingerprint,
+        path=str(output.path),
+        cached=output.cached,
+        metrics=output.manifest["metrics"],
+    )
 
 
 def read_generations(report: EvalReport) -> pd.DataFrame:

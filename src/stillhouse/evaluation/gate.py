@@ -22,13 +22,21 @@ class GateVerdict(BaseModel):
     """Whether a candidate may become champion, and why."""
 
     passed: bool
-    failures: list[str] = Field(description="One human-readable line per failed check: the threshold, the compared values, the champion version.")
+    failures: list[str] = Field(
+        description="One human-readable line per failed check: the threshold, the compared values, the champion version."
+    )
     checks: list[str] = Field(default_factory=list, description="Every check made, passed or failed, in the same form.")
     candidate_version: str | None = None
-    champion_version: str | None = Field(None, description="Registry version holding the champion alias when the gate ran; None if there was none.")
+    champion_version: str | None = Field(
+        None, description="Registry version holding the champion alias when the gate ran; None if there was none."
+    )
     champion_metric: str | None = None
-    candidate_metrics: dict[str, float] = Field(default_factory=dict, description="The candidate's values of the metrics the gate read.")
-    champion_metrics: dict[str, float] = Field(default_factory=dict, description="The champion's values of the metrics the gate read.")
+    candidate_metrics: dict[str, float] = Field(
+        default_factory=dict, description="The candidate's values of the metrics the gate read."
+    )
+    champion_metrics: dict[str, float] = Field(
+        default_factory=dict, description="The champion's values of the metrics the gate read."
+    )
     promoted: bool = Field(False, description="True once the champion alias was moved to the candidate.")
 
 
@@ -46,12 +54,18 @@ def default_champion_metric(candidate: dict[str, float]) -> str:
     return "student_exact_match" if "student_exact_match" in candidate else "student_perplexity"
 
 
-def judge(
-    config: GateConfig, candidate: dict[str, float], *, champion: dict[str, float] | None = None,
-    champion_version: str | None = None, candidate_version: str | None = None,
+def check_candidate(
+    config: GateConfig,
+    candidate: dict[str, float],
+    *,
+    champion: dict[str, float] | None = None,
+    champion_version: str | None = None,
+    candidate_version: str | None = None,
 ) -> GateVerdict:
     """Check ``candidate`` against ``config``'s thresholds and, with ``must_beat_champion``, the ``champion``'s metrics."""
-    verdict = GateVerdict(passed=True, failures=[], candidate_version=candidate_version, champion_version=champion_version)
+    verdict = GateVerdict(
+        passed=True, failures=[], candidate_version=candidate_version, champion_version=champion_version
+    )
     if not config.enabled:
         verdict.checks.append("gate disabled (evaluate.gate.enabled: false)")
         return verdict
@@ -64,17 +78,26 @@ def judge(
     def value_of(name: str, field: str) -> float | None:
         value = lookup(candidate, name)
         if value is None:
-            check(False, f"{field}: metric {name} is missing from the evaluation report; enable its metric group in evaluate.metrics")
+            check(
+                False,
+                f"{field}: metric {name} is missing from the evaluation report; enable its metric group in evaluate.metrics",
+            )
         else:
             verdict.candidate_metrics[name] = value
         return value
 
     if config.min_accuracy_ratio_to_teacher is not None:
-        student, teacher = value_of("student_exact_match", "min_accuracy_ratio_to_teacher"), value_of("teacher_exact_match", "min_accuracy_ratio_to_teacher")
+        student, teacher = (
+            value_of("student_exact_match", "min_accuracy_ratio_to_teacher"),
+            value_of("teacher_exact_match", "min_accuracy_ratio_to_teacher"),
+        )
         if student is not None and teacher is not None:
             needed = config.min_accuracy_ratio_to_teacher * teacher
-            check(student >= needed - SLACK, f"min_accuracy_ratio_to_teacher {config.min_accuracy_ratio_to_teacher:g}: student exact match {student:.4g} "
-                  f"vs teacher {teacher:.4g} (needs >= {needed:.4g})")
+            check(
+                student >= needed - SLACK,
+                f"min_accuracy_ratio_to_teacher {config.min_accuracy_ratio_to_teacher:g}: student exact match {student:.4g} "
+                f"vs teacher {teacher:.4g} (needs >= {needed:.4g})",
+            )
     if config.max_kl is not None:
         kl = value_of("kl_teacher_student", "max_kl")
         if kl is not None:
@@ -94,18 +117,30 @@ def judge(
         if champion is None:
             verdict.checks.append(f"pass: must_beat_champion: no version holds @{config.champion_alias} yet")
         elif candidate_version is not None and candidate_version == champion_version:
-            verdict.checks.append(f"pass: must_beat_champion: the candidate (version {candidate_version}) already holds @{config.champion_alias}")
+            verdict.checks.append(
+                f"pass: must_beat_champion: the candidate (version {candidate_version}) already holds @{config.champion_alias}"
+            )
         else:
             ours, theirs = value_of(metric, "must_beat_champion"), lookup(champion, metric)
             if theirs is None:
-                check(False, f"must_beat_champion: champion version {champion_version} has no recorded {metric} to compare with; "
-                      "set evaluate.gate.champion_metric to a metric both have, or must_beat_champion: false")
+                check(
+                    False,
+                    f"must_beat_champion: champion version {champion_version} has no recorded {metric} to compare with; "
+                    "set evaluate.gate.champion_metric to a metric both have, or must_beat_champion: false",
+                )
             elif ours is not None:
                 verdict.champion_metrics[metric] = theirs
                 lower = lower_is_better(metric)
-                ok = ours <= theirs + config.champion_tolerance + SLACK if lower else ours >= theirs - config.champion_tolerance - SLACK
+                ok = (
+                    ours <= theirs + config.champion_tolerance + SLACK
+                    if lower
+                    else ours >= theirs - config.champion_tolerance - SLACK
+                )
                 direction = "lower" if lower else "higher"
-                check(ok, f"must_beat_champion on {metric} ({direction} is better, tolerance {config.champion_tolerance:g}): "
-                      f"candidate {ours:.4g} vs champion version {champion_version} {theirs:.4g}")
+                check(
+                    ok,
+                    f"must_beat_champion on {metric} ({direction} is better, tolerance {config.champion_tolerance:g}): "
+                    f"candidate {ours:.4g} vs champion version {champion_version} {theirs:.4g}",
+                )
     verdict.passed = not verdict.failures
     return verdict

@@ -32,7 +32,9 @@ def run_lm_eval(model, tokenizer, config: LmEvalConfig) -> dict[str, float]:
     appended (``exact_match_strict-match``).
     """
     if not lm_eval_available():
-        raise InputError("evaluate.lm_eval needs lm-evaluation-harness: pip install 'stillhouse[eval]' (or set evaluate.lm_eval: null)")
+        raise InputError(
+            "evaluate.lm_eval needs lm-evaluation-harness: pip install 'stillhouse[eval]' (or set evaluate.lm_eval: null)"
+        )
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -40,17 +42,30 @@ def run_lm_eval(model, tokenizer, config: LmEvalConfig) -> dict[str, float]:
     task_manager = TaskManager(include_path=config.include_path)
     unknown = [task for task in config.tasks if task not in task_manager.all_tasks]
     if unknown:
-        where = f" or in {config.include_path}" if config.include_path else "; define custom tasks in a folder named by evaluate.lm_eval.include_path"
+        where = (
+            f" or in {config.include_path}"
+            if config.include_path
+            else "; define custom tasks in a folder named by evaluate.lm_eval.include_path"
+        )
         raise InputError(f"evaluate.lm_eval.tasks: {unknown} are not lm_eval tasks{where}")
     results = lm_eval.simple_evaluate(
-        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size), tasks=list(config.tasks),
-        num_fewshot=config.num_fewshot, limit=config.limit, task_manager=task_manager, log_samples=False,
+        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.batch_size),
+        tasks=list(config.tasks),
+        num_fewshot=config.num_fewshot,
+        limit=config.limit,
+        task_manager=task_manager,
+        log_samples=False,
     )
     flat: dict[str, float] = {}
     for task, values in results["results"].items():
         for key, value in values.items():
             metric, _, applied_filter = key.partition(",")
-            if "_stderr" in metric or not isinstance(value, (int, float)) or isinstance(value, bool) or not applied_filter:
+            if (
+                "_stderr" in metric
+                or not isinstance(value, (int, float))
+                or isinstance(value, bool)
+                or not applied_filter
+            ):
                 continue
             if isinstance(value, float) and math.isnan(value):
                 continue

@@ -73,3 +73,22 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator == 0 or math.isnan(numerator) or math.isnan(denominator):
         return None
     return numerator / denominator
+
+
+# (ratio, student metric, teacher metric): how the student compares with the teacher on the same hardware.
+STUDENT_TEACHER_RATIOS = (
+    ("parameter_ratio", "student_parameters", "teacher_parameters"),
+    ("size_ratio", "student_size_mb", "teacher_size_mb"),
+    ("speed_ratio", "student_tokens_per_second", "teacher_tokens_per_second"),
+    ("latency_ratio", "student_latency_seconds", "teacher_latency_seconds"),
+)
+
+
+def student_teacher_ratios(metrics: dict[str, float]) -> dict[str, float]:
+    """``parameter_ratio``, ``size_ratio``, ``speed_ratio``, ``latency_ratio``: student / teacher, where both exist."""
+    ratios = {}
+    for name, student, teacher in STUDENT_TEACHER_RATIOS:
+        value = ratio(metrics.get(student), metrics.get(teacher))
+        if value is not None:
+            ratios[name] = value
+    return ratios

@@ -18,11 +18,13 @@ from pathlib import Path
 ROLES = ("teacher", "student", "baseline")
 PERCENT, DECIMAL, COUNT = "{:.1%}", "{:.4g}", "{:,.0f}"
 
-# (label, metric name per role, format, the student/teacher ratio metric if there is one)
+# (label, metric name per role, format, the student/teacher ratio metric if there is one). Every label ends with the
+# metric's name as MLflow and the gate know it (`<role>_exact_match`), so the terminal, the report and the model card
+# (which all render these rows) name a metric the same way.
 ROWS: list[tuple[str, dict[str, str], str, str | None]] = [
-    (label, {role: f"{role}_{suffix}" for role in ROLES}, fmt, ratio_metric)
+    (f"{label} ({suffix})", {role: f"{role}_{suffix}" for role in ROLES}, fmt, ratio_metric)
     for label, suffix, fmt, ratio_metric in [
-        ("exact match (vs references)", "exact_match", PERCENT, "accuracy_ratio_to_teacher"),
+        ("exact match vs references", "exact_match", PERCENT, "accuracy_ratio_to_teacher"),
         ("ROUGE-L vs references", "rouge_l_reference", "{:.3f}", None),
         ("ROUGE-L vs teacher answers", "rouge_l_teacher", "{:.3f}", None),
         ("answer agrees with teacher", "teacher_agreement", PERCENT, None),
@@ -37,7 +39,15 @@ ROWS: list[tuple[str, dict[str, str], str, str | None]] = [
         ("weights on disk (MB)", "size_mb", "{:,.2f}", "size_ratio"),
     ]
 ]
-ROWS.insert(5, ("KL(teacher‖model) per token", {"student": "kl_teacher_student", "baseline": "kl_teacher_baseline"}, "{:.4f}", None))
+ROWS.insert(
+    5,
+    (
+        "KL(teacher‖model) per token (kl_teacher_*)",
+        {"student": "kl_teacher_student", "baseline": "kl_teacher_baseline"},
+        "{:.4f}",
+        None,
+    ),
+)
 
 
 def _format(value: float | None, fmt: str) -> str:
@@ -61,12 +71,26 @@ def comparison_rows(metrics: dict[str, float]) -> tuple[list[str], list[list[str
         if not any(names.get(role) in metrics for role in roles):
             continue
         ratio = metrics.get(ratio_metric) if ratio_metric else None
-        rows.append([label, *(_format(metrics.get(names.get(role, "")), fmt) for role in roles), _format(ratio, "{:.1%}")])
+        rows.append(
+            [label, *(_format(metrics.get(names.get(role, "")), fmt) for role in roles), _format(ratio, "{:.1%}")]
+        )
     for category in categories(metrics):
-        rows.append([f"exact match · {category}", *(_format(metrics.get(f"{role}_exact_match/{category}"), PERCENT) for role in roles), ""])
+        rows.append(
+            [
+                f"exact match · {category} (exact_match/{category})",
+                *(_format(metrics.get(f"{role}_exact_match/{category}"), PERCENT) for role in roles),
+                "",
+            ]
+        )
     benchmarks = sorted({name.split("_lm_eval/", 1)[1] for name in metrics if "_lm_eval/" in name})
     for benchmark in benchmarks:
-        rows.append([f"lm_eval · {benchmark}", *(_format(metrics.get(f"{role}_lm_eval/{benchmark}"), "{:.4g}") for role in roles), ""])
+        rows.append(
+            [
+                f"lm_eval · {benchmark} (lm_eval/{benchmark})",
+                *(_format(metrics.get(f"{role}_lm_eval/{benchmark}"), "{:.4g}") for role in roles),
+                "",
+            ]
+        )
     return header, rows
 
 
@@ -95,10 +119,16 @@ def gate_summary(verdict) -> str:
 
 
 def gate_markdown(verdict) -> str:
-    lines = [f"## Promotion gate: {'passed' if verdict.passed else 'FAILED'}", "",
-             f"- candidate version: {verdict.candidate_version or '(not registered)'}",
-             f"- champion version before the gate: {verdict.champion_version or '(none)'}",
-             f"- promoted to champion: {'yes' if verdict.promoted else 'no'}", "", "| check |", "|---|"]
+    lines = [
+        f"## Promotion gate: {'passed' if verdict.passed else 'FAILED'}",
+        "",
+        f"- candidate version: {verdict.candidate_version or '(not registered)'}",
+        f"- champion version before the gate: {verdict.champion_version or '(none)'}",
+        f"- promoted to champion: {'yes' if verdict.promoted else 'no'}",
+        "",
+        "| check |",
+        "|---|",
+    ]
     lines += [f"| {check} |" for check in verdict.checks] or ["| (no thresholds set) |"]
     return "\n".join(lines) + "\n"
 
@@ -108,7 +138,9 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def report_markdown(metrics: dict[str, float], title: str, images: list[str] = (), eval_prompts: int | None = None) -> str:
+def report_markdown(
+    metrics: dict[str, float], title: str, images: list[str] = (), eval_prompts: int | None = None
+) -> str:
     header, rows = comparison_rows(metrics)
     parts = [f"# {title}", ""]
     if eval_prompts is not None:
@@ -122,12 +154,16 @@ def report_html(metrics: dict[str, float], title: str, images: list[str] = (), e
     header, rows = comparison_rows(metrics)
     cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    figures = "".join(f'<figure><img src="{html.escape(i)}" alt="{html.escape(Path(i).stem)}"></figure>' for i in images)
+    figures = "".join(
+        f'<figure><img src="{html.escape(i)}" alt="{html.escape(Path(i).stem)}"></figure>' for i in images
+    )
     note = f"<p>{eval_prompts} held-out prompts, the same for every model.</p>" if eval_prompts is not None else ""
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-            "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:.3em .6em}td:not(:first-child){text-align:right}img{max-width:100%}"
-            f"</style></head><body><h1>{html.escape(title)}</h1>{note}<table><tr>{cells}</tr>{body}</table>{figures}</body></html>\n")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:.3em .6em}td:not(:first-child){text-align:right}img{max-width:100%}"
+        f"</style></head><body><h1>{html.escape(title)}</h1>{note}<table><tr>{cells}</tr>{body}</table>{figures}</body></html>\n"
+    )
 
 
 def plot_loss_curve(loss_history: list[dict[str, float]], path: Path) -> bool:
@@ -166,7 +202,9 @@ def plot_bars(groups: dict[str, dict[str, float]], path: Path, title: str, ylabe
     for offset, role in enumerate(roles):
         xs = [index + offset * width for index in range(len(groups))]
         axes.bar(xs, [values.get(role, 0.0) for values in groups.values()], width, label=role)
-    axes.set_xticks([index + width * (len(roles) - 1) / 2 for index in range(len(groups))], list(groups), rotation=20, ha="right")
+    axes.set_xticks(
+        [index + width * (len(roles) - 1) / 2 for index in range(len(groups))], list(groups), rotation=20, ha="right"
+    )
     axes.set(ylabel=ylabel, title=title, ylim=(0, 1.05))
     axes.legend()
     return _save(figure, path)
@@ -190,8 +228,15 @@ def _save(figure, path: Path) -> bool:
     return True
 
 
-def write_report(folder: Path, metrics: dict[str, float], *, title: str, loss_history: list[dict[str, float]],
-                 kl_by_position: dict[str, list[float]], eval_prompts: int | None = None) -> list[Path]:
+def write_report(
+    folder: Path,
+    metrics: dict[str, float],
+    *,
+    title: str,
+    loss_history: list[dict[str, float]],
+    kl_by_position: dict[str, list[float]],
+    eval_prompts: int | None = None,
+) -> list[Path]:
     """Write the report's Markdown, HTML and PNG files into ``folder``; returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)
     images = []
@@ -199,14 +244,28 @@ def write_report(folder: Path, metrics: dict[str, float], *, title: str, loss_hi
         images.append("loss_curve.png")
     if plot_kl_by_position(kl_by_position, folder / "kl_by_position.png"):
         images.append("kl_by_position.png")
-    share_metrics = {"exact match": "exact_match", "ROUGE-L vs references": "rouge_l_reference", "ROUGE-L vs teacher": "rouge_l_teacher",
-                     "answer agreement": "teacher_agreement", "top-1 token agreement": "top1_agreement",
-                     "judged win rate vs teacher": "win_rate"}
-    bars = {label: {role: metrics[f"{role}_{key}"] for role in ROLES if f"{role}_{key}" in metrics} for label, key in share_metrics.items()}
+    share_metrics = {
+        "exact match": "exact_match",
+        "ROUGE-L vs references": "rouge_l_reference",
+        "ROUGE-L vs teacher": "rouge_l_teacher",
+        "answer agreement": "teacher_agreement",
+        "top-1 token agreement": "top1_agreement",
+        "judged win rate vs teacher": "win_rate",
+    }
+    bars = {
+        label: {role: metrics[f"{role}_{key}"] for role in ROLES if f"{role}_{key}" in metrics}
+        for label, key in share_metrics.items()
+    }
     if plot_bars(bars, folder / "accuracy.png", "Accuracy and agreement", "share"):
         images.append("accuracy.png")
-    per_category = {category: {role: metrics[f"{role}_exact_match/{category}"] for role in ROLES if f"{role}_exact_match/{category}" in metrics}
-                    for category in categories(metrics)}
+    per_category = {
+        category: {
+            role: metrics[f"{role}_exact_match/{category}"]
+            for role in ROLES
+            if f"{role}_exact_match/{category}" in metrics
+        }
+        for category in categories(metrics)
+    }
     if plot_bars(per_category, folder / "categories.png", "Exact match by category", "exact match"):
         images.append("categories.png")
     (folder / "report.md").write_text(report_markdown(metrics, title, images, eval_prompts))

@@ -10,10 +10,11 @@ tokenizer are scored exactly), renormalized over the labels:
 - verifier: for tasks with one right answer, 1.0 for an exact match of the reference, else 0.0.
 
 A judge served behind an OpenAI-compatible endpoint (`EndpointJudge`) answers each rubric prompt
-once, greedily, in a few tokens; its verdict is read from the ``top_logprobs`` of the answer's first
-position over the same labels (renormalized), or, when the server returns no log-probs or none of
-the labels is among them, from the text (`parse_verdict`, `parse_score`). An answer that names no
-label either way is unusable: it is counted, and the candidate it concerned is dropped.
+once, greedily, in a few tokens, through the `openai` sampling engine keeping the server's token
+strings; its verdict is read from the top log-probs of the answer's first position over the same
+labels (renormalized), or, when the server returns no log-probs or none of the labels is among them,
+from the text (`parse_verdict`, `parse_score`). An answer that names no label either way is
+unusable: it is counted, and the candidate it concerned is dropped.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+
+from stillhouse.sampling.engine import Engine, Generation, Prompt, SamplingSettings
 
 PAIRWISE_RUBRIC = (
     "Which response answers the question better? Reply with A or B only.\n"
@@ -35,7 +37,9 @@ SCORE_LABELS = tuple(str(score) for score in range(1, 11))
 
 
 @torch.inference_mode()
-def label_logprobs(model, tokenizer, prompts: Sequence[str], labels: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+def label_logprobs(
+    model, tokenizer, prompts: Sequence[str], labels: Sequence[str], batch_size: int = 32
+) -> torch.Tensor:
     """``[len(prompts), len(labels)]``: log P(label | rendered prompt), summed over the label's tokens."""
     sequences, spans = [], []
     for prompt in prompts:
@@ -53,7 +57,11 @@ def label_logprobs(model, tokenizer, prompts: Sequence[str], labels: Sequence[st
         for row, sequence in enumerate(batch):  # right padding: positions stay 0..n-1
             input_ids[row, : len(sequence)] = torch.tensor(sequence)
             attention_mask[row, : len(sequence)] = 1
-        logprobs = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits.float().log_softmax(-1)
+        logprobs = (
+            model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device))
+            .logits.float()
+            .log_softmax(-1)
+        )
         for row, (prompt_length, label_length) in enumerate(spans[start : start + batch_size]):
             positions = torch.arange(prompt_length - 1, prompt_length + label_length - 1)
             targets = input_ids[row, prompt_length : prompt_length + label_length].to(logprobs.device)
@@ -62,7 +70,12 @@ def label_logprobs(model, tokenizer, prompts: Sequence[str], labels: Sequence[st
 
 
 def render_judge_prompts(tokenizer, contents: Sequence[str]) -> list[str]:
-    return [tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True) for content in contents]
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        for content in contents
+    ]
 
 
 @dataclass(frozen=True)
@@ -77,17 +90,26 @@ class PairJudgement:
     consistent: bool
 
     def verdict(self, tie_margin: float) -> str | None:
-        """"first", "second", or None for a tie or an inconsistent pair."""
+        """ "first", "second", or None for a tie or an inconsistent pair."""
         if not self.consistent or abs(self.first_better - 0.5) < tie_margin:
             return None
         return "first" if self.first_better > 0.5 else "second"
 
 
-def judge_pairs(model, tokenizer, prompts: Sequence[str], firsts: Sequence[str], seconds: Sequence[str],
-                rubric: str = PAIRWISE_RUBRIC, batch_size: int = 32) -> list[PairJudgement]:
+def judge_pairs(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    firsts: Sequence[str],
+    seconds: Sequence[str],
+    rubric: str = PAIRWISE_RUBRIC,
+    batch_size: int = 32,
+) -> list[PairJudgement]:
     forward = [rubric.format(prompt=p, first=a, second=b) for p, a, b in zip(prompts, firsts, seconds)]
     swapped = [rubric.format(prompt=p, first=b, second=a) for p, a, b in zip(prompts, firsts, seconds)]
-    logprobs = label_logprobs(model, tokenizer, render_judge_prompts(tokenizer, forward + swapped), ("A", "B"), batch_size)
+    logprobs = label_logprobs(
+        model, tokenizer, render_judge_prompts(tokenizer, forward + swapped), ("A", "B"), batch_size
+    )
     prob_a = logprobs.softmax(-1)[:, 0]
     in_order, reversed_order = prob_a[: len(prompts)], 1 - prob_a[len(prompts) :]  # both: P(first is better)
     return [
@@ -96,11 +118,19 @@ def judge_pairs(model, tokenizer, prompts: Sequence[str], firsts: Sequence[str],
     ]
 
 
-def pointwise_scores(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
-                     rubric: str = POINTWISE_RUBRIC, batch_size: int = 32) -> list[float]:
+def pointwise_scores(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    rubric: str = POINTWISE_RUBRIC,
+    batch_size: int = 32,
+) -> list[float]:
     """The expected 1-10 score of each response under the judge."""
     contents = [rubric.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
-    probabilities = label_logprobs(model, tokenizer, render_judge_prompts(tokenizer, contents), SCORE_LABELS, batch_size).softmax(-1)
+    probabilities = label_logprobs(
+        model, tokenizer, render_judge_prompts(tokenizer, contents), SCORE_LABELS, batch_size
+    ).softmax(-1)
     values = torch.tensor([float(label) for label in SCORE_LABELS])
     return (probabilities * values).sum(-1).tolist()
 
@@ -113,7 +143,7 @@ _VERDICT = re.compile(r"\b([AB])\b")
 
 
 def parse_verdict(text: str) -> str | None:
-    """"A" or "B" from a judge's text answer, or None when it names neither or both."""
+    """ "A" or "B" from a judge's text answer, or None when it names neither or both."""
     found = set(_VERDICT.findall(text.strip()[:20]))
     return found.pop() if len(found) == 1 else None
 
@@ -132,109 +162,117 @@ def _answer_label(token: str) -> str:
     return token.replace("Ġ", " ").replace("▁", " ").strip()
 
 
-def _label_probabilities(top_logprobs: list[dict], labels: Sequence[str]) -> dict[str, float]:
+def _label_probabilities(answer: Generation, position: int, labels: Sequence[str]) -> dict[str, float]:
     """Probability of each label among one position's top log-probs (tokens that spell the same label add up)."""
     found: dict[str, float] = {}
-    for entry in top_logprobs:
-        label = _answer_label(entry["token"])
+    for token, logprob in zip(answer.top_k_tokens[position], answer.top_k_logprobs[position]):
+        label = _answer_label(token)
         if label in labels:
-            found[label] = found.get(label, 0.0) + math.exp(float(entry["logprob"]))
+            found[label] = found.get(label, 0.0) + math.exp(logprob)
     return found
 
 
-def _answer_positions(choice: dict) -> list[dict]:
-    """The answer's positions with log-probs, from its first token that is not whitespace; [] when the server sent none."""
-    positions = (choice.get("logprobs") or {}).get("content") or []
-    for start, position in enumerate(positions):
-        if _answer_label(position["token"]):
-            return positions[start:]
-    return []
+def _answer_start(answer: Generation) -> int | None:
+    """The answer's first position whose token is not whitespace; None when the server sent no log-probs."""
+    if answer.tokens is None or answer.top_k_tokens is None:
+        return None
+    for position, token in enumerate(answer.tokens):
+        if _answer_label(token):
+            return position
+    return None
 
 
-def pairwise_answer(choice: dict) -> float | None:
+def pairwise_answer(answer: Generation) -> float | None:
     """P("A") renormalized over "A"/"B" from an endpoint's answer: log-probs when it gave them, else its text; None when unusable."""
-    positions = _answer_positions(choice)
-    if positions:
-        found = _label_probabilities(positions[0].get("top_logprobs") or [], ("A", "B"))
+    start = _answer_start(answer)
+    if start is not None:
+        found = _label_probabilities(answer, start, ("A", "B"))
         if found:
             return found.get("A", 0.0) / sum(found.values())
-    verdict = parse_verdict(choice["message"].get("content") or "")
+    verdict = parse_verdict(answer.text)
     return None if verdict is None else float(verdict == "A")
 
 
-def pointwise_answer(choice: dict) -> float | None:
+def pointwise_answer(answer: Generation) -> float | None:
     """The expected 1-10 score over the labels' renormalized probabilities at the answer's first position, else the text's score.
 
     A tokenizer that spells "10" as "1", "0" puts both in P("1"); when the answer did start with "1",
     the next position's P("0") splits it into "10" and "1". Otherwise "10" counts as improbable.
     """
-    positions = _answer_positions(choice)
-    if positions:
-        found = _label_probabilities(positions[0].get("top_logprobs") or [], SCORE_LABELS)
-        if "10" not in found and "1" in found and _answer_label(positions[0]["token"]) == "1" and len(positions) > 1:
-            then_zero = _label_probabilities(positions[1].get("top_logprobs") or [], ("0",)).get("0", 0.0)
+    start = _answer_start(answer)
+    if start is not None:
+        found = _label_probabilities(answer, start, SCORE_LABELS)
+        starts_with_one = _answer_label(answer.tokens[start]) == "1" and start + 1 < len(answer.tokens)
+        if "10" not in found and "1" in found and starts_with_one:
+            then_zero = _label_probabilities(answer, start + 1, ("0",)).get("0", 0.0)
             found["10"], found["1"] = found["1"] * then_zero, found["1"] * (1 - then_zero)
         total = sum(found.values())
         if total > 0:
             return sum(int(label) * probability for label, probability in found.items()) / total
-    score = parse_score(choice["message"].get("content") or "")
+    score = parse_score(answer.text)
     return None if score is None else float(score)
 
 
 class EndpointJudge:
-    """A judge served behind an OpenAI-compatible endpoint, through the sampling engine's requests and retries.
+    """A judge served behind an OpenAI-compatible endpoint, through the `openai` engine's requests and retries.
 
-    Each rubric prompt is one greedy request of at most ``max_tokens`` tokens, asking for
-    ``top_logprobs`` (none when 0: the verdict is then parsed from the text). Unusable answers come
-    back as None.
+    ``engine`` is an `OpenAIEngine` that keeps token strings (``token_ids=False``): the verdict is read
+    from how the labels are spelled. Each rubric prompt is one greedy request of at most ``max_tokens``
+    tokens, asking for ``top_logprobs`` log-probs per position (none when 0: the verdict is then parsed
+    from the text). Unusable answers come back as None.
     """
 
-    def __init__(self, engine, model: str, *, max_tokens: int, top_logprobs: int):
-        self.engine, self.model, self.max_tokens, self.top_logprobs = engine, model, max_tokens, top_logprobs
+    def __init__(self, engine: Engine, *, max_tokens: int, top_logprobs: int):
+        self.engine = engine
+        self.settings = SamplingSettings(max_new_tokens=max_tokens, temperature=0.0, n=1, top_k_logprobs=top_logprobs)
 
-    def _body(self, content: str) -> dict:
-        body = {"model": self.model, "messages": [{"role": "user", "content": content}], "max_tokens": self.max_tokens,
-                "temperature": 0.0, "seed": 0}
-        if self.top_logprobs:
-            body.update(logprobs=True, top_logprobs=self.top_logprobs)
-        return body
+    def _ask(self, contents: Sequence[str], prompt_ids: Sequence[str], where: str, read) -> list[float | None]:
+        prompts = [
+            Prompt(prompt_id, [{"role": "user", "content": content}])
+            for content, prompt_id in zip(contents, prompt_ids)
+        ]
+        return [read(answer) for answer in self.engine.generate(prompts, self.settings, seed=0, where=where)]
 
-    def _ask(self, contents: Sequence[str], wheres: Sequence[str], read) -> list[float | None]:
-        def one(position: int) -> float | None:
-            payload = self.engine.chat(self._body(contents[position]), wheres[position])
-            try:
-                return read(payload["choices"][0])
-            except (KeyError, IndexError, TypeError, ValueError):  # a malformed answer names no verdict either
-                return None
+    def judge_pairs(
+        self,
+        prompts: Sequence[str],
+        firsts: Sequence[str],
+        seconds: Sequence[str],
+        prompt_ids: Sequence[str],
+        where: str,
+        rubric: str = PAIRWISE_RUBRIC,
+    ) -> list[PairJudgement | None]:
+        """Like `judge_pairs`, both orders; None where either order's answer was unusable.
 
-        pool = ThreadPoolExecutor(max_workers=self.engine.settings.max_concurrency)
-        try:
-            answers = [future.result() for future in [pool.submit(one, position) for position in range(len(contents))]]
-        finally:  # on the first failure, requests not yet sent are dropped
-            pool.shutdown(wait=True, cancel_futures=True)
-        return answers
-
-    def judge_pairs(self, prompts: Sequence[str], firsts: Sequence[str], seconds: Sequence[str], wheres: Sequence[str],
-                    rubric: str = PAIRWISE_RUBRIC) -> list[PairJudgement | None]:
-        """Like `judge_pairs`, both orders; None where either order's answer was unusable."""
+        ``prompt_ids[i]`` names prompt i in error messages, after ``where`` (the judge's shard).
+        """
         forward = [rubric.format(prompt=p, first=a, second=b) for p, a, b in zip(prompts, firsts, seconds)]
         swapped = [rubric.format(prompt=p, first=b, second=a) for p, a, b in zip(prompts, firsts, seconds)]
-        prob_a = self._ask(forward + swapped, list(wheres) * 2, pairwise_answer)
+        prob_a = self._ask(forward + swapped, list(prompt_ids) * 2, where, pairwise_answer)
         judgements = []
         for in_order, reversed_a in zip(prob_a[: len(prompts)], prob_a[len(prompts) :]):
             if in_order is None or reversed_a is None:
                 judgements.append(None)
                 continue
             reversed_order = 1 - reversed_a  # both: P(first is better)
-            judgements.append(PairJudgement(first_better=(in_order + reversed_order) / 2,
-                                            consistent=(in_order > 0.5) == (reversed_order > 0.5)))
+            judgements.append(
+                PairJudgement(
+                    first_better=(in_order + reversed_order) / 2, consistent=(in_order > 0.5) == (reversed_order > 0.5)
+                )
+            )
         return judgements
 
-    def pointwise_scores(self, prompts: Sequence[str], responses: Sequence[str], wheres: Sequence[str],
-                         rubric: str = POINTWISE_RUBRIC) -> list[float | None]:
+    def pointwise_scores(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        prompt_ids: Sequence[str],
+        where: str,
+        rubric: str = POINTWISE_RUBRIC,
+    ) -> list[float | None]:
         """Like `pointwise_scores`; None where the answer was unusable."""
         contents = [rubric.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
-        return self._ask(contents, wheres, pointwise_answer)
+        return self._ask(contents, prompt_ids, where, pointwise_answer)
 
 
 @dataclass(frozen=True)

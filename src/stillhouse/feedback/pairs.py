@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def build_pairs(prompt_ids: Sequence[str], candidates: Sequence[Sequence[str]], scores: Sequence[Sequence[float]],
-                min_margin: float) -> tuple[list[dict], dict[str, int]]:
+def build_pairs(
+    prompt_ids: Sequence[str], candidates: Sequence[Sequence[str]], scores: Sequence[Sequence[float]], min_margin: float
+) -> tuple[list[dict], dict[str, int]]:
     """One ``{prompt_id, chosen, rejected, margin}`` per prompt whose best and worst differ enough.
 
     Identical texts among a prompt's candidates count once (a pair of equal responses teaches

@@ -12,35 +12,20 @@ teacher with both cores of a 2-core CPU (7-8x on one thread), where processing t
 than half of the time. Sampling (temperature > 0) and models whose generation config changes greedy
 decoding (a repetition penalty, forced or suppressed tokens, ...) go through `model.generate`.
 
-    from stillhouse.sampling.hf_engine import generate, render_prompts
+    from stillhouse.sampling.hf_engine import generate, render_prompts   # a model at hand (the student, a judge)
+    engine = HFEngine(model, tokenizer, batch_size=64)                    # the teacher, as an engine (engine.py)
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-
-@dataclass
-class Generation:
-    """One generated response.
-
-    ``token_ids`` holds the response tokens up to and including the first EOS (or the token that
-    completes a stop string). When top-k capture is on, ``top_k_ids[j]`` and ``top_k_logprobs[j]``
-    are the teacher's k most likely tokens for position j of the response and their log-probs under
-    its full distribution at temperature 1, whatever the sampling temperature was, and
-    ``tail_logprobs[j]`` is the log of the probability mass outside those k tokens.
-    """
-
-    token_ids: list[int]
-    text: str
-    top_k_ids: list[list[int]] | None = None
-    top_k_logprobs: list[list[float]] | None = None
-    tail_logprobs: list[float] | None = None
-    sample_index: int = 0
+from stillhouse.sampling.engine import Generation, Prompt, SamplingSettings
 
 
 def render_prompts(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[list[dict]]) -> list[str]:
@@ -51,7 +36,9 @@ def render_prompts(tokenizer: PreTrainedTokenizerBase, conversations: Sequence[l
     ]
 
 
-def plan_batches(lengths: Sequence[int], *, batch_size: int, batch_tokens: int | None, max_new_tokens: int, n: int = 1) -> list[list[int]]:
+def plan_batches(
+    lengths: Sequence[int], *, batch_size: int, batch_tokens: int | None, max_new_tokens: int, n: int = 1
+) -> list[list[int]]:
     """Group prompt indices into batches, shortest prompts first.
 
     A batch holds at most ``batch_size`` prompts and, with a ``batch_tokens`` budget, at most as many
@@ -114,31 +101,59 @@ def generate(
     """
     tokenizer.padding_side = "left"
     eos_id = tokenizer.eos_token_id
-    encoded = [list(p) if not isinstance(p, str) else tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    batches = plan_batches([len(ids) for ids in encoded], batch_size=batch_size, batch_tokens=batch_tokens, max_new_tokens=max_new_tokens, n=n)
+    encoded = [
+        list(p) if not isinstance(p, str) else tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts
+    ]
+    batches = plan_batches(
+        [len(ids) for ids in encoded],
+        batch_size=batch_size,
+        batch_tokens=batch_tokens,
+        max_new_tokens=max_new_tokens,
+        n=n,
+    )
     results: list[Generation | None] = [None] * (len(prompts) * n)
-    stop_window = 4 * max(map(len, stop), default=0)  # tokens enough to spell any stop string, even a few characters a token
+    stop_window = 4 * max(
+        map(len, stop), default=0
+    )  # tokens enough to spell any stop string, even a few characters a token
 
     def stop_check(tokens: list[int]) -> bool:  # retires a row early; the exact cut is `stop_length`'s, below
         return any(s in tokenizer.decode(tokens[-stop_window:], skip_special_tokens=True) for s in stop)
 
     if temperature > 0:
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k, "num_return_sequences": n}
+        sampling = {
+            "do_sample": True,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "num_return_sequences": n,
+        }
     else:
         sampling = {"do_sample": False}
     own_greedy_loop = temperature == 0 and greedy_loop_supported(model)
     for batch_number, batch_indices in enumerate(batches):
-        batch = tokenizer.pad({"input_ids": [encoded[index] for index in batch_indices]}, padding=True, return_tensors="pt").to(model.device)
+        batch = tokenizer.pad(
+            {"input_ids": [encoded[index] for index in batch_indices]}, padding=True, return_tensors="pt"
+        ).to(model.device)
         if own_greedy_loop:
             new_tokens, top_values, top_ids, tails = greedy_batch(
-                model, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens, eos_token_id=eos_id,
-                top_k_logprobs=top_k_logprobs, stop_check=stop_check if stop else None,
+                model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos_id,
+                top_k_logprobs=top_k_logprobs,
+                stop_check=stop_check if stop else None,
             )
         else:
             torch.manual_seed(seed + batch_number)
             output = model.generate(
-                **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_id,
-                return_dict_in_generate=True, output_logits=top_k_logprobs > 0, **sampling,
+                **batch,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos_id,
+                return_dict_in_generate=True,
+                output_logits=top_k_logprobs > 0,
+                **sampling,
             )
             new_tokens = output.sequences[:, batch["input_ids"].shape[1] :].tolist()
             if top_k_logprobs > 0:
@@ -153,7 +168,9 @@ def generate(
             length = tokens.index(eos_id) + 1 if eos_id in tokens else len(tokens)
             length = min(length, stop_length(tokenizer, tokens[:length], stop) or length)
             kept = tokens[:length]
-            generation = Generation(token_ids=kept, text=tokenizer.decode(kept, skip_special_tokens=True), sample_index=sample_index)
+            generation = Generation(
+                token_ids=kept, text=tokenizer.decode(kept, skip_special_tokens=True), sample_index=sample_index
+            )
             if top_k_logprobs > 0:
                 generation.top_k_ids = top_ids[row][:length]
                 generation.top_k_logprobs = top_values[row][:length]
@@ -164,12 +181,74 @@ def generate(
     return results  # type: ignore[return-value]
 
 
+@dataclass
+class HFEngine:
+    """The `hf` engine: a model loaded in this process, behind the protocol `stillhouse.sampling.engine.Engine`.
+
+    Each call goes through `generate` above, one batch of up to ``batch_size`` prompts (and within
+    ``batch_tokens``) at a time; batch b samples under seed ``seed + b``. Prompts without token ids are
+    rendered with the tokenizer's chat template. One call at a time per loaded model: concurrent shards
+    would only contend for it, so ``lock`` serialises them; `dataclasses.replace` (another batch size
+    over the same model) keeps the lock, shared with the copy.
+    """
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    batch_size: int = 64
+    batch_tokens: int | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        settings: SamplingSettings,
+        *,
+        seed: int,
+        where: str,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> list[Generation]:
+        """``settings.n`` generations per prompt, prompt-major (``where`` is unused: errors here are this process's)."""
+        inputs = [
+            render_prompts(self.tokenizer, [prompt.messages])[0] if prompt.token_ids is None else prompt.token_ids
+            for prompt in prompts
+        ]
+        with self.lock:
+            return generate(
+                self.model,
+                self.tokenizer,
+                inputs,
+                max_new_tokens=settings.max_new_tokens,
+                batch_size=self.batch_size,
+                batch_tokens=self.batch_tokens,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                top_k=settings.top_k,
+                n=settings.n,
+                stop=settings.stop,
+                top_k_logprobs=settings.top_k_logprobs,
+                seed=seed,
+                on_batch=on_progress,
+            )
+
+    def close(self) -> None:
+        """Nothing to release: the model is freed with the engine."""
+
+
 # Generation-config settings under which greedy decoding is not a plain argmax: with any of them set,
 # `generate` must do the decoding (it applies the model's generation config on top of ours).
 GREEDY_CHANGING_SETTINGS = {
-    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
-    "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
-    "min_length": 0, "min_new_tokens": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "sequence_bias": None,
+    "exponential_decay_length_penalty": None,
 }
 
 
@@ -178,13 +257,21 @@ def greedy_loop_supported(model: PreTrainedModel) -> bool:
     if model.config.is_encoder_decoder:
         return False
     settings = model.generation_config
-    return all(getattr(settings, name, neutral) in (neutral, None) for name, neutral in GREEDY_CHANGING_SETTINGS.items())
+    return all(
+        getattr(settings, name, neutral) in (neutral, None) for name, neutral in GREEDY_CHANGING_SETTINGS.items()
+    )
 
 
 @torch.inference_mode()
 def greedy_batch(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int, eos_token_id: int | None,
-    top_k_logprobs: int = 0, stop_check: Callable[[list[int]], bool] | None = None,
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    top_k_logprobs: int = 0,
+    stop_check: Callable[[list[int]], bool] | None = None,
 ) -> tuple[list[list[int]], list | None, list | None, list | None]:
     """Greedy decoding of a left-padded batch ``[rows, prompt]``, retiring rows as they finish.
 
@@ -197,8 +284,14 @@ def greedy_batch(
     rows = input_ids.shape[0]
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    ).logits[:, -1]
     tokens: list[list[int]] = [[] for _ in range(rows)]
     captured = [([], [], []) for _ in range(rows)] if top_k_logprobs > 0 else None
     running = list(range(rows))  # batch row -> original row
@@ -224,8 +317,13 @@ def greedy_batch(
             attention_mask, chosen, next_positions = attention_mask[keep], chosen[keep], next_positions[keep]
             running = [running[batch_row] for batch_row in still_running]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(running), 1)], dim=1)
-        logits = model(input_ids=chosen[:, None], attention_mask=attention_mask, position_ids=next_positions, past_key_values=cache,
-                       use_cache=True).logits[:, -1]
+        logits = model(
+            input_ids=chosen[:, None],
+            attention_mask=attention_mask,
+            position_ids=next_positions,
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[:, -1]
         next_positions = next_positions + 1
     if captured is None:
         return tokens, None, None, None

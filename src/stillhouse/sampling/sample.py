@@ -12,12 +12,14 @@ after a crash samples only the missing shards and ends with what an uninterrupte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -28,12 +30,22 @@ from stillhouse.config import SampleConfig
 from stillhouse.data.curate import read_split
 from stillhouse.errors import InputError
 from stillhouse.models import (
-    check_hub_safetensors, load_causal_lm, load_tokenizer, model_revision, remote_code_error, resolve_model, tokenizer_fingerprint,
+    check_hub_safetensors,
+    load_causal_lm,
+    load_tokenizer,
+    model_revision,
+    remote_code_error,
+    resolve_model,
+    tokenizer_fingerprint,
 )
 from stillhouse.refs import DatasetRef, SamplesRef
-from stillhouse.sampling.hf_engine import Generation, generate, render_prompts
+from stillhouse.sampling.engine import Engine, Generation, Prompt, SamplingSettings
+from stillhouse.sampling.hf_engine import HFEngine, render_prompts
 from stillhouse.sampling.teacher_outputs import read_teacher_outputs, remove_partial_shards, shard_name, write_shard
 from stillhouse.store import Store, file_sha256, fingerprint, storage_errors
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 CODE_VERSION = 2
 SHARD_SEED_STRIDE = 100_003
@@ -60,7 +72,9 @@ class ShardPlan(BaseModel):
     pending: list[int]
     teacher: TeacherFacts
     counts: dict[str, int]
-    remote_store: str | None = None  # an s3:// store: each finished shard is uploaded at once, so an interrupted run resumes anywhere
+    remote_store: str | None = (
+        None  # an s3:// store: each finished shard is uploaded at once, so an interrupted run resumes anywhere
+    )
 
 
 class ShardResult(BaseModel):
@@ -84,17 +98,23 @@ def check_teacher(config: SampleConfig) -> TeacherFacts:
     try:
         from transformers import AutoConfig
 
-        model_config = AutoConfig.from_pretrained(teacher, revision=config.revision, trust_remote_code=config.trust_remote_code)
+        model_config = AutoConfig.from_pretrained(
+            teacher, revision=config.revision, trust_remote_code=config.trust_remote_code
+        )
     except (OSError, ValueError) as error:
         if "trust_remote_code" in str(error):
             raise remote_code_error(config.teacher, "sample.teacher") from None
-        raise InputError(f"sample.teacher/sample.revision: cannot read {config.teacher!r} at revision {config.revision or 'main'!r} "
-                         f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); check the id and revision, or log in for gated models") from None
+        raise InputError(
+            f"sample.teacher/sample.revision: cannot read {config.teacher!r} at revision {config.revision or 'main'!r} "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); check the id and revision, or log in for gated models"
+        ) from None
     if not Path(teacher).is_dir():  # a Hub teacher: refuse pickle-only weights now, not when the first shard loads them
         check_hub_safetensors(teacher, config.revision, "sample.teacher")
     vocabulary = model_config.vocab_size
     if config.top_k_logprobs > vocabulary:
-        raise InputError(f"sample.top_k_logprobs: k={config.top_k_logprobs} is larger than the teacher's vocabulary ({vocabulary}); use a k of at most {vocabulary} (16-64 is typical)")
+        raise InputError(
+            f"sample.top_k_logprobs: k={config.top_k_logprobs} is larger than the teacher's vocabulary ({vocabulary}); use a k of at most {vocabulary} (16-64 is typical)"
+        )
     context = config.context_length or getattr(model_config, "max_position_embeddings", None)
     _check_context(config, context)
     tokenizer = load_tokenizer(teacher, config.revision, trust_remote_code=config.trust_remote_code)
@@ -103,13 +123,25 @@ def check_teacher(config: SampleConfig) -> TeacherFacts:
         from stillhouse.sampling.vllm_engine import check_vllm
 
         check_vllm()
-    return TeacherFacts(path=teacher, revision=model_revision(teacher, config.revision, trust_remote_code=config.trust_remote_code), vocab_size=vocabulary, context_length=context, tokenizer_path=teacher)
+    return TeacherFacts(
+        path=teacher,
+        revision=model_revision(teacher, config.revision, trust_remote_code=config.trust_remote_code),
+        vocab_size=vocabulary,
+        context_length=context,
+        tokenizer_path=teacher,
+    )
 
 
 def _check_openai_teacher(config: SampleConfig) -> TeacherFacts:
     if config.overlong_prompts == "truncate_left":
-        raise InputError("sample.overlong_prompts: `truncate_left` needs a local engine (hf, vllm); with engine `openai` use `skip` or `error`")
-    facts = TeacherFacts(path=config.teacher, revision=config.revision or f"served:{config.openai.base_url}", context_length=config.context_length)
+        raise InputError(
+            "sample.overlong_prompts: `truncate_left` needs a local engine (hf, vllm); with engine `openai` use `skip` or `error`"
+        )
+    facts = TeacherFacts(
+        path=config.teacher,
+        revision=config.revision or f"served:{config.openai.base_url}",
+        context_length=config.context_length,
+    )
     _check_context(config, config.context_length)
     if config.openai.tokenizer is not None:
         facts.tokenizer_path = resolve_model(config.openai.tokenizer, "sample.openai.tokenizer")
@@ -117,40 +149,57 @@ def _check_openai_teacher(config: SampleConfig) -> TeacherFacts:
         _check_chat_template(tokenizer, config.openai.tokenizer, "sample.openai.tokenizer")
         facts.vocab_size = len(tokenizer)
         if config.top_k_logprobs > facts.vocab_size:
-            raise InputError(f"sample.top_k_logprobs: k={config.top_k_logprobs} is larger than the teacher's vocabulary ({facts.vocab_size}); use a k of at most {facts.vocab_size}")
+            raise InputError(
+                f"sample.top_k_logprobs: k={config.top_k_logprobs} is larger than the teacher's vocabulary ({facts.vocab_size}); use a k of at most {facts.vocab_size}"
+            )
     return facts
 
 
 def _check_context(config: SampleConfig, context: int | None) -> None:
     if context is not None and config.max_new_tokens >= context:
-        raise InputError(f"sample.max_new_tokens: {config.max_new_tokens} leaves no room for a prompt in the teacher's context of {context} tokens; lower it")
+        raise InputError(
+            f"sample.max_new_tokens: {config.max_new_tokens} leaves no room for a prompt in the teacher's context of {context} tokens; lower it"
+        )
 
 
 def _check_chat_template(tokenizer, name: str, field: str) -> None:
     if tokenizer.chat_template is None:
-        raise InputError(f"{field}: {name!r} has no chat template, and the prompts are chat messages; use an instruction-tuned "
-                         "teacher or add a `chat_template` to its tokenizer_config.json")
+        raise InputError(
+            f"{field}: {name!r} has no chat template, and the prompts are chat messages; use an instruction-tuned "
+            "teacher or add a `chat_template` to its tokenizer_config.json"
+        )
 
 
 def stage_fingerprint(config: SampleConfig, dataset: DatasetRef, revision: str) -> str:
     # Where shards run, and how to reach a server, don't change what is sampled; which server, and how
     # its tokens become ids (the tokenizer named, or the server's own ids), do.
-    settings = config.model_dump(mode="json", exclude={"teacher", "revision", "device", "task_runner", "gpu_memory_utilization", "trust_remote_code"})
+    settings = config.model_dump(
+        mode="json",
+        exclude={"teacher", "revision", "device", "task_runner", "gpu_memory_utilization", "trust_remote_code"},
+    )
     served = config.openai
-    settings["openai"] = ({"base_url": served.base_url, "tokenizer": served.tokenizer, "return_token_ids": served.return_token_ids}
-                          if config.engine == "openai" else None)
-    return fingerprint("sample", settings, {"dataset": dataset.fingerprint, "teacher": f"{config.teacher}@{revision}"}, CODE_VERSION)
+    settings["openai"] = (
+        {"base_url": served.base_url, "tokenizer": served.tokenizer, "return_token_ids": served.return_token_ids}
+        if config.engine == "openai"
+        else None
+    )
+    return fingerprint(
+        "sample", settings, {"dataset": dataset.fingerprint, "teacher": f"{config.teacher}@{revision}"}, CODE_VERSION
+    )
 
 
 def read_prompts(dataset: DatasetRef) -> pd.DataFrame:
     """Every prompt to answer: the train split, then the eval split."""
-    return pd.concat([read_split(dataset, "train").assign(split="train"), read_split(dataset, "eval").assign(split="eval")], ignore_index=True)
+    return pd.concat(
+        [read_split(dataset, "train").assign(split="train"), read_split(dataset, "eval").assign(split="eval")],
+        ignore_index=True,
+    )
 
 
 @dataclass
 class PreparedPrompts:
-    positions: list[int]          # rows of the shard that are sampled (skipped ones are left out)
-    token_ids: list[list[int]]    # their rendered, possibly left-truncated, token ids
+    positions: list[int]  # rows of the shard that are sampled (skipped ones are left out)
+    token_ids: list[list[int]]  # their rendered, possibly left-truncated, token ids
     truncated: int
     skipped: int
 
@@ -164,9 +213,11 @@ def prepare_prompts(config: SampleConfig, tokenizer, context: int | None, frame:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if limit is not None and len(ids) > limit:
             if config.overlong_prompts == "error":
-                raise InputError(f"prompt {prompt_id!r} ({frame['split'].iloc[position]} split): {len(ids)} tokens + max_new_tokens "
-                                 f"{config.max_new_tokens} exceed the teacher's context of {context}; set sample.overlong_prompts to "
-                                 "`truncate_left` or `skip`, lower max_new_tokens, or filter long prompts in curation")
+                raise InputError(
+                    f"prompt {prompt_id!r} ({frame['split'].iloc[position]} split): {len(ids)} tokens + max_new_tokens "
+                    f"{config.max_new_tokens} exceed the teacher's context of {context}; set sample.overlong_prompts to "
+                    "`truncate_left` or `skip`, lower max_new_tokens, or filter long prompts in curation"
+                )
             if config.overlong_prompts == "skip":
                 prepared.skipped += 1
                 continue
@@ -182,96 +233,170 @@ def plan_shards(config: SampleConfig, dataset: DatasetRef, store: Store) -> Shar
     facts = check_teacher(config)
     stage = stage_fingerprint(config, dataset, facts.revision)
     folder = store.path("sample", stage)
-    manifest = store.claim("sample", stage)  # waits while another run samples this output; on s3 it fetches the shards already uploaded
+    manifest = store.claim(
+        "sample", stage
+    )  # waits while another run samples this output; on s3 it fetches the shards already uploaded
     if manifest is not None:
-        return ShardPlan(fingerprint=stage, folder=str(folder), cached=True, prompts=manifest["prompts"], shards=len(manifest["shards"]),
-                         pending=[], teacher=facts, counts=manifest["counts"])
+        return ShardPlan(
+            fingerprint=stage,
+            folder=str(folder),
+            cached=True,
+            prompts=manifest["prompts"],
+            shards=len(manifest["shards"]),
+            pending=[],
+            teacher=facts,
+            counts=manifest["counts"],
+        )
     prompts = read_prompts(dataset)
     counts = {"truncated": 0, "skipped": 0}
     if facts.tokenizer_path is not None:  # lengths are checked (and errors raised) before any shard starts
-        tokenizer = load_tokenizer(facts.tokenizer_path, config.revision, trust_remote_code=config.trust_remote_code and config.engine != "openai")
+        tokenizer = load_tokenizer(
+            facts.tokenizer_path,
+            config.revision,
+            trust_remote_code=config.trust_remote_code and config.engine != "openai",
+        )
         prepared = prepare_prompts(config, tokenizer, facts.context_length, prompts)
         counts = {"truncated": prepared.truncated, "skipped": prepared.skipped}
     folder.mkdir(parents=True, exist_ok=True)
     remove_partial_shards(folder)
     shards = -(-len(prompts) // config.shard_rows)
     pending = [index for index in range(shards) if not (folder / shard_name(index)).exists()]
-    return ShardPlan(fingerprint=stage, folder=str(folder), cached=False, prompts=len(prompts), shards=shards, pending=pending,
-                     teacher=facts, counts=counts, remote_store=store.url)
+    return ShardPlan(
+        fingerprint=stage,
+        folder=str(folder),
+        cached=False,
+        prompts=len(prompts),
+        shards=shards,
+        pending=pending,
+        teacher=facts,
+        counts=counts,
+        remote_store=store.url,
+    )
 
 
 # One loaded engine per process, reused by every shard that runs here (loading a teacher is slow).
 _engine_lock = threading.Lock()
-_loaded: dict[str, object] = {}
+_loaded: dict[str, tuple[Engine, PreTrainedTokenizerBase | None]] = {}
 
 
-def _engine(config: SampleConfig, facts: TeacherFacts):
-    # A teacher in memory is reused across configs; an HTTP client is cheap and holds its settings, so its key is the config.
-    identity = config.model_dump_json() if config.engine == "openai" else [facts.path, config.dtype, config.device, config.gpu_memory_utilization]
+def load_engine(config: SampleConfig, facts: TeacherFacts) -> tuple[Engine, PreTrainedTokenizerBase | None]:
+    """The engine for ``config`` and the teacher's tokenizer (None for a served teacher without one), loaded once.
+
+    A teacher in memory is reused by every config that loads it the same way, whatever they sample
+    (the settings come with each call); only the `hf` engine's batch sizes are taken from the config
+    here, on a copy that shares the loaded model. An HTTP client is cheap: one per endpoint and model.
+    """
+    if config.engine == "openai":
+        identity = [config.teacher, config.openai.model_dump(mode="json")]
+    else:
+        identity = [facts.path, config.dtype, config.device, config.gpu_memory_utilization]
     key = json.dumps([config.engine, facts.revision, facts.tokenizer_path, identity])
     with _engine_lock:
         if key not in _loaded:
             _loaded.clear()
             local = config.engine != "openai"
-            tokenizer = (load_tokenizer(facts.tokenizer_path, config.revision if local else None, trust_remote_code=config.trust_remote_code and local)
-                         if facts.tokenizer_path else None)
+            tokenizer = (
+                load_tokenizer(
+                    facts.tokenizer_path,
+                    config.revision if local else None,
+                    trust_remote_code=config.trust_remote_code and local,
+                )
+                if facts.tokenizer_path
+                else None
+            )
             if config.engine == "hf":
-                model = load_causal_lm(facts.path, revision=config.revision, dtype=config.dtype, device=config.device,
-                                       trust_remote_code=config.trust_remote_code, field="sample.teacher")
-                _loaded[key] = (model, tokenizer, threading.Lock())
+                model = load_causal_lm(
+                    facts.path,
+                    revision=config.revision,
+                    dtype=config.dtype,
+                    device=config.device,
+                    trust_remote_code=config.trust_remote_code,
+                    field="sample.teacher",
+                )
+                engine = HFEngine(model, tokenizer)
             elif config.engine == "vllm":
                 from stillhouse.sampling.vllm_engine import VLLMEngine
 
-                _loaded[key] = (VLLMEngine(config, facts.path, tokenizer), tokenizer, threading.Lock())
+                engine = VLLMEngine(
+                    facts.path,
+                    revision=config.revision,
+                    dtype=config.dtype,
+                    seed=config.seed,
+                    gpu_memory_utilization=config.gpu_memory_utilization,
+                    max_logprobs=max(20, config.top_k_logprobs),
+                )
             else:
                 from stillhouse.sampling.openai_engine import OpenAIEngine
 
-                _loaded[key] = (OpenAIEngine(config, tokenizer), tokenizer, None)
-        return _loaded[key]
+                engine = OpenAIEngine(config.openai, config.teacher, tokenizer=tokenizer)
+            _loaded[key] = (engine, tokenizer)
+        engine, tokenizer = _loaded[key]
+    if isinstance(engine, HFEngine):
+        engine = dataclasses.replace(engine, batch_size=config.batch_size, batch_tokens=config.batch_tokens)
+    return engine, tokenizer
 
 
-def sample_shard(config: SampleConfig, dataset: DatasetRef, plan: ShardPlan, index: int,
-                 on_prompts: Callable[[int], None] | None = None) -> ShardResult:
+def shard_prompts(
+    config: SampleConfig, tokenizer, context: int | None, frame: pd.DataFrame
+) -> tuple[list[int], list[Prompt]]:
+    """The rows of ``frame`` to sample and their prompts, after `overlong_prompts` (`prepare_prompts`).
+
+    A local teacher gets the rendered, possibly truncated token ids. A served one (engine `openai`)
+    gets the messages and renders them itself: its tokenizer, when one is named, only checks lengths,
+    and only against a ``context_length`` set in the config.
+    """
+    ids, messages = frame["prompt_id"].tolist(), [json.loads(m) for m in frame["messages"]]
+    if config.engine == "openai":
+        positions = list(range(len(frame)))
+        if tokenizer is not None and context is not None:
+            positions = prepare_prompts(config, tokenizer, context, frame).positions
+        return positions, [Prompt(ids[position], messages[position]) for position in positions]
+    prepared = prepare_prompts(config, tokenizer, context, frame)
+    return prepared.positions, [
+        Prompt(ids[position], messages[position], token_ids)
+        for position, token_ids in zip(prepared.positions, prepared.token_ids)
+    ]
+
+
+def sample_shard(
+    config: SampleConfig,
+    dataset: DatasetRef,
+    plan: ShardPlan,
+    index: int,
+    on_prompts: Callable[[int], None] | None = None,
+) -> ShardResult:
     """Sample shard ``index`` and write it atomically; a shard already on disk is left as it is."""
     started = time.perf_counter()
     path = Path(plan.folder) / shard_name(index)
     if path.exists():  # completed by an earlier, interrupted run
         rows = pq.read_table(path, columns=["response_token_ids"]).column("response_token_ids").to_pylist()
         return ShardResult(index=index, rows=len(rows), generated_tokens=sum(map(len, rows)), seconds=0.0, resumed=True)
-    frame = read_prompts(dataset).iloc[index * config.shard_rows : (index + 1) * config.shard_rows].reset_index(drop=True)
-    engine, tokenizer, lock = _engine(config, plan.teacher)
-    seed = config.seed + SHARD_SEED_STRIDE * index
+    frame = (
+        read_prompts(dataset).iloc[index * config.shard_rows : (index + 1) * config.shard_rows].reset_index(drop=True)
+    )
+    engine, tokenizer = load_engine(config, plan.teacher)
     label = f"shard {index} ({shard_name(index)})"
-    if config.engine == "openai":
-        positions = list(range(len(frame)))
-        if tokenizer is not None and config.context_length is not None:
-            positions = prepare_prompts(config, tokenizer, config.context_length, frame).positions
-        kept = frame.iloc[positions]
-        generations = engine.generate([json.loads(m) for m in kept["messages"]], seed=seed, shard=label,
-                                      prompt_ids=list(kept["prompt_id"]), on_prompt=on_prompts)
-    else:
-        prepared = prepare_prompts(config, tokenizer, plan.teacher.context_length, frame)
-        positions = prepared.positions
-        with lock:  # one shard at a time per loaded model: threads would only contend for it
-            if config.engine == "hf":
-                generations = generate(
-                    engine, tokenizer, prepared.token_ids, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
-                    batch_tokens=config.batch_tokens, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, n=config.n,
-                    stop=config.stop, top_k_logprobs=config.top_k_logprobs, seed=seed, on_batch=on_prompts,
-                )
-            else:
-                engine.config = config  # sampling settings may differ from those the engine was loaded with
-                generations = engine.generate(prepared.token_ids, seed=seed, on_batch=on_prompts)
+    positions, prompts = shard_prompts(config, tokenizer, plan.teacher.context_length, frame)
+    seed = config.seed + SHARD_SEED_STRIDE * index
+    settings = SamplingSettings.from_config(config)
+    generations = engine.generate(prompts, settings, seed=seed, where=label, on_progress=on_prompts)
     kept = frame.iloc[positions]
     prompt_ids = [pid for pid in kept["prompt_id"] for _ in range(config.n)]
     splits = [split for split in kept["split"] for _ in range(config.n)]
     _check_generations(generations, len(prompt_ids), label)
-    with storage_errors(str(path), plan.folder):  # disk full or read-only: name the folder and the fix, not a pyarrow traceback
+    with storage_errors(
+        str(path), plan.folder
+    ):  # disk full or read-only: name the folder and the fix, not a pyarrow traceback
         write_shard(path, prompt_ids, splits, generations)
     if plan.remote_store:
         Store(plan.remote_store).upload_partial("sample", plan.fingerprint, path)
-    return ShardResult(index=index, rows=len(generations), generated_tokens=sum(len(g.token_ids) for g in generations),
-                       seconds=time.perf_counter() - started, resumed=False)
+    return ShardResult(
+        index=index,
+        rows=len(generations),
+        generated_tokens=sum(len(g.token_ids) for g in generations),
+        seconds=time.perf_counter() - started,
+        resumed=False,
+    )
 
 
 def _check_generations(generations: list[Generation], expected: int, label: str) -> None:
@@ -285,29 +410,56 @@ def finish_sampling(config: SampleConfig, plan: ShardPlan, store: Store) -> Samp
     def manifest(folder: Path) -> dict:
         missing = [shard_name(i) for i in range(plan.shards) if not (folder / shard_name(i)).exists()]
         if missing:
-            raise RuntimeError(f"sample {plan.fingerprint}: {len(missing)} shard(s) missing ({', '.join(missing[:3])}); rerun to sample them")
-        tokenizer = load_tokenizer(plan.teacher.tokenizer_path, config.revision if config.engine != "openai" else None) if plan.teacher.tokenizer_path else None
+            raise RuntimeError(
+                f"sample {plan.fingerprint}: {len(missing)} shard(s) missing ({', '.join(missing[:3])}); rerun to sample them"
+            )
+        tokenizer = (
+            load_tokenizer(plan.teacher.tokenizer_path, config.revision if config.engine != "openai" else None)
+            if plan.teacher.tokenizer_path
+            else None
+        )
         outputs = read_teacher_outputs(folder) if plan.shards else pd.DataFrame({"response_token_ids": []})
         return {
-            "teacher": config.teacher, "teacher_path": plan.teacher.path, "teacher_revision": plan.teacher.revision,
+            "teacher": config.teacher,
+            "teacher_path": plan.teacher.path,
+            "teacher_revision": plan.teacher.revision,
             # Where later stages find the teacher's tokenizer, and whether its weights are here at all (not for a served teacher).
-            "teacher_tokenizer": plan.teacher.tokenizer_path, "teacher_is_served": config.engine == "openai",
+            "teacher_tokenizer": plan.teacher.tokenizer_path,
+            "teacher_is_served": config.engine == "openai",
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer is not None else "unknown",
             "chat_template": tokenizer.chat_template if tokenizer is not None else None,
-            "engine": config.engine, "top_k_logprobs": config.top_k_logprobs,
-            "sampling": {"temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k, "n": config.n,
-                         "stop": list(config.stop), "max_new_tokens": config.max_new_tokens, "seed": config.seed},
-            "prompts": plan.prompts, "counts": plan.counts, "rows": len(outputs),
+            "engine": config.engine,
+            "top_k_logprobs": config.top_k_logprobs,
+            "sampling": {
+                "temperature": config.temperature,
+                "top_p": config.top_p,
+                "top_k": config.top_k,
+                "n": config.n,
+                "stop": list(config.stop),
+                "max_new_tokens": config.max_new_tokens,
+                "seed": config.seed,
+            },
+            "prompts": plan.prompts,
+            "counts": plan.counts,
+            "rows": len(outputs),
             "generated_tokens": int(sum(len(ids) for ids in outputs["response_token_ids"])),
-            "shards": [{"name": shard_name(i), "sha256": file_sha256(folder / shard_name(i))} for i in range(plan.shards)],
+            "shards": [
+                {"name": shard_name(i), "sha256": file_sha256(folder / shard_name(i))} for i in range(plan.shards)
+            ],
         }
 
     output = store.build("sample", plan.fingerprint, manifest)
     recorded = output.manifest
     return SamplesRef(
-        stage="sample", fingerprint=plan.fingerprint, path=str(output.path), cached=plan.cached, rows=recorded["rows"],
-        teacher=recorded["teacher_path"], teacher_revision=recorded["teacher_revision"],
-        tokenizer_fingerprint=recorded["tokenizer_fingerprint"], top_k_logprobs=recorded["top_k_logprobs"],
+        stage="sample",
+        fingerprint=plan.fingerprint,
+        path=str(output.path),
+        cached=plan.cached,
+        rows=recorded["rows"],
+        teacher=recorded["teacher_path"],
+        teacher_revision=recorded["teacher_revision"],
+        tokenizer_fingerprint=recorded["tokenizer_fingerprint"],
+        top_k_logprobs=recorded["top_k_logprobs"],
         generated_tokens=recorded["generated_tokens"],
         # Older manifests lack both; a tokenizer named in the config now still counts (it belongs to the served model, not the samples).
         teacher_tokenizer=recorded.get("teacher_tokenizer") or plan.teacher.tokenizer_path,
@@ -315,7 +467,9 @@ def finish_sampling(config: SampleConfig, plan: ShardPlan, store: Store) -> Samp
     )
 
 
-def sample_teacher(config: SampleConfig, dataset: DatasetRef, store: Store, progress: Callable[[float], None] | None = None) -> SamplesRef:
+def sample_teacher(
+    config: SampleConfig, dataset: DatasetRef, store: Store, progress: Callable[[float], None] | None = None
+) -> SamplesRef:
     """Sample every missing shard in this process, then seal the output; ``progress(fraction)`` after each batch."""
     plan = plan_shards(config, dataset, store)
     if plan.pending:

@@ -17,18 +17,20 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stillhouse.sampling.hf_engine import Generation
+from stillhouse.sampling.engine import Generation
 
-SCHEMA = pa.schema([
-    ("prompt_id", pa.string()),
-    ("split", pa.string()),
-    ("sample_index", pa.int32()),
-    ("response_text", pa.string()),
-    ("response_token_ids", pa.list_(pa.int32())),
-    ("top_k_ids", pa.list_(pa.list_(pa.int32()))),
-    ("top_k_logprobs", pa.list_(pa.list_(pa.float16()))),
-    ("tail_logprobs", pa.list_(pa.float16())),
-])
+SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("split", pa.string()),
+        ("sample_index", pa.int32()),
+        ("response_text", pa.string()),
+        ("response_token_ids", pa.list_(pa.int32())),
+        ("top_k_ids", pa.list_(pa.list_(pa.int32()))),
+        ("top_k_logprobs", pa.list_(pa.list_(pa.float16()))),
+        ("tail_logprobs", pa.list_(pa.float16())),
+    ]
+)
 
 
 def shard_name(index: int) -> str:

@@ -2,18 +2,17 @@
 
 vLLM returns the log-probs of the model's raw distribution (its default ``logprobs_mode``), so
 they are the teacher's temperature-1 log-probs whatever the sampling temperature; the tail mass is
-what the k of them leave, 1 - Σ exp(top). Prompts go in as token ids (rendered and truncated by
-the caller, like the `hf` engine) and vLLM batches them itself.
+what the k of them leave, 1 - Σ exp(top) (`engine.tail_logprob`). Prompts go in as token ids
+(rendered and truncated by the caller, like the `hf` engine) and vLLM batches them itself.
 """
 
 from __future__ import annotations
 
-import math
+import threading
 from collections.abc import Callable, Sequence
 
-from stillhouse.config import SampleConfig
 from stillhouse.errors import InputError
-from stillhouse.sampling.hf_engine import Generation
+from stillhouse.sampling.engine import Generation, Prompt, SamplingSettings, tail_logprob
 
 
 def vllm_available() -> bool:
@@ -28,30 +27,74 @@ def vllm_available() -> bool:
 
 def check_vllm() -> None:
     if not vllm_available():
-        raise InputError("sample.engine: `vllm` needs vLLM and a CUDA GPU; install it with `pip install stillhouse[vllm]` "
-                         "on a GPU machine, or use engine `hf`")
+        raise InputError(
+            "sample.engine: `vllm` needs vLLM and a CUDA GPU; install it with `pip install stillhouse[vllm]` "
+            "on a GPU machine, or use engine `hf`"
+        )
 
 
 class VLLMEngine:
-    def __init__(self, config: SampleConfig, teacher_path: str, tokenizer):
+    """A teacher loaded into vLLM, behind the engine protocol (`stillhouse.sampling.engine.Engine`).
+
+    ``seed`` seeds the engine; each call's requests sample under the call's own seed. ``max_logprobs``
+    is the largest ``top_k_logprobs`` a call may ask for (vLLM fixes it when it loads the model).
+    """
+
+    def __init__(
+        self,
+        teacher_path: str,
+        *,
+        revision: str | None,
+        dtype: str,
+        seed: int,
+        gpu_memory_utilization: float,
+        max_logprobs: int,
+    ):
         from vllm import LLM
 
         check_vllm()
-        self.config = config
-        self.tokenizer = tokenizer
-        self.llm = LLM(model=teacher_path, revision=config.revision, dtype=config.dtype if config.dtype != "auto" else "auto",
-                       seed=config.seed, gpu_memory_utilization=config.gpu_memory_utilization,
-                       max_logprobs=max(20, config.top_k_logprobs))
+        self.llm = LLM(
+            model=teacher_path,
+            revision=revision,
+            dtype=dtype,
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_logprobs=max_logprobs,
+        )
+        self.lock = threading.Lock()  # one call at a time: concurrent shards would only contend for the GPU
 
-    def generate(self, prompts: Sequence[list[int]], *, seed: int, on_batch: Callable[[int], None] | None = None) -> list[Generation]:
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        settings: SamplingSettings,
+        *,
+        seed: int,
+        where: str,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> list[Generation]:
+        """``settings.n`` generations per prompt, prompt-major; every request samples under ``seed``."""
         from vllm import SamplingParams, TokensPrompt
 
-        config, k = self.config, self.config.top_k_logprobs
+        for prompt in prompts:
+            if prompt.token_ids is None:
+                raise ValueError(
+                    f"{where}, prompt {prompt.prompt_id!r}: the vllm engine takes rendered token ids; it got none"
+                )
+        k = settings.top_k_logprobs
         params = SamplingParams(
-            n=config.n, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or -1, max_tokens=config.max_new_tokens,
-            stop=list(config.stop) or None, include_stop_str_in_output=True, seed=seed, logprobs=k or None,
+            n=settings.n,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k or -1,
+            max_tokens=settings.max_new_tokens,
+            stop=list(settings.stop) or None,
+            include_stop_str_in_output=True,
+            seed=seed,
+            logprobs=k or None,
         )
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts], params, use_tqdm=False)
+        with self.lock:
+            token_prompts = [TokensPrompt(prompt_token_ids=list(prompt.token_ids)) for prompt in prompts]
+            outputs = self.llm.generate(token_prompts, params, use_tqdm=False)
         generations = []
         for output in outputs:
             for sample_index, completion in enumerate(output.outputs):
@@ -63,9 +106,11 @@ class VLLMEngine:
                         top = sorted(position.items(), key=lambda item: item[1].rank)[:k]
                         generation.top_k_ids.append([token_id for token_id, _ in top])
                         generation.top_k_logprobs.append([entry.logprob for _, entry in top])
-                        rest = 1.0 - sum(math.exp(entry.logprob) for _, entry in top)
-                        generation.tail_logprobs.append(math.log(rest) if rest > 0 else float("-inf"))
+                        generation.tail_logprobs.append(tail_logprob(entry.logprob for _, entry in top))
                 generations.append(generation)
-        if on_batch is not None:
-            on_batch(len(prompts))
+        if on_progress is not None:
+            on_progress(len(prompts))
         return generations
+
+    def close(self) -> None:
+        """Nothing to release: vLLM frees the GPU when the engine is garbage-collected."""

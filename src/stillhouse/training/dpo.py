@@ -16,16 +16,33 @@ import torch
 import torch.nn.functional as F
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
-             reference_rejected: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float = 0.1,
+) -> torch.Tensor:
     """Mean of -log σ(β·[(π_c − ref_c) − (π_r − ref_r)]); each input ``[N]`` holds summed response log-probs."""
     margins = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
     return -F.logsigmoid(beta * margins.float()).mean()
 
 
-def train_dpo(model_path: str, pairs: list[dict], output_dir: Path, *, beta: float = 0.1, learning_rate: float = 5e-4,
-              max_steps: int = 50, batch_size: int = 8, seed: int = 0, logging_steps: int = 5, threads: int | None = None,
-              sft_weight: float = 0.0, warmup_ratio: float = 0.0) -> dict:
+def train_dpo(
+    model_path: str,
+    pairs: list[dict],
+    output_dir: Path,
+    *,
+    beta: float = 0.1,
+    learning_rate: float = 5e-4,
+    max_steps: int = 50,
+    batch_size: int = 8,
+    seed: int = 0,
+    logging_steps: int = 5,
+    threads: int | None = None,
+    sft_weight: float = 0.0,
+    warmup_ratio: float = 0.0,
+) -> dict:
     """Train the model at ``model_path`` on ``pairs`` (``{"prompt": messages, "chosen": text, "rejected": text}``).
 
     ``sft_weight`` > 0 adds that much negative log-likelihood of the chosen response (RPO), which keeps
@@ -42,22 +59,51 @@ def train_dpo(model_path: str, pairs: list[dict], output_dir: Path, *, beta: flo
         torch.set_num_threads(threads)
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path, device="cpu")
-    rows = [{"prompt": pair["prompt"], "chosen": [{"role": "assistant", "content": pair["chosen"]}],
-             "rejected": [{"role": "assistant", "content": pair["rejected"]}]} for pair in pairs]
+    rows = [
+        {
+            "prompt": pair["prompt"],
+            "chosen": [{"role": "assistant", "content": pair["chosen"]}],
+            "rejected": [{"role": "assistant", "content": pair["rejected"]}],
+        }
+        for pair in pairs
+    ]
     arguments = DPOConfig(
-        output_dir=str(output_dir / "trainer"), beta=beta, precompute_ref_log_probs=True,
-        loss_type=["sigmoid", "sft"] if sft_weight > 0 else ["sigmoid"], loss_weights=[1.0, sft_weight] if sft_weight > 0 else None,
-        learning_rate=learning_rate, warmup_steps=warmup_ratio, max_steps=max_steps, per_device_train_batch_size=batch_size, logging_steps=logging_steps,
-        save_strategy="no", report_to="none", seed=seed, use_cpu=not torch.cuda.is_available(),
+        output_dir=str(output_dir / "trainer"),
+        beta=beta,
+        precompute_ref_log_probs=True,
+        loss_type=["sigmoid", "sft"] if sft_weight > 0 else ["sigmoid"],
+        loss_weights=[1.0, sft_weight] if sft_weight > 0 else None,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_ratio,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        logging_steps=logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        use_cpu=not torch.cuda.is_available(),
         dataloader_pin_memory=torch.cuda.is_available(),
     )
     trainer = DPOTrainer(model=model, args=arguments, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    return train_and_save(trainer, tokenizer, output_dir, ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"))
+    return train_and_save(
+        trainer, tokenizer, output_dir, ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
+    )
 
 
-def train_best_of_n(model_path: str, pairs: list[dict], output_dir: Path, *, learning_rate: float = 5e-4, max_steps: int = 50,
-                    batch_size: int = 8, seed: int = 0, logging_steps: int = 5, beta: float | None = None, sft_weight: float = 0.0,
-                    warmup_ratio: float = 0.0) -> dict:
+def train_best_of_n(
+    model_path: str,
+    pairs: list[dict],
+    output_dir: Path,
+    *,
+    learning_rate: float = 5e-4,
+    max_steps: int = 50,
+    batch_size: int = 8,
+    seed: int = 0,
+    logging_steps: int = 5,
+    beta: float | None = None,
+    sft_weight: float = 0.0,
+    warmup_ratio: float = 0.0,
+) -> dict:
     """Rejection-sampling SFT: supervised fine-tuning on each pair's chosen response only (``beta``, ``sft_weight`` unused)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -66,10 +112,20 @@ def train_best_of_n(model_path: str, pairs: list[dict], output_dir: Path, *, lea
 
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path, device="cpu")
-    rows = [{"prompt": pair["prompt"], "completion": [{"role": "assistant", "content": pair["chosen"]}]} for pair in pairs]
+    rows = [
+        {"prompt": pair["prompt"], "completion": [{"role": "assistant", "content": pair["chosen"]}]} for pair in pairs
+    ]
     arguments = SFTConfig(
-        output_dir=str(output_dir / "trainer"), learning_rate=learning_rate, warmup_steps=warmup_ratio, max_steps=max_steps,
-        per_device_train_batch_size=batch_size, logging_steps=logging_steps, save_strategy="no", report_to="none", seed=seed, use_cpu=not torch.cuda.is_available(),
+        output_dir=str(output_dir / "trainer"),
+        learning_rate=learning_rate,
+        warmup_steps=warmup_ratio,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        logging_steps=logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        use_cpu=not torch.cuda.is_available(),
         dataloader_pin_memory=torch.cuda.is_available(),  # prompt-completion rows: the loss covers the completion only
     )
     trainer = SFTTrainer(model=model, args=arguments, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
@@ -84,4 +140,9 @@ def train_and_save(trainer, tokenizer, output_dir: Path, logged: tuple[str, ...]
     trainer.save_model(str(output_dir / "model"))
     tokenizer.save_pretrained(output_dir / "model")
     keep = ("step", "loss", *logged)
-    return {"history": [{k: v for k, v in entry.items() if k in keep} for entry in trainer.state.log_history if "loss" in entry], "seconds": seconds}
+    return {
+        "history": [
+            {k: v for k, v in entry.items() if k in keep} for entry in trainer.state.log_history if "loss" in entry
+        ],
+        "seconds": seconds,
+    }

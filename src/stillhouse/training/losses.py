@@ -116,7 +116,9 @@ def distillation_loss(
     student_rows = student_logits[counted].float()  # [N, V]
     if isinstance(teacher, TopK):
         teacher_rows = TopK(teacher.ids[counted].long(), teacher.logprobs[counted].detach())  # [N, k] each
-        per_position = loss.top_k(*_StudentTopK.apply(student_rows, teacher_rows.ids), teacher_rows, student_rows.shape[-1])
+        per_position = loss.top_k(
+            *_StudentTopK.apply(student_rows, teacher_rows.ids), teacher_rows, student_rows.shape[-1]
+        )
     else:
         per_position = loss.dense(student_rows, teacher[counted].detach())
     return temperature**2 * per_position.sum() / counted.sum().clamp(min=1)
@@ -153,11 +155,15 @@ def distillation_loss_from_hidden(
     loss = _Divergence(kind, beta, alpha, temperature, tail)
     vocab_size, hidden_size = lm_head_weight.shape
     if hidden.shape[-1] != hidden_size:
-        raise ValueError(f"hidden is {tuple(hidden.shape)} but lm_head_weight is {tuple(lm_head_weight.shape)}: their last sizes must match")
+        raise ValueError(
+            f"hidden is {tuple(hidden.shape)} but lm_head_weight is {tuple(lm_head_weight.shape)}: their last sizes must match"
+        )
     _check_shapes(vocab_size, hidden.shape[:-1], teacher, labels, "hidden")
     # Indexing by (batch, time) pairs copies only a chunk's rows, even of a sliced (non-contiguous) input.
     positions = labels.ne(ignore_index).nonzero()  # [N, 2] counted (batch, time) pairs
-    teachers = (None, teacher.ids, teacher.logprobs.detach()) if isinstance(teacher, TopK) else (teacher.detach(), None, None)
+    teachers = (
+        (None, teacher.ids, teacher.logprobs.detach()) if isinstance(teacher, TopK) else (teacher.detach(), None, None)
+    )
     total = _ChunkedLoss.apply(hidden, lm_head_weight, positions, *teachers, loss, chunk_size, torch.is_grad_enabled())
     return temperature**2 * total / max(len(positions), 1)
 
@@ -220,7 +226,9 @@ class _Divergence:
         tau = self.temperature
         return self.of_logprobs((teacher_logits.float() / tau).log_softmax(-1), (student_logits / tau).log_softmax(-1))
 
-    def top_k(self, student_top: torch.Tensor, student_bucket: torch.Tensor, teacher: TopK, vocab_size: int) -> torch.Tensor:
+    def top_k(
+        self, student_top: torch.Tensor, student_bucket: torch.Tensor, teacher: TopK, vocab_size: int
+    ) -> torch.Tensor:
         """From the student's τ = 1 log-probs of the teacher's ids ``[N, k]`` and its bucket log-mass ``[N]``
         (both from `_student_top_k_forward`), and the teacher's rows ``[N, k]``."""
         tau, teacher_top = self.temperature, teacher.logprobs.float()
@@ -228,8 +236,12 @@ class _Divergence:
             # Clamped so that a student giving all k ids −inf compares as uniform instead of NaN.
             student_top = (student_top / tau).clamp(min=torch.finfo(torch.float32).min)
             return self.of_logprobs((teacher_top / tau).log_softmax(-1), student_top.log_softmax(-1))
-        teacher_bucket = torch.log((-torch.expm1(teacher_top.logsumexp(-1))).clamp(min=0))  # [N], −inf if the top-k sums past 1
-        return self.of_logprobs(_bucket_outcomes(teacher_top, teacher_bucket, tau), _bucket_outcomes(student_top, student_bucket, tau))
+        teacher_bucket = torch.log(
+            (-torch.expm1(teacher_top.logsumexp(-1))).clamp(min=0)
+        )  # [N], −inf if the top-k sums past 1
+        return self.of_logprobs(
+            _bucket_outcomes(teacher_top, teacher_bucket, tau), _bucket_outcomes(student_top, student_bucket, tau)
+        )
 
     def of_logprobs(self, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
         """Between teacher ``log_p`` and student ``log_q``, log-probs over the same outcomes ``[N, outcomes]``."""
@@ -262,15 +274,23 @@ def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     return (log_a.exp() * (log_a - log_b)).sum(-1)
 
 
-def _check_shapes(vocab_size: int, positions: torch.Size, teacher: torch.Tensor | TopK, labels: torch.Tensor, student_name: str) -> None:
+def _check_shapes(
+    vocab_size: int, positions: torch.Size, teacher: torch.Tensor | TopK, labels: torch.Tensor, student_name: str
+) -> None:
     if labels.shape != positions:
-        raise ValueError(f"labels is {tuple(labels.shape)} but {student_name} has positions {tuple(positions)}; they must match (the caller shifts)")
+        raise ValueError(
+            f"labels is {tuple(labels.shape)} but {student_name} has positions {tuple(positions)}; they must match (the caller shifts)"
+        )
     if isinstance(teacher, TopK):
         ids, logprobs = teacher
         if ids.shape != logprobs.shape or ids.shape[:-1] != positions:
-            raise ValueError(f"TopK ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} must both be {tuple(positions)} + (k,)")
+            raise ValueError(
+                f"TopK ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} must both be {tuple(positions)} + (k,)"
+            )
         if ids.shape[-1] > vocab_size:
-            raise ValueError(f"the teacher's top-k has k={ids.shape[-1]} ids but the student's vocabulary has {vocab_size}")
+            raise ValueError(
+                f"the teacher's top-k has k={ids.shape[-1]} ids but the student's vocabulary has {vocab_size}"
+            )
     elif teacher.shape != (*positions, vocab_size):
         raise ValueError(
             f"dense teacher logits are {tuple(teacher.shape)} but the student's are {(*positions, vocab_size)}; "
@@ -299,7 +319,9 @@ def _student_top_k_forward(logits: torch.Tensor, ids: torch.Tensor, *, in_place:
     return top_logprobs, tail_mass.log(), (probs, top_probs, tail_mass)
 
 
-def _student_top_k_backward(saved, ids: torch.Tensor, grad_top: torch.Tensor, grad_bucket: torch.Tensor, *, in_place: bool) -> torch.Tensor:
+def _student_top_k_backward(
+    saved, ids: torch.Tensor, grad_top: torch.Tensor, grad_bucket: torch.Tensor, *, in_place: bool
+) -> torch.Tensor:
     """Gradient w.r.t. the logits ``[N, V]`` (in the softmax's buffer when ``in_place``).
 
     With q the softmax, t the tail mass, a_i = log q_{ids_i} and b = log t:
@@ -343,7 +365,9 @@ class _ChunkedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, positions, teacher_logits, teacher_ids, teacher_logprobs, loss, chunk_size, grad_enabled):
+    def forward(
+        ctx, hidden, weight, positions, teacher_logits, teacher_ids, teacher_logprobs, loss, chunk_size, grad_enabled
+    ):
         # hidden [B, T, H]; weight [V, H]; positions [N, 2]; teacher_logits [B, T, V] or teacher_ids/logprobs [B, T, k].
         # needs_input_grad says True even under torch.no_grad(), hence grad_enabled from the caller.
         need_hidden_grad, need_weight_grad = (grad_enabled and needed for needed in ctx.needs_input_grad[:2])
@@ -361,7 +385,9 @@ class _ChunkedLoss(torch.autograd.Function):
             if not (need_hidden_grad or need_weight_grad):  # evaluation: the value alone
                 total += _chunk_value(logits, chunk_teacher, loss)
                 continue
-            chunk_total, grad_logits = (_top_k_chunk if isinstance(chunk_teacher, TopK) else _dense_chunk)(logits, chunk_teacher, loss)
+            chunk_total, grad_logits = (_top_k_chunk if isinstance(chunk_teacher, TopK) else _dense_chunk)(
+                logits, chunk_teacher, loss
+            )
             total += chunk_total
             if need_hidden_grad:
                 grad_hidden.index_put_(chunk, (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype))
@@ -398,11 +424,15 @@ def _top_k_chunk(logits: torch.Tensor, teacher: TopK, loss: _Divergence) -> tupl
         top_logprobs.requires_grad_(), bucket.requires_grad_()
         chunk_total = loss.top_k(top_logprobs, bucket, teacher, logits.shape[-1]).sum()
         # renormalize leaves the bucket unused: its gradient is then zeros.
-        grad_top, grad_bucket = torch.autograd.grad(chunk_total, (top_logprobs, bucket), allow_unused=True, materialize_grads=True)
+        grad_top, grad_bucket = torch.autograd.grad(
+            chunk_total, (top_logprobs, bucket), allow_unused=True, materialize_grads=True
+        )
     return chunk_total.detach(), _student_top_k_backward(saved, teacher.ids, grad_top, grad_bucket, in_place=True)
 
 
-def _dense_chunk(logits: torch.Tensor, teacher_logits: torch.Tensor, loss: _Divergence) -> tuple[torch.Tensor, torch.Tensor]:
+def _dense_chunk(
+    logits: torch.Tensor, teacher_logits: torch.Tensor, loss: _Divergence
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A chunk's summed loss and its gradient w.r.t. ``logits`` ``[c, V]``, by autograd on the chunk."""
     with torch.enable_grad():
         logits.requires_grad_()

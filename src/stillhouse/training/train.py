@@ -35,14 +35,13 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from stillhouse import capabilities
 from stillhouse.config import KDConfig, TrainConfig
-from stillhouse.data.curate import read_split
 from stillhouse.errors import InputError, StillhouseError
 from stillhouse.models import count_parameters, load_causal_lm, load_tokenizer, resolve_model, vocabulary_difference
 from stillhouse.refs import DatasetRef, ModelRef, SamplesRef
-from stillhouse.sampling.hf_engine import render_prompts
-from stillhouse.sampling.teacher_outputs import read_teacher_outputs
 from stillhouse.store import Store, fingerprint
+from stillhouse.training.examples import PadCollator, build_examples
 from stillhouse.training.losses import TopK, cross_entropy, distillation_loss, distillation_loss_from_hidden
 
 CODE_VERSION = 2
@@ -57,17 +56,28 @@ def build_student(config: TrainConfig, teacher_path: str):
     """(model, tokenizer) for the configured student."""
     if config.student is not None:
         path = resolve_model(config.student, "train.student")
-        return (load_causal_lm(path, device="cpu", trust_remote_code=config.trust_remote_code, field="train.student"),
-                load_tokenizer(path, trust_remote_code=config.trust_remote_code))
+        return (
+            load_causal_lm(path, device="cpu", trust_remote_code=config.trust_remote_code, field="train.student"),
+            load_tokenizer(path, trust_remote_code=config.trust_remote_code),
+        )
     tokenizer = load_tokenizer(teacher_path)
     shape = config.architecture
     torch.manual_seed(config.seed)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_heads,
-        max_position_embeddings=max(config.max_seq_len, 128), tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-    ))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=shape.hidden_size,
+            intermediate_size=shape.intermediate_size,
+            num_hidden_layers=shape.num_layers,
+            num_attention_heads=shape.num_heads,
+            num_key_value_heads=shape.num_heads,
+            max_position_embeddings=max(config.max_seq_len, 128),
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )
+    )
     return model, tokenizer
 
 
@@ -83,90 +93,34 @@ def check_vocabularies(config: TrainConfig, teacher_tokenizer) -> str | None:
     if teacher_tokenizer is None:
         difference = "the served teacher's tokenizer is unknown (sample.openai.tokenizer is null)"
     else:
-        student_tokenizer = load_tokenizer(resolve_model(config.student, "train.student"), trust_remote_code=config.trust_remote_code)
+        student_tokenizer = load_tokenizer(
+            resolve_model(config.student, "train.student"), trust_remote_code=config.trust_remote_code
+        )
         difference = vocabulary_difference(student_tokenizer, teacher_tokenizer)
     if config.method == "kd" and difference is not None:
-        raise InputError(f"train.method: `kd` compares token distributions, but the student's vocabulary differs from the teacher's ({difference}); "
-                         "use method `sft` (black-box) or a student of the teacher's family")
+        raise InputError(
+            f"train.method: `kd` compares token distributions, but the student's vocabulary differs from the teacher's ({difference}); "
+            "use method `sft` (black-box) or a student of the teacher's family"
+        )
     return difference
-
-
-def build_examples(
-    dataset: DatasetRef, samples: SamplesRef, tokenizer, *, split: str, shared_vocabulary: bool, with_top_k: bool, max_seq_len: int,
-    prompt_ids: set[str] | None = None,
-) -> list[dict]:
-    """Token ids, labels (prompt masked) and, ``with_top_k``, top-k targets aligned with the labels.
-
-    ``prompt_ids`` keeps only those prompts' responses (all of the split when None).
-    """
-    prompts = read_split(dataset, split).set_index("prompt_id")
-    outputs = read_teacher_outputs(samples.path, split=split)
-    if prompt_ids is not None:
-        outputs = outputs[outputs["prompt_id"].isin(prompt_ids)]
-    rendered = render_prompts(tokenizer, [json.loads(prompts.at[pid, "messages"]) for pid in outputs["prompt_id"]])
-    examples = []
-    for prompt, row in zip(rendered, outputs.itertuples(index=False)):
-        prompt_tokens = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if shared_vocabulary:
-            response_ids = list(row.response_token_ids)
-        else:
-            response_ids = tokenizer(row.response_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        input_ids = (prompt_tokens + response_ids)[: max_seq_len]
-        example = {"input_ids": input_ids, "labels": ([-100] * len(prompt_tokens) + response_ids)[: max_seq_len], "prompt_length": len(prompt_tokens)}
-        if with_top_k:
-            k = samples.top_k_logprobs
-            # Teacher top-k for response token j sits at label position len(prompt) + j.
-            example["top_k_ids"] = ([[0] * k] * len(prompt_tokens) + [list(ids) for ids in row.top_k_ids])[: max_seq_len]
-            example["top_k_logprobs"] = ([[0.0] * k] * len(prompt_tokens) + [list(lp) for lp in row.top_k_logprobs])[: max_seq_len]
-        examples.append(example)
-    return examples
-
-
-class PadCollator:
-    """Right-pads a batch; labels with -100, top-k targets with zeros (masked by the labels).
-
-    With ``with_prompts`` it also returns the prompts alone, left-padded, for on-policy rollouts.
-    """
-
-    def __init__(self, pad_token_id: int, with_prompts: bool = False):
-        self.pad_token_id, self.with_prompts = pad_token_id, with_prompts
-
-    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(example["input_ids"]) for example in batch)
-        collated = {
-            "input_ids": torch.full((len(batch), width), self.pad_token_id),
-            "attention_mask": torch.zeros((len(batch), width), dtype=torch.long),
-            "labels": torch.full((len(batch), width), -100),
-        }
-        if "top_k_ids" in batch[0]:
-            k = len(batch[0]["top_k_ids"][0])
-            collated["top_k_ids"] = torch.zeros((len(batch), width, k), dtype=torch.long)
-            collated["top_k_logprobs"] = torch.zeros((len(batch), width, k))
-        for row, example in enumerate(batch):
-            length = len(example["input_ids"])
-            collated["input_ids"][row, :length] = torch.tensor(example["input_ids"])
-            collated["attention_mask"][row, :length] = 1
-            collated["labels"][row, :length] = torch.tensor(example["labels"])
-            if "top_k_ids" in example:
-                collated["top_k_ids"][row, :length] = torch.tensor(example["top_k_ids"])
-                collated["top_k_logprobs"][row, :length] = torch.tensor(example["top_k_logprobs"])
-        if self.with_prompts:
-            prompt_width = max(example["prompt_length"] for example in batch)
-            collated["prompt_input_ids"] = torch.full((len(batch), prompt_width), self.pad_token_id)
-            collated["prompt_attention_mask"] = torch.zeros((len(batch), prompt_width), dtype=torch.long)
-            for row, example in enumerate(batch):
-                length = example["prompt_length"]
-                collated["prompt_input_ids"][row, prompt_width - length :] = torch.tensor(example["input_ids"][:length])
-                collated["prompt_attention_mask"][row, prompt_width - length :] = 1
-        return collated
 
 
 class DistillationTrainer(Trainer):
     """`Trainer` whose loss is ``ce_weight * CE + kd_weight * divergence`` on shifted positions."""
 
-    def __init__(self, *args, ce_weight: float, kd_weight: float, kd: KDConfig, vocab_size: int,
-                 teacher: torch.nn.Module | None = None, pad_token_id: int = 0, eos_token_id: int | None = None,
-                 loss_chunk_size: int | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        ce_weight: float,
+        kd_weight: float,
+        kd: KDConfig,
+        vocab_size: int,
+        teacher: torch.nn.Module | None = None,
+        pad_token_id: int = 0,
+        eos_token_id: int | None = None,
+        loss_chunk_size: int | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.loss_chunk_size = loss_chunk_size
         self.ce_weight, self.kd_weight, self.kd = ce_weight, kd_weight, kd
@@ -194,7 +148,11 @@ class DistillationTrainer(Trainer):
                 f"train: the loss is {value} at step {step} of {self.state.max_steps}"
                 + (f" (last logged loss {logged[-1]:.4g})" if logged else "")
                 + "; training stopped and the stage is not marked complete. "
-                + (f"The last good checkpoint is kept at {last_good}. " if last_good else "No checkpoint was written yet (set train.save_steps to keep some). ")
+                + (
+                    f"The last good checkpoint is kept at {last_good}. "
+                    if last_good
+                    else "No checkpoint was written yet (set train.save_steps to keep some). "
+                )
                 + "Lower train.learning_rate (or raise warmup_ratio), check the data for empty or broken rows "
                 "(NaN/inf teacher log-probs, all-masked responses), or turn off bf16."
             )
@@ -209,14 +167,22 @@ class DistillationTrainer(Trainer):
             inputs, labels = self.student_rollout(model, prompt_ids, prompt_mask)
             stored, ce_weight = None, 0.0  # the student's own samples are scored, not imitated
         targets = labels[:, 1:]  # the output at t predicts the token at t+1
-        divergence = {"kind": self.kd.kind, "beta": self.kd.beta, "alpha": self.kd.alpha, "temperature": self.kd.temperature, "tail": self.kd.tail}
+        divergence = {
+            "kind": self.kd.kind,
+            "beta": self.kd.beta,
+            "alpha": self.kd.alpha,
+            "temperature": self.kd.temperature,
+            "tail": self.kd.tail,
+        }
         if self.loss_chunk_size:
             # Memory-bounded: losses from the final hidden state, [B*T, V] logits never exist at once.
             outputs, hidden = self.final_hidden_state(model, inputs)
             weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight[: self.vocab_size]
 
             def loss_of(teacher, **options):
-                return distillation_loss_from_hidden(hidden[:, :-1], weight, teacher, targets, chunk_size=self.loss_chunk_size, **options)
+                return distillation_loss_from_hidden(
+                    hidden[:, :-1], weight, teacher, targets, chunk_size=self.loss_chunk_size, **options
+                )
 
             # Cross-entropy is forward KL to a one-hot teacher: its only outcome is the label (log-prob 0).
             one_hot = TopK(targets.clamp(min=0).unsqueeze(-1), torch.zeros(targets.shape + (1,), device=targets.device))
@@ -228,7 +194,9 @@ class DistillationTrainer(Trainer):
             logits = outputs.logits[:, :-1, : self.vocab_size]  # rows past the shared vocabulary are padding
             loss = ce_weight * cross_entropy(logits, targets) if ce_weight > 0 else logits.new_zeros(())
             if self.kd_weight > 0:
-                loss = loss + self.kd_weight * distillation_loss(logits, self.teacher_distribution(inputs, stored), targets, **divergence)
+                loss = loss + self.kd_weight * distillation_loss(
+                    logits, self.teacher_distribution(inputs, stored), targets, **divergence
+                )
         return (loss, outputs) if return_outputs else loss
 
     def final_hidden_state(self, model, inputs: dict) -> tuple:
@@ -267,9 +235,15 @@ class DistillationTrainer(Trainer):
         student.eval()
         with torch.no_grad():
             sequences = student.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=self.kd.rollout_max_new_tokens,
-                do_sample=True, temperature=self.kd.rollout_temperature, top_k=0, top_p=1.0,
-                pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                max_new_tokens=self.kd.rollout_max_new_tokens,
+                do_sample=True,
+                temperature=self.kd.rollout_temperature,
+                top_k=0,
+                top_p=1.0,
+                pad_token_id=self.pad_token_id,
+                eos_token_id=self.eos_token_id,
             )
         student.train()
         generated = sequences[:, prompt_ids.shape[1] :]
@@ -317,66 +291,143 @@ def with_lora(model, config: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
     settings = config.lora
-    adapters = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                          target_modules=settings.target_modules, task_type="CAUSAL_LM")
+    adapters = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, adapters)
 
 
-def run_training(config: TrainConfig, dataset: DatasetRef, samples: SamplesRef, folder: Path,
-                 progress: Callable[[float], None] | None = None) -> dict:
+def check_teacher_capabilities(config: TrainConfig, samples: SamplesRef) -> None:
+    """Refuse a training that needs what the sampled teacher can't give: weights here, a known tokenizer, stored top-k.
+
+    Config validation refuses such a config before anything runs (`stillhouse.capabilities`), so meeting one
+    here is an internal error: a hand-built config or reference, or a bug.
+    """
+    tokenizer_known = samples.teacher_tokenizer is not None
+    capabilities.assert_no_problem(
+        capabilities.online_teacher_problem(
+            teacher_is_served=samples.teacher_is_served, method=config.method, kd_teacher=config.kd.teacher
+        ),
+        capabilities.kd_vocabulary_problem(teacher_tokenizer_known=tokenizer_known, method=config.method),
+        capabilities.student_from_scratch_problem(
+            teacher_tokenizer_known=tokenizer_known, student_from_scratch=config.student is None
+        ),
+        capabilities.offline_kd_top_k_problem(
+            method=config.method, kd_teacher=config.kd.teacher, top_k_stored=samples.top_k_logprobs > 0
+        ),
+    )
+
+
+def run_training(
+    config: TrainConfig,
+    dataset: DatasetRef,
+    samples: SamplesRef,
+    folder: Path,
+    progress: Callable[[float], None] | None = None,
+) -> dict:
     """Train in this process (one rank of several under torchrun); returns the manifest's content."""
     if config.threads:
         torch.set_num_threads(config.threads)
+    check_teacher_capabilities(config, samples)
     teacher_tokenizer = load_tokenizer(samples.teacher_tokenizer) if samples.teacher_tokenizer else None
     online = config.method == "kd" and config.kd.teacher == "online"
-    if samples.teacher_is_served and (online or (teacher_tokenizer is None and config.student is None)):
-        raise InputError("train: the teacher behind sample.engine `openai` is a served model that can't be loaded here; "
-                         "set sample.openai.tokenizer and train.kd.teacher: offline, or train a pretrained train.student with method `sft`")
     difference = check_vocabularies(config, teacher_tokenizer)  # tokenizers only, before any weights load
     model, tokenizer = build_student(config, samples.teacher_tokenizer)
     if config.lora is not None:
         model = with_lora(model, config)
     examples = build_examples(
-        dataset, samples, tokenizer, split="train", shared_vocabulary=difference is None,
-        with_top_k=config.method == "kd" and not online, max_seq_len=config.max_seq_len,
+        dataset,
+        samples,
+        tokenizer,
+        split="train",
+        shared_vocabulary=difference is None,
+        with_top_k=config.method == "kd" and not online,
+        max_seq_len=config.max_seq_len,
     )
     cpu = config.device == "cpu" or not torch.cuda.is_available()
     micro_batch = config.batch_size // (config.num_processes * config.gradient_accumulation_steps)
     checkpoints = folder / "checkpoints"
     arguments = TrainingArguments(
-        output_dir=str(checkpoints), max_steps=config.max_steps, per_device_train_batch_size=micro_batch,
-        gradient_accumulation_steps=config.gradient_accumulation_steps, gradient_checkpointing=config.gradient_checkpointing,
-        learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio,
-        weight_decay=config.weight_decay, logging_steps=config.logging_steps, report_to="none",
-        save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
+        output_dir=str(checkpoints),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        gradient_checkpointing=config.gradient_checkpointing,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps,
+        report_to="none",
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
         # Two kept: if a kill lands while the newest is written, the one before it is complete.
-        save_total_limit=2, logging_nan_inf_filter=False,
-        seed=config.seed, data_seed=config.seed, remove_unused_columns=False, use_cpu=config.device == "cpu",
-        bf16=config.bf16, dataloader_pin_memory=not cpu, dataloader_drop_last=len(examples) >= config.batch_size,
+        save_total_limit=2,
+        logging_nan_inf_filter=False,
+        seed=config.seed,
+        data_seed=config.seed,
+        remove_unused_columns=False,
+        use_cpu=config.device == "cpu",
+        bf16=config.bf16,
+        dataloader_pin_memory=not cpu,
+        dataloader_drop_last=len(examples) >= config.batch_size,
         ddp_backend="gloo" if cpu and config.num_processes > 1 else None,
     )
-    teacher = load_causal_lm(samples.teacher, device="cpu", field="sample.teacher").to(arguments.device).requires_grad_(False) if online else None
-    weights = {"ce_weight": 1.0, "kd_weight": 0.0} if config.method == "sft" else {"ce_weight": config.ce_weight, "kd_weight": config.kd_weight}
+    teacher = (
+        load_causal_lm(samples.teacher, device="cpu", field="sample.teacher").to(arguments.device).requires_grad_(False)
+        if online
+        else None
+    )
+    weights = (
+        {"ce_weight": 1.0, "kd_weight": 0.0}
+        if config.method == "sft"
+        else {"ce_weight": config.ce_weight, "kd_weight": config.kd_weight}
+    )
     trainer = DistillationTrainer(
-        model=model, args=arguments, train_dataset=examples,
+        model=model,
+        args=arguments,
+        train_dataset=examples,
         data_collator=PadCollator(tokenizer.pad_token_id, with_prompts=config.method == "kd" and config.kd.lmbda > 0),
-        callbacks=[ProgressCallback(progress)] if progress else None, kd=config.kd,
-        vocab_size=len(teacher_tokenizer) if difference is None else len(tokenizer),  # the student's own, when it learns from text
-        teacher=teacher, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        loss_chunk_size=config.loss_chunk_size, **weights,
+        callbacks=[ProgressCallback(progress)] if progress else None,
+        kd=config.kd,
+        vocab_size=len(teacher_tokenizer)
+        if difference is None
+        else len(tokenizer),  # the student's own, when it learns from text
+        teacher=teacher,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        loss_chunk_size=config.loss_chunk_size,
+        **weights,
     )
     resume = last_complete_checkpoint(checkpoints)  # a crashed run's progress, when it saved any
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
-    history = [{"step": e["step"], "loss": e["loss"], "learning_rate": e["learning_rate"]} for e in trainer.state.log_history if "loss" in e]
-    result = {"parameters": 0, "train_seconds": round(seconds, 2), "final_loss": history[-1]["loss"] if history else None,
-              "loss_history": history, "examples": len(examples), "resumed_from": resume, "optimizer_steps": trainer.state.global_step}
+    history = [
+        {"step": e["step"], "loss": e["loss"], "learning_rate": e["learning_rate"]}
+        for e in trainer.state.log_history
+        if "loss" in e
+    ]
+    result = {
+        "parameters": 0,
+        "train_seconds": round(seconds, 2),
+        "final_loss": history[-1]["loss"] if history else None,
+        "loss_history": history,
+        "examples": len(examples),
+        "resumed_from": resume,
+        "optimizer_steps": trainer.state.global_step,
+    }
     if trainer.is_world_process_zero():
         student = trainer.accelerator.unwrap_model(model)
         if config.lora is not None:
             student = student.merge_and_unload()
-        student.generation_config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, max_new_tokens=64, do_sample=False)
+        student.generation_config = GenerationConfig(
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, max_new_tokens=64, do_sample=False
+        )
         student.save_pretrained(folder / "model")
         tokenizer.save_pretrained(folder / "model")
         result["parameters"] = count_parameters(student)
@@ -390,25 +441,56 @@ def launch_training(config: TrainConfig, dataset: DatasetRef, samples: SamplesRe
     import socket
 
     spec = folder / "launch.json"
-    spec.write_text(json.dumps({"config": config.model_dump(mode="json"), "dataset": dataset.model_dump(), "samples": samples.model_dump(), "folder": str(folder)}))
+    spec.write_text(
+        json.dumps(
+            {
+                "config": config.model_dump(mode="json"),
+                "dataset": dataset.model_dump(),
+                "samples": samples.model_dump(),
+                "folder": str(folder),
+            }
+        )
+    )
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={config.num_processes}", "--master_addr=127.0.0.1",
-               f"--master_port={port}", "-m", "stillhouse.training.worker", str(spec)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={config.num_processes}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        "-m",
+        "stillhouse.training.worker",
+        str(spec),
+    ]
     (folder / "error.txt").unlink(missing_ok=True)
     completed = subprocess.run(command)
     if completed.returncode != 0:
         if (folder / "error.txt").is_file():
             raise StillhouseError((folder / "error.txt").read_text())
-        raise RuntimeError(f"train: {config.num_processes}-process training failed (exit {completed.returncode}); rerun to resume from its last checkpoint")
+        raise RuntimeError(
+            f"train: {config.num_processes}-process training failed (exit {completed.returncode}); rerun to resume from its last checkpoint"
+        )
     return json.loads((folder / "result.json").read_text())
 
 
-def train_student(config: TrainConfig, dataset: DatasetRef, samples: SamplesRef, store: Store, progress: Callable[[float], None] | None = None) -> ModelRef:
+def train_student(
+    config: TrainConfig,
+    dataset: DatasetRef,
+    samples: SamplesRef,
+    store: Store,
+    progress: Callable[[float], None] | None = None,
+) -> ModelRef:
     if config.student is not None:
         resolve_model(config.student, "train.student")
-    stage_fingerprint = fingerprint("train", config.model_dump(mode="json", exclude={"threads", "device", "trust_remote_code"}), {"dataset": dataset.fingerprint, "samples": samples.fingerprint}, CODE_VERSION)
+    stage_fingerprint = fingerprint(
+        "train",
+        config.model_dump(mode="json", exclude={"threads", "device", "trust_remote_code"}),
+        {"dataset": dataset.fingerprint, "samples": samples.fingerprint},
+        CODE_VERSION,
+    )
 
     def compute(folder: Path) -> dict:
         if config.num_processes > 1:
@@ -420,7 +502,13 @@ def train_student(config: TrainConfig, dataset: DatasetRef, samples: SamplesRef,
     output = store.build("train", stage_fingerprint, compute)
     manifest = output.manifest
     return ModelRef(
-        stage="train", fingerprint=stage_fingerprint, path=str(output.path), cached=output.cached,
-        model_path=str(Path(output.path) / "model"), parameters=manifest["parameters"], train_seconds=manifest["train_seconds"],
-        final_loss=manifest["final_loss"], loss_history=manifest["loss_history"],
+        stage="train",
+        fingerprint=stage_fingerprint,
+        path=str(output.path),
+        cached=output.cached,
+        model_path=str(Path(output.path) / "model"),
+        parameters=manifest["parameters"],
+        train_seconds=manifest["train_seconds"],
+        final_loss=manifest["final_loss"],
+        loss_history=manifest["loss_history"],
     )

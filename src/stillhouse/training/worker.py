@@ -24,8 +24,12 @@ def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     folder = Path(spec["folder"])
     try:
-        result = run_training(TrainConfig.model_validate(spec["config"]), DatasetRef.model_validate(spec["dataset"]),
-                              SamplesRef.model_validate(spec["samples"]), folder)
+        result = run_training(
+            TrainConfig.model_validate(spec["config"]),
+            DatasetRef.model_validate(spec["dataset"]),
+            SamplesRef.model_validate(spec["samples"]),
+            folder,
+        )
     except StillhouseError as error:
         (folder / "error.txt").write_text(str(error))
         raise

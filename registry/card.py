@@ -1,0 +1,371 @@
+"""The model card and the provenance record of a published student.
+
+The card is a README.md (`huggingface_hub.ModelCard`) whose metadata names the license, base
+model, teacher, data, method (`distillation_method`'s short tag) and the evals of teacher and
+student; its body says how the student was made, in words generated from the config
+(`method_description`), with the same evaluation table as the terminal's. ``stillhouse.json``
+holds `provenance_record`: the teacher id and exact revision, tokenizer fingerprint, store
+fingerprints, the config (URL credentials dropped), the MLflow run, the Prefect flow run and the
+code version; the stage adds the sha256 of every file beside it.
+
+    card = model_card(config, dataset, samples, student, report, check, lineage)
+    print(method_description(config))   # "white-box distillation: forward KL(teacher‖student) to ..."
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from stillhouse.config import PipelineConfig
+from stillhouse.evaluation.report import comparison_rows
+from stillhouse.licenses import LICENSES, LicenseCheck
+from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+A student distilled by [Stillhouse](https://github.com/stillhouse) from the teacher **{{ teacher }}**
+(revision `{{ teacher_revision }}`) with {{ method_long }}.
+It has {{ parameters }} parameters{{ ratio }}{{ base_model_sentence }}.
+
+## How it was made
+
+| | |
+|---|---|
+| teacher | {{ teacher }} @ `{{ teacher_revision }}` |
+| base model | {{ base_model }} |
+| method | {{ method_long }} |
+| data | {{ data }} |
+| prompts | {{ train_rows }} for training, {{ eval_rows }} held out for evaluation |
+| teacher outputs | {{ sample_rows }} responses, {{ generated_tokens }} generated tokens |
+| training | {{ train_seconds }} ({{ train_steps }}) |
+
+## Evaluation (held-out prompts)
+
+| metric | teacher | student |
+|---|---|---|
+{{ metric_rows }}
+
+## Intended use
+
+Research and applications similar to the data it was distilled on ({{ data }}): a smaller, cheaper
+stand-in for the teacher on those tasks. Compare it with the teacher on your own prompts before
+relying on it.
+
+## Limitations
+
+A distilled student reproduces its teacher's mistakes and biases and adds its own: it was trained on
+{{ sample_rows }} teacher responses only, is weaker than the teacher outside that distribution, and
+was not safety-tuned beyond what it learned from the teacher. The evaluation above covers
+{{ eval_rows }} held-out prompts from the same data, not general ability.
+
+## License
+
+{{ license_text }}
+
+## How to load
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("{{ repo }}")
+model = AutoModelForCausalLM.from_pretrained("{{ repo }}")
+prompt = tokenizer.apply_chat_template([{"role": "user", "content": "..."}], tokenize=False, add_generation_prompt=True)
+inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+or, with checksums verified against `stillhouse.json`: `stillhouse pull {{ repo }} --prompt "..."`.
+
+## Provenance
+
+`stillhouse.json` records the teacher revision, tokenizer fingerprint, the store fingerprints of
+every stage (data `{{ data_fingerprint }}`, teacher outputs `{{ samples_fingerprint }}`, student
+`{{ student_fingerprint }}`), the full config and the sha256 of every file. Tracked as MLflow run
+{{ mlflow_link }}{{ flow_run_sentence }}; code version `{{ code_version }}`.
+"""
+
+# How each `train.kd.kind` reads on a card (the formulas are in stillhouse.training.losses).
+DIVERGENCES = {
+    "forward_kl": "forward KL(teacher‖student)",
+    "reverse_kl": "reverse KL(student‖teacher)",
+    "jsd": "generalized JSD (β = {beta:g})",
+    "skew_forward_kl": "skew forward KL (α = {alpha:g})",
+    "skew_reverse_kl": "skew reverse KL (α = {alpha:g})",
+    "tvd": "total variation distance",
+}
+# How a top-k teacher's missing mass was handled (`train.kd.tail`).
+TAILS = {
+    "bucket": "the rest of the teacher's mass as one extra outcome (tail: bucket)",
+    "renormalize": "both distributions renormalized over the top-k ids (tail: renormalize)",
+}
+
+
+def distillation_method(config: PipelineConfig) -> str:
+    """The method as one tag: ``sft``, ``kd``, ``gkd``, with ``+dpo`` / ``+best_of_n`` for a feedback stage."""
+    method = "gkd" if config.train.method == "kd" and config.train.kd.lmbda > 0 else config.train.method
+    return f"{method}+{config.feedback.method}" if config.feedback is not None else method
+
+
+def method_description(config: PipelineConfig) -> str:
+    """The card's method line, in words, from the config: what the student learned from, and how.
+
+    One clause per setting that changes what was learned, in this order: the kind of distillation and
+    the divergence; where the teacher's distribution came from; a top-k teacher's tail handling; τ;
+    the loss weights; the on-policy share λ and its rollouts; then the feedback stage. A new setting
+    of that sort (a cross-tokenizer ``train.kd.align``, say) is one more ``clauses.append``.
+    """
+    train, kd = config.train, config.train.kd
+    if train.method == "sft":
+        clauses = ["black-box distillation: SFT (cross-entropy) on the teacher's responses"]
+    else:
+        on_policy = kd.lmbda > 0
+        if kd.teacher == "online":
+            source = (
+                f"the online teacher's top-{kd.online_top_k} log-probs"
+                if kd.online_top_k is not None
+                else "the online teacher's full distribution"
+            ) + " (in memory)"
+        elif config.sample.engine == "openai":
+            source = (
+                f"the served teacher's top-{config.sample.top_k_logprobs} log-probs stored by the sample stage "
+                "(sample.engine openai)"
+            )
+        else:
+            source = f"the teacher's top-{config.sample.top_k_logprobs} log-probs stored by the sample stage"
+        kind = "on-policy distillation (GKD)" if on_policy else "white-box distillation"
+        clauses = [f"{kind}: {DIVERGENCES[kd.kind].format(beta=kd.beta, alpha=kd.alpha)} to {source}"]
+        if kd.teacher == "offline" or kd.online_top_k is not None:  # a dense teacher has no tail to handle
+            clauses.append(TAILS[kd.tail])
+        clauses.append(f"temperature τ = {kd.temperature:g}")
+        terms = ([f"{train.kd_weight:g} × divergence"] if train.kd_weight > 0 else []) + (
+            [f"{train.ce_weight:g} × cross-entropy"] if train.ce_weight > 0 else []
+        )
+        clauses.append("loss = " + " + ".join(terms) + " on the teacher's responses")
+        if on_policy:
+            clauses.append(
+                f"on a λ = {kd.lmbda:g} share of batches the student's own samples instead (at most "
+                f"{kd.rollout_max_new_tokens} new tokens at temperature {kd.rollout_temperature:g}), "
+                "scored by the teacher without cross-entropy"
+            )
+    description = ", ".join(clauses)
+    feedback = config.feedback
+    if feedback is not None:
+        # With include_teacher, the teacher's stored response competes with the student's samples.
+        candidates = feedback.candidates + (1 if feedback.include_teacher else 0)
+        judged = f"{candidates} candidates per prompt ({feedback.judge.kind} judge)"
+        if feedback.method == "dpo":
+            description += f"; then DPO (β = {feedback.beta:g}) on the judged best and worst of {judged}"
+            if feedback.sft_weight > 0:
+                description += f", plus {feedback.sft_weight:g} × the chosen responses' NLL (RPO)"
+        else:
+            description += f"; then best-of-n: SFT on the judged best of {judged}"
+    return description
+
+
+def redact_url_credentials(value):
+    """Drop ``user:password@`` from URLs anywhere in a config dump: a tracking URI may carry them."""
+    if isinstance(value, dict):
+        return {key: redact_url_credentials(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [redact_url_credentials(item) for item in value]
+    if isinstance(value, str):
+        return re.sub(r"(\w+://)[^/@\s]+@", r"\1", value)
+    return value
+
+
+def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page when MLflow is a server (http/https); None for a local sqlite/file store."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{redact_url_credentials(tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def hub_datasets(config: PipelineConfig) -> list[str]:
+    """Hub dataset ids among the curation sources; local files and the demo are named in the card's body only."""
+    names = [entry.source for entry in config.curate.source_list()]
+    return [name for name in names if not name.startswith(("builtin:", "/", ".", "~")) and not Path(name).exists()]
+
+
+def looks_like_hub_id(reference: str | None) -> bool:
+    return (
+        bool(reference)
+        and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", reference) is not None
+        and not Path(reference).exists()
+    )
+
+
+def eval_results(metrics: dict[str, float], dataset_name: str) -> list[EvalResult]:
+    """The model-index results of teacher and student on the held-out prompts.
+
+    One model-index entry, with the role in each metric's name ("teacher exact_match"): huggingface_hub
+    reads a model-index as one model's flat list of results, so a second entry for the teacher would
+    be merged into the student's under the last entry's name.
+    """
+    wanted = ("exact_match", "rouge_l", "perplexity", "reference_perplexity", "top1_agreement", "judge_win_rate")
+    return [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type="stillhouse-eval",
+            dataset_name=dataset_name,
+            metric_type=name,
+            metric_name=f"{role} {name}",
+            metric_value=round(float(metrics[f"{role}_{name}"]), 4),
+        )
+        for role in ("teacher", "student")
+        for name in wanted
+        if f"{role}_{name}" in metrics
+    ]
+
+
+def evaluation_rows(metrics: dict[str, float]) -> list[str]:
+    """The card's evaluation table rows, teacher and student columns: the terminal table's rows and labels."""
+    header, rows = comparison_rows(metrics)
+    columns = [header.index(role) if role in header else None for role in ("teacher", "student")]
+    lines = []
+    for row in rows:
+        cells = [row[column] if column is not None else "" for column in columns]
+        if any(cells):  # a row with a baseline's number only has nothing to show here
+            label = row[0].replace("<", "&lt;").replace(">", "&gt;")  # `kl_teacher_<role>` is not an HTML tag to hide
+            lines.append(f"| {label} | " + " | ".join(cell or "–" for cell in cells) + " |")
+    return lines
+
+
+def license_section(config: PipelineConfig, check: LicenseCheck) -> str:
+    student = LICENSES.get(check.student_license)
+    lines = [
+        f"This model is released under **{student.name if student else config.publish.license}**"
+        + (f" ({student.url})." if student else ".")
+    ]
+    if check.teacher_license:
+        lines.append(
+            f"The teacher {config.sample.teacher} is under `{check.teacher_license}`"
+            + (
+                f"; the base model {config.train.student} under `{check.base_model_license}`."
+                if config.train.student
+                else "."
+            )
+        )
+    if check.obligations:
+        lines.append("\nTerms passed on from the teacher and base model:\n")
+        lines += [f"- {line}" for line in check.obligations]
+    if check.violations:
+        title = (
+            "**License override.** Published despite the license check, for this reason given by the publisher: "
+            f"“{config.publish.license_override}”"
+            if config.publish.license_override
+            else "**Not publishable as is.** The license check reported:"
+        )
+        lines.append(f"\n{title}\n")
+        lines += [
+            f"- {violation.message}" + (f" ({violation.clause.quote()})" if violation.clause else "")
+            for violation in check.violations
+        ]
+    return "\n".join(lines)
+
+
+def model_card(
+    config: PipelineConfig,
+    dataset: DatasetRef,
+    samples: SamplesRef,
+    student: ModelRef,
+    report: EvalReport,
+    check: LicenseCheck,
+    lineage: dict,
+) -> ModelCard:
+    """The model card: Hub metadata (license, base_model, tags, datasets, model-index for teacher and student) and a body."""
+    metrics, method = report.metrics, distillation_method(config)
+    data_sources = [entry.source for entry in config.curate.source_list()]
+    student_license = LICENSES.get(check.student_license)
+    license_fields = (
+        {"license": check.student_license}
+        if student_license is None or student_license.hub_id
+        else {"license": "other", "license_name": check.student_license, "license_link": student_license.url}
+    )
+    base_model = config.train.student if looks_like_hub_id(config.train.student) else None
+    model_name = (config.publish.repo_id or config.name).split("/")[-1]
+    data = ModelCardData(
+        **license_fields,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["distillation", "stillhouse", *method.split("+"), f"distillation-{method.split('+')[0]}"],
+        base_model=base_model,
+        datasets=hub_datasets(config) or None,
+        model_name=model_name,
+        eval_results=eval_results(metrics, f"{config.name} held-out prompts") or None,
+    )
+    data.stillhouse = {
+        "teacher": config.sample.teacher,
+        "teacher_revision": samples.teacher_revision,
+        "method": method,
+        "data": data_sources,
+        "mlflow_run_id": lineage.get("mlflow_run_id"),
+    }
+    run_url = lineage.get("mlflow_run_url")
+    run_id = lineage.get("mlflow_run_id") or "(not tracked)"
+    flow_run = lineage.get("prefect_flow_run_id")
+    return ModelCard.from_template(
+        data,
+        template_str=CARD_TEMPLATE,
+        model_name=model_name,
+        teacher=config.sample.teacher,
+        teacher_revision=samples.teacher_revision,
+        method_long=method_description(config),
+        parameters=f"{student.parameters:,}",
+        ratio=f" ({metrics['parameter_ratio']:.1%} of the teacher's)"
+        if "parameter_ratio" in metrics
+        else "",  # a served teacher's size is unknown
+        base_model_sentence=f", fine-tuned from {config.train.student}"
+        if config.train.student
+        else ", trained from scratch",
+        base_model=config.train.student or "none: initialized from scratch",
+        data=", ".join(data_sources),
+        train_rows=f"{dataset.train_rows:,}",
+        eval_rows=f"{dataset.eval_rows:,}",
+        sample_rows=f"{samples.rows:,}",
+        generated_tokens=f"{samples.generated_tokens:,}",
+        train_seconds=f"{student.train_seconds:,.0f} s of training",
+        train_steps=f"{config.train.max_steps} steps, batch {config.train.batch_size}",
+        metric_rows="\n".join(evaluation_rows(metrics)) or "| (none) | – | – |",
+        license_text=license_section(config, check),
+        repo=config.publish.repo_id or "PATH_TO_THIS_FOLDER",
+        data_fingerprint=dataset.fingerprint,
+        samples_fingerprint=samples.fingerprint,
+        student_fingerprint=student.fingerprint,
+        mlflow_link=f"[`{run_id}`]({run_url})"
+        if run_url
+        else f"`{run_id}` (experiment `{config.tracking.experiment}`)",
+        flow_run_sentence=f" from Prefect flow run `{flow_run}`" if flow_run else "",
+        code_version=lineage.get("code_version", "unknown"),
+    )
+
+
+def provenance_record(
+    config: PipelineConfig,
+    dataset: DatasetRef,
+    samples: SamplesRef,
+    student: ModelRef,
+    report: EvalReport,
+    lineage: dict,
+) -> dict:
+    """What ``stillhouse.json`` says about where the student came from (the file checksums are added when written)."""
+    return {
+        "pipeline": config.name,
+        "teacher": {
+            "id": config.sample.teacher,
+            "revision": samples.teacher_revision,
+            "tokenizer_fingerprint": samples.tokenizer_fingerprint,
+        },
+        "base_model": config.train.student,
+        "method": distillation_method(config),
+        "fingerprints": {ref.stage: ref.fingerprint for ref in (dataset, samples, student, report)},
+        "data": {"train_rows": dataset.train_rows, "eval_rows": dataset.eval_rows, "sample_rows": samples.rows},
+        # Secrets never live in the config (only the *names* of environment variables), and URL credentials are dropped.
+        "config": redact_url_credentials(config.model_dump(mode="json")),
+        **lineage,
+    }
