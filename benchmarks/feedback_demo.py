@@ -1,6 +1,7 @@
 """Feedback-guided distillation on the demo: does SFT -> DPO beat SFT alone?
 
-    .venv/bin/python benchmarks/feedback_demo.py [--config configs/demo-dpo.yaml] [--eval-prompts 1500] [--sft-steps-control 1200]
+    .venv/bin/python benchmarks/feedback_demo.py [--config configs/demo-dpo.yaml] [--eval-prompts 1500]
+        [--sft-steps-control 1200]
 
 Runs the stages of the chain config with the core functions (no Prefect, no MLflow): curation,
 teacher sampling, the SFT student, judged pairs and the feedback step. It then scores the SFT student,

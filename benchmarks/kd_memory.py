@@ -9,10 +9,10 @@ V = 32,000 and V = 151,936 (Qwen2.5's vocabulary):
 - ``fused``: `distillation_loss_from_hidden` with a top-k (k = 128) teacher, forward KL, bucket tail.
 
 Each repeat of each case runs in its own process (``--case``), one at a time and alternating
-between the cases, so that its peak RSS (``ru_maxrss``) is its own. A process reports the RSS with its inputs built (hidden state, weight,
-teacher, labels) and the peak; the loss's own peak is the difference. The inputs differ by design:
-the naive case's dense teacher logits are an input, the fused case's teacher is k = 128 ids and
-log-probs. Prints JSON: per case the medians over the repeats, and fused/naive ratios.
+between the cases, so that its peak RSS (``ru_maxrss``) is its own. A process reports the RSS with its inputs
+built (hidden state, weight, teacher, labels) and the peak; the loss's own peak is the difference. The inputs
+differ by design: the naive case's dense teacher logits are an input, the fused case's teacher is k = 128 ids
+and log-probs. Prints JSON: per case the medians over the repeats, and fused/naive ratios.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Teacher sampling: the `hf` engine's tokens/s against a naive loop, and the store's bytes per generated token.
 
-    .venv/bin/python benchmarks/sampling.py [--prompts 256] [--repeats 3] [--batch-size 128] [--batch-tokens 4096] [--threads CORES]
+    .venv/bin/python benchmarks/sampling.py [--prompts 256] [--repeats 3] [--batch-size 128] [--batch-tokens 4096]
+        [--threads CORES]
 
 1. Throughput on the bundled demo teacher, greedy, ``--threads`` torch threads for both: the naive loop sends one prompt
    at a time through ``model.generate``; the engine (`stillhouse.sampling.hf_engine.generate`) sorts by

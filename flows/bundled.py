@@ -35,7 +35,8 @@ def bundled_configs() -> list[str]:
 
 
 def resolve_config(reference: str | Path) -> Path:
-    """``reference`` as a path that exists: relative to the working directory, else a bundled config (`configs/demo.yaml`)."""
+    """``reference`` as a path that exists: relative to the working directory, else a bundled config
+    (`configs/demo.yaml`)."""
     path = Path(reference).expanduser()
     if path.is_file():
         return path.resolve()

@@ -28,8 +28,8 @@ STAGE_NAMES = [stage.value for stage in Stage]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stillhouse",
-        description="Distill open-weights language models: curate prompts, sample a teacher, train and evaluate a student, "
-        "register it in MLflow and publish it to the Hugging Face Hub.",
+        description="Distill open-weights language models: curate prompts, sample a teacher, train and evaluate a "
+        "student, register it in MLflow and publish it to the Hugging Face Hub.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

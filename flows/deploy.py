@@ -146,7 +146,8 @@ def plan_deployments(
         for index, schedule in enumerate(deployment.schedules):
             if "cron" not in schedule:
                 raise StillhouseError(
-                    f"{prefect_file}: deployment {deployment.name!r} schedule {index}: only `cron` schedules are supported here"
+                    f"{prefect_file}: deployment {deployment.name!r} schedule {index}: "
+                    "only `cron` schedules are supported here"
                 )
             cron_schedule(
                 schedule["cron"],
@@ -187,7 +188,8 @@ def deploy(
     overrides: list[str] | None = None,
     gpu_limit: int = 1,
 ) -> list[str]:
-    """Check everything, then register the pools, the `gpu` limit and the deployments; returns 'flow/deployment' names."""
+    """Check everything, then register the pools, the `gpu` limit and the deployments; returns 'flow/deployment'
+    names."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import DeploymentScheduleCreate, WorkPoolCreate
     from prefect.utilities.callables import parameter_schema
@@ -238,7 +240,8 @@ def _flow_at(stages_module, entrypoint: str, prefect_file: Path):
     module, _, function = entrypoint.partition(":")
     if module != STAGES_MODULE or not hasattr(stages_module, function):
         raise StillhouseError(
-            f"{prefect_file}: entrypoint {entrypoint!r} is not a flow of {STAGES_MODULE} (write it as {STAGES_MODULE}:pipeline)"
+            f"{prefect_file}: entrypoint {entrypoint!r} is not a flow of {STAGES_MODULE} "
+            f"(write it as {STAGES_MODULE}:pipeline)"
         )
     return getattr(stages_module, function)
 
@@ -246,7 +249,8 @@ def _flow_at(stages_module, entrypoint: str, prefect_file: Path):
 def serve(
     config: Path, cron: str, *, overrides: list[str] | None = None, until: str = "publish", name: str | None = None
 ) -> None:
-    """Check the cron and the config, then schedule the pipeline in this process with `flow.serve` (runs until stopped)."""
+    """Check the cron and the config, then schedule the pipeline in this process with `flow.serve` (runs until
+    stopped)."""
     schedule = cron_schedule(cron, None, f"--cron {cron!r}")
     settings = check_config(config, list(overrides or []))
     from stillhouse.flows.stages import pipeline

@@ -1,4 +1,5 @@
-"""The distillation pipeline as one Prefect flow: curate → sample → train [→ judge → feedback] → evaluate → register → gate → publish.
+"""The distillation pipeline as one Prefect flow: curate → sample → train [→ judge → feedback] → evaluate → register →
+gate → publish.
 
     stillhouse run configs/demo.yaml                         # the whole pipeline
     stillhouse run configs/demo.yaml --until sample          # stop after a stage (earlier ones come from the store)
@@ -60,7 +61,8 @@ class PipelineResult(BaseModel):
 
 @flow(name="distill", log_prints=True, on_crashed=[mark_mlflow_run_crashed])
 def distill(config: PipelineConfig, until: Stage = Stage.publish, checked: bool = False) -> PipelineResult:
-    """Run the pipeline up to and including ``until``; ``checked``: the caller already ran `preflight` on this config."""
+    """Run the pipeline up to and including ``until``; ``checked``: the caller already ran `preflight` on this
+    config."""
     if not checked:  # the CLI checks before Prefect starts; a deployment's run checks here
         preflight(config)
     # The flow run's UI page only when a Prefect server is configured (the ephemeral API has no UI).

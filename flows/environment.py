@@ -19,6 +19,7 @@ EMBEDDED_DEFAULTS = {
 
 
 def apply_embedded_defaults() -> None:
-    """Set each default the environment doesn't already set; call it before Prefect, MLflow or the Hub client is imported."""
+    """Set each default the environment doesn't already set; call it before Prefect, MLflow or the Hub client is
+    imported."""
     for name, value in EMBEDDED_DEFAULTS.items():
         os.environ.setdefault(name, value)

@@ -1,13 +1,14 @@
 """The flows that deployments run: the pipeline and each stage, each from a named config file.
 
-    python -c "from stillhouse.flows.stages import train; train('configs/demo.yaml')"   # curate and sample come from the store
+    python -c "from stillhouse.flows.stages import train; train('configs/demo.yaml')"
+                                                                              # curate and sample come from the store
     stillhouse deploy --config configs/demo.yaml                              # registers them all (prefect.yaml)
     prefect deployment run 'stillhouse-pipeline/nightly'                      # then a worker on pool `local` runs it
 
 A deployment's parameters are JSON, so these flows take the *path* of a named config (relative to
 the run's working directory, else one of the configs bundled with Stillhouse) plus `--set`-style
-overrides, and validate it when the run starts. A stage flow runs the pipeline up to that stage: the stages before it are reused from
-the content-addressed store when nothing changed, which is also what makes the schedules cheap: a
+overrides, and validate it when the run starts. A stage flow runs the pipeline up to that stage: the stages before it
+are reused from the content-addressed store when nothing changed, which is also what makes the schedules cheap: a
 nightly re-distillation recomputes only what new data or a new config changed.
 
 Every flow here holds one slot of the global concurrency limit `gpu` (created by `stillhouse deploy`,
@@ -96,7 +97,8 @@ def publish(config: str = "configs/demo.yaml", overrides: list[str] | None = Non
 
 
 def champion_student(config: PipelineConfig) -> tuple[str, ModelRef]:
-    """(version, student) of the registry version holding the champion alias, its weights found in the store by fingerprint."""
+    """(version, student) of the registry version holding the champion alias, its weights found in the store by
+    fingerprint."""
     alias, name = config.evaluate.gate.champion_alias, config.registry.model_name
     version, train_fingerprint = champion_version(tracking_uri(config.tracking), name, alias)
     store = Store(config.store)
@@ -107,22 +109,13 @@ def champion_student(config: PipelineConfig) -> tuple[str, ModelRef]:
             f"{config.store}; point `store:` at the store the champion was trained into"
         )
     folder = store.path("train", train_fingerprint)
-    return version, ModelRef(
-        stage="train",
-        fingerprint=train_fingerprint,
-        path=str(folder),
-        cached=True,
-        model_path=str(folder / "model"),
-        parameters=manifest["parameters"],
-        train_seconds=manifest["train_seconds"],
-        final_loss=manifest["final_loss"],
-        loss_history=manifest["loss_history"],
-    )
+    return version, ModelRef.from_manifest("train", train_fingerprint, folder, True, manifest)
 
 
 @flow(name="stillhouse-evaluate-champion", log_prints=True)
 def evaluate_champion(config: str = "configs/demo.yaml", overrides: list[str] | None = None) -> EvalReport:
-    """Re-evaluate the champion (the registry version holding the gate's champion alias) on the config's current eval split.
+    """Re-evaluate the champion (the registry version holding the gate's champion alias) on the config's current eval
+    split.
 
     Curation and sampling come from the store when the data didn't change; new data gives a new
     eval split, teacher answers for it and a new evaluation of the same champion weights. The run is

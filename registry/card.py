@@ -77,7 +77,8 @@ tokenizer = AutoTokenizer.from_pretrained("{{ repo }}")
 model = AutoModelForCausalLM.from_pretrained("{{ repo }}")
 prompt = tokenizer.apply_chat_template([{"role": "user", "content": "..."}], tokenize=False, add_generation_prompt=True)
 inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0][inputs["input_ids"].shape[1]:], \
+skip_special_tokens=True))
 ```
 
 or, with checksums verified against `stillhouse.json`: `stillhouse pull {{ repo }} --prompt "..."`.
@@ -278,7 +279,8 @@ def model_card(
     check: LicenseCheck,
     lineage: dict,
 ) -> ModelCard:
-    """The model card: Hub metadata (license, base_model, tags, datasets, model-index for teacher and student) and a body."""
+    """The model card: Hub metadata (license, base_model, tags, datasets, model-index for teacher and student) and a
+    body."""
     metrics, method = report.metrics, distillation_method(config)
     data_sources = [entry.source for entry in config.curate.source_list()]
     student_license = LICENSES.get(check.student_license)

@@ -49,7 +49,8 @@ class HubRevision(BaseModel):
 
 
 def hub_failure(error: BaseException | None) -> HfHubHTTPError | httpx2.TransportError | None:
-    """The Hub's answer or the network error behind ``error``; the client wraps LFS upload failures in a RuntimeError."""
+    """The Hub's answer or the network error behind ``error``; the client wraps LFS upload failures in a
+    RuntimeError."""
     while error is not None:
         if isinstance(error, (HfHubHTTPError, httpx2.TransportError)):
             return error
@@ -68,7 +69,8 @@ def is_transient(error: BaseException) -> bool:
 def with_retries(
     step: str, call: Callable[[], Result], retries: int, backoff_s: float, log: Callable[[str], None] = print
 ) -> Result:
-    """``call()``, retried up to ``retries`` times on transient errors, waiting backoff_s, 2x, 4x ... Only for idempotent steps."""
+    """``call()``, retried up to ``retries`` times on transient errors, waiting backoff_s, 2x, 4x ... Only for
+    idempotent steps."""
     for attempt in range(retries + 1):
         try:
             return call()
@@ -87,7 +89,10 @@ def describe_hub_error(error: BaseException) -> str:
         f"{error} " if failure is not error else ""
     )  # e.g. "Error while uploading 'model.safetensors' to the Hub."
     if isinstance(failure, HfHubHTTPError) and failure.response is not None:
-        return f"{context}HTTP {failure.response.status_code} {failure.response.headers.get('X-Error-Message') or failure.response.reason_phrase}"
+        return (
+            f"{context}HTTP {failure.response.status_code} "
+            f"{failure.response.headers.get('X-Error-Message') or failure.response.reason_phrase}"
+        )
     return f"{context}{type(failure).__name__}: {failure}"
 
 
@@ -191,8 +196,14 @@ def push_folder(
             else None
         )
         hint = {
-            401: f"the Hub refused the token in ${settings.token_env} (invalid credentials); create a new token with write access",
-            403: f"the token in ${settings.token_env} may not write to {repo_id}; use a token of that namespace or change publish.repo_id",
+            401: (
+                f"the Hub refused the token in ${settings.token_env} (invalid credentials); "
+                "create a new token with write access"
+            ),
+            403: (
+                f"the token in ${settings.token_env} may not write to {repo_id}; "
+                "use a token of that namespace or change publish.repo_id"
+            ),
         }.get(status)
         tries = f" after {retries} retries" if is_transient(error) else ""
         raise StillhouseError(
@@ -211,7 +222,8 @@ def push_folder(
 def create_tag(
     api: HfApi, repo_id: str, tag: str, commit_oid: str, message: str, retries: int, backoff: float, log
 ) -> None:
-    """Tag ``commit_oid``; an existing tag on the same commit is fine (a retry, or an unchanged rerun), on another one an error."""
+    """Tag ``commit_oid``; an existing tag on the same commit is fine (a retry, or an unchanged rerun), on another one
+    an error."""
     try:
         with_retries(
             "tag",
@@ -226,7 +238,8 @@ def create_tag(
         existing = {ref.name: ref.target_commit for ref in api.list_repo_refs(repo_id).tags}
         if existing.get(tag) != commit_oid:
             raise StillhouseError(
-                f"the Hub repo {repo_id} already has tag {tag!r} on commit {existing.get(tag)}, not on this publish ({commit_oid}); "
+                f"the Hub repo {repo_id} already has tag {tag!r} on commit {existing.get(tag)}, "
+                f"not on this publish ({commit_oid}); "
                 "register a new version or change publish.tag (e.g. 'v{version}-{name}')"
             ) from error
 

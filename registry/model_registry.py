@@ -35,7 +35,8 @@ class RegisteredModel(BaseModel):
 
 
 def license_front_matter(license: str) -> str:
-    """`license: apache-2.0`, or `license: other` + `license_name` for ids the Hub doesn't know (qwen, deepseek, mrl)."""
+    """`license: apache-2.0`, or `license: other` + `license_name` for ids the Hub doesn't know (qwen, deepseek,
+    mrl)."""
     terms = LICENSES.get(license)
     if terms is None or terms.hub_id:
         return f"license: {license}\n"
@@ -45,7 +46,8 @@ def license_front_matter(license: str) -> str:
 def log_training_inputs(
     context: TrackingContext, run_id: str, dataset: DatasetRef, samples: SamplesRef, name: str
 ) -> None:
-    """Log what the registered student learned from as dataset inputs of its run: the curated prompts and the teacher's outputs.
+    """Log what the registered student learned from as dataset inputs of its run: the curated prompts and the
+    teacher's outputs.
 
     Digests are the store fingerprints, so the MLflow UI shows the same dataset for every version trained on it.
     """
@@ -126,7 +128,8 @@ def register_student(
 
 
 def champion_version(uri: str, model_name: str, alias: str) -> tuple[str, str | None]:
-    """(version, train fingerprint) of the version holding ``alias`` in the registry at ``uri``; a clear error when none holds it."""
+    """(version, train fingerprint) of the version holding ``alias`` in the registry at ``uri``; a clear error when
+    none holds it."""
     client = MlflowClient(uri)
     try:
         version = client.get_model_version_by_alias(model_name, alias)

@@ -40,7 +40,8 @@ def promote(context: TrackingContext, model_name: str, version: str, alias: str)
 def record_verdict(
     context: TrackingContext, gate_run_id: str, registered: RegisteredModel | None, verdict: GateVerdict, markdown: str
 ) -> None:
-    """The verdict as files of the gate run, a tag of the pipeline run, and tags of the model version (the registry UI shows why)."""
+    """The verdict as files of the gate run, a tag of the pipeline run, and tags of the model version (the registry UI
+    shows why)."""
     client = MlflowClient(context.tracking_uri)
     client.log_text(gate_run_id, verdict.model_dump_json(indent=2), "gate_verdict.json")
     client.log_text(gate_run_id, markdown, "gate.md")

@@ -135,7 +135,8 @@ def round_trip(
     config: PipelineConfig,
     max_new_tokens: int = 16,
 ) -> RoundTrip:
-    """Download the published revision into a fresh cache, load it with plain transformers, compare greedy generations."""
+    """Download the published revision into a fresh cache, load it with plain transformers, compare greedy
+    generations."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="stillhouse-round-trip-") as cache:
         downloaded = download_revision(config, published.repo_id, published.commit_oid, cache)

@@ -82,7 +82,8 @@ def download(
             )
         if name in lfs_sha256 and lfs_sha256[name] != actual:
             raise StillhouseError(
-                f"{where}: {name} has sha256 {actual}, but the Hub's LFS object is {lfs_sha256[name]}; the download is corrupt"
+                f"{where}: {name} has sha256 {actual}, but the Hub's LFS object is {lfs_sha256[name]}; "
+                "the download is corrupt"
             )
     return PulledModel(
         repo_id=repo_id,
@@ -121,7 +122,8 @@ class Chat:
 
 
 def chat_loop(chat: Chat, console, read=input) -> int:
-    """Read prompts until `exit`, `quit` or end of input; each turn sees the conversation so far. Returns the number of turns."""
+    """Read prompts until `exit`, `quit` or end of input; each turn sees the conversation so far. Returns the number
+    of turns."""
     messages: list[dict] = []
     turns = 0
     while True:
@@ -161,7 +163,8 @@ def pull_command(
         f"Pulled [bold]{repo_id}[/bold] @ {pulled.revision} (commit {pulled.commit[:12]}) into {pulled.folder}"
     )
     console.print(
-        f"  verified {len(pulled.verified_files)} files against {PROVENANCE_FILE}; teacher {teacher.get('id')} @ {teacher.get('revision')}, "
+        f"  verified {len(pulled.verified_files)} files against {PROVENANCE_FILE}; "
+        f"teacher {teacher.get('id')} @ {teacher.get('revision')}, "
         f"method {pulled.provenance.get('method')}, MLflow run {pulled.provenance.get('mlflow_run_id')}"
     )
     chat = Chat(pulled.folder, max_new_tokens=max_new_tokens)

@@ -124,7 +124,8 @@ def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, str]:
 def start_pipeline_run(
     config: PipelineConfig, flow_run_id: str | None, flow_run_url: str | None = None
 ) -> TrackingContext:
-    """The parent run; ``flow_run_url`` is the Prefect UI page of the flow run when a Prefect server (PREFECT_UI_URL) is configured."""
+    """The parent run; ``flow_run_url`` is the Prefect UI page of the flow run when a Prefect server (PREFECT_UI_URL)
+    is configured."""
     uri = tracking_uri(config.tracking)
     experiment_id = ensure_experiment(config.tracking.experiment, uri)
     client = MlflowClient(uri)
@@ -153,7 +154,8 @@ def start_pipeline_run(
 
 
 def section_params(config: PipelineConfig, section: str) -> dict[str, Any]:
-    """A config section as nested params under its own path, so `flatten` names a value the same in every run: `train.kd.temperature`."""
+    """A config section as nested params under its own path, so `flatten` names a value the same in every run:
+    `train.kd.temperature`."""
     value: Any = config.model_dump(mode="json")
     for part in section.split("."):
         value = value[part]

@@ -25,7 +25,8 @@ def evaluate_task(
     tracking: TrackingContext,
     baseline: ModelRef | None = None,
 ) -> EvalReport:
-    """Evaluate (``baseline``: an extra model measured as role `baseline`), log metrics and the report's files, show the tables."""
+    """Evaluate (``baseline``: an extra model measured as role `baseline`), log metrics and the report's files, show
+    the tables."""
 
     def compute() -> EvalReport:
         return evaluate_student(

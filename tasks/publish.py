@@ -1,4 +1,5 @@
-"""Publishing as Prefect tasks: license check, the folder sealed in the store, the Hub push, the round trip, the MLflow links.
+"""Publishing as Prefect tasks: license check, the folder sealed in the store, the Hub push, the round trip, the MLflow
+links.
 
     published = publish_task(config, dataset, samples, student, report, registered, tracking)
 
@@ -164,7 +165,8 @@ def publish_task(
         link_to_hub_revision(tracking, registered, {**hub_tags(published), **round_trip_tag})
     if checked is not None and not checked.passed:
         raise StillhouseError(
-            f"round trip: the published revision {published.repo_id}@{published.commit_oid} generated differently from the local "
-            f"student on {checked.prompts - checked.matching} of {checked.prompts} prompts ({'; '.join(checked.mismatches)})"
+            f"round trip: the published revision {published.repo_id}@{published.commit_oid} generated differently "
+            f"from the local student on {checked.prompts - checked.matching} of {checked.prompts} prompts "
+            f"({'; '.join(checked.mismatches)})"
         )
     return published

@@ -1,4 +1,5 @@
-"""Registration as a Prefect task: the student becomes an MLflow model version with an alias, tagged with its lineage."""
+"""Registration as a Prefect task: the student becomes an MLflow model version with an alias, tagged with its
+lineage."""
 
 from __future__ import annotations
 

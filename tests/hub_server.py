@@ -25,6 +25,7 @@ X-Xet-Hash, so the client downloads over plain HTTP.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import itertools
 import json
@@ -557,10 +558,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _drop_connection(self) -> None:
         """Close the socket without an answer: the client sees a dropped connection."""
         self.close_connection = True
-        try:
+        with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     def _handle(self) -> None:
         hub: LoopbackHub = self.server.hub  # type: ignore[attr-defined]

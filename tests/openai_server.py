@@ -18,6 +18,7 @@ arrive in. ``answered`` counts the 200 answers per conversation.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import socket
@@ -68,10 +69,8 @@ class FakeOpenAIServer:
         # end their reading side; a response being written still goes out.
         with self._lock:
             for connection in self._connections:
-                try:
+                with contextlib.suppress(OSError):
                     connection.shutdown(socket.SHUT_RD)
-                except OSError:
-                    pass
         self._server.server_close()
 
     def _next_fault(self) -> str | None:
@@ -195,10 +194,8 @@ class FakeOpenAIServer:
                 for name, value in (headers or {}).items():
                     self.send_header(name, value)
                 self.end_headers()
-                try:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout test)
                     self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout test)
-                    pass
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

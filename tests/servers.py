@@ -73,7 +73,8 @@ def background(
 
 @contextmanager
 def s3_server(bucket: str = "stillhouse") -> Iterator[dict[str, str]]:
-    """moto's S3-compatible server in a thread; yields the AWS_* environment that points s3fs/boto3 at it, bucket created."""
+    """moto's S3-compatible server in a thread; yields the AWS_* environment that points s3fs/boto3 at it, bucket
+    created."""
     import logging
 
     from moto.server import ThreadedMotoServer

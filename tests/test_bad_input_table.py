@@ -95,7 +95,8 @@ def data_file(
     counted: bool = False,
     **settings,
 ) -> Callable[[Path, dict], str]:
-    """Curation of a file of 30 good rows then ``content``; with ``on_error: skip`` or filters the outcome is the counts."""
+    """Curation of a file of 30 good rows then ``content``; with ``on_error: skip`` or filters the outcome is the
+    counts."""
 
     def run(tmp_path: Path, raw: dict) -> str:
         path = tmp_path / f"data{suffix}"
@@ -219,7 +220,8 @@ CASES = [
     Case(
         "k-larger-than-vocabulary",
         config_change(section("sample", top_k_logprobs=100_000)),
-        r"exit 2: .*sample.top_k_logprobs: k=100000 is larger than the teacher's vocabulary \(\d+\); use a k of at most",
+        r"exit 2: .*sample.top_k_logprobs: k=100000 is larger than the teacher's vocabulary \(\d+\); "
+        r"use a k of at most",
     ),
     Case(
         "kd-without-top-k",
@@ -315,7 +317,8 @@ CASES = [
         ),
         r"InputError: .*has no rows",
     ),
-    # An answer with no question: the trailing answer is cut (as for full conversations), nothing is left, dropped as empty (tests/test_curate.py).
+    # An answer with no question: the trailing answer is cut (as for full conversations), nothing is left, dropped as
+    # empty (tests/test_curate.py).
     Case(
         "roles-assistant-only",
         messages_row(("assistant", "I answer nothing"), counted=True),
@@ -355,12 +358,21 @@ CASES = [
     Case(
         "prompt-10mb-sampled",
         huge_prompt_sampled,
-        r"InputError: prompt '.+' \(\w+ split\): \d+ tokens \+ max_new_tokens 4 exceed the teacher's context of 128; set sample.overlong_prompts",
+        r"InputError: prompt '.+' \(\w+ split\): \d+ tokens \+ max_new_tokens 4 exceed the teacher's context of 128; "
+        r"set sample.overlong_prompts",
     ),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+# Tokenizing a 10 MB prompt takes ~25 s: that case belongs to the full suite, not the quick loop.
+SLOW_CASES = {"prompt-10mb-sampled"}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(case, marks=pytest.mark.slow) if case.id in SLOW_CASES else case for case in CASES],
+    ids=[case.id for case in CASES],
+)
 def test_bad_input_gives_a_clear_error_or_a_counted_skip(case, tmp_path, pipeline_raw):
     outcome = case.run(tmp_path, pipeline_raw)
     print(
@@ -377,6 +389,7 @@ def test_a_teacher_revision_that_does_not_exist_is_named(hub, tiny_teacher, monk
     outcome = outcome_of(lambda: check_teacher(SampleConfig(teacher="alice/teacher", revision="no-such-branch")))
     print(f"\n| teacher-revision-missing | {outcome[:300]} |")
     assert re.search(
-        r"InputError: sample.teacher/sample.revision: cannot read 'alice/teacher' at revision 'no-such-branch' .*check the id and revision",
+        r"InputError: sample.teacher/sample.revision: cannot read 'alice/teacher' at revision 'no-such-branch' "
+        r".*check the id and revision",
         outcome,
     ), outcome

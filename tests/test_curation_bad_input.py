@@ -25,7 +25,8 @@ def test_malformed_jsonl_names_the_file_and_line_or_is_skipped_and_counted(tmp_p
     path.write_text(good_lines(3) + '{"prompt": "unterminated\n' + "\n" + '["a", "list"]\n' + good_lines(30))
     with pytest.raises(
         InputError,
-        match=r"bad.jsonl: line 4: not valid JSON: Invalid control character \(column 25\); fix the data, or set curate.on_error: skip",
+        match=r"bad.jsonl: line 4: not valid JSON: Invalid control character \(column 25\); "
+        r"fix the data, or set curate.on_error: skip",
     ):
         curate_file(tmp_path, path)
     dataset = curate_file(tmp_path, path, on_error="skip")

@@ -1,4 +1,5 @@
-"""`stillhouse deploy` against a real `prefect server`: bad input refused before anything is registered, then a clean registration.
+"""`stillhouse deploy` against a real `prefect server`: bad input refused before anything is registered, then a clean
+registration.
 
 The CLI runs as a child process, as a user runs it, with PREFECT_API_URL pointing at the server.
 """

@@ -1,4 +1,5 @@
-"""infra/ without a Docker engine: the compose file's structure, the worker image, the Kubernetes template, prefect.yaml.
+"""infra/ without a Docker engine: the compose file's structure, the worker image, the Kubernetes template,
+prefect.yaml.
 
 No Docker engine runs on these machines, so these read the files the way compose, Prefect and
 Kubernetes would, and check what would otherwise only fail on `docker compose up` or at 2 a.m.

@@ -166,7 +166,8 @@ def test_the_mlflow_and_prefect_uis_show_the_run_in_a_headless_browser(deployed_
             page.goto(f"{run.mlflow_url}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}")
             metric = page.get_by_text("student_perplexity").first
             metric.wait_for(timeout=60_000)
-            metric.scroll_into_view_if_needed()  # the run page scrolls inside a panel: bring the metrics table into the shot
+            # the run page scrolls inside a panel: bring the metrics table into the shot
+            metric.scroll_into_view_if_needed()
             page.screenshot(path=str(ARTIFACTS / "mlflow-run.png"))
             text = page.inner_text("body")
             assert "e2e-tiny" in text and "student_perplexity" in text and "student_top1_agreement" in text

@@ -62,7 +62,8 @@ def test_the_champion_comparison_knows_which_way_is_better():
     )
     assert not worse.passed
     assert worse.failures == [
-        "must_beat_champion on student_exact_match (higher is better, tolerance 0): candidate 0.6 vs champion version 3 0.7"
+        "must_beat_champion on student_exact_match (higher is better, tolerance 0): "
+        "candidate 0.6 vs champion version 3 0.7"
     ]
     assert check_candidate(
         GateConfig(champion_tolerance=0.1), CANDIDATE, champion={"student_exact_match": 0.7}, champion_version="3"
@@ -157,7 +158,8 @@ def test_evaluate_register_gate_in_mlflow(prefect_harness, tmp_path, tiny_teache
         registered = register_task(config, student, report, tracking)
         return tracking, report, registered, gate_task(config, report, registered, tracking)
 
-    # 1. The teacher itself as the student: KL ~0 (the stored top-k is float16), no champion yet: it passes and becomes champion.
+    # 1. The teacher itself as the student: KL ~0 (the stored top-k is float16), no champion yet: it passes and becomes
+    # champion.
     tracking, report, registered, verdict = evaluate_and_gate(as_student(tiny_teacher, "teacher-copy"))
     client = MlflowClient(config.tracking.uri)
     assert verdict.passed and verdict.promoted and verdict.champion_version is None

@@ -5,6 +5,7 @@ import json
 import pytest
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'stillhouse[eval]')")
+pytestmark = pytest.mark.slow  # lm_eval's own start-up costs ~6 s a test
 
 TASK_YAML = """\
 task: stillhouse_tiny_choice

@@ -52,7 +52,8 @@ class FixedDistribution(torch.nn.Module):
 def test_perplexity_kl_top1_and_kl_by_position_by_hand():
     log = math.log
     # One example: a 1-token prompt, then two response tokens (both id 1). Top-k targets sit at label positions.
-    # Position 0: teacher p = [0.25, 0.5, 0.25] (top-1 is id 1, the student's is id 0): KL(p||q) = 0.25 ln(0.5) + 0.5 ln 2 = 0.25 ln 2.
+    # Position 0: teacher p = [0.25, 0.5, 0.25] (top-1 is id 1, the student's is id 0):
+    # KL(p||q) = 0.25 ln(0.5) + 0.5 ln 2 = 0.25 ln 2.
     # Position 1: teacher p = q: KL 0, and the top-1 ids agree.
     example = {
         "input_ids": [0, 1, 1],

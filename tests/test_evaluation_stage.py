@@ -106,7 +106,8 @@ def test_only_the_chosen_groups_are_computed(sampled, tiny_teacher):
         "student_win_rate_low",
         "student_win_rate_high",
     }
-    # The student's answers are the teacher's: the judge sees the same text both orders, so each pair is a tie (counted half).
+    # The student's answers are the teacher's: the judge sees the same text both orders, so each pair is a tie (counted
+    # half).
     assert (
         report.metrics["student_win_rate"] == 0.5
         and report.metrics["student_win_rate_low"] < 0.5 < report.metrics["student_win_rate_high"]
@@ -162,6 +163,7 @@ def test_an_empty_eval_split_is_refused_before_loading_models(sampled, tiny_teac
         )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not lm_eval_available(), reason="lm-evaluation-harness is not installed (pip install 'stillhouse[eval]')"
 )

@@ -123,7 +123,8 @@ def test_upload_folder_in_one_commit_and_download_it_back(hub, api, model_folder
     assert weights.lfs.sha256 == weights_oid and weights.size == len(uploaded["model.safetensors"])
 
     cached = api.hf_hub_download(REPO_ID, "config.json", cache_dir=tmp_path / "cache")
-    assert open(cached, "rb").read() == uploaded["config.json"]
+    with open(cached, "rb") as file:
+        assert file.read() == uploaded["config.json"]
 
 
 def test_uploading_the_same_folder_again_is_harmless(hub, api, model_folder):
@@ -192,9 +193,11 @@ def test_a_tag_pins_a_revision(hub, api, model_folder, tmp_path):
     assert exists.value.response.status_code == 409
 
     old = api.snapshot_download(REPO_ID, revision="v1.0", cache_dir=tmp_path / "cache")
-    assert open(os.path.join(old, "config.json")).read() == '{"n_layer": 2, "n_embd": 32}\n'
+    with open(os.path.join(old, "config.json")) as file:
+        assert file.read() == '{"n_layer": 2, "n_embd": 32}\n'
     new = api.hf_hub_download(REPO_ID, "config.json", cache_dir=tmp_path / "cache")
-    assert open(new).read() == '{"n_layer": 4}\n'
+    with open(new) as file:
+        assert file.read() == '{"n_layer": 4}\n'
     assert [c.commit_id for c in api.list_repo_commits(REPO_ID)][:2] == [v2.oid, v1.oid]
 
 

@@ -1,4 +1,5 @@
-"""The layering, enforced: flows → tasks → {core, registry}; registry → core; the core knows no orchestration, tracking or demo.
+"""The layering, enforced: flows → tasks → {core, registry}; registry → core; the core knows no orchestration,
+tracking or demo.
 
 Every module of the installed package is read with `ast` (its own import statements, lazy ones inside
 functions included), so a violation fails here whatever imports it happens to trigger at run time.
@@ -103,8 +104,10 @@ def test_the_check_catches_a_violation(tmp_path):
     assert problems == [
         "stillhouse.tasks.task imports stillhouse.flows: tasks don't know the flows that call them",
         "stillhouse.tasks.task imports stillhouse.flows.cli: tasks don't know the flows that call them",
-        "stillhouse.training.core imports mlflow: the core is plain Python; orchestration and tracking belong to tasks/ and registry/",
+        "stillhouse.training.core imports mlflow: the core is plain Python; "
+        "orchestration and tracking belong to tasks/ and registry/",
         "stillhouse.training.core imports mlflow: MLflow is reached through stillhouse.registry",
         "stillhouse.training.core imports stillhouse.tasks.train: imports go one way: flows → tasks → {core, registry}",
-        "stillhouse.training.core imports stillhouse.tasks.train.train_task: imports go one way: flows → tasks → {core, registry}",
+        "stillhouse.training.core imports stillhouse.tasks.train.train_task: "
+        "imports go one way: flows → tasks → {core, registry}",
     ]

@@ -171,7 +171,8 @@ def with_bucket(top_logprobs):
 def test_top_k_gradients_equal_autograd_through_the_dense_path(kind, tail, temperature, monkeypatch):
     """The student's top-k outcomes have a hand-written backward; check it against plain autograd:
     the dense loss over the k+1 (bucket) or k (renormalize) outcomes built with torch ops, and at k = V the dense loss.
-    The plain version has no 1e-8 bucket smoothing (visible at τ = 0.5, where tails shrink), so it is all but off here."""
+    The plain version has no 1e-8 bucket smoothing (visible at τ = 0.5, where tails shrink), so it is all but off
+    here."""
     monkeypatch.setattr(losses, "_TAIL_SMOOTHING", 1e-30)
     student, teacher, labels = random_inputs(18)
     student.requires_grad_()

@@ -1,4 +1,5 @@
-"""`pip install stillhouse` as a user gets it: the wheel, installed into a fresh venv outside the checkout, run from an empty folder.
+"""`pip install stillhouse` as a user gets it: the wheel, installed into a fresh venv outside the checkout, run from an
+empty folder.
 
 The fresh venv takes its dependencies from the test environment's site-packages through a `.pth` line
 (nothing is downloaded; `pip install --no-index` then checks that the wheel's declared dependencies
@@ -127,7 +128,8 @@ def test_the_wheel_holds_only_the_stillhouse_package_and_its_data(wheel):
 
 
 def test_every_import_is_a_declared_dependency():
-    """Each third-party module the package imports belongs to a distribution in [project] dependencies (or an extra, for optional ones)."""
+    """Each third-party module the package imports belongs to a distribution in [project] dependencies (or an extra,
+    for optional ones)."""
     from importlib.metadata import packages_distributions
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]

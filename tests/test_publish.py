@@ -255,7 +255,8 @@ def test_a_license_violation_blocks_publishing_before_anything_runs(tmp_path, pi
 def test_a_retried_commit_refused_as_stale_is_recognised_as_landed(
     tmp_path, pipeline_raw, hub, monkeypatch, tiny_student
 ):
-    """The retry of a commit that did land is pinned to the old head, so the Hub refuses it (412) rather than apply it twice."""
+    """The retry of a commit that did land is pinned to the old head, so the Hub refuses it (412) rather than apply it
+    twice."""
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     config = publish_config(pipeline_raw, hub)
     first = write_folder(tmp_path, config, tiny_student, "first")

@@ -203,7 +203,8 @@ def test_overlong_prompts_fail_before_sampling_or_are_truncated_or_skipped_and_c
     }
     with pytest.raises(
         InputError,
-        match=r"prompt '\w+' \((train|eval) split\): \d+ tokens \+ max_new_tokens 4 exceed the teacher's context of 24; set sample.overlong_prompts",
+        match=r"prompt '\w+' \((train|eval) split\): \d+ tokens \+ max_new_tokens 4 exceed the teacher's context "
+        r"of 24; set sample.overlong_prompts",
     ):
         plan_shards(SampleConfig(**settings), small_dataset, Store(tmp_path))
     assert not list(tmp_path.rglob("shard-*"))

@@ -1,4 +1,5 @@
-"""The sampling flow: shards as mapped Prefect tasks (threads, or a local Ray cluster), the `gpu` limit, progress, resume."""
+"""The sampling flow: shards as mapped Prefect tasks (threads, or a local Ray cluster), the `gpu` limit, progress,
+resume."""
 
 from pathlib import Path
 

@@ -1,4 +1,5 @@
-"""Engine `vllm` on a CUDA GPU: the same greedy answers and top-k log-probs as the `hf` engine (skipped without CUDA)."""
+"""Engine `vllm` on a CUDA GPU: the same greedy answers and top-k log-probs as the `hf` engine (skipped without
+CUDA)."""
 
 import numpy as np
 import pytest

@@ -63,7 +63,8 @@ def test_a_pickle_only_hub_repo_is_refused_before_any_weight_is_downloaded(pickl
     upload_to_default_hub(hub, monkeypatch, folder, "alice/pickled")
     with pytest.raises(
         InputError,
-        match=r"sample.teacher: 'alice/pickled' at revision 'main' has weights only as pickle files \(pytorch_model.bin\)",
+        match=r"sample.teacher: 'alice/pickled' at revision 'main' has weights only as pickle files "
+        r"\(pytorch_model.bin\)",
     ):
         check_teacher(SampleConfig(teacher="alice/pickled"))
     with pytest.raises(

@@ -78,7 +78,8 @@ def first_weight(folder) -> torch.Tensor:
 
 @pytest.mark.integration
 def test_the_whole_pipeline_runs_on_a_served_teacher(prefect_harness, pipeline_raw, server, tiny_teacher, tiny_student):
-    """curate -> sample (served, top-k) -> kd train -> evaluate -> register, with the teacher never loaded after sampling."""
+    """curate -> sample (served, top-k) -> kd train -> evaluate -> register, with the teacher never loaded after
+    sampling."""
     from stillhouse.flows.distill import distill
 
     config = parse_config(served_pipeline(pipeline_raw, server, tiny_teacher, tiny_student, method="kd"))
@@ -153,7 +154,8 @@ def sample_served(server, folder, tokenizer=None):
 
 @pytest.fixture(scope="module")
 def served_without_tokenizer(server, tmp_path_factory):
-    """The served teacher's tokenizer unknown: the server's token ids are kept, but nothing says whose vocabulary they are."""
+    """The served teacher's tokenizer unknown: the server's token ids are kept, but nothing says whose vocabulary they
+    are."""
     return sample_served(server, tmp_path_factory.mktemp("served-data"))
 
 

@@ -24,7 +24,8 @@ def is_builtin(reference: str | None) -> bool:
 
 
 def load_builtin(group: str, reference: str, field: str) -> Callable[..., Any]:
-    """The callable registered as ``reference`` (``builtin:NAME``) in ``group``; an error naming ``field`` when none is."""
+    """The callable registered as ``reference`` (``builtin:NAME``) in ``group``;
+    an error naming ``field`` when none is."""
     name = reference.removeprefix(PREFIX)
     found = entry_points(group=group, name=name)
     if not found:

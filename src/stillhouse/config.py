@@ -34,9 +34,9 @@ class StrictModel(BaseModel):
 
 ChatFormat = Literal["auto", "columns", "messages", "sharegpt", "alpaca"]
 FORMAT_HELP = (
-    "How rows become chat messages. `columns`: `prompt_column` holds the prompt text (or a message list), with an optional "
-    "`system_column`; `messages`: OpenAI-style list of {role, content} in `prompt_column` (or a `messages` column); "
-    "`sharegpt`: a `conversations` list of {from, value}; `alpaca`: instruction/input(/output) columns; "
+    "How rows become chat messages. `columns`: `prompt_column` holds the prompt text (or a message list), with an "
+    "optional `system_column`; `messages`: OpenAI-style list of {role, content} in `prompt_column` (or a `messages` "
+    "column); `sharegpt`: a `conversations` list of {from, value}; `alpaca`: instruction/input(/output) columns; "
     "`auto`: `prompt_column` if the data has it, else the first of messages, conversations, instruction."
 )
 
@@ -45,7 +45,8 @@ class SourceConfig(StrictModel):
     """One source of a mixture: where its rows come from, how they map to chat messages, and its share."""
 
     source: str = Field(
-        description=f"A local .jsonl/.parquet/.csv file, a local `datasets` folder, a Hub dataset id, or `{DEMO_SOURCE}`."
+        description="A local .jsonl/.parquet/.csv file, a local `datasets` folder, a Hub dataset id, "
+        f"or `{DEMO_SOURCE}`."
     )
     name: str | None = Field(
         None,
@@ -92,8 +93,8 @@ class LengthFilterConfig(StrictModel):
     )
     tokenizer: str | None = Field(
         None,
-        description=f"The teacher's tokenizer for the token bounds: a local model folder, a Hub id, or `{DEMO_TEACHER}`. "
-        "Loaded only when a token bound is set.",
+        description="The teacher's tokenizer for the token bounds: a local model folder, a Hub id, or "
+        f"`{DEMO_TEACHER}`. Loaded only when a token bound is set.",
     )
 
     @model_validator(mode="after")
@@ -178,12 +179,14 @@ class DecontaminateConfig(StrictModel):
         13,
         ge=1,
         le=64,
-        description="Words per n-gram (normalized: lowercase, punctuation stripped). Shorter texts count as one n-gram.",
+        description="Words per n-gram (normalized: lowercase, punctuation stripped). "
+        "Shorter texts count as one n-gram.",
     )
     ignore_common: int | None = Field(
         10,
         gt=0,
-        description="Ignore n-grams found in more than this many reference rows (shared boilerplate, not leaks); null keeps all.",
+        description="Ignore n-grams found in more than this many reference rows (shared boilerplate, not leaks); "
+        "null keeps all.",
     )
 
 
@@ -222,7 +225,8 @@ class CurateConfig(StrictModel):
     )
     on_error: Literal["fail", "skip"] = Field(
         "fail",
-        description="A malformed row (bad JSON, invalid UTF-8, missing column, not a conversation): `fail` stops, `skip` drops and counts it.",
+        description="A malformed row (bad JSON, invalid UTF-8, missing column, not a conversation): `fail` stops, "
+        "`skip` drops and counts it.",
     )
     batch_rows: int = Field(10000, ge=100, le=1_000_000, description="Rows read and processed per batch.")
     report_examples: int = Field(
@@ -244,7 +248,8 @@ class CurateConfig(StrictModel):
     def _one_source_form(self) -> CurateConfig:
         if (self.source is None) == (self.sources is None):
             raise ValueError(
-                "set exactly one of `source` (one dataset) or `sources` (a mixture: a list of {source, weight, max_rows, ...})"
+                "set exactly one of `source` (one dataset) "
+                "or `sources` (a mixture: a list of {source, weight, max_rows, ...})"
             )
         if self.sources is not None:
             per_source = {
@@ -290,7 +295,8 @@ class OpenAIEngineConfig(StrictModel):
     api_key_env: str | None = Field(
         "OPENAI_API_KEY",
         min_length=1,
-        description="Environment variable holding the API key (sent as a Bearer token, never stored or logged); null sends none.",
+        description="Environment variable holding the API key (sent as a Bearer token, never stored or logged); "
+        "null sends none.",
     )
     max_concurrency: int = Field(8, gt=0, le=1024, description="Requests in flight at once, per shard.")
     max_retries: int = Field(
@@ -304,12 +310,13 @@ class OpenAIEngineConfig(StrictModel):
     )
     tokenizer: str | None = Field(
         None,
-        description="The served model's tokenizer (local folder or Hub id), to map returned tokens to ids and check prompt lengths and k; "
-        "null trusts the server's token ids (`return_token_ids`).",
+        description="The served model's tokenizer (local folder or Hub id), to map returned tokens to ids and check "
+        "prompt lengths and k; null trusts the server's token ids (`return_token_ids`).",
     )
     return_token_ids: bool = Field(
         True,
-        description="Ask the server for tokens as ids (vLLM's `return_tokens_as_token_ids`); turn off for servers that refuse unknown fields.",
+        description="Ask the server for tokens as ids (vLLM's `return_tokens_as_token_ids`); "
+        "turn off for servers that refuse unknown fields.",
     )
 
 
@@ -336,7 +343,8 @@ class TaskRunnerConfig(StrictModel):
         1,
         gt=0,
         le=4096,
-        description="Shards in flight at once, enforced by a Prefect tag concurrency limit on `gpu`, created at this size when absent.",
+        description="Shards in flight at once, enforced by a Prefect tag concurrency limit on `gpu`, "
+        "created at this size when absent.",
     )
 
 
@@ -344,20 +352,21 @@ class SampleConfig(StrictModel):
     """How the teacher answers the prompts."""
 
     teacher: str = Field(
-        description=f"Teacher model: a local folder, a Hub id such as `Qwen/Qwen2.5-1.5B-Instruct`, or `{DEMO_TEACHER}`; "
-        "for engine `openai`, the model name the server serves."
+        description="Teacher model: a local folder, a Hub id such as `Qwen/Qwen2.5-1.5B-Instruct`, or "
+        f"`{DEMO_TEACHER}`; for engine `openai`, the model name the server serves."
     )
     revision: str | None = Field(
         None, description="Hub revision (branch, tag or commit) of the teacher; ignored for local folders."
     )
     trust_remote_code: bool = Field(
         False,
-        description="Let the teacher's own Python code run (auto_map in its config); off, such a teacher is refused. Only for code you have read.",
+        description="Let the teacher's own Python code run (auto_map in its config); off, such a teacher is refused. "
+        "Only for code you have read.",
     )
     engine: Literal["hf", "vllm", "openai"] = Field(
         "hf",
-        description="Generation engine. `hf`: transformers in this process. `vllm`: vLLM on a GPU (pip install stillhouse[vllm]). "
-        "`openai`: an OpenAI-compatible HTTP endpoint (see `openai`).",
+        description="Generation engine. `hf`: transformers in this process. `vllm`: vLLM on a GPU (pip install "
+        "stillhouse[vllm]). `openai`: an OpenAI-compatible HTTP endpoint (see `openai`).",
     )
     max_new_tokens: int = Field(64, gt=0, le=32768, description="Most tokens the teacher may generate per response.")
     temperature: float = Field(0.0, ge=0, le=10, description="Sampling temperature; 0 means greedy decoding.")
@@ -374,33 +383,38 @@ class SampleConfig(StrictModel):
     stop: list[str] = Field(
         default_factory=list,
         max_length=16,
-        description="Stop strings: a response ends with the token that completes one of them (kept in the response, like EOS).",
+        description="Stop strings: a response ends with the token that completes one of them "
+        "(kept in the response, like EOS).",
     )
     top_k_logprobs: int = Field(
         16,
         ge=0,
-        description="Teacher top-k token ids and log-probs stored per generated position for white-box training; 0 stores none.",
+        description="Teacher top-k token ids and log-probs stored per generated position for white-box training; "
+        "0 stores none.",
     )
     batch_size: int = Field(64, gt=0, description="Most prompts per generate call (sorted by length, left-padded).")
     batch_tokens: int | None = Field(
         None,
         gt=0,
-        description="Token budget of one generate call: rows x n x (longest prompt + max_new_tokens) stays under it; null uses batch_size alone.",
+        description="Token budget of one generate call: rows x n x (longest prompt + max_new_tokens) stays under it; "
+        "null uses batch_size alone.",
     )
     overlong_prompts: Literal["error", "truncate_left", "skip"] = Field(
         "error",
-        description="A prompt that leaves no room for max_new_tokens in the teacher's context: `error` before sampling, "
-        "`truncate_left` (keep its end), or `skip` it; truncations and skips are counted in the manifest.",
+        description="A prompt that leaves no room for max_new_tokens in the teacher's context: `error` before "
+        "sampling, `truncate_left` (keep its end), or `skip` it; truncations and skips are counted in the manifest.",
     )
     context_length: int | None = Field(
         None,
         gt=0,
-        description="Teacher's context in tokens; null reads max_position_embeddings from its config (engine `openai`: unchecked unless set).",
+        description="Teacher's context in tokens; null reads max_position_embeddings from its config "
+        "(engine `openai`: unchecked unless set).",
     )
     shard_rows: int = Field(
         2048,
         gt=0,
-        description="Prompts per Parquet shard of the teacher-output store; a shard is the unit of resume and scale-out.",
+        description="Prompts per Parquet shard of the teacher-output store; "
+        "a shard is the unit of resume and scale-out.",
     )
     seed: int = Field(0, description="Seed of sampling; fixed seeds give identical outputs on the same hardware.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description="Teacher weights' dtype.")
@@ -449,7 +463,8 @@ class KDConfig(StrictModel):
 
     kind: LossKind = Field(
         "forward_kl",
-        description="Divergence between teacher (p) and student (q): forward_kl = KL(p||q), reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tvd.",
+        description="Divergence between teacher (p) and student (q): forward_kl = KL(p||q), reverse_kl, jsd, "
+        "skew_forward_kl, skew_reverse_kl, tvd.",
     )
     beta: float = Field(
         0.5,
@@ -465,11 +480,13 @@ class KDConfig(StrictModel):
     )
     tail: Literal["bucket", "renormalize"] = Field(
         "bucket",
-        description="Top-k teachers: `bucket` adds one outcome for the rest of the mass; `renormalize` compares over the k ids only.",
+        description="Top-k teachers: `bucket` adds one outcome for the rest of the mass; "
+        "`renormalize` compares over the k ids only.",
     )
     teacher: Literal["offline", "online"] = Field(
         "offline",
-        description="`offline`: the top-k log-probs stored by the sample stage. `online`: the teacher model in memory scores every batch.",
+        description="`offline`: the top-k log-probs stored by the sample stage. "
+        "`online`: the teacher model in memory scores every batch.",
     )
     online_top_k: int | None = Field(
         None, gt=0, description="Online teacher: keep only its top-k per position (null compares full distributions)."
@@ -478,8 +495,8 @@ class KDConfig(StrictModel):
         0.0,
         ge=0,
         le=1,
-        description="On-policy share (GKD): the probability that a batch's responses are generated by the student and scored by the online teacher. "
-        "0 trains on the teacher's own responses (sequence-level KD).",
+        description="On-policy share (GKD): the probability that a batch's responses are generated by the student and "
+        "scored by the online teacher. 0 trains on the teacher's own responses (sequence-level KD).",
     )
     rollout_max_new_tokens: int = Field(
         64, gt=0, description="Most tokens the student generates per on-policy rollout."
@@ -490,7 +507,8 @@ class KDConfig(StrictModel):
     def _on_policy_needs_online_teacher(self) -> KDConfig:
         if self.lmbda > 0 and self.teacher != "online":
             raise ValueError(
-                "lmbda > 0 scores the student's own samples, which only a teacher in memory can do: set kd.teacher: online"
+                "lmbda > 0 scores the student's own samples, which only a teacher in memory can do: "
+                "set kd.teacher: online"
             )
         if self.online_top_k is not None and self.teacher != "online":
             raise ValueError(
@@ -515,11 +533,13 @@ class TrainConfig(StrictModel):
 
     student: str | None = Field(
         None,
-        description="Pretrained student: a local folder or a Hub id. Leave null and set `architecture` to build one from scratch.",
+        description="Pretrained student: a local folder or a Hub id. "
+        "Leave null and set `architecture` to build one from scratch.",
     )
     trust_remote_code: bool = Field(
         False,
-        description="Let the pretrained student's own Python code run (auto_map in its config); off, such a student is refused.",
+        description="Let the pretrained student's own Python code run (auto_map in its config); off, "
+        "such a student is refused.",
     )
     architecture: StudentArchitecture | None = Field(
         None, description="Build the student from scratch with this shape and the teacher's tokenizer."
@@ -527,8 +547,9 @@ class TrainConfig(StrictModel):
     method: Literal["sft", "kd"] = Field(
         "sft",
         description="`sft`: cross-entropy on the teacher's response tokens (black-box). "
-        "`kd`: a divergence (`kd.kind`: forward or reverse KL, JSD, skew KLs, TVD) to the teacher's distribution (`kd.teacher`: the "
-        "stored top-k or the teacher in memory), mixed with cross-entropy by `kd_weight` and `ce_weight` (white-box).",
+        "`kd`: a divergence (`kd.kind`: forward or reverse KL, JSD, skew KLs, TVD) to the teacher's distribution "
+        "(`kd.teacher`: the stored top-k or the teacher in memory), "
+        "mixed with cross-entropy by `kd_weight` and `ce_weight` (white-box).",
     )
     kd_weight: float = Field(1.0, ge=0, description="Weight of the divergence term (`kd.kind`) when method is `kd`.")
     ce_weight: float = Field(0.5, ge=0, description="Weight of the cross-entropy term when method is `kd`.")
@@ -561,7 +582,8 @@ class TrainConfig(StrictModel):
     save_steps: int | None = Field(
         None,
         gt=0,
-        description="Checkpoint every this many steps; a rerun after a crash resumes from the newest checkpoint. Null: no checkpoints.",
+        description="Checkpoint every this many steps; a rerun after a crash resumes from the newest checkpoint. "
+        "Null: no checkpoints.",
     )
     lora: LoraSettings | None = Field(
         None,
@@ -683,7 +705,8 @@ class LmEvalConfig(StrictModel):
     )
     include_path: str | None = Field(
         None,
-        description="Folder of extra lm_eval task YAMLs (custom tasks over local files); null uses lm_eval's own tasks only.",
+        description="Folder of extra lm_eval task YAMLs (custom tasks over local files); "
+        "null uses lm_eval's own tasks only.",
     )
     limit: int | None = Field(
         None,
@@ -727,8 +750,9 @@ class GateConfig(StrictModel):
     champion_metric: str | None = Field(
         None,
         min_length=1,
-        description="Metric compared with the champion; null uses student_exact_match when the eval set has references, "
-        "else student_perplexity. Perplexity, KL, latency and size metrics are lower-is-better, the rest higher-is-better.",
+        description="Metric compared with the champion; null uses student_exact_match when the eval set has "
+        "references, else student_perplexity. Perplexity, KL, latency and size metrics are lower-is-better, "
+        "the rest higher-is-better.",
     )
     champion_tolerance: float = Field(
         0.0,
@@ -766,25 +790,29 @@ class EvaluateConfig(StrictModel):
     metrics: list[MetricGroup] | None = Field(
         None,
         min_length=1,
-        description="Metric groups to compute: perplexity (on teacher responses), reference_perplexity, kl (token KL teacher‖student), "
-        "agreement (answer and top-1 token), exact_match, rouge_l_teacher, rouge_l_reference, speed (tokens/s, latency), size (on disk), "
-        "win_rate (a judge compares each answer with the teacher's, and the student's with the baseline's, both orders). "
-        "Null computes every group the data supports except win_rate; listing one that needs references the data lacks is an error.",
+        description="Metric groups to compute: perplexity (on teacher responses), reference_perplexity, kl (token KL "
+        "teacher‖student), agreement (answer and top-1 token), exact_match, rouge_l_teacher, rouge_l_reference, speed "
+        "(tokens/s, latency), size (on disk), win_rate (a judge compares each answer with the teacher's, and the "
+        "student's with the baseline's, both orders). Null computes every group the data supports except win_rate; "
+        "listing one that needs references the data lacks is an error.",
     )
     baseline: str | None = Field(
         None,
         min_length=1,
-        description="Also evaluate this model (e.g. the student's initialization, a local folder or Hub id) as role `baseline`.",
+        description="Also evaluate this model (e.g. the student's initialization, "
+        "a local folder or Hub id) as role `baseline`.",
     )
     judge_model: str | None = Field(
         None,
         min_length=1,
-        description="Judge of group win_rate (a local folder or Hub id); null uses the teacher. Ties and order-inconsistent verdicts count half.",
+        description="Judge of group win_rate (a local folder or Hub id); null uses the teacher. "
+        "Ties and order-inconsistent verdicts count half.",
     )
     win_rate_judge: Literal["model", "verifier"] = Field(
         "model",
-        description="Group win_rate: `model` asks the judge model (both orders); `verifier` compares each answer with the "
-        "reference (a win when only the first is right, a tie when both or neither are): for tasks with checkable answers.",
+        description="Group win_rate: `model` asks the judge model (both orders); `verifier` compares each answer with "
+        "the reference (a win when only the first is right, a tie when both or neither are): "
+        "for tasks with checkable answers.",
     )
     latency_prompts: int = Field(
         4, gt=0, le=1000, description="Prompts generated one at a time to time per-prompt latency (group `speed`)."
@@ -817,23 +845,27 @@ class JudgeConfig(StrictModel):
     kind: Literal["pointwise", "pairwise", "verifier"] = Field(
         "pointwise",
         description="`pointwise`: a 1-10 score per response (expected value over the score labels); "
-        "`pairwise`: A/B comparisons of each candidate with the first, both orders; `verifier`: exact match with the reference answer.",
+        "`pairwise`: A/B comparisons of each candidate with the first, both orders; `verifier`: "
+        "exact match with the reference answer.",
     )
     model: str | None = Field(
         None,
-        description="Judge model (a local folder or Hub id); null uses the teacher. Engine `openai`: the model name the server serves (required).",
+        description="Judge model (a local folder or Hub id); null uses the teacher. Engine `openai`: "
+        "the model name the server serves (required).",
     )
     rubric: str | None = Field(
         None,
-        description="The judge's prompt with {prompt} and {response} (pointwise) or {prompt}, {first}, {second} (pairwise); null uses the built-in rubric.",
+        description="The judge's prompt with {prompt} and {response} (pointwise) or {prompt}, {first}, {second} "
+        "(pairwise); null uses the built-in rubric.",
     )
     tie_margin: float = Field(
         0.05, ge=0, lt=0.5, description="Pairwise: a P(first better) within this of 0.5 is a tie (dropped)."
     )
     engine: Literal["hf", "openai"] = Field(
         "hf",
-        description="`hf`: the judge model in this process, labels scored by teacher forcing. `openai`: a served judge behind an "
-        "OpenAI-compatible endpoint (`openai`); the verdict is read from its top_logprobs over the labels, or from its text when it returns none.",
+        description="`hf`: the judge model in this process, labels scored by teacher forcing. `openai`: a served judge "
+        "behind an OpenAI-compatible endpoint (`openai`); the verdict is read from its top_logprobs over the labels, "
+        "or from its text when it returns none.",
     )
     openai: OpenAIEngineConfig = Field(
         default_factory=OpenAIEngineConfig,
@@ -844,7 +876,8 @@ class JudgeConfig(StrictModel):
         ge=0,
         le=1000,
         description="Engine `openai`: log-probs asked per answer position (20 is OpenAI's and vLLM's usual cap); "
-        "labels outside them count as improbable. 0 asks for none and parses the text (for servers that refuse `logprobs`).",
+        "labels outside them count as improbable. 0 asks for none and parses the text "
+        "(for servers that refuse `logprobs`).",
     )
     max_tokens: int = Field(
         4, gt=0, le=64, description="Engine `openai`: most tokens of the judge's answer; it only has to name a label."
@@ -860,7 +893,8 @@ class JudgeConfig(StrictModel):
     def _served_judge_needs_a_name(self) -> JudgeConfig:
         if self.engine == "openai" and self.kind != "verifier" and not self.model:
             raise ValueError(
-                "judge.engine is `openai` but judge.model is not set: name the model the server serves (e.g. `Qwen/Qwen2.5-7B-Instruct`)"
+                "judge.engine is `openai` but judge.model is not set: "
+                "name the model the server serves (e.g. `Qwen/Qwen2.5-7B-Instruct`)"
             )
         return self
 
@@ -941,8 +975,8 @@ class PublishConfig(StrictModel):
         for part in (repo_id or "").split("/"):
             if part and (part[0] in ".-" or part[-1] in ".-" or ".." in part or "--" in part):
                 raise ValueError(
-                    f"{repo_id!r}: each part of a Hub repo id must not start or end with `.` or `-` nor contain `..` or `--`; "
-                    "write it as `namespace/name`, e.g. `alice/tiny-student`"
+                    f"{repo_id!r}: each part of a Hub repo id must not start or end with `.` or `-` nor contain `..` "
+                    "or `--`; write it as `namespace/name`, e.g. `alice/tiny-student`"
                 )
         return repo_id
 
@@ -956,7 +990,8 @@ class PublishConfig(StrictModel):
     license: str = Field(
         "apache-2.0",
         description="The student's license id, written into the model card (a Hub id like `apache-2.0` or `llama3.1`, "
-        "or a name from stillhouse.licenses such as `qwen`); checked against the teacher's and base model's terms before publishing.",
+        "or a name from stillhouse.licenses such as `qwen`); "
+        "checked against the teacher's and base model's terms before publishing.",
     )
     teacher_license: str | None = Field(
         None,
@@ -987,7 +1022,8 @@ class PublishConfig(StrictModel):
         4,
         ge=0,
         le=20,
-        description="Retries of each idempotent Hub call (create repo, upload commit, tag) on HTTP 429/5xx and connection errors.",
+        description="Retries of each idempotent Hub call (create repo, upload commit, tag) "
+        "on HTTP 429/5xx and connection errors.",
     )
     retry_backoff_s: float = Field(
         2.0, ge=0, description="First wait before a Hub retry, in seconds; doubled after each try."
@@ -1033,7 +1069,8 @@ class PipelineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _served_teacher_rules(self) -> PipelineConfig:
-        """With sample.engine `openai` the teacher is a name on a server: only its answers (and top-k) reach later stages.
+        """With sample.engine `openai` the teacher is a name on a server: only its answers
+        (and top-k) reach later stages.
 
         Its tokenizer is known only through sample.openai.tokenizer; its weights never are. The rules live in
         `stillhouse.capabilities`, where the stages check them again on what the sample stage recorded.
@@ -1084,8 +1121,8 @@ class PipelineConfig(StrictModel):
         )
         if expected_rows is not None and expected_rows * curate.eval_fraction < 1:
             raise ValueError(
-                f"the eval set would be empty: {expected_rows} rows x curate.eval_fraction {curate.eval_fraction} is under one row; "
-                "raise curate.max_rows or curate.eval_fraction"
+                f"the eval set would be empty: {expected_rows} rows x curate.eval_fraction {curate.eval_fraction} "
+                "is under one row; raise curate.max_rows or curate.eval_fraction"
             )
         has_references = is_builtin(curate.source) or any(source.reference_column for source in curate.source_list())
         has_top_k = self.sample.top_k_logprobs > 0
@@ -1113,7 +1150,8 @@ class PipelineConfig(StrictModel):
             if group is None:
                 known = sorted(n for names in METRIC_NAMES.values() for n in names)
                 raise ValueError(
-                    f"{field}: unknown metric {name!r}; known metrics: {', '.join(known)} (and <role>_lm_eval/<task>/<metric>)"
+                    f"{field}: unknown metric {name!r}; known metrics: {', '.join(known)} "
+                    "(and <role>_lm_eval/<task>/<metric>)"
                 )
             if group not in groups:
                 why = (
@@ -1126,7 +1164,8 @@ class PipelineConfig(StrictModel):
                     else f"add {group!r} to evaluate.metrics"
                 )
                 raise ValueError(
-                    f"{field}: metric {name!r} comes from metric group {group!r}, which this config does not compute: {why}"
+                    f"{field}: metric {name!r} comes from metric group {group!r}, which this config does not compute: "
+                    f"{why}"
                 )
             if name.startswith("baseline_") and evaluate.baseline is None:
                 raise ValueError(

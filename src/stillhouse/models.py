@@ -35,10 +35,11 @@ def check_safetensors_weights(path: Path, field: str) -> None:
     pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
     if pickled:
         raise InputError(
-            f"{field}: {str(path)!r} has weights only as pickle files ({', '.join(pickled[:3])}), which can run arbitrary code "
-            "when loaded; Stillhouse loads safetensors only. If you trust the file, convert it once: "
+            f"{field}: {str(path)!r} has weights only as pickle files ({', '.join(pickled[:3])}), which can run "
+            "arbitrary code when loaded; Stillhouse loads safetensors only. If you trust the file, convert it once: "
             'python -c "from transformers import AutoModelForCausalLM as M; '
-            f"M.from_pretrained('{path}', use_safetensors=False).save_pretrained('{path}-safetensors')\" and point {field} there"
+            f"M.from_pretrained('{path}', use_safetensors=False).save_pretrained('{path}-safetensors')\" and point "
+            f"{field} there"
         )
 
 
@@ -58,16 +59,18 @@ def check_hub_safetensors(repo_id: str, revision: str | None, field: str) -> Non
     pickled = sorted(name for name in files if name.endswith(tuple(pattern[1:] for pattern in PICKLE_WEIGHTS)))
     if pickled:
         raise InputError(
-            f"{field}: {repo_id!r} at revision {revision or 'main'!r} has weights only as pickle files ({', '.join(pickled[:3])}), "
-            "which can run arbitrary code when loaded; Stillhouse loads safetensors only. Use a revision with model.safetensors "
-            "(many repos have one on the `refs/pr/N` branch the Hub's conversion bot opened), or convert a checkpoint you trust"
+            f"{field}: {repo_id!r} at revision {revision or 'main'!r} has weights only as pickle files "
+            f"({', '.join(pickled[:3])}), which can run arbitrary code when loaded; Stillhouse loads safetensors only. "
+            "Use a revision with model.safetensors (many repos have one on the `refs/pr/N` branch the Hub's conversion "
+            "bot opened), or convert a checkpoint you trust"
         )
 
 
 def remote_code_error(model: str, field: str) -> InputError:
     return InputError(
         f"{field}: {model!r} ships its own Python code (auto_map in its config), which runs only when allowed; "
-        f"if you trust it, set {field.rsplit('.', 1)[0]}.trust_remote_code: true, else use a model that plain transformers supports"
+        f"if you trust it, set {field.rsplit('.', 1)[0]}.trust_remote_code: true, "
+        "else use a model that plain transformers supports"
     )
 
 
@@ -79,14 +82,16 @@ def resolve_model(reference: str, field: str) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise InputError(
-                f"{field}: {reference!r} is a folder without config.json; point it at a folder written by save_pretrained"
+                f"{field}: {reference!r} is a folder without config.json; "
+                "point it at a folder written by save_pretrained"
             )
         check_safetensors_weights(path, field)
         return str(path.resolve())
     looks_like_path = reference.startswith((".", "/", "~")) or reference.count("/") != 1
     if looks_like_path or not _HUB_ID.match(reference):
         raise InputError(
-            f"{field}: model path {reference!r} does not exist; give an existing folder, a Hub id like `org/name`, or a `builtin:` model such as `builtin:demo-teacher`"
+            f"{field}: model path {reference!r} does not exist; give an existing folder, a Hub id like `org/name`, "
+            "or a `builtin:` model such as `builtin:demo-teacher`"
         )
     return reference
 

@@ -15,7 +15,8 @@ from stillhouse.training.train import check_vocabularies
 
 
 def preflight(config: PipelineConfig) -> None:
-    """Raise `InputError` naming the field and the fix for a missing dataset, benchmark or model, a bad k, or `kd` across vocabularies."""
+    """Raise `InputError` naming the field and the fix for a missing dataset, benchmark or model, a bad k,
+    or `kd` across vocabularies."""
     tracking_uri = config.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
     if tracking_uri:
         check_tracking_server(tracking_uri)
@@ -25,7 +26,8 @@ def preflight(config: PipelineConfig) -> None:
     if config.train.student is not None:
         resolve_model(config.train.student, "train.student")
         if config.train.method == "kd" and teacher.tokenizer_path is not None:
-            # Tokenizers only: a student that doesn't share the teacher's vocabulary can't learn its top-k, found before sampling.
+            # Tokenizers only: a student that doesn't share the teacher's vocabulary can't learn its top-k,
+            # found before sampling.
             local = config.sample.engine != "openai"
             check_vocabularies(
                 config.train,

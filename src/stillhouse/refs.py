@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
@@ -51,13 +52,14 @@ class SamplesRef(StageRef):
     generated_tokens: int
     teacher_tokenizer: str | None = Field(
         None,
-        description="Where the teacher's tokenizer loads from (a local folder or Hub id): the teacher itself for engines hf "
-        "and vllm, sample.openai.tokenizer for a served teacher; null when a served teacher's tokenizer is unknown.",
+        description="Where the teacher's tokenizer loads from (a local folder or Hub id): the teacher itself for "
+        "engines hf and vllm, sample.openai.tokenizer for a served teacher; "
+        "null when a served teacher's tokenizer is unknown.",
     )
     teacher_is_served: bool = Field(
         False,
-        description="The teacher answered through an HTTP endpoint (engine `openai`): `teacher` is the served model's name, "
-        "and its weights can't be loaded here.",
+        description="The teacher answered through an HTTP endpoint (engine `openai`): `teacher` is the served model's "
+        "name, and its weights can't be loaded here.",
     )
 
     @model_validator(mode="before")
@@ -75,6 +77,23 @@ class ModelRef(StageRef):
     train_seconds: float
     final_loss: float | None
     loss_history: list[dict[str, float]] = Field(default_factory=list)
+
+    @classmethod
+    def from_manifest(
+        cls, stage: str, fingerprint: str, path: str | Path, cached: bool, manifest: dict[str, Any]
+    ) -> ModelRef:
+        """The student a training stage's output at ``path`` holds in ``model/``, with the figures of its manifest."""
+        return cls(
+            stage=stage,
+            fingerprint=fingerprint,
+            path=str(path),
+            cached=cached,
+            model_path=str(Path(path) / "model"),
+            parameters=manifest["parameters"],
+            train_seconds=manifest["train_seconds"],
+            final_loss=manifest["final_loss"],
+            loss_history=manifest["loss_history"],
+        )
 
 
 class EvalReport(StageRef):

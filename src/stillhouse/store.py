@@ -91,7 +91,8 @@ def storage_errno(error: BaseException) -> int | None:
 
 @contextmanager
 def storage_errors(where: str, folder: str | Path) -> Iterator[None]:
-    """Turn "read-only", "permission denied" and "disk full" while writing ``where`` into a StoreWriteError naming it and the fix."""
+    """Turn "read-only", "permission denied" and "disk full" while writing ``where`` into a StoreWriteError
+    naming it and the fix."""
     try:
         yield
     except OSError as error:
@@ -225,7 +226,8 @@ class Store:
         return StageOutput(folder, manifest, cached=False)
 
     def upload_partial(self, stage: str, stage_fingerprint: str, file: Path) -> None:
-        """Upload one finished piece of an incomplete output (a sampling shard), so a rerun elsewhere resumes from it."""
+        """Upload one finished piece of an incomplete output (a sampling shard),
+        so a rerun elsewhere resumes from it."""
         if self.remote:
             self.fs.put_file(str(file), self._remote_path(stage, stage_fingerprint, Path(file).name))
 

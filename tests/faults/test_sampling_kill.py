@@ -73,3 +73,4 @@ def test_a_killed_run_resumes_with_only_the_missing_shards_and_the_same_content(
     )
     for name in shards:
         assert pq.read_table(folder / name).equals(pq.read_table(Path(uninterrupted.path) / name)), name
+    assert got.equals(want)

@@ -40,7 +40,10 @@ while not Path(go).exists():  # both runs start their stages at the same moment
 store = Store(root)
 dataset = curate(CurateConfig.model_validate_json(Path(curate_config).read_text()), store)
 samples = sample_teacher(SampleConfig.model_validate_json(Path(sample_config).read_text()), dataset, store)
-print(json.dumps({"curate": dataset.cached, "sample": samples.cached, "rows": samples.rows, "path": samples.path}), flush=True)
+print(
+    json.dumps({"curate": dataset.cached, "sample": samples.cached, "rows": samples.rows, "path": samples.path}),
+    flush=True,
+)
 """
 
 # Curate (and optionally sample) into a store, with a file-size limit applied just before the failing stage.
@@ -60,7 +63,8 @@ try:
     dataset = curate(CurateConfig.model_validate_json(Path(curate_config).read_text()), store)
     if sample_config != "-":
         if int(size_limit):
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing the process
+            # the write then fails with EFBIG instead of killing the process
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (int(size_limit), int(size_limit)))
         sample_teacher(SampleConfig.model_validate_json(Path(sample_config).read_text()), dataset, store)
 except StillhouseError as error:
@@ -126,7 +130,7 @@ def test_two_runs_of_one_config_at_once_compute_each_stage_once_and_the_other_re
         )
     assert any("waiting for it to finish" in stderr for _, stderr in outputs), "the second run waited for the first"
 
-    (sample_folder,) = [path for path in (root / "sample").iterdir()]
+    (sample_folder,) = list((root / "sample").iterdir())
     manifest = json.loads((sample_folder / MANIFEST).read_text())
     assert {shard["name"]: shard["sha256"] for shard in manifest["shards"]} == {
         path.name: file_sha256(path) for path in sample_folder.glob("shard-*.parquet")

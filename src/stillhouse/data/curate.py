@@ -222,7 +222,8 @@ class Curation:
         if counts["train_rows"] == 0 or counts["eval_rows"] == 0:
             empty = "train" if counts["train_rows"] == 0 else "eval"
             raise InputError(
-                f"curate: {int(alive.sum())} prompts give an empty {empty} split; add data or change curate.eval_fraction"
+                f"curate: {int(alive.sum())} prompts give an empty {empty} split; "
+                "add data or change curate.eval_fraction"
             )
         has_references = write_splits(folder, survivors, alive, is_eval)
         for source in self.sources:
@@ -290,11 +291,13 @@ class Curation:
         if not self.survivors.shards:
             labels = ", ".join(repr(s.config.source) for s in self.sources)
             raise InputError(
-                f"curate: every row of {labels} was empty, malformed or filtered out; check the prompt column and the filters"
+                f"curate: every row of {labels} was empty, malformed or filtered out; "
+                "check the prompt column and the filters"
             )
 
     def process_batch(self, batch: RawBatch, source: Source, mapping: ColumnMapping, place: str) -> None:
-        """Map one batch to messages, apply the row filters, keep the survivors' text in a shard and their keys in arrays."""
+        """Map one batch to messages, apply the row filters, keep the survivors' text in a shard
+        and their keys in arrays."""
         messages, references, categories, wheres = [], [], [], []
         for record, position in zip(batch.records, batch.positions):
             where = f"{place} {position}"
@@ -352,7 +355,8 @@ class Curation:
         survivors.shards.append((shard, len(rows)))
 
     def drop(self, name: str, rejected: np.ndarray, alive: np.ndarray, duplicate_of: np.ndarray | None = None) -> None:
-        """Remove ``rejected`` rows that are still alive, count them, and keep examples (with the row each duplicates)."""
+        """Remove ``rejected`` rows that are still alive, count them, and keep examples
+        (with the row each duplicates)."""
         newly = np.flatnonzero(rejected & alive)
         self.report.count(name, len(newly))
         alive[newly] = False
@@ -435,8 +439,8 @@ def draw_mixture(
     for source, count in zip(sources, available):
         if count == 0:
             raise InputError(
-                f"{source.field}: no rows of {source.config.source!r} are left after filtering, so its weight can't be met; "
-                "fix its column mapping or filters, or remove it from the mixture"
+                f"{source.field}: no rows of {source.config.source!r} are left after filtering, so its weight can't be "
+                "met; fix its column mapping or filters, or remove it from the mixture"
             )
     total = float(np.min(available / shares))
     drawn = np.zeros(len(keys), dtype=bool)
@@ -461,7 +465,8 @@ def mix64(values: np.ndarray) -> np.ndarray:
 
 
 def write_splits(folder: Path, survivors: Survivors, alive: np.ndarray, is_eval: np.ndarray) -> bool:
-    """Stream the surviving rows from the shards into train.parquet and eval.parquet; True when any row has a reference."""
+    """Stream the surviving rows from the shards into train.parquet and eval.parquet;
+    True when any row has a reference."""
     writers = {split: pq.ParquetWriter(folder / f"{split}.parquet", OUTPUT_SCHEMA) for split in SPLITS}
     has_references = False
     try:

@@ -116,7 +116,8 @@ def check_benchmarks(paths: Sequence[str]) -> list[Path]:
             )
         if path.suffix.lower() not in BENCHMARK_READERS:
             raise InputError(
-                f"curate.decontaminate.benchmarks[{index}]: {name!r} has an unsupported extension; use .jsonl, .parquet or .csv"
+                f"curate.decontaminate.benchmarks[{index}]: {name!r} has an unsupported extension; "
+                "use .jsonl, .parquet or .csv"
             )
         checked.append(path)
     return checked

@@ -52,7 +52,8 @@ class MinHasher:
 
 
 def band_parameters(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows per band) as datasketch picks them, weighted 1:9 against missed pairs since candidates are verified."""
+    """(bands, rows per band) as datasketch picks them, weighted 1:9 against missed pairs since
+    candidates are verified."""
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
     return lsh.b, lsh.r
 

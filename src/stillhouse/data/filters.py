@@ -24,7 +24,8 @@ PII_PATTERNS = {
         re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]?\d{3,4}(?![\w])"),
         "<PHONE>",
     ),
-    # Well-known key shapes (OpenAI, GitHub, Hugging Face, AWS, Slack, Google), and the value of `api_key = <long secret>`.
+    # Well-known key shapes (OpenAI, GitHub, Hugging Face, AWS, Slack, Google),
+    # and the value of `api_key = <long secret>`.
     "api_key": (
         re.compile(
             r"(?i:(\b(?:api[_-]?key|secret|access[_-]?token|auth[_-]?token|password)\s*[:=]\s*[\"']?))[\w./+=-]{16,}"
@@ -117,7 +118,8 @@ class RowFilters:
     def apply(
         self, messages: list, texts: list[str], wheres: list[str], source: str
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(keep mask, character lengths, token lengths or -1) for one batch of non-empty prompts; masks PII in place."""
+        """(keep mask, character lengths, token lengths or -1) for one batch of non-empty prompts;
+        masks PII in place."""
         filters, length = self.config.filters, self.config.filters.length
         if filters.mask_pii:
             for row, conversation in enumerate(messages):

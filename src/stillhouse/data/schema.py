@@ -2,7 +2,8 @@
 
 Shapes (`format` in the config):
 
-    columns    {"prompt": "Sort: cba", "system": "Be brief"}         prompt text (or a message list) + optional system column
+    columns    {"prompt": "Sort: cba", "system": "Be brief"}         prompt text (or a message list)
+                                                                     + optional system column
     messages   {"messages": [{"role": "user", "content": "..."}]}    OpenAI chat messages
     sharegpt   {"conversations": [{"from": "human", "value": "..."}]}
     alpaca     {"instruction": "...", "input": "...", "output": "..."}
@@ -69,7 +70,8 @@ def prompt_hash(messages: Messages, salt: str = "") -> str:
 
 
 def user_text(messages: Messages) -> str:
-    """The user turns, normalized: what near-duplicates and contamination are judged on (system prompts are often shared boilerplate)."""
+    """The user turns, normalized: what near-duplicates and contamination are judged on
+    (system prompts are often shared boilerplate)."""
     return normalize_text("\n".join(m["content"] for m in messages if m["role"] == "user"))
 
 
@@ -91,8 +93,8 @@ def resolve_mapping(source: SourceConfig, columns: list[str], field: str, label:
             ]
             if not detected:
                 raise InputError(
-                    f"{field}.prompt_column: column {prompt_column!r} is not in {label!r} (columns: {columns}); name one of those, "
-                    f"or set {field}.format to messages, sharegpt or alpaca"
+                    f"{field}.prompt_column: column {prompt_column!r} is not in {label!r} (columns: {columns}); name "
+                    f"one of those, or set {field}.format to messages, sharegpt or alpaca"
                 )
             fmt, prompt_column = detected[0]
     elif fmt == "messages" and prompt_column not in columns and "messages" in columns:
@@ -153,7 +155,8 @@ def message_list(value: Any, column: str, role_key: str, content_key: str, roles
     for position, message in enumerate(value, 1):
         if not isinstance(message, dict) or role_key not in message:
             raise RowError(
-                f"message {position} of column {column!r} has no {role_key!r} key (expected {{{role_key!r}, {content_key!r}}})"
+                f"message {position} of column {column!r} has no {role_key!r} key "
+                f"(expected {{{role_key!r}, {content_key!r}}})"
             )
         role = str(message[role_key])
         if roles is not None:

@@ -65,7 +65,8 @@ class Problems:
 
 
 def source_kind(source: str | None) -> str:
-    """`builtin`, `file`, `datasets-folder`, `hub` (or `mixture` for None); raises for a local path that is not there."""
+    """`builtin`, `file`, `datasets-folder`, `hub` (or `mixture` for None);
+    raises for a local path that is not there."""
     if source is None:
         return "mixture"
     if is_builtin(source):
@@ -79,7 +80,8 @@ def source_kind(source: str | None) -> str:
         return "datasets-folder"
     if path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise InputError(
-            f"curate.source: dataset file {source!r} does not exist; check the path (relative paths start from {Path.cwd()})"
+            f"curate.source: dataset file {source!r} does not exist; check the path "
+            f"(relative paths start from {Path.cwd()})"
         )
     return "hub"
 
@@ -105,7 +107,8 @@ def resolve_sources(config: CurateConfig) -> list[Source]:
             raise InputError(str(error).replace("curate.source:", f"{field_path}.source:", 1)) from None
         if source.streaming and kind != "hub":
             raise InputError(
-                f"{field_path}.streaming: only Hub datasets stream; {source.source!r} is read in batches anyway, set streaming: false"
+                f"{field_path}.streaming: only Hub datasets stream; {source.source!r} is read in batches anyway, "
+                "set streaming: false"
             )
         name = re.sub(r"[^\w./-]", "_", default_name(source, kind))
         sources.append(Source(index, source, field_path, name, kind))
@@ -128,7 +131,8 @@ def datasets_folder_identity(path: Path) -> str:
 
 
 def source_identity(source: Source, config: CurateConfig) -> str:
-    """What the data is, for the stage fingerprint: a file's content hash, a folder's datasets fingerprint, else the id."""
+    """What the data is, for the stage fingerprint: a file's content hash, a folder's datasets fingerprint,
+    else the id."""
     if source.kind == "file":
         return f"file-sha256:{file_sha256(source.path)}"
     if source.kind == "datasets-folder":
@@ -273,7 +277,8 @@ def read_datasets(source: Source, batch_rows: int) -> Iterator[RawBatch]:
         if isinstance(loaded, datasets.DatasetDict):
             if config.split not in loaded:
                 raise InputError(
-                    f"{source.field}.split: {config.source} has splits {list(loaded)}, not {config.split!r}; name one of those"
+                    f"{source.field}.split: {config.source} has splits {list(loaded)}, not {config.split!r}; "
+                    "name one of those"
                 )
             loaded = loaded[config.split]
     else:

@@ -14,10 +14,10 @@ Metric groups (``evaluate.metrics``; null computes every group the data supports
 - ``speed``: ``<role>_tokens_per_second`` of batched greedy generation and ``<role>_latency_seconds``
   (median per prompt, one at a time), ``speed_ratio``, ``latency_ratio`` (student / teacher, same hardware);
 - ``size``: ``<role>_size_mb`` (weight files), ``size_ratio``;
-- ``win_rate`` (opt-in): ``student_win_rate`` (``_low``, ``_high``: 95% Wilson interval), the share of prompts where a judge
-  model (``evaluate.judge_model``, else the teacher) prefers the student's answer to the teacher's, both orders judged,
-  ties counting half; with a baseline also ``student_win_rate_vs_baseline``. ``evaluate.win_rate_judge: verifier`` judges
-  by the references instead;
+- ``win_rate`` (opt-in): ``student_win_rate`` (``_low``, ``_high``: 95% Wilson interval), the share of prompts
+  where a judge model (``evaluate.judge_model``, else the teacher) prefers the student's answer to the teacher's,
+  both orders judged, ties counting half; with a baseline also ``student_win_rate_vs_baseline``.
+  ``evaluate.win_rate_judge: verifier`` judges by the references instead;
 - always: ``<role>_parameters`` and ``parameter_ratio``;
 - with ``evaluate.lm_eval``: ``<role>_lm_eval/<task>/<metric>`` from lm-evaluation-harness.
 
@@ -85,7 +85,8 @@ def score_responses(
     vocab_size: int,
     max_positions: int = MAX_KL_POSITIONS,
 ) -> dict[str, float | list[float]]:
-    """Token-weighted mean cross-entropy and, when top-k targets are present, forward KL, top-1 agreement and KL by position.
+    """Token-weighted mean cross-entropy and, when top-k targets are present, forward KL,
+    top-1 agreement and KL by position.
 
     Returns ``cross_entropy`` (and ``kl``, ``top1_agreement``, ``kl_by_position``: the mean KL at
     response position 0, 1, ... over the examples that reach it). Logit rows past ``vocab_size``
@@ -391,7 +392,8 @@ def judged_win_rates(
     answers: dict[str, list[str]],
     references: list[str | None],
 ) -> dict[str, float]:
-    """``<role>_win_rate`` of each role's answers against the teacher's and ``student_win_rate_vs_baseline``, with 95% intervals."""
+    """``<role>_win_rate`` of each role's answers against the teacher's and ``student_win_rate_vs_baseline``,
+    with 95% intervals."""
     from stillhouse.feedback.judge import PairJudgement, judge_pairs, verifier_scores, win_rate
 
     if config.win_rate_judge == "verifier":

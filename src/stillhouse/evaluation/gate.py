@@ -23,7 +23,8 @@ class GateVerdict(BaseModel):
 
     passed: bool
     failures: list[str] = Field(
-        description="One human-readable line per failed check: the threshold, the compared values, the champion version."
+        description="One human-readable line per failed check: the threshold, the compared values, "
+        "the champion version."
     )
     checks: list[str] = Field(default_factory=list, description="Every check made, passed or failed, in the same form.")
     candidate_version: str | None = None
@@ -62,7 +63,8 @@ def check_candidate(
     champion_version: str | None = None,
     candidate_version: str | None = None,
 ) -> GateVerdict:
-    """Check ``candidate`` against ``config``'s thresholds and, with ``must_beat_champion``, the ``champion``'s metrics."""
+    """Check ``candidate`` against ``config``'s thresholds and, with ``must_beat_champion``,
+    the ``champion``'s metrics."""
     verdict = GateVerdict(
         passed=True, failures=[], candidate_version=candidate_version, champion_version=champion_version
     )
@@ -80,7 +82,8 @@ def check_candidate(
         if value is None:
             check(
                 False,
-                f"{field}: metric {name} is missing from the evaluation report; enable its metric group in evaluate.metrics",
+                f"{field}: metric {name} is missing from the evaluation report; "
+                "enable its metric group in evaluate.metrics",
             )
         else:
             verdict.candidate_metrics[name] = value
@@ -95,8 +98,8 @@ def check_candidate(
             needed = config.min_accuracy_ratio_to_teacher * teacher
             check(
                 student >= needed - SLACK,
-                f"min_accuracy_ratio_to_teacher {config.min_accuracy_ratio_to_teacher:g}: student exact match {student:.4g} "
-                f"vs teacher {teacher:.4g} (needs >= {needed:.4g})",
+                f"min_accuracy_ratio_to_teacher {config.min_accuracy_ratio_to_teacher:g}: student exact match "
+                f"{student:.4g} vs teacher {teacher:.4g} (needs >= {needed:.4g})",
             )
     if config.max_kl is not None:
         kl = value_of("kl_teacher_student", "max_kl")
@@ -118,15 +121,16 @@ def check_candidate(
             verdict.checks.append(f"pass: must_beat_champion: no version holds @{config.champion_alias} yet")
         elif candidate_version is not None and candidate_version == champion_version:
             verdict.checks.append(
-                f"pass: must_beat_champion: the candidate (version {candidate_version}) already holds @{config.champion_alias}"
+                "pass: must_beat_champion: the candidate "
+                f"(version {candidate_version}) already holds @{config.champion_alias}"
             )
         else:
             ours, theirs = value_of(metric, "must_beat_champion"), lookup(champion, metric)
             if theirs is None:
                 check(
                     False,
-                    f"must_beat_champion: champion version {champion_version} has no recorded {metric} to compare with; "
-                    "set evaluate.gate.champion_metric to a metric both have, or must_beat_champion: false",
+                    f"must_beat_champion: champion version {champion_version} has no recorded {metric} to compare "
+                    "with; set evaluate.gate.champion_metric to a metric both have, or must_beat_champion: false",
                 )
             elif ours is not None:
                 verdict.champion_metrics[metric] = theirs

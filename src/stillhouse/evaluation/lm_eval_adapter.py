@@ -33,7 +33,8 @@ def run_lm_eval(model, tokenizer, config: LmEvalConfig) -> dict[str, float]:
     """
     if not lm_eval_available():
         raise InputError(
-            "evaluate.lm_eval needs lm-evaluation-harness: pip install 'stillhouse[eval]' (or set evaluate.lm_eval: null)"
+            "evaluate.lm_eval needs lm-evaluation-harness: pip install 'stillhouse[eval]' "
+            "(or set evaluate.lm_eval: null)"
         )
     import lm_eval
     from lm_eval.models.huggingface import HFLM

@@ -59,7 +59,8 @@ def tokens_per_second(generated_tokens: int, seconds: float) -> float:
 
 
 def size_on_disk_mb(model_path: str, parameter_bytes: int) -> float:
-    """Megabytes (10^6 bytes) of the weight files in a local model folder; for a Hub id, the weights' bytes in memory."""
+    """Megabytes (10^6 bytes) of the weight files in a local model folder; for a Hub id,
+    the weights' bytes in memory."""
     folder = Path(model_path)
     if folder.is_dir():
         files = [p for p in folder.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]

@@ -95,7 +95,8 @@ def comparison_rows(metrics: dict[str, float]) -> tuple[list[str], list[list[str
 
 
 def comparison_table(metrics: dict[str, float], title: str = "Evaluation", verdict=None):
-    """A rich `Table` comparing teacher, student (and baseline) for the terminal; with a `GateVerdict`, its caption says the outcome."""
+    """A rich `Table` comparing teacher, student (and baseline) for the terminal; with a `GateVerdict`,
+    its caption says the outcome."""
     from rich.table import Table
 
     header, rows = comparison_rows(metrics)

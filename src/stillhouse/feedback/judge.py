@@ -32,7 +32,10 @@ PAIRWISE_RUBRIC = (
     "Which response answers the question better? Reply with A or B only.\n"
     "Question: {prompt}\nResponse A: {first}\nResponse B: {second}"
 )
-POINTWISE_RUBRIC = "Rate the response to the question from 1 (useless) to 10 (perfect). Reply with the number only.\nQuestion: {prompt}\nResponse: {response}"
+POINTWISE_RUBRIC = (
+    "Rate the response to the question from 1 (useless) to 10 (perfect). Reply with the number only.\n"
+    "Question: {prompt}\nResponse: {response}"
+)
 SCORE_LABELS = tuple(str(score) for score in range(1, 11))
 
 
@@ -183,7 +186,8 @@ def _answer_start(answer: Generation) -> int | None:
 
 
 def pairwise_answer(answer: Generation) -> float | None:
-    """P("A") renormalized over "A"/"B" from an endpoint's answer: log-probs when it gave them, else its text; None when unusable."""
+    """P("A") renormalized over "A"/"B" from an endpoint's answer: log-probs when it gave them, else its text;
+    None when unusable."""
     start = _answer_start(answer)
     if start is not None:
         found = _label_probabilities(answer, start, ("A", "B"))
@@ -194,7 +198,8 @@ def pairwise_answer(answer: Generation) -> float | None:
 
 
 def pointwise_answer(answer: Generation) -> float | None:
-    """The expected 1-10 score over the labels' renormalized probabilities at the answer's first position, else the text's score.
+    """The expected 1-10 score over the labels' renormalized probabilities at the answer's first position,
+    else the text's score.
 
     A tokenizer that spells "10" as "1", "0" puts both in P("1"); when the answer did start with "1",
     the next position's P("0") splits it into "10" and "1". Otherwise "10" counts as improbable.
@@ -277,7 +282,8 @@ class EndpointJudge:
 
 @dataclass(frozen=True)
 class WinRate:
-    """The share of pairs the first response wins (ties and inconsistent pairs count half), with a 95% Wilson interval."""
+    """The share of pairs the first response wins (ties and inconsistent pairs count half),
+    with a 95% Wilson interval."""
 
     rate: float
     low: float

@@ -203,7 +203,8 @@ def _write_atomic(frame: pd.DataFrame, path: Path) -> None:
 
 
 def judge_settings(config: FeedbackConfig) -> dict:
-    """What decides the judged pairs: not the training fields, nor how the endpoint is reached (key, retries, timeouts)."""
+    """What decides the judged pairs: not the training fields,
+    nor how the endpoint is reached (key, retries, timeouts)."""
     settings = config.model_dump(mode="json", exclude=TRAINING_FIELDS)
     judge = settings["judge"]
     if config.judge.engine == "openai":
@@ -227,7 +228,8 @@ def collect_preferences(
             "feedback.judge.kind: `verifier` needs reference answers, and the curated data has none; "
             "set curate.reference_column, or use a `pointwise` or `pairwise` judge"
         )
-    # The config validator refused a served teacher as the default judge; reaching this is a bug or a hand-built reference.
+    # The config validator refused a served teacher as the default judge;
+    # reaching this is a bug or a hand-built reference.
     assert_no_problem(
         feedback_judge_problem(
             teacher_is_served=samples.teacher_is_served, judge_kind=config.judge.kind, judge_model=config.judge.model
@@ -303,7 +305,8 @@ def _judge_pending_shards(
     pending: list[int],
     progress: Callable[[float], None] | None,
 ) -> None:
-    """Sample and judge each missing shard, writing each as it finishes; the first failure stops the run, naming its shard."""
+    """Sample and judge each missing shard, writing each as it finishes; the first failure stops the run,
+    naming its shard."""
     from stillhouse.sampling.openai_engine import EngineError
 
     size = config.judge.shard_prompts
@@ -350,15 +353,17 @@ def _judge_pending_shards(
 def _assemble(
     config: FeedbackConfig, folder: Path, prompts: pd.DataFrame, table: pd.DataFrame, judge_path: str
 ) -> dict:
-    """pairs.parquet and candidates.parquet from the shards, after the checks on unusable answers and prompts without a pair."""
+    """pairs.parquet and candidates.parquet from the shards, after the checks on unusable answers and
+    prompts without a pair."""
     tallies = {name: int(table[name].sum()) for name in TALLIES}
     if tallies["judge_verdicts"] and tallies["judge_unusable"] / tallies["judge_verdicts"] > config.max_unusable_share:
         share = tallies["judge_unusable"] / tallies["judge_verdicts"]
         raise StillhouseError(
-            f"feedback.judge: {share:.0%} of {tallies['judge_verdicts']} judge verdicts ({tallies['judge_unusable']}) were "
-            f"unusable (an answer named no label), more than feedback.max_unusable_share ({config.max_unusable_share:.0%}) ({judge_path}). Make the rubric "
-            "ask for the label only, raise feedback.judge.max_tokens, or use a judge that returns log-probs "
-            "(feedback.judge.top_logprobs > 0); the judged shards are kept in " + str(folder)
+            f"feedback.judge: {share:.0%} of {tallies['judge_verdicts']} judge verdicts ({tallies['judge_unusable']}) "
+            "were unusable (an answer named no label), more than feedback.max_unusable_share "
+            f"({config.max_unusable_share:.0%}) ({judge_path}). Make the rubric ask for the label only, raise "
+            "feedback.judge.max_tokens, or use a judge that returns log-probs (feedback.judge.top_logprobs > 0); "
+            "the judged shards are kept in " + str(folder)
         )
     candidates = [list(texts) for texts in table["candidates"]]
     scores = [[float(value) for value in values] for values in table["scores"]]
@@ -470,15 +475,4 @@ def train_on_feedback(
         }
 
     output = store.build("feedback", stage_fingerprint, compute)
-    manifest = output.manifest
-    return ModelRef(
-        stage="feedback",
-        fingerprint=stage_fingerprint,
-        path=str(output.path),
-        cached=output.cached,
-        model_path=str(Path(output.path) / "model"),
-        parameters=manifest["parameters"],
-        train_seconds=manifest["train_seconds"],
-        final_loss=manifest["final_loss"],
-        loss_history=manifest["loss_history"],
-    )
+    return ModelRef.from_manifest("feedback", stage_fingerprint, output.path, output.cached, output.manifest)

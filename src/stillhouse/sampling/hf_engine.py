@@ -97,7 +97,8 @@ def generate(
 
     Returns ``n * len(prompts)`` generations, prompt by prompt, ``sample_index`` 0..n-1 within each.
     Batch ``b`` samples under seed ``seed + b``, so a fixed seed and the same prompts give the same
-    outputs. ``top_k`` 0 and ``top_p`` 1 turn those filters off, whatever the model's generation_config says. ``on_batch(count)`` is called after each batch with the number of prompts it finished.
+    outputs. ``top_k`` 0 and ``top_p`` 1 turn those filters off, whatever the model's generation_config
+    says. ``on_batch(count)`` is called after each batch with the number of prompts it finished.
     """
     tokenizer.padding_side = "left"
     eos_id = tokenizer.eos_token_id

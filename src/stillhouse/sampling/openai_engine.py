@@ -155,7 +155,8 @@ class OpenAIEngine:
             if response.status_code != 200:
                 hint = f"; set ${self.connection.api_key_env}" if response.status_code in (401, 403) else ""
                 raise EngineError(
-                    f"{where}: HTTP {response.status_code} from {url} after {attempt + 1} tries: {response.text[:300]}{hint}"
+                    f"{where}: HTTP {response.status_code} from {url} after {attempt + 1} tries: "
+                    f"{response.text[:300]}{hint}"
                 )
             return response
         raise AssertionError("unreachable")
@@ -195,7 +196,8 @@ class OpenAIEngine:
             if positions is None:
                 if k or self.tokenizer is None:
                     raise ValueError(
-                        "no logprobs in the response; the server must support `logprobs` (or set top_k_logprobs: 0 and a tokenizer)"
+                        "no logprobs in the response; the server must support `logprobs` (or set top_k_logprobs: "
+                        "0 and a tokenizer)"
                     )
                 generations.append(
                     Generation(
@@ -210,7 +212,8 @@ class OpenAIEngine:
                     top = sorted(position["top_logprobs"], key=lambda entry: -float(entry["logprob"]))[:k]
                     if len(top) < k:
                         raise ValueError(
-                            f"the server returned {len(top)} top_logprobs for k={k}; lower sample.top_k_logprobs to what it allows"
+                            f"the server returned {len(top)} top_logprobs for k={k}; "
+                            "lower sample.top_k_logprobs to what it allows"
                         )
                     generation.top_k_ids.append([self._token_id(entry["token"]) for entry in top])
                     generation.top_k_logprobs.append([float(entry["logprob"]) for entry in top])

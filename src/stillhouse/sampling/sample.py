@@ -106,14 +106,16 @@ def check_teacher(config: SampleConfig) -> TeacherFacts:
             raise remote_code_error(config.teacher, "sample.teacher") from None
         raise InputError(
             f"sample.teacher/sample.revision: cannot read {config.teacher!r} at revision {config.revision or 'main'!r} "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); check the id and revision, or log in for gated models"
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); check the id and revision, "
+            "or log in for gated models"
         ) from None
     if not Path(teacher).is_dir():  # a Hub teacher: refuse pickle-only weights now, not when the first shard loads them
         check_hub_safetensors(teacher, config.revision, "sample.teacher")
     vocabulary = model_config.vocab_size
     if config.top_k_logprobs > vocabulary:
         raise InputError(
-            f"sample.top_k_logprobs: k={config.top_k_logprobs} is larger than the teacher's vocabulary ({vocabulary}); use a k of at most {vocabulary} (16-64 is typical)"
+            f"sample.top_k_logprobs: k={config.top_k_logprobs} is larger than the teacher's vocabulary ({vocabulary}); "
+            f"use a k of at most {vocabulary} (16-64 is typical)"
         )
     context = config.context_length or getattr(model_config, "max_position_embeddings", None)
     _check_context(config, context)
@@ -135,7 +137,8 @@ def check_teacher(config: SampleConfig) -> TeacherFacts:
 def _check_openai_teacher(config: SampleConfig) -> TeacherFacts:
     if config.overlong_prompts == "truncate_left":
         raise InputError(
-            "sample.overlong_prompts: `truncate_left` needs a local engine (hf, vllm); with engine `openai` use `skip` or `error`"
+            "sample.overlong_prompts: `truncate_left` needs a local engine (hf, vllm); "
+            "with engine `openai` use `skip` or `error`"
         )
     facts = TeacherFacts(
         path=config.teacher,
@@ -150,7 +153,8 @@ def _check_openai_teacher(config: SampleConfig) -> TeacherFacts:
         facts.vocab_size = len(tokenizer)
         if config.top_k_logprobs > facts.vocab_size:
             raise InputError(
-                f"sample.top_k_logprobs: k={config.top_k_logprobs} is larger than the teacher's vocabulary ({facts.vocab_size}); use a k of at most {facts.vocab_size}"
+                f"sample.top_k_logprobs: k={config.top_k_logprobs} is larger than the teacher's vocabulary "
+                f"({facts.vocab_size}); use a k of at most {facts.vocab_size}"
             )
     return facts
 
@@ -158,7 +162,8 @@ def _check_openai_teacher(config: SampleConfig) -> TeacherFacts:
 def _check_context(config: SampleConfig, context: int | None) -> None:
     if context is not None and config.max_new_tokens >= context:
         raise InputError(
-            f"sample.max_new_tokens: {config.max_new_tokens} leaves no room for a prompt in the teacher's context of {context} tokens; lower it"
+            f"sample.max_new_tokens: {config.max_new_tokens} leaves no room for a prompt in the teacher's "
+            f"context of {context} tokens; lower it"
         )
 
 
@@ -215,8 +220,8 @@ def prepare_prompts(config: SampleConfig, tokenizer, context: int | None, frame:
             if config.overlong_prompts == "error":
                 raise InputError(
                     f"prompt {prompt_id!r} ({frame['split'].iloc[position]} split): {len(ids)} tokens + max_new_tokens "
-                    f"{config.max_new_tokens} exceed the teacher's context of {context}; set sample.overlong_prompts to "
-                    "`truncate_left` or `skip`, lower max_new_tokens, or filter long prompts in curation"
+                    f"{config.max_new_tokens} exceed the teacher's context of {context}; set sample.overlong_prompts "
+                    "to `truncate_left` or `skip`, lower max_new_tokens, or filter long prompts in curation"
                 )
             if config.overlong_prompts == "skip":
                 prepared.skipped += 1
@@ -411,7 +416,8 @@ def finish_sampling(config: SampleConfig, plan: ShardPlan, store: Store) -> Samp
         missing = [shard_name(i) for i in range(plan.shards) if not (folder / shard_name(i)).exists()]
         if missing:
             raise RuntimeError(
-                f"sample {plan.fingerprint}: {len(missing)} shard(s) missing ({', '.join(missing[:3])}); rerun to sample them"
+                f"sample {plan.fingerprint}: {len(missing)} shard(s) missing ({', '.join(missing[:3])}); "
+                "rerun to sample them"
             )
         tokenizer = (
             load_tokenizer(plan.teacher.tokenizer_path, config.revision if config.engine != "openai" else None)
@@ -423,7 +429,8 @@ def finish_sampling(config: SampleConfig, plan: ShardPlan, store: Store) -> Samp
             "teacher": config.teacher,
             "teacher_path": plan.teacher.path,
             "teacher_revision": plan.teacher.revision,
-            # Where later stages find the teacher's tokenizer, and whether its weights are here at all (not for a served teacher).
+            # Where later stages find the teacher's tokenizer, and whether its weights are here at all
+            # (not for a served teacher).
             "teacher_tokenizer": plan.teacher.tokenizer_path,
             "teacher_is_served": config.engine == "openai",
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer is not None else "unknown",
@@ -461,7 +468,8 @@ def finish_sampling(config: SampleConfig, plan: ShardPlan, store: Store) -> Samp
         tokenizer_fingerprint=recorded["tokenizer_fingerprint"],
         top_k_logprobs=recorded["top_k_logprobs"],
         generated_tokens=recorded["generated_tokens"],
-        # Older manifests lack both; a tokenizer named in the config now still counts (it belongs to the served model, not the samples).
+        # Older manifests lack both; a tokenizer named in the config now still counts
+        # (it belongs to the served model, not the samples).
         teacher_tokenizer=recorded.get("teacher_tokenizer") or plan.teacher.tokenizer_path,
         teacher_is_served=recorded.get("teacher_is_served", recorded["engine"] == "openai"),
     )

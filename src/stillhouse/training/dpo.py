@@ -104,7 +104,8 @@ def train_best_of_n(
     sft_weight: float = 0.0,
     warmup_ratio: float = 0.0,
 ) -> dict:
-    """Rejection-sampling SFT: supervised fine-tuning on each pair's chosen response only (``beta``, ``sft_weight`` unused)."""
+    """Rejection-sampling SFT: supervised fine-tuning on each pair's chosen response only
+    (``beta``, ``sft_weight`` unused)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 

@@ -1,4 +1,5 @@
-"""Training and evaluation examples: prompt + teacher response as token ids, the prompt masked, and the batches they pad into.
+"""Training and evaluation examples: prompt + teacher response as token ids, the prompt masked,
+and the batches they pad into.
 
 Both the training stage (the student learns on the train split) and the evaluation stage (it scores the
 held-out responses: perplexity, KL, top-1 agreement) build their examples here, so they tokenize and align

@@ -1,7 +1,9 @@
 """Distillation losses: tensors in, a scalar tensor out.
 
     loss = distillation_loss(student_logits, TopK(ids, logprobs), labels, kind="jsd", beta=0.5, temperature=2.0)
-    loss = distillation_loss_from_hidden(hidden, model.lm_head.weight, TopK(ids, logprobs), labels, kind="forward_kl", chunk_size=256)
+    loss = distillation_loss_from_hidden(
+        hidden, model.lm_head.weight, TopK(ids, logprobs), labels, kind="forward_kl", chunk_size=256
+    )
 
 Conventions (shared by every loss here):
 - ``student_logits`` is ``[B, T, V]``; ``labels`` is ``[B, T]`` and already aligned with the
@@ -33,8 +35,8 @@ Top-k teachers are compared over one of two outcome sets:
   tokens (summed, not 1 − Σ, so a confident student's small tail keeps its gradient). After
   temperature (below), both buckets get ``1e-8`` of extra mass and both distributions are
   renormalized, so neither bucket is ever empty (a teacher whose stored top-k sums to 1 would
-  otherwise charge reverse KL the −1e4 floor on the student's bucket). With k = V there is nothing to bucket and the bucket is
-  left out, so the result equals the dense one.
+  otherwise charge reverse KL the −1e4 floor on the student's bucket). With k = V there is nothing to
+  bucket and the bucket is left out, so the result equals the dense one.
 - ``tail="renormalize"``: k outcomes, both distributions renormalized over the k teacher ids.
 
 How temperature is applied to a top-k teacher. The stored log-probs are at τ = 1, from the full
@@ -80,7 +82,8 @@ _TAIL_SMOOTHING = 1e-8
 
 
 class TopK(NamedTuple):
-    """A teacher's top-k: distinct ``ids`` ``[B, T, k]`` (int) and ``logprobs`` ``[B, T, k]`` from its full distribution."""
+    """A teacher's top-k: distinct ``ids`` ``[B, T, k]`` (int)
+    and ``logprobs`` ``[B, T, k]`` from its full distribution."""
 
     ids: torch.Tensor
     logprobs: torch.Tensor
@@ -156,7 +159,8 @@ def distillation_loss_from_hidden(
     vocab_size, hidden_size = lm_head_weight.shape
     if hidden.shape[-1] != hidden_size:
         raise ValueError(
-            f"hidden is {tuple(hidden.shape)} but lm_head_weight is {tuple(lm_head_weight.shape)}: their last sizes must match"
+            f"hidden is {tuple(hidden.shape)} but lm_head_weight is {tuple(lm_head_weight.shape)}: "
+            "their last sizes must match"
         )
     _check_shapes(vocab_size, hidden.shape[:-1], teacher, labels, "hidden")
     # Indexing by (batch, time) pairs copies only a chunk's rows, even of a sliced (non-contiguous) input.
@@ -279,13 +283,15 @@ def _check_shapes(
 ) -> None:
     if labels.shape != positions:
         raise ValueError(
-            f"labels is {tuple(labels.shape)} but {student_name} has positions {tuple(positions)}; they must match (the caller shifts)"
+            f"labels is {tuple(labels.shape)} but {student_name} has positions {tuple(positions)}; "
+            "they must match (the caller shifts)"
         )
     if isinstance(teacher, TopK):
         ids, logprobs = teacher
         if ids.shape != logprobs.shape or ids.shape[:-1] != positions:
             raise ValueError(
-                f"TopK ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} must both be {tuple(positions)} + (k,)"
+                f"TopK ids {tuple(ids.shape)} and logprobs {tuple(logprobs.shape)} "
+                f"must both be {tuple(positions)} + (k,)"
             )
         if ids.shape[-1] > vocab_size:
             raise ValueError(
@@ -338,7 +344,8 @@ def _student_top_k_backward(
 
 
 class _StudentTopK(torch.autograd.Function):
-    """Autograd wrapper of `_student_top_k_forward` for the unfused path: ``(logits [N, V], ids [N, k]) -> ([N, k], [N])``."""
+    """Autograd wrapper of `_student_top_k_forward` for the unfused path:
+    ``(logits [N, V], ids [N, k]) -> ([N, k], [N])``."""
 
     @staticmethod
     def forward(ctx, logits, ids):

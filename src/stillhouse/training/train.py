@@ -82,7 +82,8 @@ def build_student(config: TrainConfig, teacher_path: str):
 
 
 def check_vocabularies(config: TrainConfig, teacher_tokenizer) -> str | None:
-    """None when the student shares the teacher's vocabulary (stored token ids and top-k apply as they are), else what differs.
+    """None when the student shares the teacher's vocabulary (stored token ids and top-k apply as they are),
+    else what differs.
 
     Reads tokenizers only. A student built from scratch takes the teacher's tokenizer. A served teacher whose
     tokenizer is unknown (``teacher_tokenizer`` None) shares nothing: its responses are re-tokenized as text.
@@ -99,8 +100,8 @@ def check_vocabularies(config: TrainConfig, teacher_tokenizer) -> str | None:
         difference = vocabulary_difference(student_tokenizer, teacher_tokenizer)
     if config.method == "kd" and difference is not None:
         raise InputError(
-            f"train.method: `kd` compares token distributions, but the student's vocabulary differs from the teacher's ({difference}); "
-            "use method `sft` (black-box) or a student of the teacher's family"
+            "train.method: `kd` compares token distributions, but the student's vocabulary differs from the teacher's "
+            f"({difference}); use method `sft` (black-box) or a student of the teacher's family"
         )
     return difference
 
@@ -471,7 +472,8 @@ def launch_training(config: TrainConfig, dataset: DatasetRef, samples: SamplesRe
         if (folder / "error.txt").is_file():
             raise StillhouseError((folder / "error.txt").read_text())
         raise RuntimeError(
-            f"train: {config.num_processes}-process training failed (exit {completed.returncode}); rerun to resume from its last checkpoint"
+            f"train: {config.num_processes}-process training failed (exit {completed.returncode}); "
+            "rerun to resume from its last checkpoint"
         )
     return json.loads((folder / "result.json").read_text())
 
@@ -500,15 +502,4 @@ def train_student(
         return {"model_path": str(folder / "model"), **result}
 
     output = store.build("train", stage_fingerprint, compute)
-    manifest = output.manifest
-    return ModelRef(
-        stage="train",
-        fingerprint=stage_fingerprint,
-        path=str(output.path),
-        cached=output.cached,
-        model_path=str(Path(output.path) / "model"),
-        parameters=manifest["parameters"],
-        train_seconds=manifest["train_seconds"],
-        final_loss=manifest["final_loss"],
-        loss_history=manifest["loss_history"],
-    )
+    return ModelRef.from_manifest("train", stage_fingerprint, output.path, output.cached, output.manifest)
