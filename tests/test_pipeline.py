@@ -49,6 +49,15 @@ def test_pipeline_end_to_end_then_from_cache(prefect_harness, pipeline_raw, hub,
     assert by_stage["train"].data.tags["stillhouse.fingerprint"] == result.student.fingerprint
     assert len(client.get_metric_history(by_stage["train"].info.run_id, "train_loss")) == 3
     assert by_stage["evaluate"].data.metrics["kl_teacher_student"] > 0
+    # One key per config value, section-prefixed in the parent run and the nested runs alike.
+    assert by_stage["train"].data.params["train.kd.temperature"] == parent.data.params["train.kd.temperature"] == "1.0"
+    assert (
+        by_stage["gate"].data.params["evaluate.gate.champion_alias"]
+        == parent.data.params["evaluate.gate.champion_alias"]
+    )
+    assert not any(key.startswith("kd.") for key in by_stage["train"].data.params)
+    # A metric has the report's name in MLflow too (the terminal table and the card render the same rows).
+    assert "student_exact_match/reverse" in by_stage["evaluate"].data.metrics
     version = client.get_model_version_by_alias("tiny-student", "candidate")
     assert str(version.version) == result.registered.version and version.run_id == by_stage["register"].info.run_id
     # The first candidate has no champion to beat: it passes the gate, becomes @champion and is published.
