@@ -86,7 +86,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(sys.stderr):
         config = load_config(args.config, [f"store={args.store or scratch}"])
         assert config.feedback is not None, f"{args.config} has no feedback section"
-        store = Store(config.store)
+        store = Store.from_config(config.store)
         seconds: dict[str, float] = {}
 
         def timed(name: str, call):

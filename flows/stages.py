@@ -101,12 +101,12 @@ def champion_student(config: PipelineConfig) -> tuple[str, ModelRef]:
     fingerprint."""
     alias, name = config.evaluate.gate.champion_alias, config.registry.model_name
     version, train_fingerprint = champion_version(tracking_uri(config.tracking), name, alias)
-    store = Store(config.store)
+    store = Store.from_config(config.store)
     manifest = store.manifest("train", train_fingerprint) if train_fingerprint else None
     if manifest is None:
         raise StillhouseError(
             f"{name} version {version} (@{alias}): its training output train/{train_fingerprint} is not in the store "
-            f"{config.store}; point `store:` at the store the champion was trained into"
+            f"{config.store.root}; point `store:` at the store the champion was trained into"
         )
     folder = store.path("train", train_fingerprint)
     return version, ModelRef.from_manifest("train", train_fingerprint, folder, True, manifest)

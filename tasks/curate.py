@@ -23,7 +23,7 @@ def curate_task(config: PipelineConfig, tracking: TrackingContext) -> DatasetRef
     run = run_stage(
         "curate",
         tracking,
-        lambda: curate(config.curate, Store(config.store), progress=progress_artifact("Curating prompts")),
+        lambda: curate(config.curate, Store.from_config(config.store), progress=progress_artifact("Curating prompts")),
         params=section_params(config, "curate"),
         record=lambda dataset: StageRecord(metrics=dataset.counts),
     )

@@ -34,7 +34,7 @@ def evaluate_task(
             dataset,
             samples,
             student,
-            Store(config.store),
+            Store.from_config(config.store),
             progress=progress_artifact("Evaluation"),
             baseline=baseline,
         )

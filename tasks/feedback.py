@@ -30,7 +30,7 @@ def judge_task(
             dataset,
             samples,
             student,
-            Store(config.store),
+            Store.from_config(config.store),
             progress=progress_artifact("Judging candidates"),
         )
 
@@ -51,7 +51,7 @@ def feedback_train_task(
     return run_stage(
         "feedback",
         tracking,
-        lambda: train_on_feedback(config.feedback, dataset, pairs, student, Store(config.store)),
+        lambda: train_on_feedback(config.feedback, dataset, pairs, student, Store.from_config(config.store)),
         params=section_params(config, "feedback"),
         record=record,
     ).result

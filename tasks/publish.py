@@ -87,7 +87,7 @@ def publish_task(
         check.enforce(settings.license_override)
     elif not check.ok:
         logger.warning("publish: the folder is written, but pushing it would be refused:\n%s", check.report())
-    store = Store(config.store)
+    store = Store.from_config(config.store)
     publish_fingerprint = fingerprint(
         "publish",
         settings.model_dump(mode="json", exclude={"token_env", "hub_retries", "retry_backoff_s"}),
@@ -112,7 +112,7 @@ def publish_task(
         "prefect_flow_run_id": tracking.flow_run_id,
         "prefect_flow_run_url": tracking.flow_run_url,
         "code_version": code_version(),
-        "store": config.store,
+        "store": config.store.root,
     }
 
     def compute(stage_folder: Path) -> dict:

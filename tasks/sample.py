@@ -81,7 +81,7 @@ def _shard_resources(settings: TaskRunnerConfig):
 def sample_shards(config: PipelineConfig, dataset: DatasetRef) -> tuple[SamplesRef, ShardPlan]:
     """Sample the missing shards as mapped tasks, then seal the output; returns it and the plan (its counts)."""
     settings = config.sample
-    store = Store(config.store)
+    store = Store.from_config(config.store)
     plan = plan_shards(settings, dataset, store)
     if plan.pending:
         limit = ensure_concurrency_limit(GPU_TAG, settings.task_runner.gpu_concurrency)

@@ -28,7 +28,11 @@ def training_record(student: ModelRef) -> StageRecord:
 def train_task(config: PipelineConfig, dataset: DatasetRef, samples: SamplesRef, tracking: TrackingContext) -> ModelRef:
     def compute() -> ModelRef:
         return train_student(
-            config.train, dataset, samples, Store(config.store), progress=progress_artifact("Student training")
+            config.train,
+            dataset,
+            samples,
+            Store.from_config(config.store),
+            progress=progress_artifact("Student training"),
         )
 
     return run_stage("train", tracking, compute, params=section_params(config, "train"), record=training_record).result

@@ -31,7 +31,7 @@ def test_pipeline_end_to_end_then_from_cache(prefect_harness, pipeline_raw, hub,
     result = distill(config)
 
     # Stage outputs, each sealed by its manifest in the store.
-    store = Path(config.store)
+    store = Path(config.store.root)
     for ref in (result.dataset, result.samples, result.student, result.report):
         assert (store / ref.stage / ref.fingerprint / "manifest.json").is_file()
         assert not ref.cached

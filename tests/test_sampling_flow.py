@@ -41,7 +41,7 @@ def test_shards_run_as_mapped_tasks_under_the_gpu_limit_with_progress_and_resume
         shard_rows=30, task_runner={"kind": "threads", "max_workers": 2, "gpu_concurrency": 2}
     )
     config = parse_config(pipeline_raw)
-    dataset = curate(config.curate, Store(config.store))
+    dataset = curate(config.curate, Store.from_config(config.store))
     samples = sample_task(config, dataset, None)
     assert not samples.cached and samples.rows == dataset.train_rows + dataset.eval_rows
     in_process = sample_teacher(config.sample, dataset, Store(tmp_path / "in-process"))
@@ -82,7 +82,7 @@ def test_sampling_on_a_local_two_cpu_ray_cluster(prefect_harness, pipeline_raw, 
 
     pipeline_raw["sample"].update(shard_rows=60, task_runner={"kind": "ray", "ray_num_cpus": 2, "gpus_per_shard": 0})
     config = parse_config(pipeline_raw)
-    dataset = curate(config.curate, Store(config.store))
+    dataset = curate(config.curate, Store.from_config(config.store))
     try:
         samples = sample_task(config, dataset, None)
     finally:

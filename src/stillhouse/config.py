@@ -348,6 +348,40 @@ class TaskRunnerConfig(StrictModel):
     )
 
 
+class VLLMSettings(StrictModel):
+    """Engine `vllm` for teachers that need several GPUs: tensor and pipeline parallelism, and data-parallel replicas.
+
+    Each replica is one vLLM engine on its own group of tensor x pipeline GPUs, placed with a Ray placement
+    group; the sampling shards are spread over the replicas.
+    """
+
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64, description="GPUs one replica splits each layer over (vLLM tensor_parallel_size)."
+    )
+    pipeline_parallel_size: int = Field(
+        1, ge=1, le=64, description="Stages one replica splits the layers into (vLLM pipeline_parallel_size)."
+    )
+    max_model_len: int | None = Field(
+        None, gt=0, description="Longest prompt + response vLLM plans its KV cache for; null uses the model's context."
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV cache of shared prompt prefixes (a system prompt, few-shot examples)."
+    )
+    replicas: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Data-parallel engines, each on tensor x pipeline GPUs of its own (a Ray placement group); "
+        "shards are spread over them. More than one needs Ray (pip install stillhouse[ray]).",
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster of the replicas (`auto`, `ray://host:10001`); null starts a local Ray."
+    )
+
+    def gpus_per_replica(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
 class SampleConfig(StrictModel):
     """How the teacher answers the prompts."""
 
@@ -423,6 +457,9 @@ class SampleConfig(StrictModel):
         0.85, gt=0, le=1, description="Engine `vllm`: share of GPU memory vLLM may take."
     )
     openai: OpenAIEngineConfig = Field(default_factory=OpenAIEngineConfig, description="Settings of engine `openai`.")
+    vllm: VLLMSettings = Field(
+        default_factory=VLLMSettings, description="Settings of engine `vllm`: parallelism, context, replicas."
+    )
     task_runner: TaskRunnerConfig = Field(
         default_factory=TaskRunnerConfig, description="Where shards run: threads here or a Ray cluster."
     )
@@ -483,13 +520,26 @@ class KDConfig(StrictModel):
         description="Top-k teachers: `bucket` adds one outcome for the rest of the mass; "
         "`renormalize` compares over the k ids only.",
     )
-    teacher: Literal["offline", "online"] = Field(
+    teacher: Literal["offline", "online", "served"] = Field(
         "offline",
         description="`offline`: the top-k log-probs stored by the sample stage. "
-        "`online`: the teacher model in memory scores every batch.",
+        "`online`: the teacher model in memory scores every batch. `served`: an OpenAI-compatible server (vLLM) "
+        "scores every batch, returning the top-k log-probs of the given tokens (`prompt_logprobs` on its completions "
+        "endpoint), so a teacher too big for the training machines can sit on others.",
     )
     online_top_k: int | None = Field(
-        None, gt=0, description="Online teacher: keep only its top-k per position (null compares full distributions)."
+        None,
+        gt=0,
+        description="Online teacher: keep only its top-k per position (null compares full distributions). "
+        "Served teacher: the k asked of the server (required; vLLM allows up to its --max-logprobs, 20 by default).",
+    )
+    served: OpenAIEngineConfig | None = Field(
+        None,
+        description="Served teacher (`teacher: served`): the endpoint, key variable, concurrency and retries; "
+        "null uses sample.openai. The model name asked for is `served_model`.",
+    )
+    served_model: str | None = Field(
+        None, min_length=1, description="Served teacher: the model name the server serves; null uses sample.teacher."
     )
     lmbda: float = Field(
         0.0,
@@ -505,15 +555,22 @@ class KDConfig(StrictModel):
 
     @model_validator(mode="after")
     def _on_policy_needs_online_teacher(self) -> KDConfig:
-        if self.lmbda > 0 and self.teacher != "online":
+        if self.lmbda > 0 and self.teacher == "offline":
             raise ValueError(
-                "lmbda > 0 scores the student's own samples, which only a teacher in memory can do: "
-                "set kd.teacher: online"
+                "lmbda > 0 scores the student's own samples, which only a live teacher can do: "
+                "set kd.teacher: online (in memory) or served (an OpenAI-compatible server)"
             )
-        if self.online_top_k is not None and self.teacher != "online":
+        if self.online_top_k is not None and self.teacher == "offline":
             raise ValueError(
-                "online_top_k applies to kd.teacher: online; the offline top-k size is sample.top_k_logprobs"
+                "online_top_k applies to kd.teacher: online or served; the offline top-k size is sample.top_k_logprobs"
             )
+        if self.teacher == "served" and self.online_top_k is None:
+            raise ValueError(
+                "kd.teacher: served needs online_top_k, the top-k log-probs asked of the server per position "
+                "(e.g. 20, vLLM's default --max-logprobs)"
+            )
+        if self.teacher != "served" and (self.served is not None or self.served_model is not None):
+            raise ValueError("kd.served and kd.served_model apply to kd.teacher: served")
         return self
 
 
@@ -525,6 +582,25 @@ class LoraSettings(StrictModel):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
     target_modules: str | list[str] = Field(
         "all-linear", description="Modules that get adapters: `all-linear` or a list of module names."
+    )
+
+
+class FSDPSettings(StrictModel):
+    """How `train.strategy: fsdp` shards the student: torch FSDP2 through accelerate and `transformers.Trainer`.
+
+    Activation checkpointing is `train.gradient_checkpointing`; with `train.bf16` the parameters are held in
+    bfloat16 and gradients are reduced in float32.
+    """
+
+    cpu_offload: bool = Field(
+        False,
+        description="Keep the sharded parameters, gradients and optimizer states in CPU memory between uses: slower, "
+        "for students that don't fit GPU memory even sharded.",
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="Free each layer's gathered parameters after its forward and gather them again for the backward "
+        "(ZeRO-3); false keeps them until the backward (ZeRO-2-like: faster, more memory).",
     )
 
 
@@ -590,7 +666,34 @@ class TrainConfig(StrictModel):
         description="Train LoRA adapters on a pretrained student (merged before saving); null trains every weight.",
     )
     num_processes: int = Field(
-        1, gt=0, description="Training processes (data parallel), started with torchrun; CPU runs use the gloo backend."
+        1,
+        gt=0,
+        description="Training processes per node (one per GPU), started with torchrun; CPU runs use the gloo backend.",
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="`ddp`: every process holds the whole student (data parallel). `fsdp`: parameters, gradients "
+        "and optimizer states are sharded over all processes (torch FSDP2), checkpoints are sharded (torch "
+        "distributed checkpoint) and the saved student is consolidated into one set of safetensors.",
+    )
+    fsdp: FSDPSettings = Field(default_factory=FSDPSettings, description="Settings of strategy `fsdp`.")
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="Machines training together, each running `num_processes` processes; they meet at `rendezvous`.",
+    )
+    rendezvous: str | None = Field(
+        None,
+        pattern=r"^[\w.-]+:\d+$",
+        description="host:port every node reaches (torchrun's c10d rendezvous, --rdzv-endpoint); required with "
+        "nodes > 1. Start the same command on every node.",
+    )
+    rendezvous_id: str = Field(
+        "stillhouse",
+        min_length=1,
+        pattern=r"^[\w.-]+$",
+        description="Id of one multi-node training run (torchrun --rdzv-id): the same on every node, new per run.",
     )
     seed: int = Field(0, description="Seed of initialization and data order.")
     logging_steps: int = Field(25, gt=0, description="Log the training loss every this many steps.")
@@ -610,10 +713,17 @@ class TrainConfig(StrictModel):
             )
         if self.method == "kd" and self.kd_weight == 0 and self.ce_weight == 0:
             raise ValueError("kd_weight and ce_weight are both 0: nothing to learn from")
-        if self.batch_size % (self.num_processes * self.gradient_accumulation_steps):
+        if self.nodes > 1 and self.rendezvous is None:
             raise ValueError(
-                f"batch_size ({self.batch_size}) must be divisible by num_processes x gradient_accumulation_steps "
-                f"({self.num_processes} x {self.gradient_accumulation_steps})"
+                f"nodes is {self.nodes} but rendezvous is not set: name a host:port every node reaches "
+                "(e.g. the first node's address and a free port, `10.0.0.1:29400`)"
+            )
+        world = self.nodes * self.num_processes
+        if self.batch_size % (world * self.gradient_accumulation_steps):
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by nodes x num_processes x "
+                f"gradient_accumulation_steps ({self.nodes} x {self.num_processes} x "
+                f"{self.gradient_accumulation_steps})"
             )
         if self.lora is not None and self.student is None:
             raise ValueError("lora needs a pretrained `student`; a student built from scratch trains every weight")
@@ -959,6 +1069,29 @@ class RegisterConfig(StrictModel):
     )
 
 
+class SigningConfig(StrictModel):
+    """Signing of what is published, with OpenSSF's model-signing library (pip install model-signing)."""
+
+    key: str = Field(
+        min_length=1,
+        description="The private key (PEM, elliptic curve) that signs: a file path, or `env:NAME` for a variable "
+        "holding the PEM itself. Its public key is what `stillhouse pull --verify-key` checks against.",
+    )
+
+
+class StoreConfig(StrictModel):
+    """Where stage outputs live, and how much of a stored output is checked before it is reused."""
+
+    root: str = Field(
+        ".stillhouse/store", description="Root of the content-addressed artifact store (a folder or s3://)."
+    )
+    verify: Literal["full", "sizes"] = Field(
+        "full",
+        description="Checks of a stored output before reuse: `full` compares every file's size and sha256 with its "
+        "manifest; `sizes` compares sizes only, and hashes just small files and what is published.",
+    )
+
+
 class PublishConfig(StrictModel):
     """What is written for the Hub, and where it is pushed."""
 
@@ -1028,6 +1161,11 @@ class PublishConfig(StrictModel):
     retry_backoff_s: float = Field(
         2.0, ge=0, description="First wait before a Hub retry, in seconds; doubled after each try."
     )
+    signing: SigningConfig | None = Field(
+        None,
+        description="Sign the published folder (its files' hashes) with model-signing; the signature travels in the "
+        "Hub commit and `stillhouse pull --verify-key` checks it. Null publishes unsigned.",
+    )
 
 
 class PipelineConfig(StrictModel):
@@ -1046,7 +1184,17 @@ class PipelineConfig(StrictModel):
             )
         return name
 
-    store: str = Field(".stillhouse/store", description="Root of the content-addressed artifact store.")
+    store: StoreConfig = Field(
+        default_factory=StoreConfig,
+        description="The artifact store: `root` (a folder or s3:// URL; a plain string sets just the root) "
+        "and `verify`.",
+    )
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_root_alone(cls, value: Any) -> Any:
+        return {"root": value} if isinstance(value, str) else value
+
     curate: CurateConfig = Field(description="Prompt curation.")
     sample: SampleConfig = Field(description="Teacher sampling.")
     train: TrainConfig = Field(description="Student training.")

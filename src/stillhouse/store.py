@@ -122,8 +122,9 @@ _locks_guard = threading.Lock()
 class Store:
     """Stage outputs under a local folder or a remote fsspec URL (``s3://...``), with a local cache."""
 
-    def __init__(self, root: str | Path, cache: str | Path | None = None):
+    def __init__(self, root: str | Path, cache: str | Path | None = None, verify: str = "full"):
         location = str(root)
+        self.verify = verify  # how much of a stored output is checked before reuse: "full" or "sizes"
         self.url: str | None = None
         self.fs = None
         if "://" in location and not location.startswith("file://"):
@@ -137,6 +138,11 @@ class Store:
             self.root = cache_root / protocol / self.remote_root
         else:
             self.root = Path(location.removeprefix("file://")).expanduser().resolve()
+
+    @classmethod
+    def from_config(cls, settings) -> Store:
+        """The store a `StoreConfig` describes (its root and how far reuse is verified)."""
+        return cls(settings.root, verify=settings.verify)
 
     @property
     def remote(self) -> bool:
