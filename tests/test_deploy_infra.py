@@ -15,7 +15,8 @@ import yaml
 from stillhouse.flows import deploy
 from stillhouse.flows.bundled import resolve_config
 
-INFRA = Path(__file__).parents[1] / "infra"
+REPO = Path(__file__).parents[1]
+INFRA = REPO / "infra"
 LONG_RUNNING = {"postgres", "minio", "prefect-server", "mlflow", "worker"}
 
 
@@ -153,3 +154,46 @@ def test_prefect_yaml_deployments_point_at_flows_with_valid_schedules():
             deploy.cron_schedule(schedule["cron"], schedule["timezone"], deployment.name)
     crons = {d.name: [s["cron"] for s in d.schedules] for d in deployments}
     assert crons["nightly"] == ["0 2 * * *"] and crons["weekly-champion"] == ["0 6 * * 1"]
+
+
+def test_the_multinode_training_job_meets_at_pod_zero_and_runs_a_valid_command():
+    """infra/k8s/train-multinode.yaml, rendered as its header says (envsubst): a headless Service and an Indexed Job."""
+    from string import Template
+
+    from stillhouse.config import load_config
+    from stillhouse.flows.cli import build_parser
+
+    values = {
+        "NAME": "distill-8b",
+        "NODES": "4",
+        "GPUS_PER_NODE": "8",
+        "IMAGE": "registry.example.com/worker:1",
+        "CONFIG": "configs/demo.yaml",
+        "STORE": "s3://bucket/stillhouse",
+        "RUN_ID": "1764500000",
+    }
+    text = (INFRA / "k8s" / "train-multinode.yaml").read_text()
+    assert set(re.findall(r"\$\{(\w+)\}", text)) == set(values), "every placeholder is documented in the header"
+    rendered = Template(text).safe_substitute(values)  # safe: the header's `$(date +%s)` is shell, not a placeholder
+    assert "${" not in rendered
+    service, job = yaml.safe_load_all(rendered)
+    assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
+    assert job["kind"] == "Job" and job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 4
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == service["metadata"]["name"] == job["metadata"]["name"]
+    assert service["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
+    (container,) = pod["containers"]
+    assert (
+        container["resources"]["requests"]["nvidia.com/gpu"]
+        == "8"
+        == container["resources"]["limits"]["nvidia.com/gpu"]
+    )
+
+    arguments = build_parser().parse_args([*container["command"][1:], *container["args"]])
+    assert arguments.command == "run" and arguments.until == "train"
+    config = load_config(REPO / arguments.config, arguments.overrides)
+    assert config.train.nodes == 4 and config.train.num_processes == 8 and config.store.root == "s3://bucket/stillhouse"
+    host, port = config.train.rendezvous.split(":")
+    assert host == f"{job['metadata']['name']}-0.{service['metadata']['name']}"  # pod 0's DNS name under the Service
+    assert int(port) == service["spec"]["ports"][0]["port"] == container["ports"][0]["containerPort"]

@@ -695,6 +695,13 @@ class TrainConfig(StrictModel):
         pattern=r"^[\w.-]+$",
         description="Id of one multi-node training run (torchrun --rdzv-id): the same on every node, new per run.",
     )
+
+    @field_validator("rendezvous_id", mode="before")
+    @classmethod
+    def _numeric_id_is_text(cls, value: Any) -> Any:
+        # `--set train.rendezvous_id=$(date +%s)` arrives as a number (overrides are YAML-parsed).
+        return str(value) if isinstance(value, int) else value
+
     seed: int = Field(0, description="Seed of initialization and data order.")
     logging_steps: int = Field(25, gt=0, description="Log the training loss every this many steps.")
     threads: int | None = Field(
