@@ -16,7 +16,9 @@ one slot per GPU) for its whole run, so scheduled runs don't fight over one acce
 server or without the limit, the slot is not enforced.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: `flow.serve` loads this file as a script, and Prefect then
+# can't resolve string annotations such as `Stage` when it validates a run's parameters (every served run
+# failed with "PipelineModel is not fully defined"). Real annotation objects need no resolving.
 
 from prefect import flow
 from prefect.concurrency.sync import concurrency

@@ -139,6 +139,7 @@ def test_deploy_registers_every_deployment_with_active_schedules_pools_and_the_g
     assert '"nvidia.com/gpu": "{{ gpus }}"' in manifest
 
 
+@pytest.mark.slow
 def test_serve_schedules_the_pipeline_in_its_own_process_and_refuses_a_bad_cron(prefect_api, config_file, tmp_path):
     env = prefect_env(tmp_path / "home", prefect_api)
     refused = subprocess.run(
@@ -165,6 +166,16 @@ def test_serve_schedules_the_pipeline_in_its_own_process_and_refuses_a_bad_cron(
                 break
             time.sleep(1)
         assert served, (tmp_path / "serve.log").read_text()[-3000:]
+        # A run of the served schedule, now: the serving process picks it up and runs the whole pipeline.
+        with httpx.Client(base_url=prefect_api, timeout=10) as client:
+            flow_run = client.post(f"/deployments/{served[0]['id']}/create_flow_run", json={}).json()
+            deadline = time.monotonic() + 300
+            while True:
+                state = client.get(f"/flow_runs/{flow_run['id']}").json()["state"]
+                if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") or time.monotonic() > deadline:
+                    break
+                time.sleep(2)
+        assert state["type"] == "COMPLETED", f"{state}\n{(tmp_path / 'serve.log').read_text()[-4000:]}"
     (deployment,) = served
     assert [(s["schedule"]["cron"], s["active"]) for s in deployment["schedules"]] == [("30 3 * * *", True)]
     assert deployment["parameters"]["config"] == str(config_file)
