@@ -15,6 +15,8 @@ EMBEDDED_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # The core logs through `logging` (e.g. a mixture that dropped rows): shown in the console and the Prefect UI.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "stillhouse",
 }
 
 

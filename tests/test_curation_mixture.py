@@ -124,3 +124,40 @@ registry: {{model_name: m}}
         2,
         1,
     ] and config.curate.filters.near_duplicates.threshold == 0.8
+
+
+def test_a_mixture_without_weights_keeps_every_row_and_finds_each_sources_references(tmp_path, caplog):
+    """Two sources at their defaults: nothing is dropped; the default `reference` column is read where it exists."""
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": t}]} for t in filler(400)])
+    shared = write_jsonl(
+        tmp_path / "shared.jsonl",
+        [{"conversations": [{"from": "human", "value": t}], "reference": "ok"} for t in filler(200, seed=5)],
+    )
+    with caplog.at_level("WARNING", logger="stillhouse"):
+        dataset = curate(CurateConfig(sources=[{"source": str(chat)}, {"source": str(shared)}]), Store(tmp_path / "s"))
+    out = all_rows(dataset)
+    assert dataset.counts.get("dropped_mixture", 0) == 0
+    assert len(out) + dataset.counts["dropped_contaminated_eval"] == 600
+    assert out.loc[out["source"] == "shared", "reference"].eq("ok").all()
+    assert out.loc[out["source"] == "chat", "reference"].isna().all()
+    assert "mixture" not in caplog.text
+
+
+def test_weights_that_drop_rows_say_so_with_the_counts(tmp_path, caplog):
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": t} for t in filler(400)])
+    other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": t} for t in filler(200, seed=5)])
+    config = CurateConfig(sources=[{"source": str(chat), "weight": 1}, {"source": str(other), "weight": 1}])
+    with caplog.at_level("WARNING", logger="stillhouse"):
+        dataset = curate(config, Store(tmp_path / "s"))
+    assert dataset.counts["dropped_mixture"] == 200
+    assert "kept 400 of 600 rows (chat: 200 of 400, other: 200 of 200)" in caplog.text
+
+
+def test_weights_are_set_on_every_entry_or_none(tmp_path):
+    with pytest.raises(ValidationError, match=r"sources\[1\] have no weight while others do"):
+        CurateConfig(sources=[{"source": "a.jsonl", "weight": 2}, {"source": "b.jsonl"}])
+    explicit = CurateConfig(sources=[{"source": "a.jsonl", "reference_column": "answer"}])
+    assert (
+        explicit.sources[0].reference_column == "answer"
+        and CurateConfig(source="a.jsonl").reference_column == "reference"
+    )

@@ -53,10 +53,13 @@ class SourceConfig(StrictModel):
         min_length=1,
         description="Label of this source in the output's `source` column; null uses the file stem or dataset id.",
     )
-    weight: float = Field(
-        1.0,
+    weight: float | None = Field(
+        None,
         gt=0,
-        description="Relative share of this source in the mixture's output (after filtering and deduplication).",
+        description="Relative share of this source in the mixture's output (after filtering and deduplication). "
+        "Null on every entry keeps every row. Set on every entry, the mixture is drawn in those shares: the largest "
+        "output the sources can fill, so rows of over-represented sources are dropped (counted, and said in the "
+        "console).",
     )
     max_rows: int | None = Field(
         None, gt=0, description="Cap on the rows this source contributes; null leaves it uncapped."
@@ -67,7 +70,9 @@ class SourceConfig(StrictModel):
     )
     system_column: str | None = Field(None, description="Optional column holding a system prompt (format `columns`).")
     reference_column: str | None = Field(
-        None, description="Column holding a reference answer for exact-match evaluation; null if the data has none."
+        "reference",
+        description="Column holding a reference answer for exact-match evaluation; the default `reference` is used "
+        "when the data has that column (a column named here explicitly must exist); null reads none.",
     )
     category_column: str | None = Field(
         None, description="Optional column naming each row's category, for per-category accuracy."
@@ -211,7 +216,8 @@ class CurateConfig(StrictModel):
     system_column: str | None = Field(None, description="Optional column holding a system prompt (format `columns`).")
     reference_column: str | None = Field(
         "reference",
-        description="Column holding a reference answer for exact-match evaluation; null if the data has none.",
+        description="Column holding a reference answer for exact-match evaluation; the default `reference` is used "
+        "when the data has that column (a column named here explicitly must exist); null reads none.",
     )
     category_column: str | None = Field(
         None, description="Optional column naming each row's category, for per-category accuracy."
@@ -266,23 +272,32 @@ class CurateConfig(StrictModel):
                 raise ValueError(
                     f"{', '.join(misplaced)} apply to `source` only; with `sources`, set them in each mixture entry"
                 )
+            weighted = [source.weight is not None for source in self.sources]
+            if any(weighted) and not all(weighted):
+                unset = [str(index) for index, has_weight in enumerate(weighted) if not has_weight]
+                raise ValueError(
+                    f"sources[{', '.join(unset)}] have no weight while others do: set `weight` on every mixture entry "
+                    "(to draw the mixture in those shares) or on none (to keep every row)"
+                )
         return self
 
     def source_list(self) -> list[SourceConfig]:
         """The sources to read: the mixture's entries, or `source` with the top-level column fields."""
         if self.sources is not None:
             return list(self.sources)
+        # Only what the user set is passed on, so the entry knows which values are defaults (a default
+        # reference column that the data lacks means "no references", a named one that it lacks is an error).
+        per_source = (
+            "format",
+            "prompt_column",
+            "system_column",
+            "reference_column",
+            "category_column",
+            "split",
+            "streaming",
+        )
         return [
-            SourceConfig(
-                source=self.source,
-                format=self.format,
-                prompt_column=self.prompt_column,
-                system_column=self.system_column,
-                reference_column=self.reference_column,
-                category_column=self.category_column,
-                split=self.split,
-                streaming=self.streaming,
-            )
+            SourceConfig(source=self.source, **{k: getattr(self, k) for k in per_source if k in self.model_fields_set})
         ]
 
 
@@ -1227,7 +1242,8 @@ class PipelineConfig(StrictModel):
         """With sample.engine `openai` the teacher is a name on a server: only its answers
         (and top-k) reach later stages.
 
-        Its tokenizer is known only through sample.openai.tokenizer; its weights never are. The rules live in
+        Its tokenizer is known only through sample.openai.tokenizer; its weights never are. Online KD with it
+        is ``train.kd.teacher: served`` (the server scores every batch), never ``online``. The rules live in
         `stillhouse.capabilities`, where the stages check them again on what the sample stage recorded.
         """
         served = self.sample.engine == "openai"
@@ -1237,6 +1253,9 @@ class PipelineConfig(StrictModel):
         problems = [
             capabilities.online_teacher_problem(
                 teacher_is_served=served, method=train.method, kd_teacher=train.kd.teacher
+            ),
+            capabilities.served_kd_vocabulary_problem(
+                teacher_tokenizer_known=tokenizer_known, method=train.method, kd_teacher=train.kd.teacher
             ),
             capabilities.kd_vocabulary_problem(teacher_tokenizer_known=tokenizer_known, method=train.method),
             capabilities.student_from_scratch_problem(

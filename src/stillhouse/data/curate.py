@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -74,6 +75,8 @@ OUTPUT_SCHEMA = pa.schema(
 WORK_SCHEMA = OUTPUT_SCHEMA.append(pa.field("text", pa.string())).append(pa.field("where", pa.string()))
 
 __all__ = ["curate", "curate_frame", "read_split", "source_kind"]
+
+log = logging.getLogger(__name__)
 
 
 def read_split(dataset: DatasetRef, split: str) -> pd.DataFrame:
@@ -206,8 +209,24 @@ class Curation:
             manifest["near_duplicate_lsh"] = dict(
                 zip(("bands", "rows_per_band"), band_parameters(near.threshold, near.num_perm))
             )
-        if len(self.sources) > 1 or any(s.config.max_rows is not None for s in self.sources):
+        before = {s.name: int((alive & (source_of == s.index)).sum()) for s in self.sources}
+        for source in self.sources:  # a mixture entry that filtering emptied is a mapping or filter mistake
+            if len(self.sources) > 1 and before[source.name] == 0:
+                raise InputError(
+                    f"{source.field}: no rows of {source.config.source!r} are left after filtering; fix its column "
+                    "mapping or filters, or remove it from the mixture"
+                )
+        if any(s.config.weight is not None or s.config.max_rows is not None for s in self.sources):
             self.drop("dropped_mixture", ~draw_mixture(config, self.sources, keys, source_of, alive), alive)
+            after = {s.name: int((alive & (source_of == s.index)).sum()) for s in self.sources}
+            if after != before:  # never silently: the weights or caps dropped rows the data had
+                log.warning(
+                    "curate: the mixture's weights and caps kept %d of %d rows (%s); leave `weight` unset on every "
+                    "source to keep them all",
+                    sum(after.values()),
+                    sum(before.values()),
+                    ", ".join(f"{name}: {after[name]} of {before[name]}" for name in before),
+                )
         if config.max_rows is not None and alive.sum() > config.max_rows:
             rows = np.flatnonzero(alive)
             beyond = np.zeros(len(alive), dtype=bool)
@@ -428,14 +447,17 @@ def draw_mixture(
 ) -> np.ndarray:
     """Rows drawn for the mixture: each source's share of the output follows its weight, within its cap.
 
-    The total is the largest the sources can fill; within a source, rows are drawn in the order of
-    a hash of (seed, source name, prompt id), so the draw is deterministic and independent of row order.
+    With weights, the total is the largest the sources can fill in those shares; without, every source gives all
+    its rows up to its cap. Within a source, rows are drawn in the order of a hash of (seed, source name, prompt id),
+    so the draw is deterministic and independent of row order.
     """
-    weights = np.array([s.config.weight for s in sources], dtype=np.float64)
-    shares = weights / weights.sum()
     available = np.array(
         [min(int((alive & (source_of == s.index)).sum()), s.config.max_rows or np.iinfo(np.int64).max) for s in sources]
     )
+    if any(s.config.weight is None for s in sources):  # caps only: each source up to its cap, no shares
+        return _draw_within_caps(config, sources, keys, source_of, alive, available)
+    weights = np.array([s.config.weight for s in sources], dtype=np.float64)
+    shares = weights / weights.sum()
     for source, count in zip(sources, available):
         if count == 0:
             raise InputError(
@@ -443,13 +465,24 @@ def draw_mixture(
                 "met; fix its column mapping or filters, or remove it from the mixture"
             )
     total = float(np.min(available / shares))
+    takes = np.array([min(int(count), int(round(total * share))) for share, count in zip(shares, available)])
+    return _draw_within_caps(config, sources, keys, source_of, alive, takes)
+
+
+def _draw_within_caps(
+    config: CurateConfig,
+    sources: list[Source],
+    keys: np.ndarray,
+    source_of: np.ndarray,
+    alive: np.ndarray,
+    takes: np.ndarray,
+) -> np.ndarray:
+    """Each source's first ``takes[i]`` rows in the hash order of (seed, source name, prompt id)."""
     drawn = np.zeros(len(keys), dtype=bool)
-    for source, share, count in zip(sources, shares, available):
-        take = min(int(count), int(round(total * share)))
+    for source, take in zip(sources, takes):
         rows = np.flatnonzero(alive & (source_of == source.index))
         salt = np.uint64(xxhash.xxh64_intdigest(f"{config.mixture_seed}:{source.name}".encode()))
-        order = np.argsort(mix64(keys[rows] ^ salt), kind="stable")
-        drawn[rows[order[:take]]] = True
+        drawn[rows[np.argsort(mix64(keys[rows] ^ salt), kind="stable")[: int(take)]]] = True
     return drawn
 
 

@@ -103,10 +103,13 @@ def resolve_mapping(source: SourceConfig, columns: list[str], field: str, label:
         prompt_column = prompt_column if prompt_column in columns else "conversations"
     elif fmt == "alpaca":
         prompt_column = "instruction"
+    reference_column = source.reference_column
+    if reference_column not in columns and "reference_column" not in source.model_fields_set:
+        reference_column = None  # the default `reference`, and this data has no such column: no references
     needed = {
         "prompt_column": prompt_column,
         "system_column": source.system_column,
-        "reference_column": source.reference_column,
+        "reference_column": reference_column,
         "category_column": source.category_column,
     }
     for name, column in needed.items():
@@ -117,7 +120,7 @@ def resolve_mapping(source: SourceConfig, columns: list[str], field: str, label:
                 else f"name one of those, or set {field}.{name}: null"
             )
             raise InputError(f"{field}.{name}: column {column!r} is not in {label!r} (columns: {columns}); {hint}")
-    return ColumnMapping(fmt, prompt_column, source.system_column, source.reference_column, source.category_column)
+    return ColumnMapping(fmt, prompt_column, source.system_column, reference_column, source.category_column)
 
 
 def is_missing(value: Any) -> bool:
