@@ -223,3 +223,61 @@ def test_evaluate_register_gate_in_mlflow(prefect_harness, tmp_path, tiny_teache
     assert saved["failures"] == verdict.failures
     assert client.get_run(tracking.parent_run_id).data.tags["stillhouse.gate"] == "failed"
     assert client.get_model_version("gated-student", registered.version).tags["stillhouse.gate"] == "failed"
+
+
+def test_the_default_floor_keeps_a_student_that_learned_nothing_from_becoming_champion():
+    untrained = {"student_exact_match": 0.013, "teacher_exact_match": 0.76, "kl_teacher_student": 3.1}
+    verdict = check_candidate(GateConfig(), untrained)
+    assert not verdict.passed
+    assert verdict.failures == [
+        "default floor (evaluate.gate.default_floor): student exact match 0.013 vs teacher 0.76 (needs >= 0.38, "
+        "half the teacher's; set evaluate.gate.min_accuracy_ratio_to_teacher to choose)"
+    ]
+    assert check_candidate(GateConfig(), {**untrained, "student_exact_match": 0.5}).passed
+    # Without references, the KL floor; with an explicit threshold or the floor off, no default.
+    assert (
+        check_candidate(GateConfig(), {"kl_teacher_student": 3.1})
+        .failures[0]
+        .startswith("default floor (evaluate.gate.default_floor): kl_teacher_student is 3.1 (needs <= 2")
+    )
+    assert check_candidate(GateConfig(), {"kl_teacher_student": 0.4}).passed
+    assert check_candidate(GateConfig(min_accuracy_ratio_to_teacher=0.01), untrained).passed
+    assert check_candidate(GateConfig(default_floor=False), untrained).passed
+    # A teacher that gets nothing right gives no ratio to hold the student to.
+    assert check_candidate(GateConfig(), {"student_exact_match": 0.0, "teacher_exact_match": 0.0}).passed
+
+
+@pytest.mark.slow
+def test_a_first_version_below_the_floor_is_registered_not_promoted_and_the_console_says_so(tmp_path):
+    """As a user meets it: `stillhouse run` in a subprocess, the demo teacher (99.5% exact match), a 2-step student."""
+    import subprocess
+    import sys
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())
+    config.update(
+        store=str(tmp_path / "store"), tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "floor"}
+    )
+    config["curate"].update(demo_rows=400, eval_fraction=0.1)
+    config["train"].update(max_steps=2, logging_steps=1)
+    config["evaluate"].update(latency_prompts=1)
+    path = tmp_path / "floor.yaml"
+    path.write_text(yaml.safe_dump(config))
+    completed = subprocess.run(
+        [sys.executable, "-m", "stillhouse.flows.cli", "run", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+        env={**__import__("os").environ, "COLUMNS": "200"},
+    )
+    assert completed.returncode == 3, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "default floor (evaluate.gate.default_floor)" in completed.stdout
+    assert "stays @candidate and was not published" in completed.stdout
+    client = MlflowClient(config["tracking"]["uri"])
+    (version,) = client.search_model_versions("name='stillhouse-demo-student'")
+    assert version.tags["stillhouse.gate"] == "failed"
+    registered = client.get_registered_model("stillhouse-demo-student")
+    assert registered.aliases == {"candidate": version.version}, "registered, but no @champion"

@@ -859,10 +859,18 @@ class LmEvalConfig(StrictModel):
 class GateConfig(StrictModel):
     """Promotion gate: thresholds a candidate student must meet before it becomes `champion` and is published.
 
-    Every threshold left null is not checked. Metric names are those of the evaluation report.
+    Every threshold left null is not checked, except that a floor relative to the teacher applies by default
+    (`default_floor`). Metric names are those of the evaluation report.
     """
 
     enabled: bool = Field(True, description="Apply the gate; when false every candidate passes and becomes champion.")
+    default_floor: bool = Field(
+        True,
+        description="While min_accuracy_ratio_to_teacher and max_kl are both unset, the candidate must still reach "
+        "half the teacher's exact match (when the eval data has references and the teacher gets any right), or else "
+        "a token KL to the teacher of at most 2 nats (when the teacher's top-k is stored): a first version that "
+        "learned nothing is registered but never promoted. false turns the floor off.",
+    )
     min_accuracy_ratio_to_teacher: float | None = Field(
         None,
         gt=0,

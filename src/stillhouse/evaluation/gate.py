@@ -16,6 +16,11 @@ from stillhouse.config import GateConfig
 LOWER_IS_BETTER = ("perplexity", "kl_teacher", "latency", "size_mb", "parameters", "parameter_ratio", "size_ratio")
 # Comparisons allow this much floating-point slack, so 0.75 x 0.8 >= 0.6 holds as written.
 SLACK = 1e-9
+# The default floor (evaluate.gate.default_floor): a student that learned nothing is never promoted. Half the
+# teacher's exact match is far below any student worth publishing and far above an untrained one (~0); without
+# references, an untrained student's token KL to the teacher is log(vocabulary size), 4-12 nats.
+DEFAULT_ACCURACY_RATIO = 0.5
+DEFAULT_MAX_KL = 2.0
 
 
 class GateVerdict(BaseModel):
@@ -49,6 +54,28 @@ def lookup(metrics: dict[str, float], name: str) -> float | None:
     """A metric by its report name, or by MLflow's spelling of it (`/` logged as `.`)."""
     value = metrics.get(name, metrics.get(name.replace("/", ".")))
     return None if value is None or math.isnan(value) else float(value)
+
+
+def default_floor(verdict: GateVerdict, candidate: dict[str, float], check) -> None:
+    """The floor relative to the teacher that applies when no accuracy or KL threshold is set."""
+    student, teacher = lookup(candidate, "student_exact_match"), lookup(candidate, "teacher_exact_match")
+    if student is not None and teacher:
+        needed = DEFAULT_ACCURACY_RATIO * teacher
+        verdict.candidate_metrics.update(student_exact_match=student, teacher_exact_match=teacher)
+        check(
+            student >= needed - SLACK,
+            f"default floor (evaluate.gate.default_floor): student exact match {student:.4g} vs teacher {teacher:.4g} "
+            f"(needs >= {needed:.4g}, half the teacher's; set evaluate.gate.min_accuracy_ratio_to_teacher to choose)",
+        )
+        return
+    kl = lookup(candidate, "kl_teacher_student")
+    if kl is not None:
+        verdict.candidate_metrics["kl_teacher_student"] = kl
+        check(
+            kl <= DEFAULT_MAX_KL + SLACK,
+            f"default floor (evaluate.gate.default_floor): kl_teacher_student is {kl:.4g} "
+            f"(needs <= {DEFAULT_MAX_KL:g}; set evaluate.gate.max_kl to choose)",
+        )
 
 
 def default_champion_metric(candidate: dict[str, float]) -> str:
@@ -101,6 +128,8 @@ def check_candidate(
                 f"min_accuracy_ratio_to_teacher {config.min_accuracy_ratio_to_teacher:g}: student exact match "
                 f"{student:.4g} vs teacher {teacher:.4g} (needs >= {needed:.4g})",
             )
+    if config.default_floor and config.min_accuracy_ratio_to_teacher is None and config.max_kl is None:
+        default_floor(verdict, candidate, check)
     if config.max_kl is not None:
         kl = value_of("kl_teacher_student", "max_kl")
         if kl is not None:
