@@ -1,5 +1,8 @@
 """The report: Markdown, HTML and PNG files with the metrics' numbers, and the terminal table."""
 
+import base64
+import re
+
 from rich.console import Console
 
 from stillhouse.evaluation.gate import GateVerdict
@@ -72,7 +75,37 @@ def test_write_report_writes_markdown_html_and_plots(tmp_path):
         and "![loss_curve](loss_curve.png)" in markdown
     )
     assert "12 held-out prompts" in markdown
-    assert "<td>0.1234</td>" in (tmp_path / "report" / "report.html").read_text()
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "<td>0.1234</td>" in page
+    # The images travel inside the page (MLflow's artifact viewer serves report.html alone).
+    embedded = re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
+    assert len(embedded) == 4 and 'src="loss_curve.png"' not in page
+    assert base64.b64decode(embedded[0]) == (tmp_path / "report" / "loss_curve.png").read_bytes()
+
+
+def test_the_learning_rate_has_its_own_axis_in_the_loss_curve(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stillhouse.evaluation import report
+
+    history = [{"step": s, "loss": 4.0 - s / 10, "learning_rate": 3e-3 * (1 - s / 20)} for s in range(1, 20)]
+    created = []
+    original = report._save
+
+    def keep_axes(figure, path):
+        created.append([(axes.get_ylabel(), [line.get_label() for line in axes.get_lines()]) for axes in figure.axes])
+        return original(figure, path)
+
+    report._save = keep_axes
+    try:
+        assert report.plot_loss_curve(history, tmp_path / "loss.png")
+    finally:
+        report._save = original
+    plt.close("all")
+    assert created == [[("loss", ["loss"]), ("learning rate", ["learning_rate"])]]
 
 
 def test_a_report_without_training_history_or_kl_skips_those_plots(tmp_path):

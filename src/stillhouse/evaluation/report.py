@@ -11,6 +11,7 @@ Files written into ``<evaluate stage folder>/report/``:
 
 from __future__ import annotations
 
+import base64
 import html
 import math
 from pathlib import Path
@@ -151,13 +152,25 @@ def report_markdown(
     return "\n".join(parts)
 
 
-def report_html(metrics: dict[str, float], title: str, images: list[str] = (), eval_prompts: int | None = None) -> str:
+def report_html(
+    metrics: dict[str, float],
+    title: str,
+    images: list[str] = (),
+    eval_prompts: int | None = None,
+    folder: Path | None = None,
+) -> str:
+    """The report as one HTML file; with ``folder``, the PNGs in it are embedded (data URIs), so the file shows them
+    wherever it is opened alone: MLflow's artifact viewer serves it without its neighbours."""
     header, rows = comparison_rows(metrics)
     cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    figures = "".join(
-        f'<figure><img src="{html.escape(i)}" alt="{html.escape(Path(i).stem)}"></figure>' for i in images
-    )
+
+    def source(image: str) -> str:
+        if folder is None:
+            return html.escape(image)
+        return "data:image/png;base64," + base64.b64encode((folder / image).read_bytes()).decode("ascii")
+
+    figures = "".join(f'<figure><img src="{source(i)}" alt="{html.escape(Path(i).stem)}"></figure>' for i in images)
     note = f"<p>{eval_prompts} held-out prompts, the same for every model.</p>" if eval_prompts is not None else ""
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
@@ -173,11 +186,18 @@ def plot_loss_curve(loss_history: list[dict[str, float]], path: Path) -> bool:
     if not points or not series:
         return False
     figure, axes = _figure()
+    # The learning rate is orders of magnitude below a loss: on the loss axis it would lie flat on zero.
+    rate_axes = axes.twinx() if "learning_rate" in series else None
+    lines = []
     for key in series:
         steps = [p["step"] for p in points if key in p]
-        axes.plot(steps, [p[key] for p in points if key in p], marker="o", markersize=3, label=key)
+        target = rate_axes if key == "learning_rate" else axes
+        style = {"linestyle": "--", "color": "grey"} if key == "learning_rate" else {"marker": "o", "markersize": 3}
+        lines += target.plot(steps, [p[key] for p in points if key in p], label=key, **style)
     axes.set(xlabel="optimizer step", ylabel="loss", title="Training loss")
-    axes.legend()
+    if rate_axes is not None:
+        rate_axes.set_ylabel("learning rate")
+    axes.legend(lines, [line.get_label() for line in lines])
     return _save(figure, path)
 
 
@@ -270,5 +290,5 @@ def write_report(
     if plot_bars(per_category, folder / "categories.png", "Exact match by category", "exact match"):
         images.append("categories.png")
     (folder / "report.md").write_text(report_markdown(metrics, title, images, eval_prompts))
-    (folder / "report.html").write_text(report_html(metrics, title, images, eval_prompts))
+    (folder / "report.html").write_text(report_html(metrics, title, images, eval_prompts, folder=folder))
     return [folder / name for name in ("report.md", "report.html", *images)]
