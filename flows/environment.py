@@ -8,6 +8,7 @@ A value the user set wins.
 from __future__ import annotations
 
 import os
+import sys
 
 EMBEDDED_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
@@ -25,3 +26,7 @@ def apply_embedded_defaults() -> None:
     imported."""
     for name, value in EMBEDDED_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    if not sys.stderr.isatty():
+        # A log file or CI: progress bars would be `\r`-rewritten lines by the hundred. Progress still shows in the
+        # Prefect UI (progress artifacts) and in each stage's log line.
+        os.environ.setdefault("TQDM_DISABLE", "1")

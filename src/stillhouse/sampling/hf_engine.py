@@ -18,6 +18,7 @@ decoding (a repetition penalty, forced or suppressed tokens, ...) go through `mo
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -263,6 +264,12 @@ def greedy_loop_supported(model: PreTrainedModel) -> bool:
     )
 
 
+def cache_argument(model: PreTrainedModel) -> str:
+    """The forward's name for the KV cache: `cache` from transformers 5.2x (`past_key_values` is deprecated there,
+    with a FutureWarning on every call), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def greedy_batch(
     model: PreTrainedModel,
@@ -285,13 +292,9 @@ def greedy_batch(
     rows = input_ids.shape[0]
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
+    with_cache = {cache_argument(model): cache, "use_cache": True}
     logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=1, **with_cache
     ).logits[:, -1]
     tokens: list[list[int]] = [[] for _ in range(rows)]
     captured = [([], [], []) for _ in range(rows)] if top_k_logprobs > 0 else None
@@ -319,11 +322,7 @@ def greedy_batch(
             running = [running[batch_row] for batch_row in still_running]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(running), 1)], dim=1)
         logits = model(
-            input_ids=chosen[:, None],
-            attention_mask=attention_mask,
-            position_ids=next_positions,
-            past_key_values=cache,
-            use_cache=True,
+            input_ids=chosen[:, None], attention_mask=attention_mask, position_ids=next_positions, **with_cache
         ).logits[:, -1]
         next_positions = next_positions + 1
     if captured is None:
