@@ -556,6 +556,21 @@ class KDConfig(StrictModel):
     served_model: str | None = Field(
         None, min_length=1, description="Served teacher: the model name the server serves; null uses sample.teacher."
     )
+    align: Literal["none", "uld", "byte"] = Field(
+        "none",
+        description="Teacher and student with different tokenizers (e.g. a Llama teacher, a Qwen student). `none`: "
+        "they must share a vocabulary. `uld`: Universal Logit Distillation (Boizard et al.), the Wasserstein-1 "
+        "distance between the sorted probability vectors, plus the KL on tokens both vocabularies spell the same "
+        "(`uld_exact_weight`). `byte`: the teacher's next-token distribution mapped onto the student's vocabulary "
+        "through shared byte prefixes at aligned byte offsets (byte-prefix marginalization), with a residual bucket "
+        "for mass that maps nowhere, then the configured `kind`.",
+    )
+    uld_exact_weight: float = Field(
+        1.0,
+        ge=0,
+        description="`align: uld`: weight of the KL on the tokens both vocabularies share exactly (as TRL's GOLD mixes "
+        "it in); 0 is plain ULD.",
+    )
     lmbda: float = Field(
         0.0,
         ge=0,
