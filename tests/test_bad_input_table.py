@@ -142,6 +142,13 @@ def huge_prompt_sampled(tmp_path: Path, raw: dict) -> str:
 
 TEN_MB = "sort: " + "z y x " * 1_750_000  # 10.5 MB
 
+# A "billion laughs": eight levels of nine aliases each expand to 9^8 (43 million) values.
+ALIAS_BOMB = (
+    "a: &a [x, x, x, x, x, x, x, x, x]\n"
+    + "".join(f"{child}: &{child} [{', '.join(['*' + parent] * 9)}]\n" for parent, child in zip("abcdefg", "bcdefgh"))
+    + "name: *h\n"
+)
+
 CASES = [
     # Config files
     Case(
@@ -159,7 +166,7 @@ CASES = [
     Case(
         "typo-top-level-section",
         config_change(lambda raw, tmp: raw.update(trian={"max_steps": 3})),
-        r"exit 2: .*trian: unknown key; check its spelling",
+        r"exit 2: .*trian: unknown key; did you mean `train`\?",
     ),
     Case("typo-nested-key", config_change(section("train", max_step=3)), r"exit 2: .*train.max_step: unknown key"),
     Case(
@@ -244,9 +251,59 @@ CASES = [
         r"exit 2: .*publish.repo_id: .*must not start or end with `.`",
     ),
     Case(
+        "yaml-alias-bomb",
+        yaml_file(ALIAS_BOMB),
+        r"ConfigError: .*exp.yaml: the YAML expands to more than 100,000 values through its aliases",
+    ),
+    Case(
+        "config-over-1mb",
+        yaml_file("name: big\n# " + "x" * 1_100_000 + "\n"),
+        r"ConfigError: .*exp.yaml: 1,100,\d+ bytes is too large for a config \(the limit is 1,000,000\)",
+    ),
+    Case(
+        "tag-huge-width",
+        config_change(section("publish", tag="{version:>2000000000}")),
+        r"exit 2: .*publish.tag: .*keep the format of {version} plain",
+    ),
+    Case(
+        "tag-unknown-field",
+        config_change(section("publish", tag="v{version}-{oops}")),
+        r"exit 2: .*publish.tag: .*unknown field {oops}; only {version} and {name} are filled in",
+    ),
+    Case(
+        "model-name-slash",
+        config_change(section("registry", model_name="team/student")),
+        r"exit 2: .*registry.model_name: .*MLflow model names can't contain `/` or `:`",
+    ),
+    Case(
+        "experiment-nul",
+        config_change(section("tracking", experiment="runs\x00x")),
+        r"exit 2: .*tracking.experiment: .*control or invisible characters \(U\+0000\)",
+    ),
+    Case(
+        "experiment-bidi-override",
+        config_change(section("tracking", experiment="abc\u202edcba")),
+        r"exit 2: .*tracking.experiment: .*control or invisible characters \(U\+202E\)",
+    ),
+    Case(
+        "repo-id-non-ascii",
+        config_change(section("publish", repo_id="alice/stüdent")),
+        r"exit 2: .*publish.repo_id: .*is not a Hub repo id: write `namespace/name` with ASCII letters",
+    ),
+    Case(
+        "set-unbalanced-bracket",
+        config_change(lambda raw, tmp: None, overrides=("train.max_steps=[1,",)),
+        r"exit 2: error: --set 'train.max_steps=\[1,': the value is not valid YAML",
+    ),
+    Case(
+        "set-yaml-tag",
+        config_change(lambda raw, tmp: None, overrides=("train.max_steps=!!python/object:os.system ls",)),
+        r"exit 2: error: --set .*: the value is not valid YAML \(could not determine a constructor",
+    ),
+    Case(
         "repo-id-absolute",
         config_change(section("publish", repo_id="/srv/models")),
-        r"exit 2: .*publish.repo_id: String should match pattern",
+        r"exit 2: .*publish.repo_id: .*is not a Hub repo id: write `namespace/name`",
     ),
     Case(
         "name-dotdot", config_change(section("", name="..")), r"exit 2: .*name: .*'..' is not usable as a folder name"

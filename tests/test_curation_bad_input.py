@@ -125,3 +125,50 @@ def test_everything_filtered_out_and_non_hub_streaming(tmp_path):
         curate_file(tmp_path, path)
     with pytest.raises(InputError, match=r"curate.streaming: only Hub datasets stream"):
         curate_file(tmp_path, path, streaming=True)
+
+
+def test_an_overlong_line_is_refused_or_skipped_without_being_read_whole(tmp_path):
+    path = tmp_path / "long.jsonl"
+    huge = json.dumps({"prompt": "x" * 3_000_000})
+    path.write_text(good_lines(10) + huge + "\n" + good_lines(30))
+    with pytest.raises(
+        InputError,
+        match=r"long.jsonl: line 11: is 3,000,015 bytes long, over curate.max_line_bytes "
+        r"\(1,048,576\); raise that limit if such rows are real data; fix the data, or set curate.on_error",
+    ):
+        curate_file(tmp_path, path, max_line_bytes=1 << 20)
+    dataset = curate_file(tmp_path, path, max_line_bytes=1 << 20, on_error="skip")
+    assert dataset.counts["skipped_malformed"] == 1 and dataset.counts["rows_in"] == 40
+    csv_path = tmp_path / "long.csv"
+    csv_path.write_text("prompt\n" + "".join(f"{t}\n" for t in filler(20)) + "y" * 2_000_000 + "\n")
+    with pytest.raises(InputError, match=r"long.csv: line 22: is 2,000,001 bytes long, over curate.max_line_bytes"):
+        curate_file(tmp_path, csv_path, max_line_bytes=1 << 20)
+
+
+@pytest.mark.slow
+def test_a_line_far_over_the_limit_costs_no_more_memory_than_a_short_one(tmp_path):
+    """A 200 MB line, read in a fresh process: refused by the default limit with the process's peak memory ~flat."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "huge.jsonl"
+    with open(path, "w") as handle:
+        handle.write(good_lines(5) + '{"prompt": "')
+        for _ in range(200):
+            handle.write("z" * 1_000_000)
+        handle.write('"}\n')
+    script = (
+        "import resource, sys\n"
+        "from stillhouse.config import CurateConfig\nfrom stillhouse.data.curate import curate\n"
+        "from stillhouse.errors import InputError\nfrom stillhouse.store import Store\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n    curate(CurateConfig(source=sys.argv[1], reference_column=None), Store(sys.argv[2]))\n"
+        "except InputError as error:\n    print(error)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script, str(path), str(tmp_path / "store")], capture_output=True, text=True, timeout=300
+    )
+    message, grown_mb = completed.stdout.strip().splitlines()
+    assert "line 6: is 200,000,015 bytes long, over curate.max_line_bytes (33,554,432)" in message, completed.stderr
+    assert int(grown_mb) < 64, f"peak memory grew {grown_mb} MB reading a 200 MB line"

@@ -137,8 +137,8 @@ def test_model_code_runs_only_when_the_config_allows_it_for_that_model(model_wit
         ("", "name", "/etc", "name: String should match pattern"),
         ("publish", "repo_id", "alice/..", "publish.repo_id: Value error, 'alice/..': each part of a Hub repo id"),
         ("publish", "repo_id", "../alice", "each part of a Hub repo id must not start or end"),
-        ("publish", "repo_id", "alice/x/../y", "publish.repo_id: String should match pattern"),
-        ("publish", "repo_id", "/alice/model", "publish.repo_id: String should match pattern"),
+        ("publish", "repo_id", "alice/x/../y", "publish.repo_id: Value error, 'alice/x/../y' is not a Hub repo id"),
+        ("publish", "repo_id", "/alice/model", "publish.repo_id: Value error, '/alice/model' is not a Hub repo id"),
         ("publish", "repo_id", "alice/-model", "each part of a Hub repo id"),
     ],
 )

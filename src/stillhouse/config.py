@@ -10,6 +10,11 @@ path and the reason, before any stage runs.
 
 from __future__ import annotations
 
+import difflib
+import re
+import string
+import typing
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +35,21 @@ class ConfigError(ValueError):
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# Names end up in folder names, MLflow, the Hub and terminals: bounded, and free of characters that hide or reorder
+# text (NUL, escapes, bidi overrides such as U+202E, which can make a name read as something else).
+MAX_NAME_LENGTH = 128
+_HIDDEN_CATEGORIES = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")
+
+
+def check_name(value: str, what: str) -> str:
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValueError(f"{what} is {len(value)} characters long; keep it under {MAX_NAME_LENGTH}")
+    hidden = sorted({f"U+{ord(c):04X}" for c in value if unicodedata.category(c) in _HIDDEN_CATEGORIES})
+    if hidden:
+        raise ValueError(f"{what} contains control or invisible characters ({', '.join(hidden[:5])}); use visible text")
+    return value
 
 
 ChatFormat = Literal["auto", "columns", "messages", "sharegpt", "alpaca"]
@@ -235,6 +255,12 @@ class CurateConfig(StrictModel):
         "`skip` drops and counts it.",
     )
     batch_rows: int = Field(10000, ge=100, le=1_000_000, description="Rows read and processed per batch.")
+    max_line_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=1024,
+        description="Longest line of a JSON Lines or CSV file read, in bytes (32 MiB); a longer one is an error "
+        "naming the line, or with on_error: skip is skipped and counted, without ever being held in memory.",
+    )
     report_examples: int = Field(
         5, ge=0, le=100, description="Examples of removed rows kept per filter in the curation report."
     )
@@ -1103,6 +1129,11 @@ class TrackingConfig(StrictModel):
     )
     experiment: str = Field("stillhouse", min_length=1, description="MLflow experiment name.")
 
+    @field_validator("experiment")
+    @classmethod
+    def _visible_experiment(cls, experiment: str) -> str:
+        return check_name(experiment, "the experiment name")
+
 
 class RegisterConfig(StrictModel):
     """Registration of the student in the MLflow model registry."""
@@ -1112,6 +1143,18 @@ class RegisterConfig(StrictModel):
     alias: str = Field(
         "candidate", pattern=r"^[A-Za-z][\w-]*$", description="Alias set on the new version (e.g. `candidate`)."
     )
+
+    @field_validator("model_name")
+    @classmethod
+    def _mlflow_model_name(cls, name: str) -> str:
+        """MLflow's own rules for registered model names, checked before training rather than at registration."""
+        check_name(name, "the registered model name")
+        if "/" in name or ":" in name or name.strip() != name or ".." in name:
+            raise ValueError(
+                f"{name!r}: MLflow model names can't contain `/` or `:`, `..`, or surrounding spaces; "
+                "use e.g. `tiny-student`"
+            )
+        return name
 
 
 class SigningConfig(StrictModel):
@@ -1142,14 +1185,19 @@ class PublishConfig(StrictModel):
 
     repo_id: str | None = Field(
         None,
-        pattern=r"^[\w.-]+/[\w.-]+$",
-        description="Hub repo `namespace/name` to push to; null only writes the folder.",
+        description="Hub repo `namespace/name` to push to (ASCII letters, digits, `_`, `.`, `-`; at most 96 "
+        "characters a part); null only writes the folder.",
     )
 
     @field_validator("repo_id")
     @classmethod
     def _hub_repo_id(cls, repo_id: str | None) -> str | None:
         """The Hub's own rules, checked here so that a config can only ever publish to the repo it spells out."""
+        if repo_id is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,96}/[A-Za-z0-9_.-]{1,96}", repo_id):
+            raise ValueError(
+                f"{excerpt(repo_id)} is not a Hub repo id: write `namespace/name` with ASCII letters, digits, `_`, `.` "
+                "and `-` only, at most 96 characters a part (e.g. `alice/tiny-student`)"
+            )
         for part in (repo_id or "").split("/"):
             if part and (part[0] in ".-" or part[-1] in ".-" or ".." in part or "--" in part):
                 raise ValueError(
@@ -1187,9 +1235,34 @@ class PublishConfig(StrictModel):
     tag: str = Field(
         "v{version}",
         min_length=1,
+        max_length=MAX_NAME_LENGTH,
         description="Git tag created on the Hub for each published version; `{version}` is the MLflow "
         "model version (or the publish fingerprint when registry.enabled is false), `{name}` the experiment name.",
     )
+
+    @field_validator("tag")
+    @classmethod
+    def _tag_format(cls, tag: str) -> str:
+        """Only {version} and {name}, with a short format spec, into a git-safe tag: checked before anything runs."""
+        check_name(tag, "publish.tag")
+        try:
+            fields = list(string.Formatter().parse(tag))
+        except ValueError as error:
+            raise ValueError(f"{tag!r} is not a valid format string ({error}); write e.g. `v{{version}}`") from None
+        for _, field, spec, conversion in fields:
+            if field is None:
+                continue
+            if field not in ("version", "name"):
+                raise ValueError(f"{tag!r}: unknown field {{{field}}}; only {{version}} and {{name}} are filled in")
+            if conversion or not re.fullmatch(r"[<>^]?\d{0,2}", spec or ""):
+                raise ValueError(
+                    f"{tag!r}: keep the format of {{{field}}} plain (at most a width under 100, e.g. `{{version:>3}}`)"
+                )
+        example = tag.format(version="1234", name="experiment")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", example.strip()) or example.startswith(("-", ".")):
+            raise ValueError(f"{tag!r} gives tags like {example!r}; a Hub tag takes letters, digits, `_`, `.`, `-`")
+        return tag
+
     round_trip_prompts: int = Field(
         4,
         ge=0,
@@ -1384,8 +1457,75 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {override!r}: {part!r} is not a section")
             node = child
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            reason = str(getattr(error, "problem", None) or error).splitlines()[0]
+            raise ConfigError(
+                f"--set {excerpt(override)}: the value is not valid YAML ({reason}); quote text that holds YAML "
+                f"syntax, e.g. --set '{path}=\"...\"'"
+            ) from None
     return raw
+
+
+# A config is a few kilobytes; these bounds keep a hostile or broken one from taking the machine down.
+MAX_CONFIG_BYTES = 1_000_000
+MAX_YAML_NODES = 100_000  # after aliases are expanded: a "billion laughs" file is tiny but expands without end
+MAX_EXCERPT = 200
+
+
+def excerpt(value: Any) -> str:
+    """``repr(value)``, cut to a bounded length: error messages never echo a whole 10 MB value."""
+    text = repr(value)
+    return text if len(text) <= MAX_EXCERPT else f"{text[:MAX_EXCERPT]}... ({len(text):,} characters)"
+
+
+def did_you_mean(location: tuple, key: str) -> str:
+    """`; did you mean `max_steps`?` for a mistyped key, from the fields of the section it was found in."""
+    model: Any = PipelineConfig
+    for part in location:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return ""
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        candidates += [arg for candidate in candidates for arg in typing.get_args(candidate)]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(key, list(model.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def safe_yaml(text: str, origin: str) -> Any:
+    """`yaml.safe_load`, refusing documents whose aliases expand past MAX_YAML_NODES (measured before they expand)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        sizes: dict[int, int] = {}
+
+        def expanded(node: yaml.Node) -> int:  # each aliased node is sized once, then reused: linear in the file
+            if id(node) not in sizes:
+                children = (
+                    node.value
+                    if isinstance(node, yaml.SequenceNode)
+                    else ([item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode) else [])
+                )
+                sizes[id(node)] = 1 + sum(expanded(child) for child in children)
+                if sizes[id(node)] > MAX_YAML_NODES:
+                    raise ConfigError(
+                        f"{origin}: the YAML expands to more than {MAX_YAML_NODES:,} values through its aliases "
+                        "(`*name`); a config needs far fewer, write the values out"
+                    )
+            return sizes[id(node)]
+
+        if node is None:
+            return None
+        expanded(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def format_validation_error(error: ValidationError, origin: str) -> str:
@@ -1394,7 +1534,8 @@ def format_validation_error(error: ValidationError, origin: str) -> str:
         location = ".".join(str(part) for part in problem["loc"]) or "(top level)"
         reason = problem["msg"]
         if problem["type"] == "extra_forbidden":
-            reason = "unknown key; check its spelling against `stillhouse schema`"
+            suggestion = did_you_mean(problem["loc"][:-1], str(problem["loc"][-1]))
+            reason = f"unknown key{suggestion or '; check its spelling against `stillhouse schema`'}"
         elif problem["type"] == "missing":
             reason = "required field is missing"
         # A rule across fields already names them; echoing the whole section back would bury the message.
@@ -1402,7 +1543,7 @@ def format_validation_error(error: ValidationError, origin: str) -> str:
         given = (
             ""
             if problem["type"] in ("missing", "extra_forbidden") or whole_section
-            else f" (got {problem.get('input')!r})"
+            else f" (got {excerpt(problem.get('input'))})"
         )
         lines.append(f"  {location}: {reason}{given}")
     return "\n".join(lines)
@@ -1420,10 +1561,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass a YAML file such as configs/demo.yaml")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: {path.stat().st_size:,} bytes is too large for a config (the limit is {MAX_CONFIG_BYTES:,}); "
+            "keep data in dataset files and point curate.source at them"
+        )
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = safe_yaml(path.read_text(errors="replace"), str(path)) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        raise ConfigError(f"{path}: not valid YAML: {excerpt(str(error))[1:-1]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (curate, sample, train, ...) at the top level")
     return parse_config(apply_overrides(raw, overrides or []), origin=str(path))

@@ -168,20 +168,61 @@ def read_batches(source: Source, config: CurateConfig, problems: Problems) -> It
         return
     if source.kind == "file":
         suffix = source.path.suffix.lower()
-        readers = {".jsonl": read_jsonl, ".json": read_jsonl, ".csv": read_csv, ".parquet": read_parquet}
-        yield from readers[suffix](source.path, config.batch_rows, problems)
+        if suffix == ".parquet":
+            yield from read_parquet(source.path, config.batch_rows, problems)
+        else:
+            reader = read_csv if suffix == ".csv" else read_jsonl
+            yield from reader(source.path, config.batch_rows, problems, max_line_bytes=config.max_line_bytes)
         return
     yield from read_datasets(source, config.batch_rows)
 
 
-def read_jsonl(path: Path, batch_rows: int, problems: Problems) -> Iterator[RawBatch]:
+DEFAULT_MAX_LINE_BYTES = 32 * 1024 * 1024
+
+
+def bounded_lines(handle, max_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, its bytes or None when longer than ``max_bytes``, its length) for each line of a binary file.
+
+    An over-long line is read through in 1 MiB pieces and dropped, never held whole: a 1 GB line costs 1 MiB.
+    """
+    line_number = 0
+    while True:
+        raw = handle.readline(max_bytes + 1)
+        if not raw:
+            return
+        line_number += 1
+        if len(raw) <= max_bytes or raw.endswith(b"\n"):
+            yield line_number, raw, len(raw)
+            continue
+        length = len(raw)
+        while not raw.endswith(b"\n"):
+            raw = handle.readline(1 << 20)
+            if not raw:
+                break
+            length += len(raw)
+        yield line_number, None, length
+
+
+def too_long(length: int, max_bytes: int) -> str:
+    return (
+        f"is {length:,} bytes long, over curate.max_line_bytes ({max_bytes:,}); raise that limit if such rows "
+        "are real data"
+    )
+
+
+def read_jsonl(
+    path: Path, batch_rows: int, problems: Problems, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> Iterator[RawBatch]:
     """JSON Lines, one object per line; blank lines are ignored. Columns: the keys of the first batch."""
     records, positions, columns = [], [], None
     with open(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, 1):
+        for line_number, raw, length in bounded_lines(handle, max_line_bytes):
+            where = f"{path}: line {line_number}"
+            if raw is None:
+                problems.report(where, too_long(length, max_line_bytes))
+                continue
             if not raw.strip():
                 continue
-            where = f"{path}: line {line_number}"
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as error:
@@ -208,9 +249,17 @@ def read_jsonl(path: Path, batch_rows: int, problems: Problems) -> Iterator[RawB
         yield RawBatch(records, positions, columns or list(dict.fromkeys(key for r in records for key in r)))
 
 
-def decoded_lines(handle, bad_lines: set[int]) -> Iterator[str]:
-    """Lines of a binary file as text; a line with invalid UTF-8 is remembered and decoded with replacement."""
-    for line_number, raw in enumerate(handle, 1):
+def decoded_lines(
+    handle, bad_lines: set[int], long_lines: dict[int, int] | None = None, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> Iterator[str]:
+    """Lines of a binary file as text; a line with invalid UTF-8 is remembered and decoded with replacement, an
+    over-long one remembered (with its length) and read as an empty line."""
+    for line_number, raw, length in bounded_lines(handle, max_line_bytes):
+        if raw is None:
+            if long_lines is not None:
+                long_lines[line_number] = length
+            yield "\n"
+            continue
         try:
             yield raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -218,11 +267,15 @@ def decoded_lines(handle, bad_lines: set[int]) -> Iterator[str]:
             yield raw.decode("utf-8", "replace")
 
 
-def read_csv(path: Path, batch_rows: int, problems: Problems) -> Iterator[RawBatch]:
+def read_csv(
+    path: Path, batch_rows: int, problems: Problems, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> Iterator[RawBatch]:
     """CSV with a header row; every value is read as text (no type guessing: "007" stays "007")."""
     bad_lines: set[int] = set()
+    long_lines: dict[int, int] = {}
+    csv.field_size_limit(max(max_line_bytes, csv.field_size_limit()))  # a field may be as long as a line may
     with open(path, "rb") as handle:
-        reader = csv.reader(decoded_lines(handle, bad_lines))
+        reader = csv.reader(decoded_lines(handle, bad_lines, long_lines, max_line_bytes))
         try:
             header = next(reader)
         except StopIteration:
@@ -233,6 +286,10 @@ def read_csv(path: Path, batch_rows: int, problems: Problems) -> Iterator[RawBat
         for values in reader:
             line, next_line = next_line, reader.line_num + 1  # a quoted field may span lines
             where = f"{path}: line {line}"
+            overlong = [number for number in long_lines if line <= number < next_line]
+            if overlong:
+                problems.report(where, too_long(long_lines[overlong[0]], max_line_bytes))
+                continue
             if not values:
                 continue
             if bad_lines and any(line <= bad < next_line for bad in bad_lines):
