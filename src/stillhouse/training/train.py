@@ -3,49 +3,86 @@
 - ``method: sft`` (black-box): cross-entropy on the teacher's response tokens; prompt tokens are masked.
 - ``method: kd`` (white-box): ``kd_weight`` x a divergence (``train.kd.kind``) to the teacher's
   distribution + ``ce_weight`` x cross-entropy. The teacher's distribution is the top-k stored by the
-  sample stage (``kd.teacher: offline``) or the teacher model in memory (``online``: dense, or its
-  top-k). With ``kd.lmbda`` > 0 a batch is, with that probability, replaced by the student's own
-  samples scored by the online teacher (on-policy GKD; no cross-entropy on those). White-box KD needs
-  student and teacher to share a vocabulary (same token->id map).
+  sample stage (``kd.teacher: offline``), the teacher model in memory (``online``: dense, or its
+  top-k) or a server's top-k of every position (``served``: `ServedTeacher`, vLLM's ``prompt_logprobs``).
+  With ``kd.lmbda`` > 0 a batch is, with that probability, replaced by the student's own samples scored
+  by the live teacher (on-policy GKD; no cross-entropy on those). White-box KD needs student and teacher
+  to share a vocabulary (same token->id map).
 
 Sequence-level KD (GKD's ``seq_kd``) is what the offline data already is: the teacher's own responses.
 TRL's GKDTrainer is not used because it supports only its JSD on full teacher logits; stored top-k
 teachers and the other divergences go through one trainer here.
 
 The student is a pretrained model (``train.student``, optionally with LoRA adapters) or a Llama built
-from scratch with the teacher's tokenizer (``train.architecture``). ``num_processes`` > 1 runs this
-stage under ``torchrun`` (data parallel; gloo on CPU):
+from scratch with the teacher's tokenizer (``train.architecture``).
 
-    python -m torch.distributed.run --nproc_per_node 2 -m stillhouse.training.worker STAGE_FOLDER/launch.json
+Processes. ``num_processes`` > 1, ``nodes`` > 1 or ``strategy: fsdp`` run this stage under ``torchrun``
+(`launch_training`; gloo on CPU, NCCL on GPUs), one process per GPU:
+
+    python -m torch.distributed.run --nproc-per-node 2 -m stillhouse.training.worker STAGE_FOLDER/launch.json
+
+- ``strategy: ddp``: every process holds the whole student (data parallel).
+- ``strategy: fsdp``: torch FSDP2 through accelerate (`TrainingArguments(fsdp=..., fsdp_config=...)`) shards
+  parameters, gradients and optimizer states over all processes, each decoder layer (the model's
+  ``_no_split_modules``) its own unit. ``train.fsdp`` sets CPU offload and resharding after forward,
+  ``gradient_checkpointing`` becomes FSDP's activation checkpointing, ``bf16`` holds the parameters in
+  bfloat16 for compute and reduces gradients in float32. Checkpoints are sharded (torch distributed
+  checkpoint); at the end the ranks gather the full state dict and rank 0 saves one set of safetensors
+  into ``model/``, loadable with plain transformers.
+- ``nodes`` > 1: start the same stage (the same ``stillhouse run`` command and config) on every node; the
+  torchrun agents meet at ``train.rendezvous`` (c10d rendezvous, ``--rdzv-id train.rendezvous_id``) and
+  global rank 0 writes the student and ``result.json``. The store must be a folder every node mounts at the
+  same path (NFS, Lustre, ...): the ranks of all nodes write their checkpoint shards into the one stage
+  folder, and every node reads rank 0's result from it. An ``s3://`` store is refused for several nodes.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import resource
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from stillhouse import capabilities
-from stillhouse.config import KDConfig, TrainConfig
+from stillhouse.config import KDConfig, OpenAIEngineConfig, TrainConfig
 from stillhouse.errors import InputError, StillhouseError
 from stillhouse.models import count_parameters, load_causal_lm, load_tokenizer, resolve_model, vocabulary_difference
 from stillhouse.refs import DatasetRef, ModelRef, SamplesRef
-from stillhouse.store import Store, fingerprint
+from stillhouse.store import Store, fingerprint, write_json_atomic
 from stillhouse.training.examples import PadCollator, build_examples
 from stillhouse.training.losses import TopK, cross_entropy, distillation_loss, distillation_loss_from_hidden
 
+if TYPE_CHECKING:
+    from stillhouse.training.served_teacher import ServedTeacher
+
 CODE_VERSION = 2
 TRAINER_STATE = "trainer_state.json"  # the last file Trainer writes into a checkpoint
+# How a run is started, not what it computes: left out of the fingerprint, so a rerun with a new rendezvous
+# (as torchrun wants one per run) still resumes from the stage's checkpoints.
+LAUNCH_FIELDS = {"threads", "device", "trust_remote_code", "rendezvous", "rendezvous_id"}
+# Set by `launch_training` for the torchrun workers: they stop when the process that started them is gone.
+LAUNCHER_PID_ENV = "STILLHOUSE_LAUNCHER_PID"
 
 
 class NonFiniteLossError(StillhouseError):
@@ -106,8 +143,118 @@ def check_vocabularies(config: TrainConfig, teacher_tokenizer) -> str | None:
     return difference
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask: what a container or taskset allows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_training_hardware(config: TrainConfig) -> None:
+    """Refuse a process count this machine can't run: more processes per node than CUDA GPUs on a GPU
+    machine (``device: auto``), or than CPU cores on a CPU run. Reads no weights and writes nothing.
+
+    ``num_processes`` is per node: each node checks its own hardware.
+    """
+    if not on_cpu(config):
+        available, what = torch.cuda.device_count(), "CUDA GPUs"
+        fix = "one process per GPU"
+    else:
+        available, what = cpu_cores(), "CPU cores"
+        fix = "at most one process per core"
+    if config.num_processes <= available:
+        return
+    more = (
+        "; to shard a student over more processes than one machine has, add machines with train.nodes"
+        if config.strategy == "fsdp"
+        else ""
+    )
+    raise InputError(
+        f"train.num_processes is {config.num_processes} per node, but this machine has {available} {what}: "
+        f"set train.num_processes to at most {available} ({fix}){more}"
+    )
+
+
+def served_teacher_endpoint(config: TrainConfig, sample_openai: OpenAIEngineConfig | None) -> OpenAIEngineConfig:
+    """The server of ``kd.teacher: served``: ``kd.served``, else the sample stage's ``sample.openai``."""
+    endpoint = config.kd.served or sample_openai
+    if endpoint is None:
+        raise InputError(
+            "train.kd.teacher: served needs the teacher's server: set train.kd.served (base_url, api_key_env, ...) "
+            "or pass the sample stage's sample.openai"
+        )
+    return endpoint
+
+
+def on_cpu(config: TrainConfig) -> bool:
+    return config.device == "cpu" or not torch.cuda.is_available()
+
+
+def uses_torchrun(config: TrainConfig) -> bool:
+    """Whether the stage runs in torchrun workers (several processes or nodes, or sharded) or in this process."""
+    return config.num_processes > 1 or config.nodes > 1 or config.strategy == "fsdp"
+
+
+def fsdp_settings(config: TrainConfig, model) -> dict:
+    """`TrainingArguments` keywords that shard the student with FSDP2 (accelerate's plugin), from ``train.fsdp``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model wraps it
+    layers = getattr(base, "_no_split_modules", None)
+    if not layers:
+        raise InputError(
+            f"train.strategy: fsdp wraps each decoder layer of the student in its own shard unit, but "
+            f"{type(base).__name__} names no decoder layer class (_no_split_modules); use strategy `ddp`"
+        )
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "transformer_layer_cls_to_wrap": sorted(set(layers)),
+            "reshard_after_forward": config.fsdp.reshard_after_forward,
+            # On a CPU run everything already lives in CPU memory (and torch's offload pins memory for a GPU).
+            "cpu_offload": config.fsdp.cpu_offload and not on_cpu(config),
+            "state_dict_type": "SHARDED_STATE_DICT",  # each rank writes its shard (torch distributed checkpoint)
+            "activation_checkpointing": config.gradient_checkpointing,  # FSDP's own, not Trainer's
+        },
+    }
+
+
+def enable_fsdp_on_cpu(accelerator, fsdp_plugin_args: dict) -> None:
+    """Switch a CPU run's accelerate state to FSDP with the plugin `TrainingArguments` describes.
+
+    accelerate (1.15) turns its FSDP plugin on for accelerator devices only: a CPU run's state is MULTI_CPU
+    and the plugin is dropped, silently leaving every rank the whole model. torch's FSDP2 itself runs on CPU
+    with gloo, so the state is set as accelerate sets it on a GPU: FSDP, in its process-level state too
+    (every `AcceleratorState()` copies that one's type).
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(**fsdp_plugin_args)
+    state = accelerator.state
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin, state.distributed_type = plugin, DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def gathered_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The full ``weight`` for use outside its module's forward: an FSDP2-sharded DTensor is all-gathered with
+    autograd, its gradient flowing back reduce-scattered (averaged over ranks, as FSDP reduces its own);
+    anything else (a plain or an already-unsharded parameter) is returned as it is."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    if not isinstance(weight, DTensor):
+        return weight
+    return weight.full_tensor(grad_placements=[Partial("avg")] * weight.device_mesh.ndim)
+
+
 class DistillationTrainer(Trainer):
-    """`Trainer` whose loss is ``ce_weight * CE + kd_weight * divergence`` on shifted positions."""
+    """`Trainer` whose loss is ``ce_weight * CE + kd_weight * divergence`` on shifted positions.
+
+    ``teacher`` is the online teacher model (``kd.teacher: online``), a `ServedTeacher` (``served``), or None
+    (the stored top-k, or no teacher for ``sft``).
+    """
 
     def __init__(
         self,
@@ -116,7 +263,7 @@ class DistillationTrainer(Trainer):
         kd_weight: float,
         kd: KDConfig,
         vocab_size: int,
-        teacher: torch.nn.Module | None = None,
+        teacher: torch.nn.Module | ServedTeacher | None = None,
         pad_token_id: int = 0,
         eos_token_id: int | None = None,
         loss_chunk_size: int | None = None,
@@ -131,6 +278,12 @@ class DistillationTrainer(Trainer):
         # Our loss is a mean per micro-batch, not a sum over `num_items_in_batch`: let Trainer divide
         # it by the accumulation steps (it skips that for models that accept loss kwargs).
         self.model_accepts_loss_kwargs = False
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None and not self.accelerator.is_fsdp2:
+            enable_fsdp_on_cpu(self.accelerator, self.args.fsdp_plugin_args)
+            self.is_fsdp_enabled = True
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """One micro-batch's forward and backward; a NaN or infinite loss stops training here.
@@ -178,7 +331,9 @@ class DistillationTrainer(Trainer):
         if self.loss_chunk_size:
             # Memory-bounded: losses from the final hidden state, [B*T, V] logits never exist at once.
             outputs, hidden = self.final_hidden_state(model, inputs)
-            weight = self.accelerator.unwrap_model(model).get_output_embeddings().weight[: self.vocab_size]
+            # Under FSDP the weight may be a shard: gathered here, its gradient flows back sharded.
+            weight = gathered_weight(self.accelerator.unwrap_model(model).get_output_embeddings().weight)
+            weight = weight[: self.vocab_size]
 
             def loss_of(teacher, **options):
                 return distillation_loss_from_hidden(
@@ -220,9 +375,14 @@ class DistillationTrainer(Trainer):
         return outputs, captured["hidden"]
 
     def teacher_distribution(self, inputs: dict, stored: TopK | None) -> torch.Tensor | TopK:
-        """The teacher at each shifted position: stored top-k, or the online teacher's logits / top-k."""
+        """The teacher at each shifted position: stored top-k, the served teacher's top-k, or the online
+        teacher's logits / top-k."""
         if self.teacher is None:
             return TopK(stored.ids[:, 1:], stored.logprobs[:, 1:])
+        if self.kd.teacher == "served":  # [B, T-1, k] from the server: position t is its guess of token t+1
+            served = self.teacher.top_k(inputs["input_ids"], inputs["attention_mask"])
+            device = inputs["input_ids"].device
+            return TopK(served.ids.to(device), served.logprobs.to(device=device, dtype=torch.float32))
         with torch.no_grad():
             logits = self.teacher(**inputs).logits[:, :-1, : self.vocab_size].float()
         if self.kd.online_top_k is None:
@@ -231,11 +391,16 @@ class DistillationTrainer(Trainer):
         return TopK(ids, values)
 
     def student_rollout(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        """Sample responses from the student; labels cover the generated tokens up to the first EOS."""
+        """Sample responses from the student; labels cover the generated tokens up to the first EOS.
+
+        Under FSDP every rank takes part in every layer's all-gather, so all ranks generate step for step
+        (``synced_gpus``) until the last one is done; a rank that stopped early would leave the others waiting.
+        """
         student = self.accelerator.unwrap_model(model)
         student.eval()
         with torch.no_grad():
             sequences = student.generate(
+                synced_gpus=self.is_fsdp_enabled and self.args.world_size > 1,
                 input_ids=prompt_ids,
                 attention_mask=prompt_mask,
                 max_new_tokens=self.kd.rollout_max_new_tokens,
@@ -255,6 +420,12 @@ class DistillationTrainer(Trainer):
         # Prompts are left-padded here, so positions come from the mask (as generate computed them).
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         return {"input_ids": sequences, "attention_mask": attention_mask, "position_ids": position_ids}, labels
+
+    def _save_rng_state(self, output_dir):
+        """Each rank writes its own RNG state; then rank 0 writes ``trainer_state.json`` (last), so a checkpoint
+        holding that file holds every rank's files (`last_complete_checkpoint` relies on it)."""
+        super()._save_rng_state(output_dir)
+        self.accelerator.wait_for_everyone()
 
 
 class ProgressCallback(TrainerCallback):
@@ -299,6 +470,9 @@ def with_lora(model, config: TrainConfig):
         target_modules=settings.target_modules,
         task_type="CAUSAL_LM",
     )
+    # The adapters start random: seeded, so every rank draws the same ones (FSDP shards each rank's own copy)
+    # and a rerun draws them again.
+    torch.manual_seed(config.seed)
     return get_peft_model(model, adapters)
 
 
@@ -329,13 +503,18 @@ def run_training(
     samples: SamplesRef,
     folder: Path,
     progress: Callable[[float], None] | None = None,
+    teacher_endpoint: OpenAIEngineConfig | None = None,
 ) -> dict:
-    """Train in this process (one rank of several under torchrun); returns the manifest's content."""
+    """Train in this process (one rank of several under torchrun); returns the manifest's content.
+
+    ``teacher_endpoint`` is the sample stage's ``sample.openai``, the server of ``kd.teacher: served`` when
+    ``kd.served`` is null.
+    """
     if config.threads:
         torch.set_num_threads(config.threads)
     check_teacher_capabilities(config, samples)
     teacher_tokenizer = load_tokenizer(samples.teacher_tokenizer) if samples.teacher_tokenizer else None
-    online = config.method == "kd" and config.kd.teacher == "online"
+    live_teacher = config.kd.teacher if config.method == "kd" and config.kd.teacher != "offline" else None
     difference = check_vocabularies(config, teacher_tokenizer)  # tokenizers only, before any weights load
     model, tokenizer = build_student(config, samples.teacher_tokenizer)
     if config.lora is not None:
@@ -346,18 +525,20 @@ def run_training(
         tokenizer,
         split="train",
         shared_vocabulary=difference is None,
-        with_top_k=config.method == "kd" and not online,
+        with_top_k=config.method == "kd" and live_teacher is None,
         max_seq_len=config.max_seq_len,
     )
-    cpu = config.device == "cpu" or not torch.cuda.is_available()
-    micro_batch = config.batch_size // (config.num_processes * config.gradient_accumulation_steps)
+    cpu = on_cpu(config)
+    world_size = config.nodes * config.num_processes
+    micro_batch = config.batch_size // (world_size * config.gradient_accumulation_steps)
     checkpoints = folder / "checkpoints"
+    fsdp = config.strategy == "fsdp"
     arguments = TrainingArguments(
         output_dir=str(checkpoints),
         max_steps=config.max_steps,
         per_device_train_batch_size=micro_batch,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        gradient_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing=config.gradient_checkpointing and not fsdp,  # FSDP checkpoints its own layers
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_ratio,
@@ -376,13 +557,29 @@ def run_training(
         bf16=config.bf16,
         dataloader_pin_memory=not cpu,
         dataloader_drop_last=len(examples) >= config.batch_size,
-        ddp_backend="gloo" if cpu and config.num_processes > 1 else None,
+        ddp_backend="gloo" if cpu and uses_torchrun(config) else None,
+        **(fsdp_settings(config, model) if fsdp else {}),
     )
-    teacher = (
-        load_causal_lm(samples.teacher, device="cpu", field="sample.teacher").to(arguments.device).requires_grad_(False)
-        if online
-        else None
-    )
+    if fsdp and config.bf16:
+        # bf16 copies of the parameters for compute, fp32 gradient reduction (accelerate's default reduces in bf16).
+        arguments.fsdp_plugin_args["mixed_precision_policy"] = {
+            "param_dtype": torch.bfloat16,
+            "reduce_dtype": torch.float32,
+            "output_dtype": torch.bfloat16,
+        }
+    if live_teacher == "online":
+        teacher = load_causal_lm(samples.teacher, device="cpu", field="sample.teacher")
+        teacher = teacher.to(arguments.device).requires_grad_(False)
+    elif live_teacher == "served":
+        from stillhouse.training.served_teacher import ServedTeacher
+
+        teacher = ServedTeacher(
+            served_teacher_endpoint(config, teacher_endpoint),
+            config.kd.served_model or samples.teacher,
+            top_k=config.kd.online_top_k,
+        )
+    else:
+        teacher = None
     weights = (
         {"ce_weight": 1.0, "kd_weight": 0.0}
         if config.method == "sft"
@@ -406,7 +603,11 @@ def run_training(
     )
     resume = last_complete_checkpoint(checkpoints)  # a crashed run's progress, when it saved any
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if live_teacher == "served":
+            teacher.close()
     seconds = time.perf_counter() - started
     history = [
         {"step": e["step"], "loss": e["loss"], "learning_rate": e["learning_rate"]}
@@ -422,9 +623,15 @@ def run_training(
         "resumed_from": resume,
         "optimizer_steps": trainer.state.global_step,
     }
+    if world_size > 1 or fsdp:
+        result["processes"] = process_figures(trainer)
+    # Under FSDP every rank takes part in gathering the full weights; rank 0 alone gets them.
+    full_state = trainer.accelerator.get_state_dict(trainer.model) if fsdp else None
     if trainer.is_world_process_zero():
-        student = trainer.accelerator.unwrap_model(model)
-        if config.lora is not None:
+        student = trainer.accelerator.unwrap_model(trainer.model)
+        if fsdp:
+            student = consolidated_student(student, full_state, config)
+        elif config.lora is not None:
             student = student.merge_and_unload()
         student.generation_config = GenerationConfig(
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, max_new_tokens=64, do_sample=False
@@ -437,42 +644,105 @@ def run_training(
     return result
 
 
-def launch_training(config: TrainConfig, dataset: DatasetRef, samples: SamplesRef, folder: Path) -> dict:
-    """Run `run_training` in ``config.num_processes`` processes with torchrun; returns rank 0's result."""
-    import socket
+def process_figures(trainer: Trainer) -> list[dict]:
+    """Per rank, in rank order: the parameters it holds (its shards under FSDP) and its peak resident memory."""
+    from torch.distributed.tensor import DTensor
 
-    spec = folder / "launch.json"
-    spec.write_text(
-        json.dumps(
-            {
-                "config": config.model_dump(mode="json"),
-                "dataset": dataset.model_dump(),
-                "samples": samples.model_dump(),
-                "folder": str(folder),
-            }
-        )
+    local = sum(
+        (p.to_local() if isinstance(p, DTensor) else p).numel()
+        for p in trainer.accelerator.unwrap_model(trainer.model).parameters()
     )
+    figures = {
+        "rank": trainer.args.process_index,
+        "local_parameters": local,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # KiB on Linux
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_initialized() else None,
+    }
+    if trainer.args.world_size == 1:
+        return [figures]
+    gathered = [None] * trainer.args.world_size
+    torch.distributed.all_gather_object(gathered, figures)
+    return gathered
+
+
+def consolidated_student(sharded, full_state: dict, config: TrainConfig):
+    """The student as one plain model holding ``full_state`` (the FSDP ranks' gathered weights), on the CPU.
+
+    Built on the meta device and filled with the gathered tensors themselves, so rank 0 holds the weights
+    once; LoRA adapters are merged into their layers.
+    """
+    base = sharded.get_base_model() if config.lora is not None else sharded
+    with torch.device("meta"):
+        student = AutoModelForCausalLM.from_config(base.config, trust_remote_code=config.trust_remote_code)
+        if config.lora is not None:
+            student = with_lora(student, config)
+    student.load_state_dict(full_state, assign=True)
+    if config.lora is not None:
+        student = student.merge_and_unload()
+    student.tie_weights()
+    # Non-persistent buffers (rotary frequencies) are not in a state dict: the sharded model's are the full ones.
+    buffers = dict(base.named_buffers())
+    for name, buffer in list(student.named_buffers()):
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            student.get_submodule(owner).register_buffer(leaf, buffers[name].detach().cpu(), persistent=False)
+    return student.eval()
+
+
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={config.num_processes}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={port}",
-        "-m",
-        "stillhouse.training.worker",
-        str(spec),
-    ]
-    (folder / "error.txt").unlink(missing_ok=True)
-    completed = subprocess.run(command)
+        return probe.getsockname()[1]
+
+
+def launch_training(
+    config: TrainConfig,
+    dataset: DatasetRef,
+    samples: SamplesRef,
+    folder: Path,
+    teacher_endpoint: OpenAIEngineConfig | None = None,
+) -> dict:
+    """Run `run_training` in ``config.num_processes`` torchrun workers on this node; returns global rank 0's result.
+
+    With ``nodes`` > 1 the torchrun agents of all nodes meet at ``config.rendezvous`` (c10d) and the workers of
+    every node share ``folder`` (see the module docstring).
+    """
+    spec = folder / "launch.json"
+    write_json_atomic(  # atomically: on a shared folder, another node's workers may be reading it
+        spec,
+        {
+            "config": config.model_dump(mode="json"),
+            "dataset": dataset.model_dump(),
+            "samples": samples.model_dump(),
+            "folder": str(folder),
+            "teacher_endpoint": teacher_endpoint.model_dump(mode="json") if teacher_endpoint else None,
+        },
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={config.num_processes}"]
+    if config.nodes > 1:
+        command += [
+            f"--nnodes={config.nodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={config.rendezvous}",
+            f"--rdzv-id={config.rendezvous_id}",
+        ]
+    else:
+        command += ["--master-addr=127.0.0.1", f"--master-port={free_port()}"]
+    command += ["-m", "stillhouse.training.worker", str(spec)]
+    for leftover in ("error.txt", "result.json"):  # a failed run's
+        (folder / leftover).unlink(missing_ok=True)
+    environment = {**os.environ, LAUNCHER_PID_ENV: str(os.getpid())}
+    if config.device == "cpu":
+        # A CPU run on a GPU machine hides the GPUs: torch FSDP2 builds its default device mesh on the machine's
+        # accelerator (cuda:<local rank>) even for CPU tensors.
+        environment["CUDA_VISIBLE_DEVICES"] = ""
+    completed = subprocess.run(command, env=environment)
     if completed.returncode != 0:
         if (folder / "error.txt").is_file():
             raise StillhouseError((folder / "error.txt").read_text())
+        processes = config.nodes * config.num_processes
         raise RuntimeError(
-            f"train: {config.num_processes}-process training failed (exit {completed.returncode}); "
+            f"train: {processes}-process training failed (exit {completed.returncode}); "
             "rerun to resume from its last checkpoint"
         )
     return json.loads((folder / "result.json").read_text())
@@ -484,22 +754,51 @@ def train_student(
     samples: SamplesRef,
     store: Store,
     progress: Callable[[float], None] | None = None,
+    teacher_endpoint: OpenAIEngineConfig | None = None,
 ) -> ModelRef:
+    """The trained student, from the store when this config was trained on these inputs before.
+
+    ``teacher_endpoint``: the sample stage's ``sample.openai``, used by ``kd.teacher: served`` when ``kd.served``
+    is null. Before anything is written to the store, a student that doesn't share the teacher's vocabulary
+    (``kd``), a process count the machine lacks and a missing teacher server are refused.
+    """
     if config.student is not None:
         resolve_model(config.student, "train.student")
     stage_fingerprint = fingerprint(
         "train",
-        config.model_dump(mode="json", exclude={"threads", "device", "trust_remote_code"}),
+        config.model_dump(mode="json", exclude=LAUNCH_FIELDS),
         {"dataset": dataset.fingerprint, "samples": samples.fingerprint},
         CODE_VERSION,
     )
+    trained = store.manifest("train", stage_fingerprint) is not None
+    if not trained:  # it will be trained here: check first, write nothing yet
+        check_training_hardware(config)
+        check_teacher_capabilities(config, samples)
+        check_vocabularies(config, load_tokenizer(samples.teacher_tokenizer) if samples.teacher_tokenizer else None)
+        if config.method == "kd" and config.kd.teacher == "served":
+            served_teacher_endpoint(config, teacher_endpoint)
+        if config.nodes > 1 and store.remote:
+            raise InputError(
+                f"train.nodes is {config.nodes}, but the store is {store.url}: the nodes' processes write their "
+                "checkpoint shards into one stage folder, so the store must be a folder every node mounts "
+                "(e.g. NFS), not an object store"
+            )
 
     def compute(folder: Path) -> dict:
-        if config.num_processes > 1:
-            result = launch_training(config, dataset, samples, folder)
+        if uses_torchrun(config):
+            result = launch_training(config, dataset, samples, folder, teacher_endpoint)
         else:
-            result = run_training(config, dataset, samples, folder, progress)
+            result = run_training(config, dataset, samples, folder, progress, teacher_endpoint)
         return {"model_path": str(folder / "model"), **result}
 
-    output = store.build("train", stage_fingerprint, compute)
+    if config.nodes > 1 and not trained:
+        # Every node runs this stage at once. The store's lock would keep all nodes but one outside the
+        # rendezvous (and that one waiting there for them), so the nodes train without it; the store seals
+        # the output with the manifest of whichever node gets there first, and the others reuse it.
+        folder = store.path("train", stage_fingerprint)
+        folder.mkdir(parents=True, exist_ok=True)
+        result = compute(folder)
+        output = store.build("train", stage_fingerprint, lambda _: result)
+    else:
+        output = store.build("train", stage_fingerprint, compute)
     return ModelRef.from_manifest("train", stage_fingerprint, output.path, output.cached, output.manifest)
