@@ -2,7 +2,8 @@
 
 stillhouse demo [--set ...]          # the bundled demo, from any folder (outputs under ./.stillhouse)
 stillhouse run configs/demo.yaml [--set train.max_steps=100 ...] [--until STAGE]
-stillhouse validate configs/demo.yaml [--set ...]
+stillhouse validate configs/demo.yaml [--set ...] [--gpus N --gpu-memory 80GB --nodes M]
+stillhouse plan configs/demo.yaml [--set ...] [--gpus N] [--gpu-memory 80GB] [--nodes M]
 stillhouse schema
 stillhouse pull REPO_ID [--revision R] [--endpoint URL] [--prompt TEXT]
 """
@@ -67,10 +68,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     with_config(run)
     run.add_argument("--until", choices=STAGE_NAMES, default="publish", help="stop after this stage (default: publish)")
+
+    def with_hardware(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--gpus", type=int, default=None, help="GPUs per node (default: this machine's; on a CPU machine, its CPU)"
+        )
+        command.add_argument(
+            "--gpu-memory",
+            default=None,
+            metavar="SIZE",
+            help="memory of one GPU: 80GB (10^9 bytes), 80GiB (2^30) or 141G (default: this machine's GPU)",
+        )
+        command.add_argument("--nodes", type=int, default=None, help="machines of --gpus GPUs each (default: 1)")
+
     validate = commands.add_parser(
-        "validate", help="check a config and its inputs (files, models, k) without running anything"
+        "validate",
+        help="check a config and its inputs (files, models, k) and that every stage fits the hardware, "
+        "without running anything",
+        description="Check a config and its inputs, then refuse it when a stage can't fit the GPUs (this machine's, "
+        "or --gpus/--gpu-memory/--nodes) by `stillhouse plan`'s estimate, before any weights load.",
     )
     with_config(validate)
+    with_hardware(validate)
+    plan = commands.add_parser(
+        "plan",
+        help="estimate every stage's peak memory per GPU and time, choose a layout that fits, and name the fixes",
+        description="Read each model's config.json (never weights) and print, per stage that holds a model, the "
+        "estimated peak memory per device, whether it fits, the layout, a rough time and the fix when it doesn't.",
+    )
+    with_config(plan)
+    with_hardware(plan)
     commands.add_parser("schema", help="print every config field with its type, default and description (JSON Schema)")
     pull = commands.add_parser(
         "pull",
@@ -190,6 +217,27 @@ def print_summary(result, config: PipelineConfig, command: str) -> None:
     console.print(f"Rerun: {command}")
 
 
+def plan_command(arguments: argparse.Namespace) -> int:
+    """Print the plan's table; 0 even when a stage doesn't fit (`validate` is the gate), 2 on bad input."""
+    import shutil
+
+    from rich.console import Console
+
+    from stillhouse.planning import hardware_from_flags, plan_pipeline, render
+
+    try:
+        config = load_config(resolve_config(arguments.config), arguments.overrides)
+        hardware = hardware_from_flags(arguments.gpus, arguments.gpu_memory, arguments.nodes)
+        plan = plan_pipeline(config, hardware)
+    except (ConfigError, StillhouseError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    # Piped output would be cut to 80 columns; the table needs more.
+    width = shutil.get_terminal_size((160, 24)).columns if sys.stdout.isatty() else 160
+    Console(width=width).print(render(plan))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     apply_embedded_defaults()  # before Prefect, MLflow or the Hub client is imported
     arguments = build_parser().parse_args(argv)
@@ -198,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.command == "schema":
         print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
         return 0
+    if arguments.command == "plan":
+        return plan_command(arguments)
     if arguments.command == "pull":
         from stillhouse.registry.pull import pull_command
 
@@ -238,9 +288,14 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault("HF_HUB_DISABLE_XET", "1")  # a self-hosted Hub speaks plain LFS, not xet
         from stillhouse.preflight import preflight
 
+        if arguments.command == "validate":  # bad hardware flags fail before anything is read
+            from stillhouse.planning import check_plan, hardware_from_flags, plan_pipeline
+
+            hardware = hardware_from_flags(arguments.gpus, arguments.gpu_memory, arguments.nodes)
         preflight(config)  # before Prefect starts or any model loads
         if arguments.command == "validate":
-            print(f"{arguments.config}: OK ({config.name})")
+            check_plan(plan_pipeline(config, hardware))  # config.json files only: no weights load
+            print(f"{arguments.config}: OK ({config.name}; fits {hardware.describe()})")
             return 0
         from stillhouse.flows.distill import distill
 

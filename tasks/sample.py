@@ -7,6 +7,12 @@ The core plans the shards (`plan_shards`), each shard task samples one and write
 samples only what is missing. Shard tasks carry the tag `gpu`: a Prefect tag concurrency limit on it
 (created at `sample.task_runner.gpu_concurrency` when the server has none) bounds shards in flight.
 A progress artifact shows shards done / total and tokens/s.
+
+vLLM replicas (``sample.vllm.replicas`` > 1, or ``sample.vllm.ray_address``) are different: the GPUs
+belong to the replicas, Ray actors that the flow's process starts once, each in a placement group of
+its own. The shard tasks only feed them (send prompts, write Parquet), so they run on threads in that
+process, one per replica, without the `gpu` tag or Ray resources of their own: a Ray-task shard would
+load a second set of replicas in its worker, and a tag limit of 1 would leave all but one replica idle.
 """
 
 from __future__ import annotations
@@ -27,11 +33,26 @@ from prefect.utilities.annotations import unmapped
 from stillhouse.config import PipelineConfig, SampleConfig, TaskRunnerConfig
 from stillhouse.refs import DatasetRef, SamplesRef
 from stillhouse.registry.tracking import TrackingContext, section_params
-from stillhouse.sampling.sample import ShardPlan, ShardResult, finish_sampling, plan_shards, sample_shard
+from stillhouse.sampling.sample import (
+    ShardPlan,
+    ShardResult,
+    concurrent_shards,
+    finish_sampling,
+    plan_shards,
+    sample_shard,
+    uses_vllm_replicas,
+)
 from stillhouse.store import Store
 from stillhouse.tasks.stage import StageRecord, run_stage
 
 GPU_TAG = "gpu"
+
+
+def shard_task_runner(settings: SampleConfig):
+    """The runner of the shard tasks: threads, one per replica, for vLLM replicas; else `build_task_runner`."""
+    if uses_vllm_replicas(settings):
+        return ThreadPoolTaskRunner(max_workers=concurrent_shards(settings))
+    return build_task_runner(settings.task_runner)
 
 
 def build_task_runner(settings: TaskRunnerConfig):
@@ -84,18 +105,28 @@ def sample_shards(config: PipelineConfig, dataset: DatasetRef) -> tuple[SamplesR
     store = Store.from_config(config.store)
     plan = plan_shards(settings, dataset, store)
     if plan.pending:
-        limit = ensure_concurrency_limit(GPU_TAG, settings.task_runner.gpu_concurrency)
-        get_run_logger().info(
-            "sampling %d of %d shards (tag %r limit %d, %s runner)",
-            len(plan.pending),
-            plan.shards,
-            GPU_TAG,
-            limit,
-            settings.task_runner.kind,
-        )
+        shard_task, resources = sample_shard_task, _shard_resources(settings.task_runner)
+        if uses_vllm_replicas(settings):
+            shard_task, resources = sample_shard_task.with_options(tags=set()), nullcontext()
+            get_run_logger().info(
+                "sampling %d of %d shards on %d vLLM replicas (one shard in flight per replica)",
+                len(plan.pending),
+                plan.shards,
+                settings.vllm.replicas,
+            )
+        else:
+            limit = ensure_concurrency_limit(GPU_TAG, settings.task_runner.gpu_concurrency)
+            get_run_logger().info(
+                "sampling %d of %d shards (tag %r limit %d, %s runner)",
+                len(plan.pending),
+                plan.shards,
+                GPU_TAG,
+                limit,
+                settings.task_runner.kind,
+            )
         report = _Progress(plan)
-        with _shard_resources(settings.task_runner):
-            futures = sample_shard_task.map(unmapped(settings), unmapped(dataset), unmapped(plan), plan.pending)
+        with resources:
+            futures = shard_task.map(unmapped(settings), unmapped(dataset), unmapped(plan), plan.pending)
         for future in as_completed(futures):
             report.shard_done(future.result())
     return finish_sampling(settings, plan, store), plan
@@ -157,4 +188,4 @@ class _Progress:
 
 def sample_task(config: PipelineConfig, dataset: DatasetRef, tracking: TrackingContext) -> SamplesRef:
     """The sampling stage as a subflow on the task runner named in config (kept under its old name for callers)."""
-    return sample_flow.with_options(task_runner=build_task_runner(config.sample.task_runner))(config, dataset, tracking)
+    return sample_flow.with_options(task_runner=shard_task_runner(config.sample))(config, dataset, tracking)

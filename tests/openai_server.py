@@ -9,6 +9,13 @@
 It answers `POST /v1/chat/completions` with the model's greedy (or sampled) response, `logprobs` and
 `top_logprobs` like vLLM's server (tokens as `token_id:N` when `return_tokens_as_token_ids` is set),
 records every request's body and Authorization header, and can be told to fail the next requests.
+
+`POST /v1/completions` takes the prompt as token ids (or text) and answers like vLLM's server with
+`prompt_logprobs: k`: per prompt position a dict token id -> {logprob, rank, decoded_token} holding
+the k most likely tokens and the prompt's actual token (None for the first position), computed by a
+real forward pass of the model in this process, plus ``max_tokens`` greedy tokens. Like vLLM it
+refuses k above ``max_logprobs`` (vLLM's --max-logprobs, 20 by default) with HTTP 400;
+``prompt_logprobs=False`` plays a server that ignores the field (as non-vLLM servers do).
 Without a model folder it echoes the last message back (one token per UTF-8 byte, id = the byte),
 which costs nothing, so thousands of requests test the client's retry logic rather than a model.
 ``failure_share`` answers that share of tries with 429 or 503, chosen by a hash of (seed, the
@@ -38,6 +45,8 @@ class FakeOpenAIServer:
         failure_share: float = 0.0,
         failure_seed: int = 0,
         record_requests: bool = True,
+        max_logprobs: int = 20,
+        prompt_logprobs: bool = True,
     ):
         self.model = self.tokenizer = None
         if model_folder is not None:
@@ -46,6 +55,7 @@ class FakeOpenAIServer:
             self.model = load_causal_lm(str(model_folder), device="cpu")
             self.tokenizer = load_tokenizer(str(model_folder))
         self.served_name = served_name
+        self.max_logprobs, self.prompt_logprobs = max_logprobs, prompt_logprobs
         self.faults: list[str] = []
         self.requests: list[dict] = []
         self.record_requests = record_requests
@@ -79,7 +89,7 @@ class FakeOpenAIServer:
 
     @staticmethod
     def conversation_key(body: dict) -> str:
-        return json.dumps(body.get("messages"), sort_keys=True)
+        return json.dumps(body.get("messages", body.get("prompt")), sort_keys=True)
 
     def _injected_failure(self, key: str) -> int | None:
         """429 or 503 for ``failure_share`` of tries, decided by (seed, conversation, try number) alone."""
@@ -168,6 +178,60 @@ class FakeOpenAIServer:
             )
         return {"id": "chatcmpl-test", "object": "chat.completion", "model": self.served_name, "choices": choices}
 
+    def complete_prompt(self, body: dict) -> tuple[int, dict]:
+        """(status, answer) of /v1/completions: vLLM's `prompt_logprobs` from one forward, ``max_tokens`` greedy."""
+        import torch
+
+        if self.model is None:
+            return 400, {"error": {"message": "this test server needs a model folder for /v1/completions"}}
+        prompt = body["prompt"]
+        ids = (
+            list(prompt) if isinstance(prompt, list) else self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        )
+        k = body.get("prompt_logprobs")
+        if k is not None and int(k) > self.max_logprobs:
+            message = f"Requested prompt logprobs of {k}, which is greater than max allowed: {self.max_logprobs}"
+            return 400, {"error": {"message": message, "type": "BadRequestError", "code": 400}}
+        with self._lock, torch.no_grad():
+            sequence = list(ids)
+            logprobs = None
+            for _ in range(max(int(body.get("max_tokens", 16)), 1)):
+                step = self.model(input_ids=torch.tensor([sequence])).logits[0].float().log_softmax(-1)
+                logprobs = step if logprobs is None else logprobs
+                sequence.append(int(step[-1].argmax()))
+        answer = [None]
+        for j in range(1, len(ids)):
+            distribution = logprobs[j - 1]
+            actual = ids[j]
+            # vLLM's order: the prompt's own token first, then the top-k by rank.
+            entries = {
+                str(actual): {
+                    "logprob": float(distribution[actual]),
+                    "rank": int((distribution > distribution[actual]).sum()) + 1,
+                    "decoded_token": self.tokenizer.decode([actual]),
+                }
+            }
+            if k:
+                values, top = distribution.topk(int(k))
+                for rank, (token, value) in enumerate(zip(top.tolist(), values.tolist()), start=1):
+                    entries[str(token)] = {
+                        "logprob": value,
+                        "rank": rank,
+                        "decoded_token": self.tokenizer.decode([token]),
+                    }
+            answer.append(entries)
+        generated = sequence[len(ids) :]
+        choice = {
+            "index": 0,
+            "text": self.tokenizer.decode(generated),
+            "logprobs": None,
+            "finish_reason": "length",
+            "prompt_logprobs": answer if k is not None and self.prompt_logprobs else None,
+        }
+        if not self.prompt_logprobs:
+            del choice["prompt_logprobs"]
+        return 200, {"id": "cmpl-test", "object": "text_completion", "model": self.served_name, "choices": [choice]}
+
     def _handler(self):
         server = self
 
@@ -204,7 +268,7 @@ class FakeOpenAIServer:
                         server.requests.append(
                             {"path": self.path, "body": body, "authorization": self.headers.get("Authorization")}
                         )
-                if self.path != "/v1/chat/completions":
+                if self.path not in ("/v1/chat/completions", "/v1/completions"):
                     return self._send(404, b'{"error": "not found"}')
                 key = server.conversation_key(body)
                 injected = server._injected_failure(key)
@@ -221,9 +285,13 @@ class FakeOpenAIServer:
                     return self._send(200, b'{"id": "x", "choices": [{"index": 0, "message": {}}]}')
                 if fault is not None and fault.startswith("sleep:"):
                     time.sleep(float(fault.split(":", 1)[1]))
-                answer = json.dumps(server.complete(body)).encode()
-                with server._lock:
-                    server.answered[key] += 1
-                self._send(200, answer)
+                if self.path == "/v1/completions":
+                    status, payload = server.complete_prompt(body)
+                else:
+                    status, payload = 200, server.complete(body)
+                if status == 200:
+                    with server._lock:
+                        server.answered[key] += 1
+                self._send(status, json.dumps(payload).encode())
 
         return Handler

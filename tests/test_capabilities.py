@@ -20,6 +20,36 @@ RULES = [
         "sample.openai.tokenizer",
     ),
     (
+        c.served_kd_vocabulary_problem,
+        {"teacher_tokenizer_known": False, "method": "kd", "kd_teacher": "served"},
+        [{"teacher_tokenizer_known": True}, {"method": "sft"}, {"kd_teacher": "offline"}],
+        "sample.openai.tokenizer",
+    ),
+    (
+        c.served_kd_student_vocabulary_problem,
+        {"method": "kd", "kd_teacher": "served", "difference": "1 student-only tokens (e.g. ['<tool>'])"},
+        [{"difference": None}, {"method": "sft"}, {"kd_teacher": "offline"}],
+        "train.student",
+    ),
+    (
+        c.served_kd_prompt_logprobs_problem,
+        {"url": "http://10.0.0.5:8000/v1", "problem": "answered without `prompt_logprobs`"},
+        [{"problem": None}],
+        "train.kd.teacher: offline",
+    ),
+    (
+        c.vllm_gpu_problem,
+        {
+            "tensor_parallel_size": 2,
+            "pipeline_parallel_size": 2,
+            "replicas": 2,
+            "gpus_available": 4,
+            "where": "this machine (torch.cuda.device_count())",
+        },
+        [{"gpus_available": 8}, {"replicas": 1}, {"tensor_parallel_size": 1}, {"pipeline_parallel_size": 1}],
+        "sample.vllm.replicas",
+    ),
+    (
         c.student_from_scratch_problem,
         {"teacher_tokenizer_known": False, "student_from_scratch": True},
         [{"teacher_tokenizer_known": True}, {"student_from_scratch": False}],
@@ -140,6 +170,12 @@ CONFIG_CASES = [
         "sample.openai.tokenizer=org/tokenizer",
     ),
     (
+        c.served_kd_vocabulary_problem,
+        {"teacher_tokenizer_known": False, "method": "kd", "kd_teacher": "served"},
+        ["sample.engine=openai", "train.kd.teacher=served", "train.kd.online_top_k=20"],
+        "sample.openai.tokenizer=org/tokenizer",
+    ),
+    (
         c.offline_kd_top_k_problem,
         {"method": "kd", "kd_teacher": "offline", "top_k_stored": False},
         ["sample.top_k_logprobs=0"],
@@ -200,3 +236,28 @@ def test_config_validation_refuses_with_the_rules_own_message_and_accepts_the_fi
         parse_config(raw)
     assert rule(**facts) in str(error.value)
     parse_config(apply_overrides(raw, [keeping]))
+
+
+def test_the_messages_name_the_fix():
+    problem = c.served_kd_prompt_logprobs_problem(url="http://10.0.0.5:8000/v1", problem="answered without it")
+    assert "http://10.0.0.5:8000/v1/completions" in problem and "vllm serve" in problem
+    problem = c.vllm_gpu_problem(
+        tensor_parallel_size=4, pipeline_parallel_size=2, replicas=2, gpus_available=8, where="the Ray cluster at auto"
+    )
+    assert problem.startswith(
+        "sample.vllm needs 16 GPUs (tensor_parallel_size 4 x pipeline_parallel_size 2 x replicas 2), "
+        "but the Ray cluster at auto has 8"
+    )
+    assert "train.kd.teacher: served" in c.online_teacher_problem(
+        teacher_is_served=True, method="kd", kd_teacher="online"
+    )
+
+
+def test_a_served_sampler_allows_the_served_kd_teacher_the_way_out_of_online(pipeline_raw):
+    raw = apply_overrides(pipeline_raw, SERVED + ["train.kd.teacher=online"])
+    with pytest.raises(ConfigError, match="train.kd.teacher: served"):
+        parse_config(raw)
+    config = parse_config(
+        apply_overrides(raw, ["train.kd.teacher=served", "train.kd.online_top_k=20", "train.kd.lmbda=0.5"])
+    )
+    assert config.train.kd.teacher == "served" and config.train.kd.served is None  # null: sample.openai's server

@@ -24,7 +24,7 @@ def test_help_describes_every_command():
         [sys.executable, "-m", "stillhouse.flows.cli", "--help"], capture_output=True, text=True, cwd=REPO, timeout=120
     )
     assert completed.returncode == 0
-    for command in ("run", "validate", "schema"):
+    for command in ("run", "validate", "schema", "plan"):
         assert command in completed.stdout
     run_help = subprocess.run(
         [sys.executable, "-m", "stillhouse.flows.cli", "run", "--help"],
@@ -34,6 +34,28 @@ def test_help_describes_every_command():
         timeout=120,
     ).stdout
     assert "--set SECTION.KEY=VALUE" in run_help and "--until" in run_help
+
+
+def test_plan_prints_every_stage_for_this_machine(tmp_path, pipeline_raw, capsys):
+    assert main(["plan", str(write_config(tmp_path, pipeline_raw))]) == 0
+    out = capsys.readouterr().out
+    for word in ("sample", "train", "evaluate", "peak", "fits"):
+        assert word in out
+    assert not (tmp_path / "store").exists()  # nothing ran
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--gpu-memory", "lots"], "--gpu-memory 'lots': expected a size such as 80GB"),
+        (["--gpus", "0", "--gpu-memory", "80GB"], "give at least one node, one GPU"),
+    ],
+)
+def test_bad_hardware_flags_are_refused_with_the_fix(tmp_path, pipeline_raw, capsys, flags, message):
+    path = str(write_config(tmp_path, pipeline_raw))
+    for command in ("plan", "validate"):
+        assert main([command, path, *flags]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_schema_lists_fields_with_descriptions(capsys):

@@ -19,3 +19,88 @@ def test_an_unreachable_tracking_server_is_named_within_seconds():
 
 def test_local_tracking_uris_need_no_server():
     check_tracking_server("sqlite:///nowhere/mlflow.db")  # no exception: nothing to reach
+
+
+SERVED_KD = ["train.kd.teacher=served", "train.kd.online_top_k=20", "train.kd.lmbda=0.5"]
+
+
+def served_kd_config(pipeline_raw, url: str, *more: str):
+    from stillhouse.config import apply_overrides, parse_config
+
+    served = [f"train.kd.served={{base_url: '{url}', api_key_env: null}}", "train.kd.served_model=tiny-teacher"]
+    return parse_config(apply_overrides(pipeline_raw, SERVED_KD + served + list(more)))
+
+
+def test_a_served_kd_teacher_is_probed_once_for_prompt_logprobs(pipeline_raw, tiny_teacher):
+    from openai_server import FakeOpenAIServer
+
+    from stillhouse.preflight import preflight
+
+    with FakeOpenAIServer(tiny_teacher, served_name="tiny-teacher") as server:
+        preflight(served_kd_config(pipeline_raw, server.url))
+        (probe,) = server.requests
+        assert probe["path"] == "/v1/completions" and probe["body"]["prompt_logprobs"] == 20
+
+    # A server that ignores the field (not vLLM): the message names the setting, the URL and both fixes.
+    with (
+        FakeOpenAIServer(tiny_teacher, served_name="tiny-teacher", prompt_logprobs=False) as plain,
+        pytest.raises(StillhouseError) as refused,
+    ):
+        preflight(served_kd_config(pipeline_raw, plain.url))
+    message = str(refused.value)
+    assert message.startswith("train.kd.teacher: served needs the top-k log-probs of given tokens")
+    assert f"{plain.url}/completions" in message and "answered without `prompt_logprobs`" in message
+    assert "vllm serve" in message and "train.kd.teacher: offline" in message
+
+    # k above the server's --max-logprobs, and no server at all.
+    with (
+        FakeOpenAIServer(tiny_teacher, served_name="tiny-teacher", max_logprobs=5) as capped,
+        pytest.raises(StillhouseError, match=r"HTTP 400 .* greater than max allowed: 5"),
+    ):
+        preflight(served_kd_config(pipeline_raw, capped.url))
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    started = time.monotonic()
+    with pytest.raises(StillhouseError, match=rf"train.kd.teacher: served .* {url}/completions.*ConnectError"):
+        preflight(served_kd_config(pipeline_raw, url))
+    assert time.monotonic() - started < 30  # one try: a preflight doesn't retry a dead server
+
+
+def test_a_served_kd_teacher_refuses_a_student_of_another_vocabulary(pipeline_raw, tiny_teacher, tmp_path):
+    from conftest import build_tiny_model
+
+    from stillhouse.models import load_tokenizer
+    from stillhouse.preflight import preflight
+
+    other = build_tiny_model(tmp_path / "other-student", hidden_size=16)
+    tokenizer = load_tokenizer(str(other))
+    tokenizer.add_tokens(["<tool>"])
+    tokenizer.save_pretrained(other)
+    config = served_kd_config(
+        pipeline_raw, "http://127.0.0.1:9/v1", "train.architecture=null", f"train.student={other}"
+    )
+    with pytest.raises(StillhouseError, match=r"train.kd.teacher: served sends the student's token ids .*<tool>"):
+        preflight(config)  # before the server is asked
+
+
+def test_more_vllm_gpus_than_this_machine_has_are_refused_before_anything_loads(pipeline_raw, monkeypatch):
+    from stillhouse.config import apply_overrides, parse_config
+    from stillhouse.preflight import preflight
+    from stillhouse.sampling import vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: True)  # vLLM "installed", with 2 GPUs
+    monkeypatch.setattr(vllm_engine, "local_gpu_count", lambda: 2)
+    loaded = []
+    monkeypatch.setattr(vllm_engine.VLLMEngine, "__init__", lambda self, *a, **k: loaded.append(k))
+    config = parse_config(
+        apply_overrides(
+            pipeline_raw,
+            ["sample.engine=vllm", "sample.vllm.tensor_parallel_size=2", "sample.vllm.pipeline_parallel_size=2"],
+        )
+    )
+    with pytest.raises(
+        StillhouseError,
+        match=r"sample.vllm needs 4 GPUs \(tensor_parallel_size 2 x pipeline_parallel_size 2 x replicas 1\), "
+        r"but this machine \(torch.cuda.device_count\(\)\) has 2",
+    ):
+        preflight(config)
+    assert loaded == []

@@ -291,3 +291,124 @@ def test_config_refuses_meaningless_sampling_settings():
         SampleConfig(teacher="x", top_k=5)
     with pytest.raises(ValueError, match="greater than 0"):
         SampleConfig(teacher="x", batch_tokens=0)
+
+
+def qwen25_05b_shaped_teacher(folder, prompt_words: list[str]):
+    """A random-init teacher of Qwen2.5-0.5B's shape, and a WordLevel tokenizer of its 151,936-token vocabulary.
+
+    Qwen2 with hidden 896, 24 layers, 14 heads (2 KV heads), MLP 4864, tied embeddings, saved in bfloat16
+    as the real checkpoint is. The tokenizer is built offline: ChatML specials, the prompts' words, then
+    filler words up to the model's vocabulary, split on whitespace, with a ChatML chat template.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    vocab_size = 151_936
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    words = list(dict.fromkeys(specials + prompt_words))
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tokenizer.chat_template = (
+        "{% for message in messages %}{{ '<|im_start|> ' + message['role'] + ' ' + message['content'] + "
+        "' <|im_end|> ' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|> assistant ' }}{% endif %}"
+    )
+    assert len(tokenizer) == vocab_size
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=vocab_size,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+        )
+    ).to(torch.bfloat16)
+    parameters = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return parameters
+
+
+def peak_rss_reset() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS; False where the kernel doesn't allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_mb(field: str) -> float:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+@pytest.mark.slow
+def test_a_teacher_of_qwen25_05b_shape_samples_with_top_k_through_the_hf_engine(tmp_path):
+    """Real shape, random weights: a 494M-parameter Qwen2 teacher with a 151,936-token vocabulary, top-16 capture.
+
+    Prints the sampling stage's wall time and the process's peak memory while it ran (and writes both to
+    tmp_path / "figures.json"); asserts only what must hold at this vocabulary size.
+    """
+    import time
+
+    texts = [
+        "sort letters : d c b a",
+        "reverse : hello there",
+        "name a word that starts with b",
+        "hi",
+        "give any number between 10 and 20",
+        "sort numbers : 31 12 77 40",
+        "what is two plus two",
+        "say something kind",
+    ]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in texts))
+    teacher = tmp_path / "qwen2.5-0.5b-shaped"
+    words = sorted({word for text in texts for word in text.split()} | {"user", "assistant"})
+    parameters = qwen25_05b_shaped_teacher(teacher, words)
+    assert 490e6 < parameters < 500e6  # Qwen2.5-0.5B has 494M
+
+    dataset = curate(CurateConfig(source=str(prompts), eval_fraction=0.5), Store(tmp_path / "curated"))
+    config = SampleConfig(teacher=str(teacher), max_new_tokens=6, top_k_logprobs=16, batch_size=8, device="cpu")
+    import gc
+
+    gc.collect()
+    measured = peak_rss_reset()
+    before = rss_mb("VmRSS")
+    started = time.perf_counter()
+    samples = sample_teacher(config, dataset, Store(tmp_path / "samples"))
+    seconds = time.perf_counter() - started
+    figures = {
+        "parameters": parameters,
+        "sample_seconds": round(seconds, 2),
+        "rss_before_mb": round(before),
+        "peak_rss_mb": round(rss_mb("VmHWM")) if measured else None,
+        "generated_tokens": samples.generated_tokens,
+    }
+    (tmp_path / "figures.json").write_text(json.dumps(figures))
+    print("qwen2.5-0.5b-shaped sampling:", json.dumps(figures))
+
+    rows = read_teacher_outputs(samples.path)
+    assert len(rows) == len(texts) and samples.generated_tokens > 0
+    for row in rows.itertuples():
+        assert 0 < len(row.response_token_ids) <= 6 and len(row.top_k_ids) == len(row.response_token_ids)
+        for ids, logprobs, token in zip(row.top_k_ids, row.top_k_logprobs, row.response_token_ids):
+            assert len(ids) == 16 and len(set(ids)) == 16 and all(0 <= i < 151_936 for i in ids)
+            assert ids[0] == token  # greedy: the response token is the most likely one
+            assert all(a >= b for a, b in zip(logprobs, logprobs[1:]))  # best first

@@ -5,6 +5,12 @@ stages through the sample store; its weights never load here, and its tokenizer 
 ``sample.openai.tokenizer`` names it. White-box KD from the store needs the teacher's top-k stored, and the
 metrics that compare with reference answers need data that has them.
 
+The served-teacher rules also cover ``train.kd.teacher: served``, where a server scores the trainer's
+sequences: its vocabulary must be known and match the student's, and its server must answer
+``prompt_logprobs``. One sampling rule counts the GPUs engine `vllm` asks for (tensor x pipeline x
+replicas). The rules that need a server, tokenizers or hardware run in `stillhouse.preflight` and
+`sampling.sample.check_teacher`, not in config validation.
+
 Each rule is a pure function over plain facts (is the teacher served, is its tokenizer known, is the top-k
 stored, does the data have references) that returns the problem, naming the field and the fix, or None.
 `stillhouse.config.PipelineConfig` calls them on the config, so a config that breaks one is refused before
@@ -60,8 +66,69 @@ def online_teacher_problem(*, teacher_is_served: bool, method: str, kd_teacher: 
     """``train.kd.teacher: online`` scores every batch with the teacher in memory; a served one has no weights here."""
     if teacher_is_served and method == "kd" and kd_teacher == "online":
         return (
-            f"{SERVED_TEACHER}, but train.kd.teacher: online needs it in memory; use the stored top-k "
-            "(train.kd.teacher: offline, with sample.openai.tokenizer set) or train.method: sft"
+            f"{SERVED_TEACHER}, but train.kd.teacher: online needs it in memory; let the server score every batch "
+            "(train.kd.teacher: served, with train.kd.online_top_k and sample.openai.tokenizer set), use the stored "
+            "top-k (train.kd.teacher: offline, with sample.openai.tokenizer set), or use train.method: sft"
+        )
+    return None
+
+
+def served_kd_vocabulary_problem(*, teacher_tokenizer_known: bool, method: str, kd_teacher: str) -> str | None:
+    """``train.kd.teacher: served`` gets the server's top-k as token ids; they mean nothing without its vocabulary."""
+    if method == "kd" and kd_teacher == "served" and not teacher_tokenizer_known:
+        return (
+            "train.kd.teacher: served compares the server's top-k token ids with the student's, but the served "
+            "teacher's vocabulary is unknown (sample.engine `openai` with sample.openai.tokenizer null); set "
+            "sample.openai.tokenizer to the served model's tokenizer (a local folder or Hub id), or use "
+            "train.method: sft"
+        )
+    return None
+
+
+def served_kd_student_vocabulary_problem(*, method: str, kd_teacher: str, difference: str | None) -> str | None:
+    """The served teacher scores the student's own token ids, so both must map tokens to the same ids.
+
+    ``difference`` is `stillhouse.models.vocabulary_difference` of the student's and the teacher's tokenizers
+    (None when they agree); a student built from scratch takes the teacher's tokenizer and never differs.
+    """
+    if method == "kd" and kd_teacher == "served" and difference is not None:
+        return (
+            "train.kd.teacher: served sends the student's token ids to the teacher's server, but the student's "
+            f"vocabulary differs from the teacher's ({difference}); use a student of the teacher's family "
+            "(train.student) or build one with the teacher's tokenizer (train.architecture)"
+        )
+    return None
+
+
+def served_kd_prompt_logprobs_problem(*, url: str, problem: str | None) -> str | None:
+    """A served teacher scores sequences through its completions endpoint's ``prompt_logprobs`` (a vLLM extension).
+
+    ``problem`` is what the probe request (preflight) found wrong with the server's answer, None when it had them.
+    """
+    if problem is not None:
+        return (
+            f"train.kd.teacher: served needs the top-k log-probs of given tokens (`prompt_logprobs` on "
+            f"{url}/completions), but the server {problem}; run vLLM's OpenAI-compatible server "
+            "(`vllm serve MODEL --max-logprobs K`) there, or use train.kd.teacher: offline (the top-k stored "
+            "by the sample stage)"
+        )
+    return None
+
+
+# Sampling.
+
+
+def vllm_gpu_problem(
+    *, tensor_parallel_size: int, pipeline_parallel_size: int, replicas: int, gpus_available: int, where: str
+) -> str | None:
+    """Engine `vllm` takes tensor x pipeline GPUs per replica; ``where`` names what ``gpus_available`` counted."""
+    needed = tensor_parallel_size * pipeline_parallel_size * replicas
+    if needed > gpus_available:
+        return (
+            f"sample.vllm needs {needed} GPUs (tensor_parallel_size {tensor_parallel_size} x pipeline_parallel_size "
+            f"{pipeline_parallel_size} x replicas {replicas}), but {where} has {gpus_available}; lower "
+            "sample.vllm.replicas, tensor_parallel_size or pipeline_parallel_size, or set sample.vllm.ray_address "
+            "to a Ray cluster with enough GPUs"
         )
     return None
 

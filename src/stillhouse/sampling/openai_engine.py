@@ -8,6 +8,7 @@ request time, sent as a Bearer token, and never stored, logged or put in an erro
 
     engine = OpenAIEngine(config.sample.openai, "Qwen/Qwen2.5-7B-Instruct", tokenizer=tokenizer)   # sampling: ids
     engine = OpenAIEngine(config.feedback.judge.openai, name, token_ids=False)                     # the judge: strings
+    payload, url = engine.post_json("/completions", body, where)            # another endpoint, same retries and key
 """
 
 from __future__ import annotations
@@ -134,9 +135,22 @@ class OpenAIEngine:
                 f"got {response.text[:200]!r}"
             ) from None
 
-    def _post(self, body: dict, where: str) -> httpx.Response:
-        """POST to /chat/completions, retrying 429s, 5xx, timeouts and dropped connections; the first 200 answer."""
-        url = self.connection.base_url.rstrip("/") + "/chat/completions"
+    def post_json(self, endpoint: str, body: dict, where: str) -> tuple[dict, str]:
+        """POST ``body`` to ``{base_url}{endpoint}`` with the retries and key of every request; (its JSON answer, URL).
+
+        For callers with their own request shape, such as the served KD teacher's ``/completions`` with
+        ``prompt_logprobs`` (`stillhouse.training.served_teacher`). An answer that isn't JSON is an `EngineError`.
+        """
+        response = self._post(body, where, endpoint)
+        try:
+            payload = response.json()
+        except ValueError:
+            raise EngineError(f"{where}: {response.url} answered with no JSON: {response.text[:200]!r}") from None
+        return payload, str(response.url)
+
+    def _post(self, body: dict, where: str, endpoint: str = "/chat/completions") -> httpx.Response:
+        """POST to ``endpoint``, retrying 429s, 5xx, timeouts and dropped connections; the first 200 answer."""
+        url = self.connection.base_url.rstrip("/") + endpoint
         for attempt in range(self.connection.max_retries + 1):
             last = attempt == self.connection.max_retries
             try:

@@ -5,7 +5,9 @@
     samples = finish_sampling(config, plan, store)       # seals the folder with its manifest
 
 `sample_teacher` does those three in this process; tasks/sample.py maps `sample_shard` over the
-pending shards as Prefect tasks (threads here, or a Ray cluster). A shard's content depends only on
+pending shards as Prefect tasks (threads here, or a Ray cluster). With vLLM replicas
+(``sample.vllm.replicas`` > 1) the replicas are Ray actors of their own and shards run on threads
+here, one in flight per replica (`concurrent_shards`). A shard's content depends only on
 the config, the prompts and its index (shard i samples under seed ``seed + 100003 i``), so a rerun
 after a crash samples only the missing shards and ends with what an uninterrupted run writes.
 """
@@ -17,6 +19,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +45,7 @@ from stillhouse.refs import DatasetRef, SamplesRef
 from stillhouse.sampling.engine import Engine, Generation, Prompt, SamplingSettings
 from stillhouse.sampling.hf_engine import HFEngine, render_prompts
 from stillhouse.sampling.teacher_outputs import read_teacher_outputs, remove_partial_shards, shard_name, write_shard
+from stillhouse.sampling.vllm_engine import uses_ray
 from stillhouse.store import Store, file_sha256, fingerprint, storage_errors
 
 if TYPE_CHECKING:
@@ -89,8 +93,9 @@ def check_teacher(config: SampleConfig) -> TeacherFacts:
     """Every check that can fail before sampling starts, reading only configs and tokenizers.
 
     A model path or revision that doesn't exist, a teacher without a chat template (prompts are
-    chat messages), k larger than the vocabulary, max_new_tokens that fill the whole context, and
-    engine `vllm` without vLLM or a GPU.
+    chat messages), k larger than the vocabulary, max_new_tokens that fill the whole context (or
+    ``sample.vllm.max_model_len``), engine `vllm` without vLLM or a GPU (or Ray, for replicas), and
+    more GPUs asked of it than there are.
     """
     if config.engine == "openai":
         return _check_openai_teacher(config)
@@ -118,13 +123,15 @@ def check_teacher(config: SampleConfig) -> TeacherFacts:
             f"use a k of at most {vocabulary} (16-64 is typical)"
         )
     context = config.context_length or getattr(model_config, "max_position_embeddings", None)
+    if config.engine == "vllm" and config.vllm.max_model_len is not None:  # vLLM plans its KV cache for no more
+        context = min(context, config.vllm.max_model_len) if context else config.vllm.max_model_len
     _check_context(config, context)
     tokenizer = load_tokenizer(teacher, config.revision, trust_remote_code=config.trust_remote_code)
     _check_chat_template(tokenizer, config.teacher, "sample.teacher")
     if config.engine == "vllm":
-        from stillhouse.sampling.vllm_engine import check_vllm
+        from stillhouse.sampling.vllm_engine import check_vllm_engine
 
-        check_vllm()
+        check_vllm_engine(config.vllm)  # vLLM and a GPU here, or Ray; enough GPUs for tensor x pipeline x replicas
     return TeacherFacts(
         path=teacher,
         revision=model_revision(teacher, config.revision, trust_remote_code=config.trust_remote_code),
@@ -177,11 +184,22 @@ def _check_chat_template(tokenizer, name: str, field: str) -> None:
 
 def stage_fingerprint(config: SampleConfig, dataset: DatasetRef, revision: str) -> str:
     # Where shards run, and how to reach a server, don't change what is sampled; which server, and how
-    # its tokens become ids (the tokenizer named, or the server's own ids), do.
+    # its tokens become ids (the tokenizer named, or the server's own ids), do. Of vLLM's settings only
+    # max_model_len does (it bounds the context, hence truncation): GPUs and replicas are where shards run.
     settings = config.model_dump(
         mode="json",
-        exclude={"teacher", "revision", "device", "task_runner", "gpu_memory_utilization", "trust_remote_code"},
+        exclude={
+            "teacher",
+            "revision",
+            "device",
+            "task_runner",
+            "gpu_memory_utilization",
+            "trust_remote_code",
+            "vllm",
+        },
     )
+    if config.engine == "vllm":  # other engines' fingerprints stay what they were before these settings existed
+        settings["vllm"] = {"max_model_len": config.vllm.max_model_len}
     served = config.openai
     settings["openai"] = (
         {"base_url": served.base_url, "tokenizer": served.tokenizer, "return_token_ids": served.return_token_ids}
@@ -295,9 +313,13 @@ def load_engine(config: SampleConfig, facts: TeacherFacts) -> tuple[Engine, PreT
         identity = [config.teacher, config.openai.model_dump(mode="json")]
     else:
         identity = [facts.path, config.dtype, config.device, config.gpu_memory_utilization]
+        if config.engine == "vllm":
+            identity.append(config.vllm.model_dump(mode="json"))
     key = json.dumps([config.engine, facts.revision, facts.tokenizer_path, identity])
     with _engine_lock:
         if key not in _loaded:
+            for evicted, _ in _loaded.values():  # replicas hold GPUs on a cluster until closed
+                evicted.close()
             _loaded.clear()
             local = config.engine != "openai"
             tokenizer = (
@@ -320,15 +342,16 @@ def load_engine(config: SampleConfig, facts: TeacherFacts) -> tuple[Engine, PreT
                 )
                 engine = HFEngine(model, tokenizer)
             elif config.engine == "vllm":
-                from stillhouse.sampling.vllm_engine import VLLMEngine
+                from stillhouse.sampling.vllm_engine import VLLMEngine, VLLMReplicas
 
-                engine = VLLMEngine(
+                engine = (VLLMReplicas if uses_ray(config.vllm) else VLLMEngine)(
                     facts.path,
                     revision=config.revision,
                     dtype=config.dtype,
                     seed=config.seed,
                     gpu_memory_utilization=config.gpu_memory_utilization,
                     max_logprobs=max(20, config.top_k_logprobs),
+                    parallel=config.vllm,
                 )
             else:
                 from stillhouse.sampling.openai_engine import OpenAIEngine
@@ -339,6 +362,14 @@ def load_engine(config: SampleConfig, facts: TeacherFacts) -> tuple[Engine, PreT
     if isinstance(engine, HFEngine):
         engine = dataclasses.replace(engine, batch_size=config.batch_size, batch_tokens=config.batch_tokens)
     return engine, tokenizer
+
+
+def unload_engines() -> None:
+    """Close and drop the engines loaded in this process (vLLM replicas give their GPUs back to the cluster)."""
+    with _engine_lock:
+        for engine, _ in _loaded.values():
+            engine.close()
+        _loaded.clear()
 
 
 def shard_prompts(
@@ -475,6 +506,20 @@ def finish_sampling(config: SampleConfig, plan: ShardPlan, store: Store) -> Samp
     )
 
 
+def uses_vllm_replicas(config: SampleConfig) -> bool:
+    """Engine `vllm` as Ray actors (`VLLMReplicas`): ``sample.vllm.replicas`` > 1, or a Ray cluster named.
+
+    The replicas already hold their GPUs, so the shards that feed them are light work (send prompts,
+    write Parquet) and run on threads of the one process that holds the replicas.
+    """
+    return config.engine == "vllm" and uses_ray(config.vllm)
+
+
+def concurrent_shards(config: SampleConfig) -> int:
+    """Shards worth running at once in one process: one per vLLM replica, else one."""
+    return config.vllm.replicas if uses_vllm_replicas(config) else 1
+
+
 def sample_teacher(
     config: SampleConfig, dataset: DatasetRef, store: Store, progress: Callable[[float], None] | None = None
 ) -> SamplesRef:
@@ -489,7 +534,17 @@ def sample_teacher(
             if progress is not None:
                 progress(bar.n / max(plan.prompts, 1))
 
-        for index in plan.pending:
-            sample_shard(config, dataset, plan, index, on_prompts=advance)
+        workers = concurrent_shards(config)
+        if workers == 1:  # also one replica on a Ray cluster: its calls run one at a time anyway
+            for index in plan.pending:
+                sample_shard(config, dataset, plan, index, on_prompts=advance)
+        else:  # one shard in flight per vLLM replica; each call takes a free replica
+            pool = ThreadPoolExecutor(max_workers=workers)
+            try:
+                futures = [pool.submit(sample_shard, config, dataset, plan, index, advance) for index in plan.pending]
+                for future in futures:
+                    future.result()
+            finally:  # on the first failure, shards not yet started are dropped
+                pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
     return finish_sampling(config, plan, store)
