@@ -33,6 +33,7 @@ def train_task(config: PipelineConfig, dataset: DatasetRef, samples: SamplesRef,
             samples,
             Store.from_config(config.store),
             progress=progress_artifact("Student training"),
+            teacher_endpoint=config.sample.openai,  # kd.teacher: served, no kd.served: the sampler's server
         )
 
     return run_stage("train", tracking, compute, params=section_params(config, "train"), record=training_record).result

@@ -291,6 +291,21 @@ CASES = [
         r"exit 2: .*publish.repo_id: .*is not a Hub repo id: write `namespace/name` with ASCII letters",
     ),
     Case(
+        "processes-beyond-the-cores",
+        config_change(section("train", num_processes=64, batch_size=64)),
+        r"exit 2: .*train.num_processes.*64.*CPU",
+    ),
+    Case(
+        "nodes-without-rendezvous",
+        config_change(section("train", nodes=2)),
+        r"exit 2: .*train: .*nodes is 2 but rendezvous is not set",
+    ),
+    Case(
+        "served-kd-teacher-without-top-k",
+        config_change(section("train.kd", teacher="served")),
+        r"exit 2: .*kd.teacher: served needs online_top_k",
+    ),
+    Case(
         "set-unbalanced-bracket",
         config_change(lambda raw, tmp: None, overrides=("train.max_steps=[1,",)),
         r"exit 2: error: --set 'train.max_steps=\[1,': the value is not valid YAML",

@@ -196,7 +196,7 @@ def test_the_installed_wheel_runs_the_demo_schema_validate_and_deploy_help_from_
 
     shutil.copy(REPO / "configs" / "demo.yaml", work / "mine.yaml")
     validated = stillhouse("validate", "mine.yaml")
-    assert validated.returncode == 0 and "mine.yaml: OK (demo)" in validated.stdout, validated.stderr
+    assert validated.returncode == 0 and "mine.yaml: OK (demo" in validated.stdout, validated.stderr
 
     deploy_help = stillhouse("deploy", "--help")
     assert deploy_help.returncode == 0 and "--config" in deploy_help.stdout

@@ -651,7 +651,7 @@ class FSDPSettings(StrictModel):
     cpu_offload: bool = Field(
         False,
         description="Keep the sharded parameters, gradients and optimizer states in CPU memory between uses: slower, "
-        "for students that don't fit GPU memory even sharded.",
+        "for students that don't fit GPU memory even sharded (a CPU run holds everything there already).",
     )
     reshard_after_forward: bool = Field(
         True,

@@ -14,7 +14,7 @@ from stillhouse.licenses import preflight_licenses
 from stillhouse.models import load_tokenizer, resolve_model, vocabulary_difference
 from stillhouse.sampling.sample import TeacherFacts, check_teacher
 from stillhouse.training.served_teacher import ServedTeacher, served_endpoint
-from stillhouse.training.train import check_vocabularies
+from stillhouse.training.train import check_training_hardware, check_vocabularies
 
 
 def preflight(config: PipelineConfig) -> None:
@@ -26,6 +26,7 @@ def preflight(config: PipelineConfig) -> None:
     resolve_sources(config.curate)
     check_benchmarks(config.curate.decontaminate.benchmarks)
     teacher = check_teacher(config.sample)
+    check_training_hardware(config.train)  # more processes per node than GPUs (or CPU cores): before anything runs
     if config.train.student is not None:
         resolve_model(config.train.student, "train.student")
         if config.train.method == "kd" and teacher.tokenizer_path is not None:
