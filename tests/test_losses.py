@@ -443,3 +443,97 @@ def test_fused_takes_shifted_slices_as_train_passes_them():
             loss_and_gradients(unfused, hidden, weight), loss_and_gradients(fused, hidden, weight)
         ):
             torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+# --- the dense teacher's closed-form gradient against autograd ------------------------------------
+
+
+def autograd_reference(student, teacher, labels, kind, beta=0.5, alpha=0.1, temperature=1.0):
+    """The dense loss written with plain torch ops (floored log-probs, logaddexp mixtures), for autograd to
+    differentiate: the formulas losses.py evaluated before it wrote the gradient out by hand."""
+    counted = labels != -100
+    log_q = (student[counted].float() / temperature).log_softmax(-1).clamp(min=-1e4)
+    log_p = (teacher[counted].float() / temperature).log_softmax(-1).clamp(min=-1e4)
+    kl = lambda log_a, log_b: (log_a.exp() * (log_a - log_b)).sum(-1)  # noqa: E731
+    mixture = lambda log_a, log_b, w: torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))  # noqa: E731
+    per_position = {
+        "forward_kl": lambda: kl(log_p, log_q),
+        "reverse_kl": lambda: kl(log_q, log_p),
+        "jsd": lambda: (
+            beta * kl(log_p, mixture(log_p, log_q, beta)) + (1 - beta) * kl(log_q, mixture(log_p, log_q, beta))
+        ),
+        "skew_forward_kl": lambda: kl(log_p, mixture(log_p, log_q, alpha)),
+        "skew_reverse_kl": lambda: kl(log_q, mixture(log_q, log_p, alpha)),
+        "tvd": lambda: 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1),
+    }[kind]()
+    return temperature**2 * per_position.sum() / counted.sum().clamp(min=1)
+
+
+def with_extremes(student, teacher):
+    """Three padded vocabulary rows (−inf on both sides), and ids only one side rules out (−inf on one side)."""
+    padding = torch.full((B, T, 3), -math.inf)
+    student, teacher = torch.cat([student, padding], -1), torch.cat([teacher, padding], -1)
+    student[..., 0] = -math.inf  # the teacher has mass here: forward KL's floor, whose clamp passes no gradient
+    teacher[..., 1] = -math.inf  # the student has mass here
+    return student, teacher
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.0])
+@pytest.mark.parametrize("extremes", [False, True])
+@pytest.mark.parametrize("block_rows", [1, 3, None])  # rows per block: one, some, all at once
+def test_dense_gradient_equals_autograd(kind, temperature, extremes, block_rows, monkeypatch):
+    student, teacher, labels = random_inputs(20)
+    labels[1, 2] = -100  # a masked position between counted ones: the rows are walked in runs around it
+    if extremes:
+        student, teacher = with_extremes(student, teacher)
+    if block_rows is not None:
+        monkeypatch.setattr(losses, "_CPU_BLOCK_ELEMENTS", block_rows * student.shape[-1])
+    options = dict(kind=kind, beta=0.3, alpha=0.2, temperature=temperature)
+    student = student.requires_grad_()
+    upstream = 0.37  # the backward pass scales the gradient kept from the forward pass
+    expected = autograd_reference(student, teacher, labels, **options)
+    actual = distillation_loss(student, teacher, labels, **options)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    (expected_grad,) = torch.autograd.grad(upstream * expected, student)
+    (grad,) = torch.autograd.grad(upstream * actual, student)
+    assert torch.isfinite(grad).all() and grad[0, :2].eq(0).all() and grad[1, 2].eq(0).all()
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
+
+    hidden, weight, _, _ = hidden_inputs(21)
+    if extremes:  # the fused path's logits are finite; only the teacher keeps its −inf
+        teacher = teacher[..., :V]
+    expected = upstream * autograd_reference(hidden @ weight.T, teacher, labels, **options)
+    fused = upstream * distillation_loss_from_hidden(hidden, weight, teacher, labels, chunk_size=4, **options)
+    for expected_part, actual_part in zip(
+        loss_and_gradients(expected, hidden, weight), loss_and_gradients(fused, hidden, weight)
+    ):
+        torch.testing.assert_close(actual_part, expected_part, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block_rows", [1, 2, 5])
+@pytest.mark.parametrize("teacher_type", TEACHERS)
+def test_blocks_of_rows_equal_one_block(block_rows, teacher_type, monkeypatch):
+    """The unfused and fused paths walk rows in blocks (a few per block on a CPU): any block size gives the same."""
+    hidden, weight, teacher_logits, labels = hidden_inputs(22)
+    labels[1, 1] = -100
+    teacher, tail = teacher_and_tail(teacher_logits, teacher_type)
+    options = dict(kind="skew_reverse_kl", tail=tail, temperature=1.5)
+
+    def losses_and_gradients():
+        unfused = distillation_loss(hidden @ weight.T, teacher, labels, **options)
+        fused = distillation_loss_from_hidden(hidden, weight, teacher, labels, chunk_size=3, **options)
+        return loss_and_gradients(unfused, hidden, weight) + loss_and_gradients(fused, hidden, weight)
+
+    one_block = losses_and_gradients()
+    monkeypatch.setattr(losses, "_CPU_BLOCK_ELEMENTS", block_rows * V)
+    for expected, actual in zip(one_block, losses_and_gradients()):
+        torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_dense_without_gradients_and_with_a_student_that_needs_none():
+    student, teacher, labels = random_inputs(23)
+    expected = distillation_loss(student.clone().requires_grad_(), teacher, labels, kind="jsd").detach()
+    with torch.no_grad():
+        torch.testing.assert_close(distillation_loss(student.requires_grad_(), teacher, labels, kind="jsd"), expected)
+    torch.testing.assert_close(distillation_loss(student.detach(), teacher, labels, kind="jsd"), expected)

@@ -108,6 +108,8 @@ def test_store_holds_rows_and_manifest_and_resumes_at_shard_level(tmp_path, tiny
     manifest = json.loads((folder / MANIFEST).read_text())
     assert manifest["teacher_revision"].startswith("local-sha256:") and manifest["top_k_logprobs"] == 3
     assert manifest["chat_template"] and manifest["engine"] == "hf" and len(manifest["shards"]) == 4
+    assert manifest["teacher_outputs_format"] == 2 and {shard["format"] for shard in manifest["shards"]} == {2}
+    assert manifest["logprob_precision"]["max_error"] < 1e-3
     rows = read_teacher_outputs(folder)
     assert len(rows) == samples.rows == dataset.train_rows + dataset.eval_rows
     assert set(rows["split"]) == {"train", "eval"}
@@ -243,7 +245,7 @@ def test_n_samples_land_in_the_store_as_rows_with_a_sample_index(tmp_path, tiny_
         "tail_logprobs",
     ]
     assert (
-        str(rows["top_k_ids"].iloc[0][0].dtype) == "int32" and str(rows["top_k_logprobs"].iloc[0][0].dtype) == "float16"
+        str(rows["top_k_ids"].iloc[0][0].dtype) == "int32" and str(rows["top_k_logprobs"].iloc[0][0].dtype) == "float32"
     )
 
 

@@ -19,12 +19,14 @@ decoding (a repetition penalty, forced or suppressed tokens, ...) go through `mo
 from __future__ import annotations
 
 import inspect
+import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
 from stillhouse.sampling.engine import Generation, Prompt, SamplingSettings
 
@@ -99,27 +101,47 @@ def generate(
     Returns ``n * len(prompts)`` generations, prompt by prompt, ``sample_index`` 0..n-1 within each.
     Batch ``b`` samples under seed ``seed + b``, so a fixed seed and the same prompts give the same
     outputs. ``top_k`` 0 and ``top_p`` 1 turn those filters off, whatever the model's generation_config
-    says. ``on_batch(count)`` is called after each batch with the number of prompts it finished.
+    says. ``on_batch(count)`` is called as prompts finish, with how many did (after each batch when sampling).
+    At most ``batch_size`` prompts (and, with ``batch_tokens``, as many as keep ``rows x n x (longest prompt +
+    max_new_tokens)`` within it) are decoded at once.
     """
     tokenizer.padding_side = "left"
     eos_id = tokenizer.eos_token_id
     encoded = [
         list(p) if not isinstance(p, str) else tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts
     ]
-    batches = plan_batches(
-        [len(ids) for ids in encoded],
-        batch_size=batch_size,
-        batch_tokens=batch_tokens,
-        max_new_tokens=max_new_tokens,
-        n=n,
-    )
-    results: list[Generation | None] = [None] * (len(prompts) * n)
     stop_window = 4 * max(
         map(len, stop), default=0
     )  # tokens enough to spell any stop string, even a few characters a token
 
     def stop_check(tokens: list[int]) -> bool:  # retires a row early; the exact cut is `stop_length`'s, below
         return any(s in tokenizer.decode(tokens[-stop_window:], skip_special_tokens=True) for s in stop)
+
+    def finished(tokens: list[int], captured: tuple | None, sample_index: int) -> Generation:
+        length = tokens.index(eos_id) + 1 if eos_id in tokens else len(tokens)
+        length = min(length, stop_length(tokenizer, tokens[:length], stop) or length)
+        kept = tokens[:length]
+        generation = Generation(
+            token_ids=kept, text=tokenizer.decode(kept, skip_special_tokens=True), sample_index=sample_index
+        )
+        if captured is not None:
+            generation.top_k_logprobs, generation.top_k_ids, generation.tail_logprobs = (c[:length] for c in captured)
+        return generation
+
+    longest = max(map(len, encoded), default=0) + max_new_tokens
+    if temperature == 0 and greedy_loop_supported(model, longest):
+        decoded = greedy_generate(
+            model,
+            encoded,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_id,
+            batch_size=batch_size,
+            batch_tokens=batch_tokens,
+            top_k_logprobs=top_k_logprobs,
+            stop_check=stop_check if stop else None,
+            on_finished=on_batch,
+        )
+        return [finished(d.tokens, d.captured, 0) for d in decoded]
 
     if temperature > 0:
         sampling = {
@@ -130,54 +152,40 @@ def generate(
             "num_return_sequences": n,
         }
     else:
-        sampling = {"do_sample": False}
-    own_greedy_loop = temperature == 0 and greedy_loop_supported(model)
+        n, sampling = 1, {"do_sample": False}
+    batches = plan_batches(
+        [len(ids) for ids in encoded],
+        batch_size=batch_size,
+        batch_tokens=batch_tokens,
+        max_new_tokens=max_new_tokens,
+        n=n,
+    )
+    results: list[Generation | None] = [None] * (len(prompts) * n)
     for batch_number, batch_indices in enumerate(batches):
         batch = tokenizer.pad(
             {"input_ids": [encoded[index] for index in batch_indices]}, padding=True, return_tensors="pt"
         ).to(model.device)
-        if own_greedy_loop:
-            new_tokens, top_values, top_ids, tails = greedy_batch(
-                model,
-                batch["input_ids"],
-                batch["attention_mask"],
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos_id,
-                top_k_logprobs=top_k_logprobs,
-                stop_check=stop_check if stop else None,
-            )
-        else:
-            torch.manual_seed(seed + batch_number)
-            output = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=eos_id,
-                return_dict_in_generate=True,
-                output_logits=top_k_logprobs > 0,
-                **sampling,
-            )
-            new_tokens = output.sequences[:, batch["input_ids"].shape[1] :].tolist()
-            if top_k_logprobs > 0:
-                # logits: one [rows, vocab] tensor per step, raw (before temperature/top-p processing). Reduce
-                # each step to its top-k and tail at once, so [rows, steps, vocab] never exists in fp32.
-                per_step = [_top_k_and_tail(step, top_k_logprobs) for step in output.logits]
-                top_values = torch.stack([v for v, _, _ in per_step], dim=1).tolist()
-                top_ids = torch.stack([i for _, i, _ in per_step], dim=1).tolist()
-                tails = torch.stack([t for _, _, t in per_step], dim=1).tolist()
+        torch.manual_seed(seed + batch_number)
+        output = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos_id,
+            return_dict_in_generate=True,
+            output_logits=top_k_logprobs > 0,
+            **sampling,
+        )
+        new_tokens = output.sequences[:, batch["input_ids"].shape[1] :].tolist()
+        captured = None
+        if top_k_logprobs > 0:
+            # logits: one [rows, vocab] tensor per step, raw (before temperature/top-p processing). Reduce
+            # each step to its top-k and tail at once, so [rows, steps, vocab] never exists in fp32.
+            per_step = [_top_k_and_tail(step, top_k_logprobs) for step in output.logits]
+            captured = [torch.stack([step[part] for step in per_step], dim=1).tolist() for part in range(3)]
         for row, tokens in enumerate(new_tokens):  # rows are prompt-major: prompt r // n, sample r % n
-            prompt_position, sample_index = divmod(row, n if temperature > 0 else 1)
-            length = tokens.index(eos_id) + 1 if eos_id in tokens else len(tokens)
-            length = min(length, stop_length(tokenizer, tokens[:length], stop) or length)
-            kept = tokens[:length]
-            generation = Generation(
-                token_ids=kept, text=tokenizer.decode(kept, skip_special_tokens=True), sample_index=sample_index
-            )
-            if top_k_logprobs > 0:
-                generation.top_k_ids = top_ids[row][:length]
-                generation.top_k_logprobs = top_values[row][:length]
-                generation.tail_logprobs = tails[row][:length]
-            results[batch_indices[prompt_position] * n + sample_index] = generation
+            prompt_position, sample_index = divmod(row, n)
+            row_captured = None if captured is None else tuple(part[row] for part in captured)
+            results[batch_indices[prompt_position] * n + sample_index] = finished(tokens, row_captured, sample_index)
         if on_batch is not None:
             on_batch(len(batch_indices))
     return results  # type: ignore[return-value]
@@ -254,13 +262,28 @@ GREEDY_CHANGING_SETTINGS = {
 }
 
 
-def greedy_loop_supported(model: PreTrainedModel) -> bool:
-    """Whether `greedy_batch` decodes this model exactly as `model.generate(do_sample=False)` would."""
-    if model.config.is_encoder_decoder:
+def greedy_loop_supported(model: PreTrainedModel, longest: int = 0) -> bool:
+    """Whether `greedy_generate` decodes this model exactly as `model.generate(do_sample=False)` would.
+
+    It needs a decoder-only model whose generation config leaves greedy decoding a plain argmax, attention
+    through `sdpa` or `eager` (it hands the model its own masks), and KV caches that are plain
+    tensors per layer: full attention, or a sliding window no shorter than ``longest`` (prompt +
+    answer), where the two coincide.
+    """
+    if model.config.is_encoder_decoder or model.config._attn_implementation not in ("sdpa", "eager"):
         return False
     settings = model.generation_config
-    return all(
+    if not all(
         getattr(settings, name, neutral) in (neutral, None) for name, neutral in GREEDY_CHANGING_SETTINGS.items()
+    ):
+        return False
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception:  # a config DynamicCache cannot lay out (linear attention, ...): leave it to `generate`
+        return False
+    return bool(layers) and all(
+        type(layer) is DynamicLayer or (type(layer) is DynamicSlidingWindowLayer and layer.sliding_window >= longest)
+        for layer in layers
     )
 
 
@@ -270,64 +293,368 @@ def cache_argument(model: PreTrainedModel) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+class SlotLayer(CacheLayerMixin):
+    """One layer's keys and values in preallocated buffers ``[slots, kv_heads, width, head_dim]``.
+
+    The rows being decoded are slots ``[0, rows)``; their tokens lie in columns ``[start, end)`` of the
+    owning `SlotCache`, each row's right-aligned (the columns before a row's first token are masked).
+    A forward writes its new keys in place at ``end`` and attends over ``[start, end + new)``: no
+    per-step concatenation, and rows join or leave without copying the others.
+    """
+
+    is_sliding = False
+
+    def __init__(self, owner: SlotCache):
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise RuntimeError("SlotLayer buffers are allocated by greedy_generate, not by the model")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        rows, new, start, end = key_states.shape[0], key_states.shape[-2], self.owner.start, self.owner.end
+        self.keys[:rows, :, end : end + new] = key_states
+        self.values[:rows, :, end : end + new] = value_states
+        return self.keys[:rows, :, start : end + new], self.values[:rows, :, start : end + new]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.end - self.owner.start
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class SlotCache(Cache):
+    """The KV cache of `greedy_generate`: one `SlotLayer` per model layer, sharing the columns ``[start, end)``."""
+
+    def __init__(self, num_layers: int):
+        super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
+        self.start = self.end = 0
+
+
+@dataclass
+class Decoded:
+    """One prompt's greedy answer: its new tokens (up to the first EOS, the length limit or a stop string) and,
+    with top-k capture, per position its top-k log-probs, their ids and the tail's log-mass (lists)."""
+
+    tokens: list[int]
+    captured: tuple[list, list, list] | None = None
+
+
+# Rows join when at least this share of the slots is free: one prefill forward for several prompts, not one each.
+JOIN_FRACTION = 8
+# Columns a width reallocation leaves free on the right: rows decode this many steps before the next one.
+WIDTH_MARGIN = 64
+# Prompts joining together prefill a prefix they share once when that saves at least this many token positions.
+SHARED_PREFIX_TOKENS = 32
+
+
+class _ContinuousBatch:
+    """State of `greedy_generate`: the slots, their KV buffers and masks, and what each row has produced.
+
+    Slot tensors (all on the model's device): ``steps`` (tokens generated), ``last`` (the token to feed next),
+    ``positions`` (its position id), ``tokens [slots, max_new_tokens]`` and, with top-k capture,
+    ``top_values``/``top_ids [slots, max_new_tokens, k]`` and ``tails``. ``mask [slots, width]`` says which
+    columns hold a row's tokens. Python lists ``row_of`` and ``prompt_length`` follow the slots.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        slots: int,
+        max_new_tokens: int,
+        top_k_logprobs: int,
+        rows_allowed: Callable[[int], int],
+    ):
+        self.model, self.slots, self.max_new_tokens, self.k = model, slots, max_new_tokens, top_k_logprobs
+        self.rows_allowed = rows_allowed  # most rows at once when the longest prompt has this many tokens
+        device = model.device
+        self.device = device
+        self.rows = 0
+        self.longest_prompt = 0
+        self.cache: SlotCache | None = None
+        self.mask = torch.zeros((slots, 0), dtype=torch.bool, device=device)
+        self.steps = torch.zeros(slots, dtype=torch.long, device=device)
+        self.last = torch.zeros(slots, dtype=torch.long, device=device)
+        self.positions = torch.zeros(slots, dtype=torch.long, device=device)
+        self.tokens = torch.zeros((slots, max_new_tokens), dtype=torch.long, device=device)
+        if top_k_logprobs:
+            self.top_values = torch.zeros((slots, max_new_tokens, top_k_logprobs), device=device)
+            self.top_ids = torch.zeros((slots, max_new_tokens, top_k_logprobs), dtype=torch.int32, device=device)
+            self.tails = torch.zeros((slots, max_new_tokens), device=device)
+        self.row_of: list[int] = [0] * slots
+        self.prompt_length: list[int] = [0] * slots
+        self.cache_name = cache_argument(model)
+        self.float_mask = model.config._attn_implementation == "eager"  # eager adds the mask; sdpa takes booleans
+
+    def attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The 4D mask ``[rows, 1, queries, keys]`` the attention takes, from a boolean one."""
+        if not self.float_mask:
+            return mask
+        return torch.zeros(mask.shape, dtype=self.model.dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(self.model.dtype).min
+        )
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """Run ``prompts`` through the model with a cache of their own; returns their next-token logits
+        ``[len(prompts), vocab]``, that cache ``[len(prompts), heads, width, dim]`` and its mask ``[len(prompts),
+        width]``.
+
+        A prefix all of them share (a system prompt, a task's instruction) runs once and is copied to every row,
+        then each row's rest runs after it, left-padded: a row's columns are [prefix, padding, rest], its position
+        ids count its own tokens, so each row's keys are what its prompt alone would give.
+        """
+        count, shortest = len(prompts), min(map(len, prompts))
+        shared = 0
+        while shared < shortest - 1 and all(prompt[shared] == prompts[0][shared] for prompt in prompts):
+            shared += 1  # at most shortest - 1: every row keeps a token of its own to predict from
+        if (count - 1) * shared < SHARED_PREFIX_TOKENS:
+            shared = 0
+        cache = DynamicCache(config=self.model.config)
+        if shared:
+            self.model(
+                input_ids=torch.tensor([prompts[0][:shared]], device=self.device),
+                attention_mask=torch.ones((1, shared), dtype=torch.long, device=self.device),
+                use_cache=True,
+                logits_to_keep=1,
+                **{self.cache_name: cache},
+            )
+            cache.batch_repeat_interleave(count)
+        rests = [prompt[shared:] for prompt in prompts]
+        width = max(map(len, rests))
+        input_ids = torch.zeros((count, width), dtype=torch.long, device=self.device)
+        mask = torch.zeros((count, shared + width), dtype=torch.bool, device=self.device)
+        mask[:, :shared] = True
+        for row, rest in enumerate(rests):
+            input_ids[row, width - len(rest) :] = torch.tensor(rest, device=self.device)
+            mask[row, shared + width - len(rest) :] = True
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=mask.long(),
+            position_ids=positions,
+            logits_to_keep=1,
+            use_cache=True,
+            **{self.cache_name: cache},
+        ).logits[:, -1]
+        return logits, cache, mask
+
+    def join(self, prompts: list[list[int]], rows: list[int]) -> torch.Tensor:
+        """Prefill ``prompts`` into the next free slots; returns their next-token logits ``[len(prompts), vocab]``."""
+        logits, prefill, mask = self.prefill(prompts)
+        count, width = mask.shape
+        if self.cache is None:
+            self.cache = SlotCache(len(prefill.layers))
+            for layer, filled in zip(self.cache.layers, prefill.layers):  # shapes and devices from the prefill
+                layer.keys = filled.keys.new_zeros((self.slots, *filled.keys.shape[1:2], 0, filled.keys.shape[-1]))
+                layer.values = filled.values.new_zeros(
+                    (self.slots, *filled.values.shape[1:2], 0, filled.values.shape[-1])
+                )
+                layer.is_initialized = True
+        cache = self.cache
+        if self.rows == 0:
+            cache.start = cache.end = 0
+        self.longest_prompt = max(self.longest_prompt, width)
+        if cache.end < width:
+            self.repack(left=width)
+        first, end = self.rows, cache.end
+        for layer, filled in zip(cache.layers, prefill.layers):
+            layer.keys[first : first + count, :, end - width : end] = filled.keys
+            layer.values[first : first + count, :, end - width : end] = filled.values
+        slots = slice(first, first + count)
+        self.mask[slots] = False
+        self.mask[slots, end - width : end] = mask
+        cache.start = min(cache.start, end - width)
+        self.positions[slots] = mask.sum(-1)
+        self.steps[slots] = 0
+        self.row_of[slots] = rows
+        self.prompt_length[slots] = [len(prompt) for prompt in prompts]
+        self.rows += count
+        return logits
+
+    def decode(self) -> torch.Tensor:
+        """One forward of every row on its last token; returns the next-token logits ``[rows, vocab]``."""
+        cache, rows = self.cache, self.rows
+        if cache.end >= self.mask.shape[1]:
+            self.repack(left=0)
+        self.mask[:rows, cache.end] = True
+        mask = self.mask[:rows, cache.start : cache.end + 1][:, None, None, :]
+        logits = self.model(
+            input_ids=self.last[:rows, None],
+            attention_mask=self.attention_mask(mask),
+            position_ids=self.positions[:rows, None],
+            use_cache=True,
+            **{self.cache_name: cache},
+        ).logits[:, -1]
+        cache.end += 1
+        self.positions[:rows] += 1
+        return logits
+
+    def repack(self, left: int) -> None:
+        """Move the rows' columns into fresh buffers: drop leading columns no row uses, leave at least ``left``
+        columns before ``end`` (room for a prompt joining) and `WIDTH_MARGIN` after it.
+
+        Under a token budget, longer prompts allow fewer rows (prompts join shortest first): the slots shrink
+        to what the longest prompt so far allows, so the buffers stay within the budget as they widen.
+        """
+        cache, rows = self.cache, self.rows
+        slots = max(rows, 1, min(self.slots, self.rows_allowed(self.longest_prompt)))
+        if slots < self.slots:
+            self.slots = slots
+            for name in ("steps", "last", "positions", "tokens", "top_values", "top_ids", "tails"):
+                if hasattr(self, name):
+                    setattr(self, name, getattr(self, name)[:slots].clone())
+            del self.row_of[slots:], self.prompt_length[slots:]
+        used = self.mask[:rows, cache.start : cache.end].any(0)
+        first = cache.start + (int(used.float().argmax()) if rows and bool(used.any()) else cache.end - cache.start)
+        live = cache.end - first
+        end = max(live, left)
+        width = end + WIDTH_MARGIN
+        mask = torch.zeros((slots, width), dtype=torch.bool, device=self.device)
+        mask[:rows, end - live : end] = self.mask[:rows, first : cache.end]
+        self.mask = mask
+        for layer in cache.layers:
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                new = old.new_zeros((slots, old.shape[1], width, old.shape[3]))
+                new[:rows, :, end - live : end] = old[:rows, :, first : cache.end]
+                setattr(layer, name, new)
+        cache.start, cache.end = end - live, end
+
+    def record(self, first: int, logits: torch.Tensor, eos_token_id: int | None, stop_check) -> list[int]:
+        """Take the argmax of rows ``[first, rows)`` (and their top-k); returns the slots that have finished."""
+        slots = slice(first, self.rows)
+        index = torch.arange(first, self.rows, device=self.device)
+        steps = self.steps[slots]
+        chosen = logits.argmax(-1)
+        self.tokens[index, steps] = chosen
+        if self.k:
+            values, ids, tails = _top_k_and_tail(logits, self.k)
+            self.top_values[index, steps] = values
+            self.top_ids[index, steps] = ids.to(torch.int32)
+            self.tails[index, steps] = tails
+        self.last[slots] = chosen
+        self.steps[slots] += 1
+        done = self.steps[slots] >= self.max_new_tokens
+        if eos_token_id is not None:
+            done |= chosen == eos_token_id
+        finished = (done.nonzero().flatten() + first).tolist()
+        if stop_check is not None:  # decodes each running row's tail: only when stop strings are set
+            counts = self.steps[slots].tolist()
+            finished = sorted(
+                set(finished)
+                | {
+                    first + offset
+                    for offset, count in enumerate(counts)
+                    if stop_check(self.tokens[first + offset, :count].tolist())
+                }
+            )
+        return finished
+
+    def retire(self, finished: list[int], results: list[Decoded | None]) -> None:
+        """Hand finished slots' answers to ``results`` and move the last running rows into their slots."""
+        lengths = self.steps[finished].tolist()
+        for slot, length in zip(finished, lengths):
+            captured = None
+            if self.k:
+                captured = (
+                    self.top_values[slot, :length].tolist(),
+                    self.top_ids[slot, :length].tolist(),
+                    self.tails[slot, :length].tolist(),
+                )
+            results[self.row_of[slot]] = Decoded(self.tokens[slot, :length].tolist(), captured)
+        remaining = self.rows - len(finished)
+        gone = set(finished)
+        holes = [slot for slot in finished if slot < remaining]
+        movers = [slot for slot in range(remaining, self.rows) if slot not in gone]
+        if holes:
+            destination = torch.tensor(holes, device=self.device)
+            source = torch.tensor(movers, device=self.device)
+            cache = self.cache
+            columns = slice(cache.start, cache.end)
+            for layer in cache.layers:
+                layer.keys[destination, :, columns] = layer.keys[source, :, columns]
+                layer.values[destination, :, columns] = layer.values[source, :, columns]
+            tensors = [self.mask, self.steps, self.last, self.positions, self.tokens]
+            if self.k:
+                tensors += [self.top_values, self.top_ids, self.tails]
+            for tensor in tensors:
+                tensor[destination] = tensor[source]
+            for hole, mover in zip(holes, movers):
+                self.row_of[hole], self.prompt_length[hole] = self.row_of[mover], self.prompt_length[mover]
+        self.rows = remaining
+
+
 @torch.inference_mode()
-def greedy_batch(
+def greedy_generate(
     model: PreTrainedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    prompts: Sequence[list[int]],
     *,
     max_new_tokens: int,
     eos_token_id: int | None,
+    batch_size: int,
+    batch_tokens: int | None = None,
     top_k_logprobs: int = 0,
     stop_check: Callable[[list[int]], bool] | None = None,
-) -> tuple[list[list[int]], list | None, list | None, list | None]:
-    """Greedy decoding of a left-padded batch ``[rows, prompt]``, retiring rows as they finish.
+    on_finished: Callable[[int], None] | None = None,
+) -> list[Decoded]:
+    """Greedy answers to ``prompts`` (token ids), decoded with continuous batching; in the prompts' order.
 
-    A row finishes at EOS, at ``max_new_tokens`` or when ``stop_check(tokens)`` says so; its KV-cache
-    entries are dropped at once, so later steps compute only the rows still running. Positions follow
-    the attention mask, as `generate` computes them for left padding. Returns per row its new tokens
-    and, with ``top_k_logprobs``, per position the top-k log-probs, their ids and the tail's log-mass
-    (temperature 1, like the `generate` path).
+    Up to ``batch_size`` rows decode together (fewer where ``batch_tokens`` caps ``rows x (longest prompt +
+    max_new_tokens)``). A row finishes at EOS, at ``max_new_tokens`` or when ``stop_check(tokens)`` says so,
+    and leaves at once; waiting prompts (shortest first) join in groups as slots free up, so the batch stays
+    full until the prompts run out, where `generate` computes finished rows until its batch's longest answer
+    ends. Keys and values live in preallocated slots (`SlotCache`); positions follow each row's own tokens,
+    as `generate` computes them under left padding, so the tokens are `generate`'s. With ``top_k_logprobs``,
+    each position also gets the top-k log-probs, their ids and the tail's log-mass (temperature 1).
+    ``on_finished(count)`` is called as rows finish.
     """
-    rows = input_ids.shape[0]
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    with_cache = {cache_argument(model): cache, "use_cache": True}
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=1, **with_cache
-    ).logits[:, -1]
-    tokens: list[list[int]] = [[] for _ in range(rows)]
-    captured = [([], [], []) for _ in range(rows)] if top_k_logprobs > 0 else None
-    running = list(range(rows))  # batch row -> original row
-    next_positions = positions[:, -1:] + 1
-    for step in range(max_new_tokens):
-        chosen = logits.argmax(-1)
-        if captured is not None:
-            values, ids, tail = (t.tolist() for t in _top_k_and_tail(logits, top_k_logprobs))
-            for batch_row, row in enumerate(running):
-                captured[row][0].append(values[batch_row])
-                captured[row][1].append(ids[batch_row])
-                captured[row][2].append(tail[batch_row])
-        still_running = []
-        for batch_row, (row, token) in enumerate(zip(running, chosen.tolist())):
-            tokens[row].append(token)
-            if token != eos_token_id and not (stop_check is not None and stop_check(tokens[row])):
-                still_running.append(batch_row)
-        if not still_running or step == max_new_tokens - 1:
-            break
-        if len(still_running) < len(running):
-            keep = torch.tensor(still_running, device=input_ids.device)
-            cache.batch_select_indices(keep)
-            attention_mask, chosen, next_positions = attention_mask[keep], chosen[keep], next_positions[keep]
-            running = [running[batch_row] for batch_row in still_running]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(running), 1)], dim=1)
-        logits = model(
-            input_ids=chosen[:, None], attention_mask=attention_mask, position_ids=next_positions, **with_cache
-        ).logits[:, -1]
-        next_positions = next_positions + 1
-    if captured is None:
-        return tokens, None, None, None
-    return tokens, [c[0] for c in captured], [c[1] for c in captured], [c[2] for c in captured]
+    count = len(prompts)
+    results: list[Decoded | None] = [None] * count
+    if count == 0:
+        return []
+
+    def rows_allowed(longest: int) -> int:
+        if batch_tokens is None:
+            return batch_size
+        return max(1, min(batch_size, batch_tokens // (longest + max_new_tokens)))
+
+    # Short prompts first, so a batch's prompts are of about one length (little padding); within a length band
+    # (lengths within ~19% of each other) in token order, so prompts that join together share their prefixes.
+    waiting = sorted(range(count), key=lambda index: (int(4 * math.log2(max(len(prompts[index]), 1))), prompts[index]))
+    slots = min(count, rows_allowed(len(prompts[waiting[0]])))
+    batch = _ContinuousBatch(model, slots, max_new_tokens, top_k_logprobs, rows_allowed)
+    join_at = max(1, slots // JOIN_FRACTION)
+    cursor = 0
+    while cursor < count or batch.rows:
+        if cursor < count and (batch.rows == 0 or batch.slots - batch.rows >= join_at):
+            longest = max(batch.prompt_length[: batch.rows], default=0)
+            joining: list[int] = []
+            while cursor < count:
+                longest = max(longest, len(prompts[waiting[cursor]]))
+                if batch.rows + len(joining) >= min(batch.slots, rows_allowed(longest)) and (batch.rows or joining):
+                    break
+                joining.append(waiting[cursor])
+                cursor += 1
+            if joining:
+                first = batch.rows
+                logits = batch.join([list(prompts[index]) for index in joining], joining)
+                finished = batch.record(first, logits, eos_token_id, stop_check)
+                if finished:
+                    batch.retire(finished, results)
+                    if on_finished is not None:
+                        on_finished(len(finished))
+        if batch.rows:
+            logits = batch.decode()
+            finished = batch.record(0, logits, eos_token_id, stop_check)
+            if finished:
+                batch.retire(finished, results)
+                if on_finished is not None:
+                    on_finished(len(finished))
+    return results  # type: ignore[return-value]
 
 
 def _top_k_and_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

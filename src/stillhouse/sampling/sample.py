@@ -44,7 +44,14 @@ from stillhouse.models import (
 from stillhouse.refs import DatasetRef, SamplesRef
 from stillhouse.sampling.engine import Engine, Generation, Prompt, SamplingSettings
 from stillhouse.sampling.hf_engine import HFEngine, render_prompts
-from stillhouse.sampling.teacher_outputs import read_teacher_outputs, remove_partial_shards, shard_name, write_shard
+from stillhouse.sampling.teacher_outputs import FORMAT_VERSION as TEACHER_OUTPUTS_FORMAT
+from stillhouse.sampling.teacher_outputs import (
+    LOGPROB_STEP,
+    remove_partial_shards,
+    shard_format,
+    shard_name,
+    write_shard,
+)
 from stillhouse.sampling.vllm_engine import uses_ray
 from stillhouse.store import Store, file_sha256, fingerprint, storage_errors
 
@@ -455,7 +462,14 @@ def finish_sampling(config: SampleConfig, plan: ShardPlan, store: Store) -> Samp
             if plan.teacher.tokenizer_path
             else None
         )
-        outputs = read_teacher_outputs(folder) if plan.shards else pd.DataFrame({"response_token_ids": []})
+        # Rows and tokens from the token column alone: decoding the top-k of every shard here would cost minutes.
+        lengths = [
+            pq.read_table(folder / shard_name(i), columns=["response_token_ids"])
+            .column(0)
+            .combine_chunks()
+            .value_lengths()
+            for i in range(plan.shards)
+        ]
         return {
             "teacher": config.teacher,
             "teacher_path": plan.teacher.path,
@@ -468,6 +482,11 @@ def finish_sampling(config: SampleConfig, plan: ShardPlan, store: Store) -> Samp
             "chat_template": tokenizer.chat_template if tokenizer is not None else None,
             "engine": config.engine,
             "top_k_logprobs": config.top_k_logprobs,
+            # How shards are written now (teacher_outputs.py; each shard's own format is listed below): format 2
+            # keeps log-probs in fixed point, each within half a step of the teacher's (format 1: float16, off by up
+            # to 4e-3 below -8). `read_teacher_outputs` reads both alike.
+            "teacher_outputs_format": TEACHER_OUTPUTS_FORMAT,
+            "logprob_precision": {"step": LOGPROB_STEP, "max_error": LOGPROB_STEP / 2},
             "sampling": {
                 "temperature": config.temperature,
                 "top_p": config.top_p,
@@ -479,10 +498,15 @@ def finish_sampling(config: SampleConfig, plan: ShardPlan, store: Store) -> Samp
             },
             "prompts": plan.prompts,
             "counts": plan.counts,
-            "rows": len(outputs),
-            "generated_tokens": int(sum(len(ids) for ids in outputs["response_token_ids"])),
+            "rows": int(sum(len(shard) for shard in lengths)),
+            "generated_tokens": int(sum(shard.to_numpy(zero_copy_only=False).sum() for shard in lengths)),
             "shards": [
-                {"name": shard_name(i), "sha256": file_sha256(folder / shard_name(i))} for i in range(plan.shards)
+                {
+                    "name": shard_name(i),
+                    "sha256": file_sha256(folder / shard_name(i)),
+                    "format": shard_format(pq.read_schema(folder / shard_name(i))),  # 1 if resumed from older code
+                }
+                for i in range(plan.shards)
             ],
         }
 

@@ -54,13 +54,28 @@ distribution; the teacher at τ would need its whole vocabulary, so:
   k logits likewise). This is exact: it is the τ distribution restricted to the k ids, because
   the full distribution's normalizer cancels.
 
+How the gradient is computed. No loss here leaves a graph of full-vocabulary temporaries for autograd:
+
+- dense teacher: a custom autograd Function walks the counted positions in blocks of rows (a few rows on
+  a CPU, so that a block's buffers stay in cache; about 2^24 elements per buffer on a GPU) and, in the
+  forward pass, writes the gradient w.r.t. the student logits in closed form into one ``[B, T, V]``
+  buffer (the backward pass only scales it). With ℓ = log_softmax(z/τ), q = exp(ℓ) and g = ∂L/∂ℓ per
+  kind (below), ∂L/∂z = (g − q·Σg)/τ; the ``-1e4`` floor passes no gradient to a floored ℓ, as autograd
+  through the clamp would not. Per kind, with p the teacher's probabilities, m = β·p + (1−β)·q and
+  s the skew mixture: forward KL g = −p; reverse KL g = q·(ℓ − log p + 1); JSD g = (1−β)·q·(ℓ − log m);
+  skew forward KL g = −(1−α)·p·q/s; skew reverse KL g = q·(ℓ − log s + 1 − α·q/s); TVD
+  g = −½·sign(p − q)·q. A block needs five fp32 buffers of its size and nothing else of size V.
+- top-k teacher: the student enters the loss only through its k+1 (or k) outcome log-probs, whose
+  gradient w.r.t. the logits is written out by hand (`_student_top_k_backward`); autograd only sees
+  the ``[N, k]`` tensors.
+
 `distillation_loss_from_hidden` is the same loss computed from the last hidden state and the
 LM-head weight, chunk by chunk over the counted positions, so the ``[B·T, V]`` student logits never
 exist at once. Each chunk's gradients (w.r.t. the hidden state and the weight) are computed inside
-the forward pass and kept, so the backward pass only scales them: no chunk is recomputed. With a
-top-k teacher a chunk needs one ``[chunk, V]`` fp32 buffer: the logits become the softmax and then
-the logits' gradient in place, because the student enters the loss only through its k+1 (or k)
-outcome log-probs, whose gradient w.r.t. the logits is written out by hand (`_student_top_k_backward`).
+the forward pass and kept, so the backward pass only scales them: no chunk is recomputed. A chunk
+needs one ``[chunk, V]`` fp32 buffer (reused by every chunk): the logits become the gradient w.r.t.
+the logits in place, block of rows by block of rows, with a dense teacher through the five small
+block buffers above and with a top-k teacher through the softmax itself.
 """
 
 from __future__ import annotations
@@ -116,14 +131,13 @@ def distillation_loss(
     loss = _Divergence(kind, beta, alpha, temperature, tail)
     _check_shapes(student_logits.shape[-1], student_logits.shape[:-1], teacher, labels, "student_logits")
     counted = labels.ne(ignore_index)
+    if not isinstance(teacher, TopK):
+        # Rows are read in place, block by block: neither side is copied, whatever its strides.
+        positions = counted.nonzero().tolist()  # [N] counted (batch, time) index lists
+        return _DenseLoss.apply(student_logits, teacher.detach(), positions, loss, torch.is_grad_enabled())
     student_rows = student_logits[counted].float()  # [N, V]
-    if isinstance(teacher, TopK):
-        teacher_rows = TopK(teacher.ids[counted].long(), teacher.logprobs[counted].detach())  # [N, k] each
-        per_position = loss.top_k(
-            *_StudentTopK.apply(student_rows, teacher_rows.ids), teacher_rows, student_rows.shape[-1]
-        )
-    else:
-        per_position = loss.dense(student_rows, teacher[counted].detach())
+    teacher_rows = TopK(teacher.ids[counted].long(), teacher.logprobs[counted].detach())  # [N, k] each
+    per_position = loss.top_k(*_StudentTopK.apply(student_rows, teacher_rows.ids), teacher_rows, student_rows.shape[-1])
     return temperature**2 * per_position.sum() / counted.sum().clamp(min=1)
 
 
@@ -147,7 +161,7 @@ def distillation_loss_from_hidden(
         hidden: the student's last hidden state ``[B, T, H]``.
         lm_head_weight: ``[V, H]`` (no bias).
         chunk_size: counted positions per chunk; memory grows with ``chunk_size × V`` (one fp32
-            buffer per chunk with a top-k teacher, a few with a dense one).
+            ``[chunk_size, V]`` buffer, reused by every chunk).
         Everything else as in `distillation_loss`. A dense teacher's logits are read chunk by chunk too.
 
     The weight's gradient is accumulated in fp32 (one ``[V, H]`` fp32 buffer) whatever its dtype.
@@ -168,8 +182,7 @@ def distillation_loss_from_hidden(
     teachers = (
         (None, teacher.ids, teacher.logprobs.detach()) if isinstance(teacher, TopK) else (teacher.detach(), None, None)
     )
-    total = _ChunkedLoss.apply(hidden, lm_head_weight, positions, *teachers, loss, chunk_size, torch.is_grad_enabled())
-    return temperature**2 * total / max(len(positions), 1)
+    return _ChunkedLoss.apply(hidden, lm_head_weight, positions, *teachers, loss, chunk_size, torch.is_grad_enabled())
 
 
 def forward_kl(
@@ -224,11 +237,6 @@ class _Divergence:
                 f"{self.kind} needs 0 < alpha < 1, got alpha={self.alpha!r}: alpha=0 is plain {plain} "
                 f"(use kind={plain!r}) and alpha=1 makes the loss identically 0."
             )
-
-    def dense(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        """From fp32 student logits ``[N, V]`` and teacher logits ``[N, V]``."""
-        tau = self.temperature
-        return self.of_logprobs((teacher_logits.float() / tau).log_softmax(-1), (student_logits / tau).log_softmax(-1))
 
     def top_k(
         self, student_top: torch.Tensor, student_bucket: torch.Tensor, teacher: TopK, vocab_size: int
@@ -304,71 +312,262 @@ def _check_shapes(
         )
 
 
+# --- blocks of rows -----------------------------------------------------------------------------
+
+# Elements per fp32 block buffer. On a CPU a dense block's five buffers (2.5 MB) then stay in the core's cache, so
+# each elementwise pass costs a fraction of a pass through memory; on a GPU, blocks are big enough that kernel
+# launches don't count.
+_CPU_BLOCK_ELEMENTS = 1 << 17
+_GPU_BLOCK_ELEMENTS = 1 << 24
+# The smallest normal fp32: floors the skew mixtures before dividing by them and taking their log.
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _rows_per_block(vocab_size: int, device: torch.device) -> int:
+    budget = _CPU_BLOCK_ELEMENTS if device.type == "cpu" else _GPU_BLOCK_ELEMENTS
+    return max(1, budget // max(vocab_size, 1))
+
+
+def _runs(positions: list[list[int]], max_rows: int) -> list[tuple[tuple[int, ...], int, int]]:
+    """``(prefix, start, length)`` for each run of at most ``max_rows`` consecutive positions, in order.
+
+    ``positions`` are index lists ``[..., t]`` (from ``nonzero().tolist()``); a run shares the leading
+    indices ``prefix`` and has consecutive last indices, so ``tensor[(*prefix, slice(start, start + length))]``
+    is a view of its rows, never a copy.
+    """
+    runs: list[tuple[tuple[int, ...], int, int]] = []
+    for *prefix, index in positions:
+        prefix = tuple(prefix)
+        if runs:
+            last_prefix, start, length = runs[-1]
+            if last_prefix == prefix and index == start + length and length < max_rows:
+                runs[-1] = (prefix, start, length + 1)
+                continue
+        runs.append((prefix, index, 1))
+    return runs
+
+
+def _block_buffers(rows: int, vocab_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The five fp32 ``[rows, V]`` scratch buffers `_dense_block` works in."""
+    return tuple(torch.empty(rows, vocab_size, dtype=torch.float32, device=device) for _ in range(5))
+
+
+def _scaled(grad: torch.Tensor | None, grad_total: torch.Tensor) -> torch.Tensor | None:
+    """``grad`` × the upstream gradient, in place; skipped when that is exactly 1 (``loss.backward()`` on a CPU)."""
+    if grad is None or (grad_total.device.type == "cpu" and grad_total.item() == 1.0):
+        return grad
+    return grad.mul_(grad_total)
+
+
+# --- the dense teacher, with a closed-form gradient ---------------------------------------------
+
+
+def _log_softmax_into(out: torch.Tensor, logits: torch.Tensor, temperature: float, scratch: torch.Tensor) -> None:
+    """``out`` = log_softmax(logits / τ) in fp32, over the last dimension; ``scratch`` is overwritten."""
+    if logits.dtype != torch.float32:
+        logits = scratch.copy_(logits)
+        if temperature != 1:
+            logits.div_(temperature)
+    elif temperature != 1:
+        logits = torch.div(logits, temperature, out=scratch)
+    torch.log_softmax(logits, -1, out=out)
+
+
+def _has_below_floor(logprobs: torch.Tensor) -> bool:
+    """Whether any log-prob is under the floor; assumed on a GPU, where asking would wait for the device."""
+    return logprobs.device.type != "cpu" or bool(logprobs.amin() < _LOG_FLOOR)
+
+
+def _dense_block(
+    loss: _Divergence,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    buffers: tuple[torch.Tensor, ...],
+    grad_scale: float = 0.0,
+    grad_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The divergence summed over a block of rows (an fp32 scalar), from student and teacher logits ``[r, V]``
+    (any float dtype, any row stride).
+
+    With ``grad_out`` ``[r, V]`` (which may be ``student`` itself: it is read first), also writes
+    ``grad_scale`` × the sum's gradient w.r.t. ``student`` into it, in closed form (module docstring):
+    ∂L/∂z = (g − q·Σg)/τ. ``buffers``: five fp32 ``[≥ r, V]`` scratch buffers.
+    """
+    rows, kind, tau = len(student), loss.kind, loss.temperature
+    log_q, log_p, q, p, scratch = (buffer[:rows] for buffer in buffers)
+    _log_softmax_into(log_q, student, tau, scratch)
+    _log_softmax_into(log_p, teacher, tau, scratch)
+    # exp(−inf) and exp(_LOG_FLOOR) are both 0 in fp32: q and p are the same before the floor as after it.
+    torch.exp(log_q, out=q)
+    torch.exp(log_p, out=p)
+    want_grad = grad_out is not None
+    step = grad_scale / tau  # the caller's scale × ∂(z/τ)/∂z
+    grad = None  # step × g = step × ∂L/∂ℓ
+    if kind == "tvd":
+        if want_grad:
+            grad = torch.sign(torch.sub(p, q, out=scratch), out=log_p).mul_(q).mul_(-0.5 * step)
+        total = 0.5 * torch.sub(p, q, out=scratch).abs_().sum()
+    else:
+        # A floored ℓ gets no gradient (autograd through the clamp gives none); only forward KL's g = −p can be
+        # non-zero there, where q = 0.
+        unfloored = log_q.ge(_LOG_FLOOR) if want_grad and kind == "forward_kl" and _has_below_floor(log_q) else None
+        log_q.clamp_(min=_LOG_FLOOR)
+        log_p.clamp_(min=_LOG_FLOOR)
+        if kind == "forward_kl":
+            total = torch.sub(log_p, log_q, out=scratch).mul_(p).sum()
+            if want_grad:
+                grad = p.mul_(-step)
+                if unfloored is not None:
+                    grad.mul_(unfloored)
+        elif kind == "reverse_kl":
+            weighted = torch.sub(log_q, log_p, out=scratch).mul_(q)  # q·(ℓ − log p)
+            total = weighted.sum()
+            if want_grad:
+                grad = weighted.add_(q).mul_(step)
+        elif kind == "jsd":
+            beta = loss.beta
+            # log m, floored: where p = q = 0 both of its terms below are 0·finite.
+            log_m = torch.lerp(q, p, beta, out=scratch).log_().clamp_(min=_LOG_FLOOR)
+            weighted = log_q.sub_(log_m).mul_(q)  # q·(ℓ − log m)
+            student_part = weighted.sum()
+            total = beta * log_p.sub_(log_m).mul_(p).sum() + (1 - beta) * student_part
+            if want_grad:
+                grad = weighted.mul_((1 - beta) * step)
+        elif kind == "skew_forward_kl":
+            alpha = loss.alpha
+            mixture = torch.lerp(q, p, alpha, out=scratch).clamp_(min=_TINY)  # s = α·p + (1−α)·q
+            if want_grad:
+                grad = torch.mul(p, q, out=log_q).div_(mixture).mul_(-(1 - alpha) * step)
+            total = log_p.sub_(mixture.log_()).mul_(p).sum()
+        else:  # skew_reverse_kl
+            alpha = loss.alpha
+            mixture = torch.lerp(p, q, alpha, out=scratch).clamp_(min=_TINY)  # s = α·q + (1−α)·p
+            self_share = torch.mul(q, q, out=log_p).div_(mixture).mul_(-alpha) if want_grad else None  # −α·q²/s
+            weighted = log_q.sub_(mixture.log_()).mul_(q)  # q·(ℓ − log s)
+            total = weighted.sum()
+            if want_grad:
+                grad = weighted.add_(q).add_(self_share).mul_(step)
+    if want_grad:
+        torch.addcmul(grad, q, grad.sum(-1, keepdim=True), value=-1, out=grad_out)
+    return total
+
+
+class _DenseLoss(torch.autograd.Function):
+    """τ² × the mean over ``positions`` of the divergence between dense student and teacher logits ``[..., V]``.
+
+    Forward walks the positions in runs of consecutive rows (views of both inputs, no copies) and, when a
+    gradient is wanted, writes the gradient w.r.t. the student logits into one buffer shaped like them;
+    backward only scales it.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, positions, loss, grad_enabled):
+        # positions: [N] index lists into the leading dims; needs_input_grad says True even under torch.no_grad().
+        vocab_size, device = student_logits.shape[-1], student_logits.device
+        scale = loss.temperature**2 / max(len(positions), 1)
+        grad = None
+        if grad_enabled and ctx.needs_input_grad[0]:
+            every_row = len(positions) == student_logits.numel() // max(vocab_size, 1)
+            grad = (torch.empty_like if every_row else torch.zeros_like)(student_logits)
+        block_rows = _rows_per_block(vocab_size, device)
+        buffers = _block_buffers(min(block_rows, len(positions)), vocab_size, device)
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        for prefix, start, length in _runs(positions, block_rows):
+            rows = (*prefix, slice(start, start + length))
+            total += _dense_block(
+                loss, student_logits[rows], teacher_logits[rows], buffers, scale, None if grad is None else grad[rows]
+            )
+        ctx.grad = grad
+        return total * scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        grad, ctx.grad = ctx.grad, None  # scaled in place: a second backward would be wrong
+        return _scaled(grad, grad_total), None, None, None, None
+
+
 # --- the student's top-k outcomes, with a one-buffer gradient -----------------------------------
 
 
-def _student_top_k_forward(logits: torch.Tensor, ids: torch.Tensor, *, in_place: bool):
+def _student_top_k_forward(logits: torch.Tensor, ids: torch.Tensor, *, out: torch.Tensor, block_rows: int):
     """The student's τ = 1 log-probs at ``ids`` ``[N, k]`` and its bucket log-mass ``[N]`` (−inf if empty).
 
-    ``logits`` ``[N, V]`` fp32 (overwritten when ``in_place``). Also returns what the backward needs:
-    the softmax with zeros at ``ids`` ``[N, V]`` (the same buffer when ``in_place``), the softmax at
-    ``ids`` ``[N, k]`` and the exact tail mass ``[N]`` (summed, not 1 − Σ top, so tiny tails stay exact).
+    ``logits`` ``[N, V]`` fp32, read block of rows by block of rows. ``out`` ``[N, V]`` fp32 (which may be
+    ``logits``) receives exp(z − max z) with zeros at ``ids``. Also returns what the backward needs: ``out``,
+    the row sums of exp(z − max z) ``[N, 1]``, the softmax at ``ids`` ``[N, k]`` and the exact tail mass ``[N]``
+    (summed, not 1 − Σ top, so tiny tails stay exact).
     """
-    row_max = logits.amax(-1, keepdim=True)  # [N, 1]
-    top_logits = logits.gather(-1, ids)
-    probs = logits.sub_(row_max) if in_place else logits - row_max
-    sums = probs.exp_().sum(-1, keepdim=True)
-    probs.div_(sums)
-    top_probs = probs.gather(-1, ids)
-    tail_mass = probs.scatter_(-1, ids, 0.0).sum(-1)
+    row_max = logits.new_empty(len(logits), 1)
+    sums, tail_sums = torch.empty_like(row_max), logits.new_empty(len(logits))
+    top_logits, top_exps = logits.new_empty(ids.shape), logits.new_empty(ids.shape)
+    for start in range(0, len(logits), block_rows):
+        rows = slice(start, start + block_rows)
+        block, block_ids, exps = logits[rows], ids[rows], out[rows]
+        torch.gather(block, -1, block_ids, out=top_logits[rows])  # before exps overwrites an in-place block
+        torch.amax(block, -1, keepdim=True, out=row_max[rows])
+        torch.sub(block, row_max[rows], out=exps).exp_()
+        torch.sum(exps, -1, keepdim=True, out=sums[rows])
+        torch.gather(exps, -1, block_ids, out=top_exps[rows])
+        torch.sum(exps.scatter_(-1, block_ids, 0.0), -1, out=tail_sums[rows])
+    tail_mass = tail_sums / sums.squeeze(-1)
     top_logprobs = top_logits - row_max - sums.log()
-    return top_logprobs, tail_mass.log(), (probs, top_probs, tail_mass)
+    return top_logprobs, tail_mass.log(), (out, sums, top_exps / sums, tail_mass)
 
 
 def _student_top_k_backward(
-    saved, ids: torch.Tensor, grad_top: torch.Tensor, grad_bucket: torch.Tensor, *, in_place: bool
+    saved, ids: torch.Tensor, grad_top: torch.Tensor, grad_bucket: torch.Tensor, *, out: torch.Tensor, block_rows: int
 ) -> torch.Tensor:
-    """Gradient w.r.t. the logits ``[N, V]`` (in the softmax's buffer when ``in_place``).
+    """Gradient w.r.t. the logits ``[N, V]``, written into ``out`` (which may be the saved exp buffer).
 
     With q the softmax, t the tail mass, a_i = log q_{ids_i} and b = log t:
     ∂a_i/∂z_j = [j = ids_i] − q_j and ∂b/∂z_j = q_j·[j ∉ ids] / t − q_j, so with
     G = Σ_i ∂L/∂a_i + ∂L/∂b: ∂L/∂z_j = q_j·(∂L/∂b / t − G) off the ids and ∂L/∂a_i − G·q_j at
     j = ids_i. When t = 0 every q_j off the ids is 0 (and so is ∂L/∂b): the 0/0 is taken as 0.
     """
-    probs, top_probs, tail_mass = saved
+    exps, sums, top_probs, tail_mass = saved
     total = grad_top.sum(-1) + grad_bucket  # G [N]
     per_tail_mass = torch.where(tail_mass > 0, grad_bucket / tail_mass, 0.0)
-    outside = (per_tail_mass - total).unsqueeze(-1)  # [N, 1]
-    grad = probs.mul_(outside) if in_place else probs * outside  # zeros at ids
-    return grad.scatter_add_(-1, ids, grad_top - total.unsqueeze(-1) * top_probs)
+    outside = (per_tail_mass - total).unsqueeze(-1) / sums  # [N, 1]; exps / sums = q, zeros at ids
+    at_ids = grad_top - total.unsqueeze(-1) * top_probs  # [N, k]
+    for start in range(0, len(exps), block_rows):
+        rows = slice(start, start + block_rows)
+        torch.mul(exps[rows], outside[rows], out=out[rows]).scatter_add_(-1, ids[rows], at_ids[rows])
+    return out
 
 
 class _StudentTopK(torch.autograd.Function):
     """Autograd wrapper of `_student_top_k_forward` for the unfused path:
-    ``(logits [N, V], ids [N, k]) -> ([N, k], [N])``."""
+    ``(logits [N, V] fp32, ids [N, k]) -> ([N, k], [N])``."""
 
     @staticmethod
     def forward(ctx, logits, ids):
-        top_logprobs, bucket, saved = _student_top_k_forward(logits, ids, in_place=False)
+        ctx.block_rows = _rows_per_block(logits.shape[-1], logits.device)
+        top_logprobs, bucket, saved = _student_top_k_forward(
+            logits, ids, out=torch.empty_like(logits), block_rows=ctx.block_rows
+        )
         ctx.saved, ctx.ids = saved, ids
         return top_logprobs, bucket
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_top, grad_bucket):
-        return _student_top_k_backward(ctx.saved, ctx.ids, grad_top, grad_bucket, in_place=False), None
+        out = torch.empty_like(ctx.saved[0])  # the saved buffer stays intact
+        return _student_top_k_backward(
+            ctx.saved, ctx.ids, grad_top, grad_bucket, out=out, block_rows=ctx.block_rows
+        ), None
 
 
 # --- the fused path -----------------------------------------------------------------------------
 
 
 class _ChunkedLoss(torch.autograd.Function):
-    """Sum over ``positions`` of the per-position loss of ``hidden[positions] @ weight.T``, chunk by chunk.
+    """τ² × the mean over ``positions`` of the per-position loss of ``hidden[positions] @ weight.T``, chunk by chunk.
 
-    Forward computes each chunk's logits, its loss and its gradient w.r.t. the chunk's logits
-    (through `_student_top_k_backward` for a top-k teacher, autograd on the chunk for a dense one),
-    which two matmuls turn into gradients w.r.t. the hidden rows and the weight. Only those
-    gradients are kept; backward scales them.
+    Forward computes each chunk's logits into one reused ``[chunk, V]`` fp32 buffer, its loss and, in the same
+    buffer, the scaled gradient w.r.t. the chunk's logits (`_dense_chunk` or `_top_k_chunk`), which two
+    matmuls turn into gradients w.r.t. the hidden rows and the weight. Only those gradients are kept;
+    backward scales them.
     """
 
     @staticmethod
@@ -378,55 +577,92 @@ class _ChunkedLoss(torch.autograd.Function):
         # hidden [B, T, H]; weight [V, H]; positions [N, 2]; teacher_logits [B, T, V] or teacher_ids/logprobs [B, T, k].
         # needs_input_grad says True even under torch.no_grad(), hence grad_enabled from the caller.
         need_hidden_grad, need_weight_grad = (grad_enabled and needed for needed in ctx.needs_input_grad[:2])
+        grad_scale = loss.temperature**2 / max(len(positions), 1) if need_hidden_grad or need_weight_grad else None
+        vocab_size, device = weight.shape[0], hidden.device
         grad_hidden = torch.zeros_like(hidden) if need_hidden_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_weight = None  # fp32 [V, H]: the first chunk's matmul creates it
+        block_rows = _rows_per_block(vocab_size, device)
+        chunk_rows = min(chunk_size, len(positions))
+        logits_buffer = torch.empty(chunk_rows, vocab_size, dtype=torch.float32, device=device)
+        if teacher_logits is not None:
+            block_buffers = _block_buffers(min(block_rows, chunk_rows), vocab_size, device)
+            position_lists = positions.tolist()
+        total = torch.zeros((), dtype=torch.float32, device=device)
         for start in range(0, len(positions), chunk_size):
             chunk = tuple(positions[start : start + chunk_size].T)  # (batch indices [c], time indices [c])
             chunk_hidden = hidden[chunk]  # [c, H]
+            logits = logits_buffer[: len(chunk_hidden)]  # [c, V]
+            if hidden.dtype == weight.dtype == torch.float32:
+                torch.mm(chunk_hidden, weight.T, out=logits)
+            else:
+                logits.copy_(chunk_hidden @ weight.T)
             if teacher_logits is not None:
-                chunk_teacher = teacher_logits[chunk]  # [c, V]
+                chunk_positions = position_lists[start : start + chunk_size]
+                total += _dense_chunk(
+                    logits, teacher_logits, chunk_positions, loss, block_rows, block_buffers, grad_scale
+                )
             else:
                 chunk_teacher = TopK(teacher_ids[chunk].long(), teacher_logprobs[chunk])  # [c, k] each
-            logits = (chunk_hidden @ weight.T).float()  # [c, V]
-            if not (need_hidden_grad or need_weight_grad):  # evaluation: the value alone
-                total += _chunk_value(logits, chunk_teacher, loss)
+                total += _top_k_chunk(logits, chunk_teacher, loss, block_rows, grad_scale)
+            if grad_scale is None:  # evaluation: the value alone
                 continue
-            chunk_total, grad_logits = (_top_k_chunk if isinstance(chunk_teacher, TopK) else _dense_chunk)(
-                logits, chunk_teacher, loss
-            )
-            total += chunk_total
+            # logits now holds grad_scale × the gradient w.r.t. the chunk's logits.
             if need_hidden_grad:
-                grad_hidden.index_put_(chunk, (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype))
+                grad_hidden.index_put_(chunk, (logits.to(weight.dtype) @ weight).to(hidden.dtype))
             if need_weight_grad:
-                grad_weight.addmm_(grad_logits.T, chunk_hidden.float())
-            del logits, grad_logits  # before the next chunk's logits exist, not after
+                if grad_weight is None:
+                    grad_weight = torch.mm(logits.T, chunk_hidden.float())
+                else:
+                    grad_weight.addmm_(logits.T, chunk_hidden.float())
+        if need_weight_grad and grad_weight is None:  # nothing counted
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device)
         ctx.grad_hidden, ctx.grad_weight, ctx.weight_dtype = grad_hidden, grad_weight, weight.dtype
-        return total
+        return total * (loss.temperature**2 / max(len(positions), 1))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
         ctx.grad_hidden = ctx.grad_weight = None  # scaled in place below: a second backward would be wrong
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden.mul_(grad_total.to(grad_hidden.dtype))
+        grad_hidden, grad_weight = _scaled(grad_hidden, grad_total), _scaled(grad_weight, grad_total)
         if grad_weight is not None:
-            grad_weight = grad_weight.mul_(grad_total).to(ctx.weight_dtype)
+            grad_weight = grad_weight.to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
-def _chunk_value(logits: torch.Tensor, teacher: torch.Tensor | TopK, loss: _Divergence) -> torch.Tensor:
-    """A chunk's summed loss, without gradients."""
-    if not isinstance(teacher, TopK):
-        return loss.dense(logits, teacher).sum()
-    top_logprobs, bucket, _ = _student_top_k_forward(logits, teacher.ids, in_place=True)
-    return loss.top_k(top_logprobs, bucket, teacher, logits.shape[-1]).sum()
+def _dense_chunk(
+    logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    positions: list[list[int]],
+    loss: _Divergence,
+    block_rows: int,
+    buffers: tuple[torch.Tensor, ...],
+    grad_scale: float | None,
+) -> torch.Tensor:
+    """A chunk's summed loss; with ``grad_scale``, ``logits`` ``[c, V]`` becomes grad_scale × its gradient.
+
+    ``positions`` are the chunk's ``c`` (batch, time) index lists into ``teacher_logits`` ``[B, T, V]``, whose
+    rows are read as views, run by run.
+    """
+    total, row = torch.zeros((), dtype=torch.float32, device=logits.device), 0
+    for prefix, start, length in _runs(positions, block_rows):
+        student = logits[row : row + length]
+        teacher = teacher_logits[(*prefix, slice(start, start + length))]
+        if grad_scale is None:
+            total += _dense_block(loss, student, teacher, buffers)
+        else:
+            total += _dense_block(loss, student, teacher, buffers, grad_scale, grad_out=student)
+        row += length
+    return total
 
 
-def _top_k_chunk(logits: torch.Tensor, teacher: TopK, loss: _Divergence) -> tuple[torch.Tensor, torch.Tensor]:
-    """A chunk's summed loss and its gradient w.r.t. ``logits`` ``[c, V]``, computed in ``logits``' buffer."""
-    top_logprobs, bucket, saved = _student_top_k_forward(logits, teacher.ids, in_place=True)
+def _top_k_chunk(
+    logits: torch.Tensor, teacher: TopK, loss: _Divergence, block_rows: int, grad_scale: float | None
+) -> torch.Tensor:
+    """A chunk's summed loss; with ``grad_scale``, ``logits`` ``[c, V]`` becomes grad_scale × its gradient."""
+    top_logprobs, bucket, saved = _student_top_k_forward(logits, teacher.ids, out=logits, block_rows=block_rows)
+    if grad_scale is None:
+        return loss.top_k(top_logprobs, bucket, teacher, logits.shape[-1]).sum()
     with torch.enable_grad():
         top_logprobs.requires_grad_(), bucket.requires_grad_()
         chunk_total = loss.top_k(top_logprobs, bucket, teacher, logits.shape[-1]).sum()
@@ -434,15 +670,7 @@ def _top_k_chunk(logits: torch.Tensor, teacher: TopK, loss: _Divergence) -> tupl
         grad_top, grad_bucket = torch.autograd.grad(
             chunk_total, (top_logprobs, bucket), allow_unused=True, materialize_grads=True
         )
-    return chunk_total.detach(), _student_top_k_backward(saved, teacher.ids, grad_top, grad_bucket, in_place=True)
-
-
-def _dense_chunk(
-    logits: torch.Tensor, teacher_logits: torch.Tensor, loss: _Divergence
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A chunk's summed loss and its gradient w.r.t. ``logits`` ``[c, V]``, by autograd on the chunk."""
-    with torch.enable_grad():
-        logits.requires_grad_()
-        chunk_total = loss.dense(logits, teacher_logits).sum()
-        (grad_logits,) = torch.autograd.grad(chunk_total, logits)
-    return chunk_total.detach(), grad_logits
+    _student_top_k_backward(
+        saved, teacher.ids, grad_top * grad_scale, grad_bucket * grad_scale, out=logits, block_rows=block_rows
+    )
+    return chunk_total.detach()
