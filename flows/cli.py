@@ -5,20 +5,23 @@ stillhouse run configs/demo.yaml [--set train.max_steps=100 ...] [--until STAGE]
 stillhouse validate configs/demo.yaml [--set ...] [--gpus N --gpu-memory 80GB --nodes M]
 stillhouse plan configs/demo.yaml [--set ...] [--gpus N] [--gpu-memory 80GB] [--nodes M]
 stillhouse schema
-stillhouse pull REPO_ID [--revision R] [--endpoint URL] [--prompt TEXT]
+stillhouse pull REPO_ID [--revision R] [--endpoint URL] [--prompt TEXT] [--verify-key KEY.pub]
+stillhouse store verify configs/demo.yaml [--stage sample]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
 from stillhouse.config import ConfigError, PipelineConfig, load_config
-from stillhouse.errors import StillhouseError
+from stillhouse.errors import Interrupted, StillhouseError
 from stillhouse.flows.bundled import DEMO_CONFIG, resolve_config
 from stillhouse.flows.environment import apply_embedded_defaults
 from stillhouse.refs import Stage
@@ -119,6 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
         default="HF_TOKEN",
         help="environment variable holding a token, for private repos (default: HF_TOKEN)",
     )
+    pull.add_argument(
+        "--verify-key",
+        default=None,
+        metavar="PUBLIC_KEY_PEM",
+        help="the publisher's public key (PEM): refuse a revision whose signature does not verify with it",
+    )
+    store = commands.add_parser(
+        "store",
+        help="check the store: every output's files against its manifest (sizes and sha256)",
+        description="Check every output of the config's store (or of one stage) against its manifest, changing "
+        "nothing. Exit 0 when none is invalid, 1 otherwise; the next run that needs an invalid output recomputes it.",
+    )
+    store_commands = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    store_verify = store_commands.add_parser("verify", help="hash every file of every output and compare")
+    with_config(store_verify)
+    store_verify.add_argument("--stage", choices=STAGE_NAMES, default=None, help="check this stage's outputs only")
     deploy = commands.add_parser(
         "deploy",
         help="register the deployments of prefect.yaml (schedules, work pools, the `gpu` limit) on $PREFECT_API_URL",
@@ -238,8 +257,49 @@ def plan_command(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def store_verify_command(arguments: argparse.Namespace) -> int:
+    """`stillhouse store verify`: print one line per output and a summary; 0 when nothing is invalid."""
+    from stillhouse.store import Store, verify_store
+
+    try:
+        config = load_config(resolve_config(arguments.config), arguments.overrides)
+        report = verify_store(Store.from_config(config.store), arguments.stage)
+    except (ConfigError, StillhouseError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(report.text())
+    return 0 if report.ok else 1
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM ends a run like Ctrl-C: stages stop, the MLflow run is marked KILLED, Prefect's server is stopped."""
+
+    def interrupt(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise Interrupted("stopped by SIGTERM; rerun the same command to resume from the store")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+class _UserErrorsWithoutTracebacks(logging.Filter):
+    """Prefect logs a failed task's traceback; for an error a user can fix (its message names the fix) or an interrupt,
+    the message is all that helps, and a traceback before the CLI's `error:` line only buries it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (StillhouseError, KeyboardInterrupt)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_tracebacks_of_user_errors() -> None:
+    for logger in (logging.getLogger("prefect"), logging.getLogger()):
+        for handler in logger.handlers:
+            handler.addFilter(_UserErrorsWithoutTracebacks())
+
+
 def main(argv: list[str] | None = None) -> int:
     apply_embedded_defaults()  # before Prefect, MLflow or the Hub client is imported
+    logging.getLogger("stillhouse").setLevel(logging.INFO)  # the core's own lines (resuming, mixtures) are shown
     arguments = build_parser().parse_args(argv)
     if arguments.command == "demo":
         arguments.config = DEMO_CONFIG
@@ -259,10 +319,13 @@ def main(argv: list[str] | None = None) -> int:
                 arguments.prompt,
                 arguments.max_new_tokens,
                 arguments.token_env,
+                verify_key=arguments.verify_key,
             )
         except StillhouseError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+    if arguments.command == "store":
+        return store_verify_command(arguments)
     if arguments.command in ("deploy", "serve"):
         from stillhouse.flows import deploy
 
@@ -287,22 +350,45 @@ def main(argv: list[str] | None = None) -> int:
         if config.publish.endpoint and "huggingface.co" not in config.publish.endpoint:
             os.environ.setdefault("HF_HUB_DISABLE_XET", "1")  # a self-hosted Hub speaks plain LFS, not xet
         from stillhouse.preflight import preflight
+        from stillhouse.registry.publish import check_signing
+        from stillhouse.registry.tracking import without_tracking_credentials
+
+        # A password in tracking.uri moves to MLflow's environment variables before the config reaches Prefect
+        # (which stores a flow run's parameters), MLflow's params or any log line.
+        config = without_tracking_credentials(config)
+
+        def checks() -> None:
+            preflight(config)
+            check_signing(config)  # the signing library is installed and the key reads, before any stage
 
         if arguments.command == "validate":  # bad hardware flags fail before anything is read
             from stillhouse.planning import check_plan, hardware_from_flags, plan_pipeline
 
             hardware = hardware_from_flags(arguments.gpus, arguments.gpu_memory, arguments.nodes)
-        preflight(config)  # before Prefect starts or any model loads
-        if arguments.command == "validate":
+            checks()
             check_plan(plan_pipeline(config, hardware))  # config.json files only: no weights load
             print(f"{arguments.config}: OK ({config.name}; fits {hardware.describe()})")
             return 0
-        from stillhouse.flows.distill import distill
+        from stillhouse.flows.local_server import temporary_prefect_server
 
-        result = distill(config, until=arguments.until, checked=True)
+        stop_on_sigterm()
+        # The checks run while Prefect's temporary server starts: before any stage runs or any model loads.
+        with temporary_prefect_server(ready=checks):
+            from stillhouse.flows.distill import distill
+
+            quiet_tracebacks_of_user_errors()
+            result = distill(config, until=arguments.until, checked=True)
     except (ConfigError, StillhouseError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: say where it stopped and what a rerun does
+        print(str(interrupt) or "interrupted; rerun the same command to resume from the store", file=sys.stderr)
+        # Everything that matters is done: the MLflow run is KILLED, Prefect's logs are sent, its server is stopped,
+        # and the store holds only sealed outputs and complete checkpoints. What remains is the interpreter's own
+        # teardown (library threads and atexit hooks), measured at 3-4 s: a user who pressed Ctrl-C wants the prompt.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     print_summary(
         result, config, "stillhouse " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     )

@@ -127,7 +127,8 @@ def distill(config: PipelineConfig, until: Stage = Stage.publish, checked: bool 
             )
     except BaseException as error:
         record_failure(tracking, error)  # the message on the MLflow run, not only in Prefect's log
-        finish_pipeline_run(tracking, {}, status="FAILED")
+        # Ctrl-C or SIGTERM: the user stopped it, nothing broke (a rerun resumes from the store and checkpoints).
+        finish_pipeline_run(tracking, {}, status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
     finish_pipeline_run(
         tracking,

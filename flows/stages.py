@@ -33,7 +33,13 @@ from stillhouse.flows.hooks import link_mlflow_run, record_failure
 from stillhouse.preflight import preflight
 from stillhouse.refs import EvalReport, ModelRef, Stage
 from stillhouse.registry.model_registry import champion_version
-from stillhouse.registry.tracking import finish_pipeline_run, start_pipeline_run, tag_run, tracking_uri
+from stillhouse.registry.tracking import (
+    finish_pipeline_run,
+    start_pipeline_run,
+    tag_run,
+    tracking_uri,
+    without_tracking_credentials,
+)
 from stillhouse.store import Store
 from stillhouse.tasks.curate import curate_task
 from stillhouse.tasks.evaluate import evaluate_task
@@ -45,7 +51,8 @@ GPU_LIMIT = "gpu"
 def load_named_config(config: str, overrides: list[str] | None = None) -> PipelineConfig:
     """The config a deployment names: a path from the run's working directory, else a bundled config."""
     apply_embedded_defaults()  # a deployed flow run is an entry point of its own
-    return load_config(resolve_config(config), list(overrides or []))
+    # Prefect keeps a flow run's parameters: a password in tracking.uri goes to the environment first.
+    return without_tracking_credentials(load_config(resolve_config(config), list(overrides or [])))
 
 
 def run_until(config: str, overrides: list[str] | None, until: Stage) -> PipelineResult:

@@ -6,7 +6,9 @@ student; its body says how the student was made, in words generated from the con
 (`method_description`), with the same evaluation table as the terminal's. ``stillhouse.json``
 holds `provenance_record`: the teacher id and exact revision, tokenizer fingerprint, store
 fingerprints, the config (URL credentials dropped), the MLflow run, the Prefect flow run and the
-code version; the stage adds the sha256 of every file beside it.
+code version; the stage adds the sha256 of every file beside it (``files``), `content_sha256` (what
+identifies this publish on the Hub, so an interrupted push completes instead of committing twice)
+and, when the folder is signed, the signature's file and the sha256 of the public key that checks it.
 
     card = model_card(config, dataset, samples, student, report, check, lineage)
     print(method_description(config))   # "white-box distillation: forward KL(teacher‖student) to ..."
@@ -14,6 +16,8 @@ code version; the stage adds the sha256 of every file beside it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from stillhouse.config import PipelineConfig
 from stillhouse.evaluation.report import comparison_rows
+from stillhouse.health import redact_url_credentials
 from stillhouse.licenses import LICENSES, LicenseCheck
 from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
 
@@ -90,6 +95,28 @@ every stage (data `{{ data_fingerprint }}`, teacher outputs `{{ samples_fingerpr
 `{{ student_fingerprint }}`), the full config and the sha256 of every file. Tracked as MLflow run
 {{ mlflow_link }}{{ flow_run_sentence }}; code version `{{ code_version }}`.
 """
+
+PROVENANCE_FILE = "stillhouse.json"
+SIGNATURE_FILE = "model.sig"  # model-signing's bundle: written after stillhouse.json, so not listed in it
+# Files that differ between two runs of the same publish (they name the MLflow and Prefect runs): left out of
+# `content_sha256`, which is the same for every run that publishes the same thing.
+RUN_SPECIFIC_FILES = frozenset({"README.md", PROVENANCE_FILE, SIGNATURE_FILE})
+
+
+def content_sha256(files: dict[str, dict], publish_fingerprint: str | None) -> str:
+    """The identity of a publish: the sha256 of ``{"files": {name: sha256}, "publish_fingerprint": ...}`` (JSON,
+    sorted keys, no spaces) over every file but `RUN_SPECIFIC_FILES`.
+
+    Same weights, tokenizer and config published by the same publish stage (its fingerprint covers the
+    publish settings, the student, the evaluation and the registered version) give the same value,
+    whichever run pushed them: a rerun finds its own commit on the Hub by it.
+    """
+    payload = {
+        "files": {name: entry["sha256"] for name, entry in files.items() if name not in RUN_SPECIFIC_FILES},
+        "publish_fingerprint": publish_fingerprint,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
 
 # How each `train.kd.kind` reads on a card (the formulas are in stillhouse.training.losses).
 DIVERGENCES = {
@@ -167,17 +194,6 @@ def method_description(config: PipelineConfig) -> str:
         else:
             description += f"; then best-of-n: SFT on the judged best of {judged}"
     return description
-
-
-def redact_url_credentials(value):
-    """Drop ``user:password@`` from URLs anywhere in a config dump: a tracking URI may carry them."""
-    if isinstance(value, dict):
-        return {key: redact_url_credentials(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [redact_url_credentials(item) for item in value]
-    if isinstance(value, str):
-        return re.sub(r"(\w+://)[^/@\s]+@", r"\1", value)
-    return value
 
 
 def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:

@@ -7,6 +7,13 @@ Each of those calls is retried with backoff on 429/5xx answers and dropped conne
 else is retried. The token is read from the environment (``publish.token_env``) and never written
 anywhere.
 
+Publishing is idempotent: before committing, the push reads ``stillhouse.json`` at the tag (when it
+exists) and at the branch head; when either holds this folder's ``content_sha256`` and exactly this
+folder's files (git blob ids and LFS sha256, but for README.md, stillhouse.json and model.sig, which
+name the run that pushed them), that commit *is* this publish: an earlier run pushed it and was
+stopped before it finished. The push then tags it if needed and returns it, instead of committing
+again or failing on the tag.
+
     revision = push_folder(folder, config, tag="v3")
     snapshot = download_revision(config, revision.repo_id, revision.commit_oid, cache_dir)
 
@@ -16,7 +23,10 @@ the stage that ties them together is `stillhouse.registry.publish`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,12 +34,14 @@ from typing import TypeVar
 
 import httpx2  # huggingface_hub 2's HTTP client: its TransportError is what a dropped connection raises
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RevisionNotFoundError
 from huggingface_hub.hf_api import RepoFile
 from pydantic import BaseModel
 
 from stillhouse.config import PipelineConfig
 from stillhouse.errors import InputError, StillhouseError
+from stillhouse.registry.card import PROVENANCE_FILE, RUN_SPECIFIC_FILES
+from stillhouse.store import file_sha256
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 Result = TypeVar("Result")
@@ -133,6 +145,72 @@ def commit_operations(api: HfApi, folder: Path, repo_id: str, head: str) -> list
     ]
 
 
+def content_of(folder: Path) -> str | None:
+    """The ``content_sha256`` of a publish folder's stillhouse.json (None: not a Stillhouse publish folder)."""
+    try:
+        return json.loads((folder / PROVENANCE_FILE).read_text()).get("content_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def published_content(api: HfApi, repo_id: str, revision: str) -> str | None:
+    """The ``content_sha256`` of stillhouse.json at ``revision`` on the Hub; None when it has none."""
+    with tempfile.TemporaryDirectory(prefix="stillhouse-hub-check-") as cache:
+        try:
+            path = api.hf_hub_download(repo_id, PROVENANCE_FILE, revision=revision, cache_dir=cache)
+            recorded = json.loads(Path(path).read_text())
+        except (EntryNotFoundError, RevisionNotFoundError, ValueError):
+            return None
+    return recorded.get("content_sha256") if isinstance(recorded, dict) else None
+
+
+def git_blob_sha1(path: Path) -> str:
+    """Git's object id of a file: what the Hub reports for a file stored without LFS."""
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def holds_folder(api: HfApi, repo_id: str, commit: str, folder: Path) -> bool:
+    """Whether ``commit`` holds exactly the files of ``folder`` (but the run-specific ones), byte for byte."""
+    remote = {
+        entry.path: entry
+        for entry in api.list_repo_tree(repo_id, revision=commit, recursive=True)
+        if isinstance(entry, RepoFile) and entry.path != ".gitattributes" and entry.path not in RUN_SPECIFIC_FILES
+    }
+    local = {p.name: p for p in folder.iterdir() if p.is_file() and p.name not in RUN_SPECIFIC_FILES}
+    if set(remote) != set(local):
+        return False
+    for name, entry in remote.items():
+        expected = entry.lfs.sha256 if entry.lfs is not None else entry.blob_id
+        actual = file_sha256(local[name]) if entry.lfs is not None else git_blob_sha1(local[name])
+        if expected != actual:
+            return False
+    return True
+
+
+def find_landed_publish(api: HfApi, repo_id: str, tag: str | None, head: str, folder: Path, retries, backoff, log):
+    """The commit, at ``tag`` or at the branch ``head``, that holds this publish: the ``content_sha256`` of the
+    folder's stillhouse.json in its own, and the folder's files; else None."""
+    content = content_of(folder)
+    if content is None:
+        return None
+    tags = with_retries("read refs", lambda: api.list_repo_refs(repo_id).tags, retries, backoff, log) if tag else []
+    candidates = [ref.target_commit for ref in tags if ref.name == tag] + [head]
+    for commit in dict.fromkeys(candidates):
+
+        def read(commit=commit):
+            return published_content(api, repo_id, commit)
+
+        def same_files(commit=commit):
+            return holds_folder(api, repo_id, commit, folder)
+
+        if with_retries("read stillhouse.json", read, retries, backoff, log) == content and with_retries(
+            "list files", same_files, retries, backoff, log
+        ):
+            return commit
+    return None
+
+
 def push_folder(
     folder: Path,
     config: PipelineConfig,
@@ -158,6 +236,22 @@ def push_folder(
             log,
         )
         head = with_retries("read head", lambda: api.model_info(repo_id, revision="main").sha, retries, backoff, log)
+        landed = find_landed_publish(api, repo_id, tag, head, folder, retries, backoff, log)
+        if landed is not None:
+            log(
+                f"Hub: {repo_id}@{landed[:12]} already holds this publish (content_sha256 "
+                f"{content_of(folder)[:16]}…), pushed by a run that stopped before it finished; completing it "
+                "instead of committing again"
+            )
+            if tag:
+                create_tag(api, repo_id, tag, landed, message, retries, backoff, log)
+            return HubRevision(
+                repo_id=repo_id,
+                commit_oid=landed,
+                commit_url=f"{api.endpoint}/{repo_id}/commit/{landed}",
+                tag=tag,
+                revision_url=f"{api.endpoint}/{repo_id}/tree/{landed}",
+            )
 
         def commit():
             # Pinned to `head`: if an earlier try did land, this one is refused (412) instead of committing twice.

@@ -19,7 +19,7 @@ from stillhouse.licenses import LICENSES
 from stillhouse.models import load_causal_lm, load_tokenizer
 from stillhouse.refs import DatasetRef, ModelRef, SamplesRef
 from stillhouse.registry.datasets import split_dataset
-from stillhouse.registry.tracking import TrackingContext
+from stillhouse.registry.tracking import TrackingContext, prepare_database
 
 # mlflow.transformers.log_model infers torchvision otherwise, which breaks beside the CPU torch build.
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers"]
@@ -130,6 +130,7 @@ def register_student(
 def champion_version(uri: str, model_name: str, alias: str) -> tuple[str, str | None]:
     """(version, train fingerprint) of the version holding ``alias`` in the registry at ``uri``; a clear error when
     none holds it."""
+    prepare_database(uri)
     client = MlflowClient(uri)
     try:
         version = client.get_model_version_by_alias(model_name, alias)

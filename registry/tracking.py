@@ -3,6 +3,12 @@
 Params are the flattened config; tags carry the Prefect flow-run id, the stage fingerprints and the
 teacher and student ids. The tracking URI is the config's, else $MLFLOW_TRACKING_URI, else the
 embedded default ``sqlite:///.stillhouse/mlflow.db`` with artifacts in ``.stillhouse/mlartifacts``.
+
+Credentials in the URI (``http://user:password@host``) never reach MLflow's params, tags, its "View
+run … at" line, a log or an error: `tracking_uri` moves them to $MLFLOW_TRACKING_USERNAME and
+$MLFLOW_TRACKING_PASSWORD (where MLflow's client reads them on every request) and returns the URI
+without them; params are redacted; `without_tracking_credentials` does the same to a whole config
+before a flow run records it as a parameter.
 """
 
 from __future__ import annotations
@@ -14,11 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from filelock import FileLock
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
 import stillhouse
 from stillhouse.config import PipelineConfig, TrackingConfig
+from stillhouse.health import redact_url_credentials, split_url_credentials
 from stillhouse.refs import DatasetRef, SamplesRef
 
 DEFAULT_HOME = Path(".stillhouse")
@@ -90,15 +99,66 @@ def lineage_tags(
 
 
 def tracking_uri(config: TrackingConfig) -> str:
+    """The URI to give MLflow, without credentials: ``user:password@`` in it go to MLflow's environment variables."""
     if config.uri:
-        return config.uri
+        return credentials_to_environment(config.uri)
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        clean = credentials_to_environment(os.environ["MLFLOW_TRACKING_URI"])
+        os.environ["MLFLOW_TRACKING_URI"] = clean  # mlflow's own fallback reads it too
+        return clean
     DEFAULT_HOME.mkdir(exist_ok=True)
     return f"sqlite:///{(DEFAULT_HOME / 'mlflow.db').resolve()}"
 
 
+def credentials_to_environment(uri: str) -> str:
+    """``uri`` without ``user:password@``; those go to $MLFLOW_TRACKING_USERNAME / $MLFLOW_TRACKING_PASSWORD.
+
+    MLflow's client sends those as basic auth on every request to the server, so the URI it is given,
+    and prints ("View run … at"), holds no secret. Credentials in the URI win over the variables: the
+    config says which server and which user.
+    """
+    clean, user, password = split_url_credentials(uri)
+    if user is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+        if password is not None:
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+    return clean
+
+
+def without_tracking_credentials(config: PipelineConfig) -> PipelineConfig:
+    """``config`` with ``tracking.uri``'s credentials moved to the environment (see `credentials_to_environment`).
+
+    Apply it before a flow is called with the config: Prefect stores a flow run's parameters (and
+    shows them in its UI and events), so a password must be gone from them before the run starts.
+    """
+    if not config.tracking.uri or "@" not in config.tracking.uri:
+        return config
+    tracking = config.tracking.model_copy(update={"uri": credentials_to_environment(config.tracking.uri)})
+    return config.model_copy(update={"tracking": tracking})
+
+
+_prepared_databases: set[str] = set()
+
+
+def prepare_database(uri: str) -> None:
+    """Create (or migrate) an embedded sqlite database under a lock, once per process.
+
+    MLflow builds its schema on first use with alembic migrations, which are not safe to run twice at once: two
+    first runs of a fresh project collide on ``table _alembic_tmp_experiments already exists``. The lock file sits
+    beside the database; a server URI needs nothing (the server owns its database).
+    """
+    if not uri.startswith("sqlite:///") or uri in _prepared_databases:
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{database}.lock"):
+        MlflowClient(uri).search_experiments(max_results=1)  # the first query builds the schema
+    _prepared_databases.add(uri)
+
+
 def ensure_experiment(name: str, uri: str) -> str:
+    """The id of experiment ``name`` at ``uri``, created when missing (also when another run creates it meanwhile)."""
+    prepare_database(uri)
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
@@ -106,7 +166,13 @@ def ensure_experiment(name: str, uri: str) -> str:
     artifact_location = None
     if uri.startswith("sqlite:///"):  # embedded: keep artifacts beside the database, not in ./mlruns
         artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifact_location)
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as error:
+        experiment = mlflow.get_experiment_by_name(name)  # a concurrent first run created it a moment ago
+        if experiment is None:
+            raise error from None
+        return experiment.experiment_id
 
 
 def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -148,7 +214,7 @@ def start_pipeline_run(
             **lineage_tags(config, pending),
         },
     )
-    params = flatten(config.model_dump(mode="json"))
+    params = flatten(redact_url_credentials(config.model_dump(mode="json")))
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in params.items()])
     return pending.model_copy(update={"parent_run_id": run.info.run_id})
 
@@ -156,7 +222,7 @@ def start_pipeline_run(
 def section_params(config: PipelineConfig, section: str) -> dict[str, Any]:
     """A config section as nested params under its own path, so `flatten` names a value the same in every run:
     `train.kd.temperature`."""
-    value: Any = config.model_dump(mode="json")
+    value: Any = redact_url_credentials(config.model_dump(mode="json"))
     for part in section.split("."):
         value = value[part]
     for part in reversed(section.split(".")):
@@ -173,7 +239,8 @@ def start_stage_run(context: TrackingContext, stage: str, params: dict[str, Any]
         tags={"mlflow.parentRunId": context.parent_run_id, "stillhouse.stage": stage},
     )
     client.log_batch(
-        run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in flatten(params or {}).items()]
+        run.info.run_id,
+        params=[mlflow.entities.Param(k, v[:6000]) for k, v in flatten(redact_url_credentials(params or {})).items()],
     )
     return run.info.run_id
 
@@ -205,7 +272,7 @@ def finish_stage_run(
             if k != "step"
         ],
         tags=[
-            entities.RunTag(k, v)
+            entities.RunTag(k, redact_url_credentials(v))
             for k, v in {
                 "stillhouse.fingerprint": fingerprint,
                 "stillhouse.cached": str(cached).lower(),
@@ -256,7 +323,7 @@ def tag_run(context: TrackingContext, tags: dict[str, str], run_id: str | None =
     """Set tags on a run (the pipeline's parent run by default)."""
     client = MlflowClient(context.tracking_uri)
     for key, value in tags.items():
-        client.set_tag(run_id or context.parent_run_id, key, value)
+        client.set_tag(run_id or context.parent_run_id, key, redact_url_credentials(value))
 
 
 def log_files(context: TrackingContext, run_id: str, paths: list[Path], artifact_path: str) -> None:

@@ -3,8 +3,10 @@ links.
 
     published = publish_task(config, dataset, samples, student, report, registered, tracking)
 
-Order: the license check (again: the config may have changed since preflight), the folder (model,
-card, stillhouse.json), the push (one commit + a tag; each Hub call retried inside `push_folder`,
+Order: the license check (again: the config may have changed since preflight), the signing key
+(when ``publish.signing`` is set), the student's stored files hashed against their manifest (weights
+that changed after training are refused, never pushed), the folder (model, card, stillhouse.json,
+model.sig), the push (one commit + a tag; each Hub call retried inside `push_folder`,
 so the task itself has no Prefect retries that would redo a finished commit), the round trip
 (download the revision into a fresh cache and compare greedy generations), then MLflow: the parent
 run, the publish run and the model version get the Hub repo, commit, tag and URLs, and the
@@ -32,6 +34,7 @@ from stillhouse.registry.model_registry import RegisteredModel
 from stillhouse.registry.publish import (
     PublishedModel,
     RoundTrip,
+    check_signing,
     link_to_hub_revision,
     round_trip,
     write_publish_folder,
@@ -39,7 +42,7 @@ from stillhouse.registry.publish import (
 from stillhouse.registry.tracking import TrackingContext, code_version, log_stage, section_params
 from stillhouse.store import Store, fingerprint
 
-CODE_VERSION = 2  # 2: stillhouse.json, license section, tag, round trip
+CODE_VERSION = 3  # 2: stillhouse.json, license section, tag, round trip; 3: content_sha256, signature
 
 
 @task(name="push-to-hub", cache_policy=NO_CACHE)
@@ -69,6 +72,18 @@ def hub_tags(published: PublishedModel) -> dict[str, str]:
     }
 
 
+def verify_student(store: Store, student: ModelRef) -> None:
+    """Hash every stored file of the student against its output's manifest; raise, before anything is written or
+    pushed, when one doesn't match (whatever ``store.verify`` says: what is published is always hashed)."""
+    check = store.verify_output(student.stage, student.fingerprint, f"publish: the student ({student.stage} output)")
+    folder = Path(check.path).resolve()
+    if not Path(student.model_path).resolve().is_relative_to(folder):
+        raise StillhouseError(
+            f"publish: the student's model folder {student.model_path} is not inside its verified store output "
+            f"{folder}; publish a student the pipeline trained into the store"
+        )
+
+
 @task(name="publish", cache_policy=NO_CACHE)
 def publish_task(
     config: PipelineConfig,
@@ -87,7 +102,9 @@ def publish_task(
         check.enforce(settings.license_override)
     elif not check.ok:
         logger.warning("publish: the folder is written, but pushing it would be refused:\n%s", check.report())
+    check_signing(config)  # the library and the key, before anything is written
     store = Store.from_config(config.store)
+    verify_student(store, student)
     publish_fingerprint = fingerprint(
         "publish",
         settings.model_dump(mode="json", exclude={"token_env", "hub_retries", "retry_backoff_s"}),
@@ -112,7 +129,8 @@ def publish_task(
         "prefect_flow_run_id": tracking.flow_run_id,
         "prefect_flow_run_url": tracking.flow_run_url,
         "code_version": code_version(),
-        "store": config.store.root,
+        "store": redact_url_credentials(config.store.root),
+        "publish_fingerprint": publish_fingerprint,  # part of content_sha256: a rerun finds its own Hub commit by it
     }
 
     def compute(stage_folder: Path) -> dict:

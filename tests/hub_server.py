@@ -10,6 +10,10 @@ newer client breaks the tests, measure it again rather than loosening the server
 Faults for tests of retries and atomicity: ``hub.inject("POST", r"/commit/", status=503)`` answers the
 next matching request with an error; ``drop=True`` closes the connection halfway through the
 request body, and ``after_handling=True`` applies the request and then drops the answer.
+``hub.hold("POST", r"/tag/")`` keeps matching requests waiting, unanswered, until the test releases
+them (``hold.release()``: they and any later match are dropped, never applied, until
+``hub.unhold(hold)``), so a test can stop a client at an exact point, e.g. to kill it between a commit
+and its tag.
 
 Set HF_HUB_DISABLE_XET=1 before importing huggingface_hub, or the client sends LFS files to a xet
 storage service this server does not offer. Downloads need nothing: the server never sends
@@ -111,6 +115,25 @@ class Fault:
     hits: int = 0
 
 
+@dataclass
+class Hold:
+    """Requests matching one of ``methods`` and ``path`` wait, unanswered, until `release`; then they, and every
+    later match until `LoopbackHub.unhold`, are dropped unapplied."""
+
+    methods: frozenset[str]
+    path: re.Pattern
+    released: threading.Event = field(default_factory=threading.Event)
+    arrived: threading.Event = field(default_factory=threading.Event)
+    held: int = 0
+
+    def wait_for_request(self, timeout_s: float) -> bool:
+        """Whether a matching request has arrived (and is being held) within ``timeout_s``."""
+        return self.arrived.wait(timeout_s)
+
+    def release(self) -> None:
+        self.released.set()
+
+
 class LoggedRequest(NamedTuple):
     method: str
     path: str  # raw (still URL-quoted) path, without the query string
@@ -176,6 +199,7 @@ class LoopbackHub:
         self.requests: list[LoggedRequest] = []
         self.server_errors: list[str] = []  # bugs in this server (answered with a 500)
         self.faults: list[Fault] = []
+        self.holds: list[Hold] = []
         self.url = ""
         self._upload_tickets: dict[str, str] = {}  # one-time LFS upload ticket -> oid
         self._lock = threading.RLock()
@@ -193,6 +217,8 @@ class LoopbackHub:
         return self
 
     def stop(self) -> None:
+        for hold in self.holds:  # held requests end (dropped) before the server waits for its threads
+            hold.release()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -227,6 +253,33 @@ class LoopbackHub:
         with self._lock:
             self.faults.append(fault)
         return fault
+
+    def hold(self, method: str, path_regex: str) -> Hold:
+        """Keep every request matching ``method`` (``"GET|HEAD"`` for either) and the raw path regex waiting until
+        ``hold.release()``, which drops them unapplied (the client sees a dropped connection, if it is still there).
+
+        hold = hub.hold("POST", r"/tag/")      # a push stops after its commit, before its tag
+        assert hold.wait_for_request(60)
+        """
+        hold = Hold(frozenset(method.upper().split("|")), re.compile(path_regex))
+        with self._lock:
+            self.holds.append(hold)
+        return hold
+
+    def unhold(self, hold: Hold) -> None:
+        """Stop holding or dropping what ``hold`` matches (its held requests are dropped first)."""
+        hold.release()
+        with self._lock:
+            self.holds.remove(hold)
+
+    def _take_hold(self, method: str, path: str) -> Hold | None:
+        with self._lock:
+            for hold in self.holds:
+                if method in hold.methods and hold.path.search(path):
+                    hold.held += 1
+                    hold.arrived.set()
+                    return hold
+        return None
 
     def _take_fault(self, method: str, path: str) -> Fault | None:
         with self._lock:
@@ -566,6 +619,12 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         auth = self.headers.get("Authorization", "")
         token = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else None
+        hold = hub._take_hold(self.command, url.path)
+        if hold is not None:
+            hold.released.wait(timeout=600)
+            hub.requests.append(LoggedRequest(self.command, url.path, token, 0))
+            self._drop_connection()
+            return
         fault = hub._take_fault(self.command, url.path)
         if fault is not None and fault.drop and not fault.after_handling:
             self.rfile.read(

@@ -276,6 +276,9 @@ def test_a_first_version_below_the_floor_is_registered_not_promoted_and_the_cons
     assert completed.returncode == 3, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "default floor (evaluate.gate.default_floor)" in completed.stdout
     assert "stays @candidate and was not published" in completed.stdout
+    # Not a terminal: no progress-bar rewrites, and no library deprecation noise.
+    assert "\r" not in completed.stdout + completed.stderr
+    assert "FutureWarning" not in completed.stderr
     client = MlflowClient(config["tracking"]["uri"])
     (version,) = client.search_model_versions("name='stillhouse-demo-student'")
     assert version.tags["stillhouse.gate"] == "failed"

@@ -59,3 +59,27 @@ def test_a_registered_student_carries_its_lineage_and_loads_as_champion(tmp_path
     # The same student again (same train fingerprint) reuses the version instead of piling up copies.
     again = register_student(config.registry, tracking, student, run_id, tags=lineage, license="apache-2.0")
     assert again.cached and again.version == registered.version
+
+
+def test_two_first_runs_of_a_fresh_project_share_the_new_database(tmp_path):
+    """Two processes start on a project with no MLflow database yet: MLflow's schema migrations would collide
+    (`table _alembic_tmp_experiments already exists`) without `prepare_database`'s lock; both get the one
+    experiment."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from stillhouse.registry.tracking import ensure_experiment; "
+        "print(ensure_experiment('first', sys.argv[1]))"
+    )
+    for attempt in range(2):
+        uri = f"sqlite:///{tmp_path / f'project-{attempt}' / 'mlflow.db'}"
+        runs = [
+            subprocess.Popen(
+                [sys.executable, "-c", script, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            for _ in range(2)
+        ]
+        results = [run.communicate(timeout=120) for run in runs]
+        assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in results]
+        assert len({out.strip() for out, _ in results}) == 1  # the same experiment id

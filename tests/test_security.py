@@ -1,12 +1,16 @@
 """Security: pickle weights refused, a model's own code runs only when allowed, paths and repo ids that
-could escape are refused, and tokens never reach anything the pipeline writes.
+could escape are refused, and secrets (Hub token, OpenAI key, the password in tracking.uri, the signing
+key) never reach anything the pipeline writes or prints.
 
 The pickle and the model code used here are real traps: each writes a marker file if it ever runs.
 """
 
 import json
+import os
 import pickle
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -153,6 +157,58 @@ def test_names_and_repo_ids_that_could_escape_are_refused(pipeline_raw, section,
 
 HUB_TOKEN = "hf_SENTINEL_hub_5e1f0c7a9d2b"
 OPENAI_KEY = "sk-SENTINEL-openai-8c3a6f1e4b70"
+TRACKING_PASSWORD = "pw-SENTINEL-mlflow-3d9e5a7c1f42"
+
+
+def basic_auth_available() -> bool:
+    try:
+        import flask_wtf  # noqa: F401 (mlflow[auth]: the basic-auth app needs it)
+    except ImportError:
+        return False
+    return True
+
+
+@contextmanager
+def mlflow_server_with_password(folder: Path, password: str) -> Iterator[tuple[str, bool]]:
+    """(URL, whether it checks credentials): `mlflow server --app-name basic-auth`, user `admin` with ``password``.
+
+    Without Flask-WTF (mlflow[auth]) the basic-auth app can't start: then a plain server, which ignores the
+    credentials; it still shows they never reach stdout, MLflow's database or Prefect. The password reaches
+    the server through its environment only, never a file under ``folder`` (which the test scans).
+    """
+    from servers import BIN, background, free_port, mlflow_server, wait_until_healthy
+
+    if not basic_auth_available():
+        with mlflow_server(folder) as url:
+            yield url, False
+        return
+    port = free_port()
+    (folder / "basic_auth.ini").write_text(
+        "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{folder / 'mlflow-auth.db'}\nadmin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # Checked once, then cached: a PBKDF2 comparison on each of the run's hundreds of requests is slow.
+        "auth_cache_ttl_seconds = 600\n"
+    )
+    command = [
+        str(BIN / "mlflow"),
+        *("server", "--app-name", "basic-auth"),
+        *("--backend-store-uri", f"sqlite:///{folder / 'mlflow-server.db'}"),
+        *("--artifacts-destination", str(folder / "mlflow-artifacts"), "--serve-artifacts"),
+        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+    ]
+    env = {
+        **os.environ,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_AUTH_CONFIG_PATH": str(folder / "basic_auth.ini"),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex(),
+    }
+    with background(command, folder / "mlflow-server.log", env) as process:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(f"{url}/health", process, folder / "mlflow-server.log")
+        yield url, True
 
 
 def files_below(folder: Path) -> dict[str, bytes]:
@@ -164,14 +220,20 @@ def files_below(folder: Path) -> dict[str, bytes]:
 def test_tokens_never_reach_anything_the_pipeline_writes(
     prefect_harness, pipeline_raw, tiny_teacher, tmp_path, monkeypatch, capfd, caplog
 ):
-    """The tiny pipeline with both secrets set: the student pushed to a Hub that needs the token, and the
-    teacher sampled behind an OpenAI-compatible server that needs the key. Every byte written is scanned."""
+    """The tiny pipeline with every secret set: the student pushed to a Hub that needs the token and signed with
+    a key from the environment, the teacher sampled behind an OpenAI-compatible server that needs the key, and
+    runs tracked on an MLflow server whose password is in tracking.uri. Every byte written or printed is
+    scanned."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
     from hub_server import LoopbackHub
     from huggingface_hub import constants
+    from mlflow.tracking import MlflowClient
     from openai_server import FakeOpenAIServer
     from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
 
     from stillhouse.flows.distill import distill
+    from stillhouse.registry.tracking import without_tracking_credentials
 
     home = tmp_path / "hf-home"
     for name, value in {
@@ -184,14 +246,35 @@ def test_tokens_never_reach_anything_the_pipeline_writes(
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
     monkeypatch.setenv("STILLHOUSE_TEST_OPENAI_KEY", OPENAI_KEY)
-    with LoopbackHub(tokens={HUB_TOKEN: "alice"}) as hub, FakeOpenAIServer(tiny_teacher) as teacher_server:
-        # The whole pipeline, published to the Hub with the token.
+    signing_key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    monkeypatch.setenv("STILLHOUSE_TEST_SIGNING_KEY", signing_key.decode())
+    signing_secret = "".join(signing_key.decode().splitlines()[1:-1])  # the PEM's base64 body
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # set by the run: restored afterwards
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    server_folder = tmp_path / "mlflow-server"
+    server_folder.mkdir()
+    with (
+        LoopbackHub(tokens={HUB_TOKEN: "alice"}) as hub,
+        FakeOpenAIServer(tiny_teacher) as teacher_server,
+        mlflow_server_with_password(server_folder, TRACKING_PASSWORD) as (mlflow_url, checks_password),
+    ):
+        host = mlflow_url.removeprefix("http://")
+        pipeline_raw["tracking"]["uri"] = f"http://admin:{TRACKING_PASSWORD}@{host}"
+        # The whole pipeline, published to the Hub with the token, signed.
         pipeline_raw["publish"] = {
             "repo_id": "alice/tiny-student",
             "endpoint": hub.url,
             "teacher_license": "apache-2.0",
+            "signing": {"key": "env:STILLHOUSE_TEST_SIGNING_KEY"},
         }
-        result = distill(parse_config(pipeline_raw))
+        # What the CLI does before the flow starts: the password leaves the config (Prefect stores a flow run's
+        # parameters) for MLflow's environment variables.
+        config = without_tracking_credentials(parse_config(pipeline_raw))
+        assert config.tracking.uri == mlflow_url
+        result = distill(config)
         assert result.published is not None and result.published.repo_id == "alice/tiny-student"
         # The same prompts sampled through the OpenAI-compatible engine with the key, in the same store,
         # MLflow and Prefect. Up to sampling: the key is used only there (tests/test_served_teacher.py
@@ -206,12 +289,23 @@ def test_tokens_never_reach_anything_the_pipeline_writes(
                 "backoff_seconds": 0,
             },
         )
-        served = distill(parse_config(pipeline_raw), until="sample")
+        served = distill(without_tracking_credentials(parse_config(pipeline_raw)), until="sample")
         assert served.samples.rows == result.samples.rows and not served.samples.cached
         # Both secrets were used, so the scan below means something.
         assert {request["authorization"] for request in teacher_server.requests} == {f"Bearer {OPENAI_KEY}"}
         assert any(request.token == HUB_TOKEN for request in hub.requests)
         assert not hub.server_errors, hub.server_errors
+        assert result.published.commit_oid and "model.sig" in hub.files("alice/tiny-student")
+        # The runs are on the server (which refuses requests without the password, when it checks them).
+        runs = MlflowClient(mlflow_url).search_runs(
+            [MlflowClient(mlflow_url).get_experiment_by_name("tests").experiment_id]
+        )
+        assert {run.info.run_id for run in runs} >= {result.mlflow_run_id, served.mlflow_run_id}
+        assert runs[0].data.params.get("tracking.uri", mlflow_url) == mlflow_url
+        if checks_password:
+            import httpx
+
+            assert httpx.get(f"{mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1").status_code == 401
         hub_files = {
             f"hub:{repo_id}@{sha}/{path}": content
             for (_, repo_id), repo in hub.repos.items()
@@ -230,13 +324,29 @@ def test_tokens_never_reach_anything_the_pipeline_writes(
         {"stdout": captured.out.encode(), "stderr": captured.err.encode(), "log records": caplog.text.encode()}
     )
     written.update(hub_files)
-    assert any(name.endswith("mlflow.db") for name in written) and str(prefect_db) in written
+    assert str(prefect_db) in written
     assert any(name.endswith("/README.md") for name in hub_files) and any(
         name.endswith("/model.safetensors") for name in hub_files
     )
-    for secret in (HUB_TOKEN, OPENAI_KEY):
+    assert any(name.endswith("mlflow-server.db") for name in written)
+    for secret in (HUB_TOKEN, OPENAI_KEY, TRACKING_PASSWORD, signing_secret):
         # Also a secret's distinctive middle, in case something wrote it truncated or quoted.
         for needle in (secret, secret[3:15]):
             leaks = [name for name, content in written.items() if needle.encode() in content]
             assert not leaks, f"{needle!r} found in {leaks}"
-    print(f"scanned {len(written)} files and streams, {sum(map(len, written.values())) / 1e6:.1f} MB: no secret found")
+    print(
+        f"scanned {len(written)} files and streams, {sum(map(len, written.values())) / 1e6:.1f} MB: no secret found "
+        f"(MLflow server {'with' if checks_password else 'WITHOUT'} basic auth)"
+    )
+
+
+def test_a_password_in_tracking_uri_stays_out_of_the_error_when_the_server_is_down(pipeline_raw, tmp_path, capsys):
+    from servers import free_port
+
+    pipeline_raw["tracking"]["uri"] = f"http://admin:{TRACKING_PASSWORD}@127.0.0.1:{free_port()}"
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(pipeline_raw))
+    assert main(["validate", str(config)]) == 2
+    captured = capsys.readouterr()
+    assert "the MLflow tracking server at http://127.0.0.1:" in captured.err and "does not answer" in captured.err
+    assert TRACKING_PASSWORD not in captured.err + captured.out and "admin" not in captured.err

@@ -47,3 +47,35 @@ def test_a_failed_compute_leaves_no_manifest_and_is_redone(tmp_path):
     redone = store.build("sample", "f2", lambda folder: {"ok": True})
     assert not redone.cached
     assert json.loads((tmp_path / "sample" / "f2" / MANIFEST).read_text())["ok"] is True
+
+
+def test_editing_the_teachers_chat_template_changes_the_sample_fingerprint(tmp_path, tiny_teacher, prompts_jsonl):
+    """The template decides what the teacher sees: samples made with the old one must not be reused."""
+    import shutil
+
+    from stillhouse.config import CurateConfig, SampleConfig
+    from stillhouse.data.curate import curate
+    from stillhouse.models import model_revision
+    from stillhouse.sampling.sample import sample_teacher
+
+    teacher = shutil.copytree(tiny_teacher, tmp_path / "teacher")
+    store = Store(tmp_path / "store")
+    dataset = curate(CurateConfig(source=str(prompts_jsonl)), store)
+    config = SampleConfig(teacher=str(teacher), max_new_tokens=4, top_k_logprobs=2, batch_size=64)
+    before = sample_teacher(config, dataset, store)
+    template = teacher / "chat_template.jinja"
+    assert template.is_file()
+    template.write_text(template.read_text().replace("<|user|>", "<|user|> "))
+    after = sample_teacher(config, dataset, store)
+    assert after.fingerprint != before.fingerprint and not after.cached
+    assert after.teacher_revision != before.teacher_revision
+
+    # Documentation is not read by loading, so it changes nothing.
+    revision = model_revision(str(teacher), None)
+    (teacher / "README.md").write_text("---\nlicense: apache-2.0\n---\n# edited card\n")
+    (teacher / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    assert model_revision(str(teacher), None) == revision
+    for name in ("tokenizer_config.json", "generation_config.json"):
+        (teacher / name).write_text((teacher / name).read_text() + " ")
+        assert model_revision(str(teacher), None) != revision
+        revision = model_revision(str(teacher), None)

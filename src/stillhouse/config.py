@@ -1454,6 +1454,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         *parents, leaf = path.split(".")
         for part in parents:
             child = node.setdefault(part, {})
+            if node is raw and part == "store" and isinstance(child, str):  # `store: path` is short for store.root
+                child = node[part] = {"root": child}
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {override!r}: {part!r} is not a section")
             node = child

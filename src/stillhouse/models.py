@@ -183,10 +183,19 @@ def vocabulary_difference(student: PreTrainedTokenizerBase, teacher: PreTrainedT
 
 
 def model_revision(model: str, revision: str | None, *, trust_remote_code: bool = False) -> str:
-    """The exact revision: for a local folder, a hash of its config and weight files; else the Hub revision."""
+    """The exact revision: for a local folder, a hash of every file loading can read; else the Hub revision.
+
+    Hashed: every regular file at the folder's top level (symlinks followed, as loading follows them),
+    whatever its name: config and generation config, weights, every tokenizer file (tokenizer.json,
+    vocab/merges, special tokens), chat templates (``chat_template.jinja`` changes the prompts a
+    teacher sees), model code. Left out: ``*.md`` (README, the model card) and hidden files (``.git*``,
+    ``.cache/``), which nothing loads, and subfolders, which ``from_pretrained`` doesn't read.
+    """
     path = Path(model)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in {".json", ".safetensors", ".bin"})
+        files = sorted(
+            p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() != ".md"
+        )
         digest = hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}" for p in files).encode()).hexdigest()
         return f"local-sha256:{digest[:16]}"
     config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)

@@ -219,3 +219,31 @@ def test_a_read_only_store_still_serves_completed_outputs_and_refuses_new_ones_n
     assert f"make {root} writable for this user" in message and "set `store:`" in message
     assert sorted(str(path) for path in root.rglob("*")) == before, "nothing was written, nothing lost"
     assert Store(root).manifest("curate", completed.fingerprint) is not None
+
+
+def test_a_damaged_output_in_a_read_only_store_is_refused_naming_it_never_reused(tmp_path, prompts_jsonl):
+    root = tmp_path / "store"
+    config = CurateConfig(source=str(prompts_jsonl))
+    completed = curate(config, Store(root))
+    (tmp_path / "curate.json").write_text(config.model_dump_json())
+    damaged = root / "curate" / completed.fingerprint / "train.parquet"
+    content = bytearray(damaged.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(content))
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    before = {str(path): path.stat().st_mtime_ns for path in root.rglob("*")}
+    try:
+        refused = run_without_write_permission(
+            [sys.executable, "-c", WRITE, str(tmp_path / "curate.json"), "-", str(root), "0"]
+        )
+    finally:
+        for path in [root, *root.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    message = error_line(refused.stderr)
+    assert f"cannot write the store output {root}/curate/{completed.fingerprint}" in message
+    assert "Permission denied" in message and f"make {root} writable for this user" in message
+    assert "Traceback" not in refused.stderr
+    assert f"{root}/curate/{completed.fingerprint} is invalid (train.parquet: sha256" in refused.stderr
+    assert {str(path): path.stat().st_mtime_ns for path in root.rglob("*")} == before, "nothing moved or written"

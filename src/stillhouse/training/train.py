@@ -39,6 +39,7 @@ Processes. ``num_processes`` > 1, ``nodes`` > 1 or ``strategy: fsdp`` run this s
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -66,7 +67,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from stillhouse import capabilities
 from stillhouse.config import KDConfig, OpenAIEngineConfig, TrainConfig
-from stillhouse.errors import InputError, StillhouseError
+from stillhouse.errors import InputError, Interrupted, StillhouseError
 from stillhouse.models import count_parameters, load_causal_lm, load_tokenizer, resolve_model, vocabulary_difference
 from stillhouse.refs import DatasetRef, ModelRef, SamplesRef
 from stillhouse.store import Store, fingerprint, write_json_atomic
@@ -83,6 +84,8 @@ TRAINER_STATE = "trainer_state.json"  # the last file Trainer writes into a chec
 LAUNCH_FIELDS = {"threads", "device", "trust_remote_code", "rendezvous", "rendezvous_id"}
 # Set by `launch_training` for the torchrun workers: they stop when the process that started them is gone.
 LAUNCHER_PID_ENV = "STILLHOUSE_LAUNCHER_PID"
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(StillhouseError):
@@ -284,6 +287,18 @@ class DistillationTrainer(Trainer):
         if self.args.fsdp_plugin_args is not None and not self.accelerator.is_fsdp2:
             enable_fsdp_on_cpu(self.accelerator, self.args.fsdp_plugin_args)
             self.is_fsdp_enabled = True
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """Resuming a student with tied embeddings: its checkpoint holds no `lm_head.weight` (the output layer *is* the
+        embedding), which Trainer reports as a missing key. Tied keys aren't missing; anything else still warns."""
+        model = self.accelerator.unwrap_model(self.model)
+        tied = getattr(model, "_tied_weights_keys", None) or {}
+        if getattr(model.config, "tie_word_embeddings", False) and tied:
+            missing = [key for key in load_result.missing_keys if not any(key.endswith(name) for name in tied)]
+            if len(missing) < len(load_result.missing_keys):
+                model.tie_weights()
+                load_result = type(load_result)(missing, load_result.unexpected_keys)
+        super()._issue_warnings_after_load(load_result)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """One micro-batch's forward and backward; a NaN or infinite loss stops training here.
@@ -602,9 +617,16 @@ def run_training(
         **weights,
     )
     resume = last_complete_checkpoint(checkpoints)  # a crashed run's progress, when it saved any
+    if resume is not None and trainer.is_world_process_zero():
+        log.info("train: resuming from %s (of %d steps)", Path(resume).name, config.max_steps)
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=resume)
+    except BaseException as error:
+        if isinstance(error, Exception | SystemExit):
+            raise
+        # Ctrl-C (KeyboardInterrupt), or SIGTERM as an orchestrator turns it into a BaseException of its own.
+        raise interrupted(trainer.state.global_step, config.max_steps, checkpoints) from None
     finally:
         if live_teacher == "served":
             teacher.close()
@@ -642,6 +664,18 @@ def run_training(
         # Checkpoints exist to resume an incomplete stage; once the student is saved they are dead weight.
         shutil.rmtree(checkpoints, ignore_errors=True)
     return result
+
+
+def interrupted(step: int | None, max_steps: int, checkpoints: Path) -> Interrupted:
+    """What a Ctrl-C or SIGTERM during training tells the user: where it stopped, and what a rerun resumes from."""
+    where = f"at step {step} of {max_steps}" if step is not None else f"before step {max_steps}"
+    newest = last_complete_checkpoint(checkpoints)
+    resume = (
+        f"rerun to resume from {Path(newest).name}"
+        if newest
+        else "no checkpoint was written yet, so a rerun starts training again (set train.save_steps to keep some)"
+    )
+    return Interrupted(f"train: interrupted {where}; {resume}")
 
 
 def process_figures(trainer: Trainer) -> list[dict]:
@@ -736,7 +770,10 @@ def launch_training(
         # A CPU run on a GPU machine hides the GPUs: torch FSDP2 builds its default device mesh on the machine's
         # accelerator (cuda:<local rank>) even for CPU tensors.
         environment["CUDA_VISIBLE_DEVICES"] = ""
-    completed = subprocess.run(command, env=environment)
+    try:
+        completed = subprocess.run(command, env=environment)
+    except KeyboardInterrupt:  # the workers got the same signal; `run` has stopped them
+        raise interrupted(None, config.max_steps, folder / "checkpoints") from None
     if completed.returncode != 0:
         if (folder / "error.txt").is_file():
             raise StillhouseError((folder / "error.txt").read_text())
