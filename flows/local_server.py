@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -122,10 +123,20 @@ def temporary_prefect_server(ready=None) -> Iterator[None]:
             ready()
         yield
         return
+    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
+    home_existed = home.exists()
     server = TemporaryServer()
     try:
         if ready is not None:
-            ready()  # imports and checks overlap the server's start-up
+            try:
+                ready()  # imports and checks overlap the server's start-up
+            except BaseException:
+                # A run refused by its checks leaves nothing behind, not even the database the server began to
+                # create (only a PREFECT_HOME this start made: an existing one may hold other runs).
+                server.stop()
+                if not home_existed:
+                    shutil.rmtree(home, ignore_errors=True)
+                raise
         os.environ["PREFECT_API_URL"] = server.wait()
         yield
     finally:

@@ -8,6 +8,8 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -17,6 +19,7 @@ from safetensors.torch import load_file
 
 from stillhouse.config import TrainConfig
 from stillhouse.errors import StillhouseError
+from stillhouse.sampling.teacher_outputs import SCHEMA_V1, read_shard
 from stillhouse.store import MANIFEST
 from stillhouse.training.train import NonFiniteLossError, train_student
 
@@ -26,16 +29,27 @@ ARCHITECTURE = {"hidden_size": 16, "num_layers": 2, "intermediate_size": 32, "nu
 POISONED_ROW = 40  # of the first shard; the trainer's seeded shuffle reaches it a few steps in
 
 
+def rewrite_logprobs(shard: Path, change) -> pd.DataFrame:
+    """Rewrite ``shard`` with each row's top-k log-probs replaced by ``change(row index, [positions, k] array)``.
+
+    Format 2 refuses to store NaN or +inf (`logprob_codes`), so the shard is written back in format 1 (float16),
+    which the reader still reads: exactly what an older Stillhouse, a broken teacher server or a bad conversion
+    could have left in a store.
+    """
+    rows = read_shard(shard)
+    rows["top_k_logprobs"] = [change(index, values.copy()) for index, values in enumerate(rows["top_k_logprobs"])]
+    columns = {name: list(rows[name]) for name in ("prompt_id", "split", "sample_index", "response_text")}
+    for name in ("response_token_ids", "top_k_ids", "top_k_logprobs", "tail_logprobs"):
+        columns[name] = [None if value is None else value.tolist() for value in rows[name]]
+    pq.write_table(pa.Table.from_pydict(columns, schema=SCHEMA_V1), shard)
+    return rows
+
+
 def poison_teacher_logprobs(samples_path: str, row: int) -> str:
     """Overwrite one row's top-k log-probs with NaN in its shard; returns the row's prompt id."""
     (shard,) = sorted(p for p in Path(samples_path).glob("shard-*.parquet"))[:1]
-    table = pq.read_table(shard)
-    column = table.column("top_k_logprobs").to_pylist()
-    column[row] = [[float("nan")] * len(position) for position in column[row]]
-    index = table.schema.get_field_index("top_k_logprobs")
-    table = table.set_column(index, table.schema.field(index), pa.array(column, type=table.schema.field(index).type))
-    pq.write_table(table, shard)
-    return table.column("prompt_id")[row].as_py()
+    rows = rewrite_logprobs(shard, lambda index, values: np.full_like(values, np.nan) if index == row else values)
+    return rows["prompt_id"][row]
 
 
 def test_a_nan_loss_stops_training_at_that_step_and_keeps_the_last_good_checkpoint(
@@ -89,13 +103,12 @@ def test_a_non_finite_loss_at_the_first_step_stops_with_no_checkpoint_and_nothin
     """+inf teacher log-probs in every row: the first step's loss is not finite (inf x 0 makes it NaN)."""
     store, dataset, samples = curate_and_sample(tmp_path / "store", tiny_teacher, prompts_jsonl)
     (shard,) = sorted(Path(samples.path).glob("shard-*.parquet"))[:1]
-    table = pq.read_table(shard)
-    column = table.column("top_k_logprobs").to_pylist()
-    column = [[[float("inf")] + values[1:] for values in row] for row in column]  # every row: the first step fails
-    index = table.schema.get_field_index("top_k_logprobs")
-    pq.write_table(
-        table.set_column(index, table.schema.field(index), pa.array(column, type=table.schema.field(index).type)), shard
-    )
+
+    def first_logprob_infinite(index, values):  # every row: the first step fails
+        values[:, 0] = np.inf
+        return values
+
+    rewrite_logprobs(shard, first_logprob_infinite)
     config = TrainConfig.model_validate(
         {"architecture": ARCHITECTURE, "method": "kd", "max_steps": 5, "batch_size": 8, "threads": 1, "device": "cpu"}
     )

@@ -304,6 +304,11 @@ def _decode_shard(table: pa.Table) -> pd.DataFrame:
     return frame
 
 
+def read_shard(path: str | Path) -> pd.DataFrame:
+    """One shard's rows, in `read_teacher_outputs`' shape."""
+    return _decode_shard(pq.read_table(path))
+
+
 def read_teacher_outputs(folder: str | Path, split: str | None = None) -> pd.DataFrame:
     """All rows of a teacher-output folder (optionally one split), in shard order, from shards of any format."""
     shards = sorted(Path(folder).glob("shard-*.parquet"))
