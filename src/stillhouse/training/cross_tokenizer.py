@@ -43,7 +43,8 @@ distributions renormalized over S (a position with no such token adds 0). With t
 outcomes are tempered as losses.py tempers a bucket (divided by τ, renormalized), the exact-match term over S
 exactly, and the result is × τ² like every loss in losses.py.
 
-Tokenizers must be fast (`check_alignable`); preflight calls it for the teacher and the student.
+Tokenizers must be fast (`check_alignable`). `check_kd_tokenizers` is the vocabulary rule of ``method: kd``
+(training and preflight): one vocabulary, or ``align`` set and both tokenizers alignable.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ import numpy as np
 import torch
 
 from stillhouse.errors import InputError
+from stillhouse.models import vocabulary_difference
 from stillhouse.training.losses import TopK, distillation_loss
 
 ALIGNS = ("uld", "byte")
@@ -116,6 +118,30 @@ def check_alignable(tokenizer, name: str) -> None:
             f"{where}: the tokenizer's character offsets for {_PROBE!r} are {offsets}, which do not cover the text, "
             f"so its tokens can't be placed in it. {fix}"
         )
+
+
+def check_kd_tokenizers(teacher_tokenizer, student_tokenizer, align: str) -> str | None:
+    """White-box KD's vocabulary rule; returns what differs between the vocabularies (None: they are one).
+
+    ``align: none`` compares token ids, so different vocabularies are refused with the fix (`InputError`).
+    With ``uld`` or ``byte`` any two tokenizers are accepted that can place their tokens in the text
+    (`check_alignable`), the same vocabulary included.
+    """
+    difference = vocabulary_difference(student_tokenizer, teacher_tokenizer)
+    if align == "none":
+        if difference is not None:
+            raise InputError(
+                "train.method: `kd` compares token distributions, but the student's vocabulary differs from the "
+                f"teacher's ({difference}): teacher and student tokenize differently. Set train.kd.align: byte "
+                "(or uld) to distill across tokenizers, or use method `sft` (black-box) or a student of the "
+                "teacher's family"
+            )
+        return None
+    if align not in ALIGNS:
+        raise ValueError(f"align must be none or one of {', '.join(ALIGNS)}; got {align!r}")
+    check_alignable(teacher_tokenizer, "sample.teacher")
+    check_alignable(student_tokenizer, "train.student")
+    return difference
 
 
 def token_spellings(tokenizer) -> list[bytes | None]:

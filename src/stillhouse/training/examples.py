@@ -4,6 +4,12 @@ and the batches they pad into.
 Both the training stage (the student learns on the train split) and the evaluation stage (it scores the
 held-out responses: perplexity, KL, top-1 agreement) build their examples here, so they tokenize and align
 the teacher's top-k the same way.
+
+Across tokenizers (``train.kd.align: uld | byte``) the stored top-k is in the teacher's vocabulary and its
+positions are the teacher's tokens: `build_examples` maps it onto the student's tokens once, here, into
+``cross_ids`` / ``cross_logprobs`` / ``cross_mask`` (`cross_tokenizer.offline_targets`), so no training step
+repeats that work. For a live teacher (online or served) it keeps what the teacher needs to score the response
+in its own tokenization: the prompt rendered with the teacher's chat template and the response text.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from stillhouse.data.curate import read_split
 from stillhouse.refs import DatasetRef, SamplesRef
 from stillhouse.sampling.hf_engine import render_prompts
 from stillhouse.sampling.teacher_outputs import read_teacher_outputs
+from stillhouse.training.cross_tokenizer import TokenizerPair, offline_targets
 
 
 def build_examples(
@@ -28,18 +35,34 @@ def build_examples(
     with_top_k: bool,
     max_seq_len: int,
     prompt_ids: set[str] | None = None,
+    align: str = "none",
+    pair: TokenizerPair | None = None,
+    with_teacher_prompts: bool = False,
 ) -> list[dict]:
     """Token ids, labels (prompt masked) and, ``with_top_k``, top-k targets aligned with the labels.
 
     ``prompt_ids`` keeps only those prompts' responses (all of the split when None).
+
+    Across tokenizers (``align`` ``uld`` or ``byte``, with ``pair`` the teacher's and ``tokenizer``'s
+    `TokenizerPair`): ``with_top_k`` gives ``cross_ids`` / ``cross_logprobs`` ``[length, k]`` and ``cross_mask``
+    ``[length]`` tensors (the stored top-k mapped onto the student's tokens, `cross_tokenizer.CrossTargets`)
+    instead of ``top_k_ids`` / ``top_k_logprobs``; ``with_teacher_prompts`` adds ``teacher_prompt_ids`` (the
+    prompt in the teacher's tokens, its chat template) and ``response_text``, for a live teacher to score.
     """
+    cross = align != "none"
+    if (cross or with_teacher_prompts) and pair is None:
+        raise ValueError(f"align={align!r} / with_teacher_prompts need the TokenizerPair of teacher and student")
     prompts = read_split(dataset, split).set_index("prompt_id")
     outputs = read_teacher_outputs(samples.path, split=split)
     if prompt_ids is not None:
         outputs = outputs[outputs["prompt_id"].isin(prompt_ids)]
     rendered = render_prompts(tokenizer, [json.loads(prompts.at[pid, "messages"]) for pid in outputs["prompt_id"]])
+    if with_teacher_prompts:
+        teacher_rendered = render_prompts(
+            pair.teacher, [json.loads(prompts.at[pid, "messages"]) for pid in outputs["prompt_id"]]
+        )
     examples = []
-    for prompt, row in zip(rendered, outputs.itertuples(index=False)):
+    for index, (prompt, row) in enumerate(zip(rendered, outputs.itertuples(index=False))):
         prompt_tokens = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if shared_vocabulary:
             response_ids = list(row.response_token_ids)
@@ -53,13 +76,28 @@ def build_examples(
             "labels": ([-100] * len(prompt_tokens) + response_ids)[:max_seq_len],
             "prompt_length": len(prompt_tokens),
         }
-        if with_top_k:
+        if with_top_k and cross:
+            # Once per example: the teacher's stored top-k at the student's positions, in its vocabulary.
+            targets = offline_targets(
+                pair,
+                align,
+                [row._asdict()],
+                [response_ids],
+                [len(prompt_tokens)],
+                len(input_ids),
+                k=samples.top_k_logprobs,
+            )
+            example["cross_ids"], example["cross_logprobs"], example["cross_mask"] = (t[0] for t in targets)
+        elif with_top_k:
             k = samples.top_k_logprobs
             # Teacher top-k for response token j sits at label position len(prompt) + j.
             example["top_k_ids"] = ([[0] * k] * len(prompt_tokens) + [list(ids) for ids in row.top_k_ids])[:max_seq_len]
             example["top_k_logprobs"] = ([[0.0] * k] * len(prompt_tokens) + [list(lp) for lp in row.top_k_logprobs])[
                 :max_seq_len
             ]
+        if with_teacher_prompts:
+            example["teacher_prompt_ids"] = pair.teacher(teacher_rendered[index], add_special_tokens=False)["input_ids"]
+            example["response_text"] = row.response_text
         examples.append(example)
     return examples
 
@@ -68,6 +106,8 @@ class PadCollator:
     """Right-pads a batch; labels with -100, top-k targets with zeros (masked by the labels).
 
     With ``with_prompts`` it also returns the prompts alone, left-padded, for on-policy rollouts.
+    Cross-tokenizer targets (``cross_*``) are padded the same way, ``cross_mask`` with False; a live teacher's
+    ``teacher_prompt_ids`` and ``response_text`` pass through as lists.
     """
 
     def __init__(self, pad_token_id: int, with_prompts: bool = False):
@@ -92,6 +132,11 @@ class PadCollator:
             if "top_k_ids" in example:
                 collated["top_k_ids"][row, :length] = torch.tensor(example["top_k_ids"])
                 collated["top_k_logprobs"][row, :length] = torch.tensor(example["top_k_logprobs"])
+        if "cross_ids" in batch[0]:
+            collated.update(_padded_cross_targets(batch, width))
+        if "teacher_prompt_ids" in batch[0]:
+            collated["teacher_prompt_ids"] = [example["teacher_prompt_ids"] for example in batch]
+            collated["response_text"] = [example["response_text"] for example in batch]
         if self.with_prompts:
             prompt_width = max(example["prompt_length"] for example in batch)
             collated["prompt_input_ids"] = torch.full((len(batch), prompt_width), self.pad_token_id)
@@ -101,3 +146,17 @@ class PadCollator:
                 collated["prompt_input_ids"][row, prompt_width - length :] = torch.tensor(example["input_ids"][:length])
                 collated["prompt_attention_mask"][row, prompt_width - length :] = 1
         return collated
+
+
+def _padded_cross_targets(batch: list[dict], width: int) -> dict[str, torch.Tensor]:
+    """``cross_ids`` / ``cross_logprobs`` ``[B, width, k]`` and ``cross_mask`` ``[B, width]``, right-padded."""
+    k = batch[0]["cross_ids"].shape[-1]
+    padded = {
+        "cross_ids": torch.zeros((len(batch), width, k), dtype=torch.long),
+        "cross_logprobs": torch.zeros((len(batch), width, k)),
+        "cross_mask": torch.zeros((len(batch), width), dtype=torch.bool),
+    }
+    for row, example in enumerate(batch):
+        for key, values in padded.items():
+            values[row, : len(example[key])] = example[key]
+    return padded

@@ -7,7 +7,12 @@
   top-k) or a server's top-k of every position (``served``: `ServedTeacher`, vLLM's ``prompt_logprobs``).
   With ``kd.lmbda`` > 0 a batch is, with that probability, replaced by the student's own samples scored
   by the live teacher (on-policy GKD; no cross-entropy on those). White-box KD needs student and teacher
-  to share a vocabulary (same token->id map).
+  to share a vocabulary (same token->id map), unless ``kd.align`` is set (below).
+- ``kd.align: byte | uld`` (cross-tokenizer KD, `cross_tokenizer`): teacher and student tokenize differently.
+  Their positions are matched where both start a token at the same byte of the response; ``byte`` maps the
+  teacher's top-k onto the student's vocabulary by byte prefixes (with a residual bucket) and applies
+  ``kd.kind``, ``uld`` compares sorted probability vectors. A stored top-k is mapped once, when the examples are
+  built; a live teacher (online, served, on-policy) scores the response text in its own tokens every batch.
 
 Sequence-level KD (GKD's ``seq_kd``) is what the offline data already is: the teacher's own responses.
 TRL's GKDTrainer is not used because it supports only its JSD on full teacher logits; stored top-k
@@ -71,6 +76,15 @@ from stillhouse.errors import InputError, Interrupted, StillhouseError
 from stillhouse.models import count_parameters, load_causal_lm, load_tokenizer, resolve_model, vocabulary_difference
 from stillhouse.refs import DatasetRef, ModelRef, SamplesRef
 from stillhouse.store import Store, fingerprint, write_json_atomic
+from stillhouse.training.cross_tokenizer import (
+    CrossTargets,
+    TokenizerPair,
+    check_kd_tokenizers,
+    cross_tokenizer_loss,
+    online_targets,
+    pair_tokenizers,
+    teacher_sequences,
+)
 from stillhouse.training.examples import PadCollator, build_examples
 from stillhouse.training.losses import TopK, cross_entropy, distillation_loss, distillation_loss_from_hidden
 
@@ -84,6 +98,8 @@ TRAINER_STATE = "trainer_state.json"  # the last file Trainer writes into a chec
 LAUNCH_FIELDS = {"threads", "device", "trust_remote_code", "rendezvous", "rendezvous_id"}
 # Set by `launch_training` for the torchrun workers: they stop when the process that started them is gone.
 LAUNCHER_PID_ENV = "STILLHOUSE_LAUNCHER_PID"
+# Batch entries of the cross-tokenizer path (`build_examples`), popped before the student's forward.
+CROSS_INPUTS = ("cross_ids", "cross_logprobs", "cross_mask", "teacher_prompt_ids", "response_text")
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +143,14 @@ def check_vocabularies(config: TrainConfig, teacher_tokenizer) -> str | None:
 
     Reads tokenizers only. A student built from scratch takes the teacher's tokenizer. A served teacher whose
     tokenizer is unknown (``teacher_tokenizer`` None) shares nothing: its responses are re-tokenized as text.
-    White-box ``kd`` between different vocabularies is refused.
+    White-box ``kd`` between different vocabularies is refused unless ``kd.align`` is set
+    (`cross_tokenizer.check_kd_tokenizers`); with it, both tokenizers must place their tokens in the text.
     """
+    check_align_settings(config)
+    kd_aligned = config.method == "kd" and config.kd.align != "none" and teacher_tokenizer is not None
     if config.student is None:
+        if kd_aligned:  # the student takes the teacher's tokenizer: the one it must be alignable
+            check_kd_tokenizers(teacher_tokenizer, teacher_tokenizer, config.kd.align)
         return None
     if teacher_tokenizer is None:
         difference = "the served teacher's tokenizer is unknown (sample.openai.tokenizer is null)"
@@ -137,6 +158,8 @@ def check_vocabularies(config: TrainConfig, teacher_tokenizer) -> str | None:
         student_tokenizer = load_tokenizer(
             resolve_model(config.student, "train.student"), trust_remote_code=config.trust_remote_code
         )
+        if config.method == "kd":
+            return check_kd_tokenizers(teacher_tokenizer, student_tokenizer, config.kd.align)
         difference = vocabulary_difference(student_tokenizer, teacher_tokenizer)
     if config.method == "kd" and difference is not None:
         raise InputError(
@@ -144,6 +167,24 @@ def check_vocabularies(config: TrainConfig, teacher_tokenizer) -> str | None:
             f"({difference}); use method `sft` (black-box) or a student of the teacher's family"
         )
     return difference
+
+
+def check_align_settings(config: TrainConfig) -> None:
+    """Refuse ``kd.align`` settings the cross-tokenizer path can't run, naming the field to change."""
+    kd = config.kd
+    if config.method != "kd" or kd.align == "none":
+        return
+    if kd.align == "uld" and config.loss_chunk_size is not None:
+        raise InputError(
+            "train.kd.align: uld sorts the student's whole next-token distribution, which train.loss_chunk_size "
+            "never holds at once; set train.loss_chunk_size: null, or use train.kd.align: byte (chunked)"
+        )
+    if kd.teacher == "online" and kd.online_top_k is None:
+        raise InputError(
+            f"train.kd.align: {kd.align} maps the teacher's top-k onto the student's tokens, but "
+            "train.kd.online_top_k is null (the online teacher's full distribution); set train.kd.online_top_k "
+            "(e.g. 20: the rest of its mass is kept as one outcome)"
+        )
 
 
 def cpu_cores() -> int:
@@ -256,7 +297,8 @@ class DistillationTrainer(Trainer):
     """`Trainer` whose loss is ``ce_weight * CE + kd_weight * divergence`` on shifted positions.
 
     ``teacher`` is the online teacher model (``kd.teacher: online``), a `ServedTeacher` (``served``), or None
-    (the stored top-k, or no teacher for ``sft``).
+    (the stored top-k, or no teacher for ``sft``). ``pair`` (``kd.align`` set): the teacher's and the student's
+    tokenizers; the KD term is then `cross_tokenizer_loss` against targets mapped onto the student's tokens.
     """
 
     def __init__(
@@ -270,10 +312,11 @@ class DistillationTrainer(Trainer):
         pad_token_id: int = 0,
         eos_token_id: int | None = None,
         loss_chunk_size: int | None = None,
+        pair: TokenizerPair | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.loss_chunk_size = loss_chunk_size
+        self.loss_chunk_size, self.pair = loss_chunk_size, pair
         self.ce_weight, self.kd_weight, self.kd = ce_weight, kd_weight, kd
         self.vocab_size, self.teacher = vocab_size, teacher
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
@@ -330,11 +373,14 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         stored = TopK(inputs.pop("top_k_ids"), inputs.pop("top_k_logprobs")) if "top_k_ids" in inputs else None
+        cross = {key: inputs.pop(key) for key in CROSS_INPUTS if key in inputs} if self.pair is not None else None
         prompt_ids, prompt_mask = inputs.pop("prompt_input_ids", None), inputs.pop("prompt_attention_mask", None)
         ce_weight = self.ce_weight
         if self.kd.lmbda > 0 and model.training and self.on_policy_draws.random() < self.kd.lmbda:
             inputs, labels = self.student_rollout(model, prompt_ids, prompt_mask)
             stored, ce_weight = None, 0.0  # the student's own samples are scored, not imitated
+            if cross is not None:  # the teacher scores the student's text, not the stored response
+                cross = {"teacher_prompt_ids": cross["teacher_prompt_ids"]}
         targets = labels[:, 1:]  # the output at t predicts the token at t+1
         divergence = {
             "kind": self.kd.kind,
@@ -350,21 +396,34 @@ class DistillationTrainer(Trainer):
             weight = gathered_weight(self.accelerator.unwrap_model(model).get_output_embeddings().weight)
             weight = weight[: self.vocab_size]
 
-            def loss_of(teacher, **options):
+            def loss_of(teacher, labels=targets, **options):
                 return distillation_loss_from_hidden(
-                    hidden[:, :-1], weight, teacher, targets, chunk_size=self.loss_chunk_size, **options
+                    hidden[:, :-1], weight, teacher, labels, chunk_size=self.loss_chunk_size, **options
                 )
 
             # Cross-entropy is forward KL to a one-hot teacher: its only outcome is the label (log-prob 0).
             one_hot = TopK(targets.clamp(min=0).unsqueeze(-1), torch.zeros(targets.shape + (1,), device=targets.device))
             loss = ce_weight * loss_of(one_hot, kind="forward_kl") if ce_weight > 0 else hidden.new_zeros(())
-            if self.kd_weight > 0:
+            if self.kd_weight > 0 and cross is not None:  # align byte (uld needs whole logits: refused chunked)
+                aligned = self.cross_tokenizer_targets(labels, cross)
+                kd_labels = targets.masked_fill(~aligned.mask, -100)  # no shared boundary, no target
+                loss = loss + self.kd_weight * loss_of(TopK(aligned.ids, aligned.logprobs), kd_labels, **divergence)
+            elif self.kd_weight > 0:
                 loss = loss + self.kd_weight * loss_of(self.teacher_distribution(inputs, stored), **divergence)
         else:
             outputs = model(**inputs)
             logits = outputs.logits[:, :-1, : self.vocab_size]  # rows past the shared vocabulary are padding
             loss = ce_weight * cross_entropy(logits, targets) if ce_weight > 0 else logits.new_zeros(())
-            if self.kd_weight > 0:
+            if self.kd_weight > 0 and cross is not None:
+                loss = loss + self.kd_weight * cross_tokenizer_loss(
+                    logits,
+                    self.cross_tokenizer_targets(labels, cross),
+                    targets,
+                    align=self.kd.align,
+                    uld_exact_weight=self.kd.uld_exact_weight,
+                    **divergence,
+                )
+            elif self.kd_weight > 0:
                 loss = loss + self.kd_weight * distillation_loss(
                     logits, self.teacher_distribution(inputs, stored), targets, **divergence
                 )
@@ -404,6 +463,49 @@ class DistillationTrainer(Trainer):
             return logits
         values, ids = logits.log_softmax(-1).topk(self.kd.online_top_k, dim=-1)
         return TopK(ids, values)
+
+    def cross_tokenizer_targets(self, labels: torch.Tensor, cross: dict) -> CrossTargets:
+        """``kd.align``: targets in the student's vocabulary for the shifted positions (``[B, T-1, k]``, mask
+        ``[B, T-1]``), aligned with ``labels[:, 1:]``.
+
+        The stored top-k was mapped when the examples were built. A live teacher scores the response text in its
+        own tokens (its chat-template prompt + the text re-tokenized, its EOS where the student's response ended)
+        and its top-k is mapped here: the stored response's text, or the student's decoded rollout.
+        """
+        if self.teacher is None:
+            ids, logprobs, mask = (cross[key] for key in ("cross_ids", "cross_logprobs", "cross_mask"))
+            return CrossTargets(ids[:, 1:], logprobs[:, 1:], mask[:, 1:])
+        starts, responses = [], []
+        for row in labels.tolist():  # the response is the labels' one run of counted tokens
+            start = next((j for j, label in enumerate(row) if label != -100), len(row))
+            starts.append(start)
+            responses.append([label for label in row[start:] if label != -100])
+        texts = cross.get("response_text") or [
+            self.pair.student.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            for ids in responses
+        ]
+        ended = [bool(ids) and ids[-1] == self.eos_token_id for ids in responses]
+        sequences = teacher_sequences(self.pair, cross["teacher_prompt_ids"], texts, ended)
+        if self.kd.teacher == "served":  # [B, L-1, k]: position t is its guess of token t+1
+            output = self.teacher.top_k(sequences.input_ids, sequences.attention_mask)
+        else:
+            with torch.no_grad():
+                output = self.teacher(
+                    input_ids=sequences.input_ids.to(labels.device),
+                    attention_mask=sequences.attention_mask.to(labels.device),
+                ).logits[..., : len(self.pair.teacher_spellings)]  # rows past its tokenizer are padding
+        targets = online_targets(
+            self.pair,
+            self.kd.align,
+            output,
+            sequences,
+            texts,
+            responses,
+            starts,
+            labels.shape[1],
+            k=self.kd.online_top_k,
+        )
+        return CrossTargets(*(values[:, 1:].to(labels.device) for values in targets))
 
     def student_rollout(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """Sample responses from the student; labels cover the generated tokens up to the first EOS.
@@ -534,6 +636,12 @@ def run_training(
     model, tokenizer = build_student(config, samples.teacher_tokenizer)
     if config.lora is not None:
         model = with_lora(model, config)
+    align = config.kd.align if config.method == "kd" else "none"
+    pair = (
+        pair_tokenizers(teacher_tokenizer, tokenizer, teacher_name="sample.teacher", student_name="train.student")
+        if align != "none"
+        else None
+    )
     examples = build_examples(
         dataset,
         samples,
@@ -542,6 +650,9 @@ def run_training(
         shared_vocabulary=difference is None,
         with_top_k=config.method == "kd" and live_teacher is None,
         max_seq_len=config.max_seq_len,
+        align=align,
+        pair=pair,
+        with_teacher_prompts=pair is not None and live_teacher is not None,
     )
     cpu = on_cpu(config)
     world_size = config.nodes * config.num_processes
@@ -614,6 +725,7 @@ def run_training(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         loss_chunk_size=config.loss_chunk_size,
+        pair=pair,
         **weights,
     )
     resume = last_complete_checkpoint(checkpoints)  # a crashed run's progress, when it saved any
@@ -797,7 +909,7 @@ def train_student(
 
     ``teacher_endpoint``: the sample stage's ``sample.openai``, used by ``kd.teacher: served`` when ``kd.served``
     is null. Before anything is written to the store, a student that doesn't share the teacher's vocabulary
-    (``kd``), a process count the machine lacks and a missing teacher server are refused.
+    (``kd`` without ``kd.align``), a process count the machine lacks and a missing teacher server are refused.
     """
     if config.student is not None:
         resolve_model(config.student, "train.student")
