@@ -18,7 +18,14 @@ import os
 import shlex
 import signal
 import sys
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from stillhouse.config import ConfigError, PipelineConfig, load_config
 from stillhouse.errors import Interrupted, StillhouseError
@@ -101,7 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     with_config(plan)
     with_hardware(plan)
-    commands.add_parser("schema", help="print every config field with its type, default and description (JSON Schema)")
+    schema = commands.add_parser(
+        "schema",
+        help="the config's sections, or one section's fields with type, default and description",
+        description="Without SECTION: the config's sections. With one (e.g. `stillhouse schema train`): every field "
+        "of it, nested ones as dotted paths (train.kd.temperature), with type, default and description.",
+    )
+    schema.add_argument("section", nargs="?", default=None, metavar="SECTION", help="e.g. curate, sample, train")
+    schema.add_argument("--json", action="store_true", help="print JSON Schema (of the whole config, or of SECTION)")
     pull = commands.add_parser(
         "pull",
         help="download a published student, verify it against its stillhouse.json, then prompt or chat with it",
@@ -186,13 +200,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def print_summary(result, config: PipelineConfig, command: str) -> None:
+def summary_console():
+    """A console for the summary: in a terminal, its width; piped or redirected, lines are never wrapped, so a
+    command or URL stays one line to copy (rich would cut them at 80 columns)."""
     from rich.console import Console
+
+    return Console(soft_wrap=True) if sys.stdout.isatty() else Console(width=200, soft_wrap=True)
+
+
+def registered_line(result) -> str:
+    """``Registered: models:/x@candidate (version 3), also models:/x@champion``: every alias the version holds."""
+    registered = result.registered
+    aliases = [registered.alias]
+    try:
+        from stillhouse.registry.tracking import version_aliases
+
+        aliases = version_aliases(result.tracking_uri, registered.name, registered.version) or aliases
+    except Exception:  # the summary never fails a finished run: the alias it set is known anyway
+        pass
+    first = registered.alias if registered.alias in aliases else aliases[0]
+    line = f"Registered: models:/{registered.name}@{first} (version {registered.version})"
+    others = [alias for alias in aliases if alias != first]
+    return line + ("".join(f", also models:/{registered.name}@{alias}" for alias in others))
+
+
+def print_summary(result, config: PipelineConfig, command: str) -> None:
     from rich.table import Table
 
     from stillhouse.evaluation.report import comparison_table
 
-    console = Console()
+    console = summary_console()
     if result.report:
         console.print(
             comparison_table(result.report.metrics, title=f"Stillhouse · {config.name}", verdict=result.verdict)
@@ -207,33 +244,233 @@ def print_summary(result, config: PipelineConfig, command: str) -> None:
     stages = Table(title="Stages")
     stages.add_column("stage")
     stages.add_column("seconds", justify="right")
-    stages.add_column("")
+    stages.add_column("output")
     for stage, seconds in result.seconds.items():
-        stages.add_row(stage, f"{seconds:.1f}", "reused from store" if result.cached.get(stage) else "")
+        stages.add_row(stage, f"{seconds:.1f}", "reused from store" if result.cached.get(stage) else "computed")
     stages.add_row("total", f"{sum(result.seconds.values()):.1f}", "")
     console.print(stages)
 
+    # URLs and commands are printed without markup: rich would read `[...]` in them as style tags.
     console.print(f"MLflow run: [bold]{result.mlflow_run_id}[/bold] (experiment {result.experiment_id})")
     console.print(
         f"  browse:  mlflow ui --backend-store-uri {result.tracking_uri} --port 5000   then open "
-        f"http://127.0.0.1:5000/#/experiments/{result.experiment_id}/runs/{result.mlflow_run_id}"
+        f"http://127.0.0.1:5000/#/experiments/{result.experiment_id}/runs/{result.mlflow_run_id}",
+        markup=False,
     )
     if result.registered:
-        console.print(f"Registered: {result.registered.model_uri} (version {result.registered.version})")
+        console.print(registered_line(result), markup=False)
     if result.published:
         published = result.published
         console.print(
             f"Published folder: {published.folder}"
-            + ("" if published.repo_id else "  (set publish.repo_id and a token to push it to the Hub)")
+            + ("" if published.repo_id else "  (set publish.repo_id and a token to push it to the Hub)"),
+            markup=False,
         )
         if published.repo_id:
             where = published.revision_url or f"https://huggingface.co/{published.repo_id}"
             endpoint = f" --endpoint {config.publish.endpoint}" if config.publish.endpoint else ""
             console.print(
                 f"  pushed to {where} (tag {published.tag}, commit {published.commit_oid})\n"
-                f"  pull it: stillhouse pull {published.repo_id} --revision {published.tag}{endpoint}"
+                f"  pull it: stillhouse pull {published.repo_id} --revision {published.tag}{endpoint}",
+                markup=False,
             )
-    console.print(f"Rerun: {command}")
+    console.print(f"Rerun: {command}", markup=False)
+
+
+def human_count(count: int) -> str:
+    """120640 -> 120.6K, 494032768 -> 494.0M."""
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if count >= size:
+            return f"{count / size:.1f}{unit}"
+    return str(count)
+
+
+def validation_lines(summary) -> list[str]:
+    """What `validate` found, as the lines it prints before `OK`."""
+    lines = ["Data:"]
+    for source in summary.sources:
+        where = f"  {source.name} ({source.source}; {source.kind}"
+        if source.rows is None:
+            lines.append(f"{where}): {source.note}")
+            continue
+        dropped = [
+            f"{count} {what}" for count, what in ((source.empty, "empty"), (source.skipped, "malformed, skipped"))
+        ]
+        duplicates = source.rows - source.distinct
+        dropped += [f"{duplicates} exact duplicate{'s' if duplicates > 1 else ''}"] if duplicates else []
+        dropped = [part for part in dropped if not part.startswith("0 ")]
+        lines.append(
+            f"{where}, format {source.format}): {source.rows:,} prompts"
+            + (f" ({', '.join(dropped)})" if dropped else "")
+            + f" -> train {source.train_rows:,}, eval {source.eval_rows:,}"
+        )
+    if summary.train_rows is not None:
+        lines.append(
+            f"  splits: train {summary.train_rows:,}, eval {summary.eval_rows:,} (eval_fraction "
+            f"{summary.eval_fraction}; {summary.split_caveat})"
+        )
+    for role, model in (("Teacher", summary.teacher), ("Student", summary.student)):
+        if isinstance(model, str):
+            lines.append(f"{role}: {model}")
+            continue
+        lines.append(
+            f"{role}: {model.reference}: {model.model_type}, {model.layers} layers x {model.hidden_size} hidden, "
+            f"{human_count(model.parameters)} parameters, vocabulary {model.vocab_size:,} (tokenizer: "
+            f"{model.tokenizer})"
+        )
+    k = summary.top_k
+    lines.append(
+        f"k (sample.top_k_logprobs): {k}"
+        + (" (the teacher's text only: black-box)" if k == 0 else " log-probs stored per token")
+    )
+    lines.append(f"Store: {summary.store}")
+    return lines
+
+
+@dataclass(frozen=True)
+class FieldRow:
+    """One config field as `stillhouse schema SECTION` shows it."""
+
+    path: str  # train.kd.temperature; a list of sections shows as curate.sources[].weight
+    type: str
+    default: str
+    description: str
+
+
+def type_name(annotation: Any) -> str:
+    """A field's type as a user writes it in YAML: `float`, `kl | reverse_kl`, `str | null`, `list[str]`."""
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None):
+        return "null"
+    if origin is Literal:
+        return " | ".join("null" if value is None else str(value) for value in arguments)
+    if origin in (Union, types.UnionType):
+        return " | ".join(dict.fromkeys(type_name(argument) for argument in arguments))
+    if origin in (list, tuple, set):
+        return f"list[{type_name(arguments[0])}]" if arguments else "list"
+    if origin is dict:
+        return f"dict[{', '.join(type_name(argument) for argument in arguments)}]" if arguments else "dict"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "section"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def nested_model(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """(the pydantic model inside ``annotation`` or None, whether it sits in a list)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    for argument in typing.get_args(annotation):
+        model, in_list = nested_model(argument)
+        if model is not None:
+            return model, in_list or typing.get_origin(annotation) in (list, tuple)
+    return None, False
+
+
+def default_text(field: FieldInfo) -> str:
+    if field.is_required():
+        return "required"
+    if field.default_factory is not None:
+        value = field.default_factory()
+        return "(below)" if isinstance(value, BaseModel) else json.dumps(value)
+    value = field.default
+    if isinstance(value, BaseModel):
+        return "(below)"
+    return "null" if value is None else json.dumps(value) if not isinstance(value, str) else value
+
+
+def config_fields(section: str) -> list[FieldRow]:
+    """Every field of ``section``, nested sections flattened into dotted paths (`train.kd.temperature`)."""
+    rows: list[FieldRow] = []
+
+    def walk(path: str, field: FieldInfo) -> None:
+        first_line = (field.description or "").strip()
+        rows.append(FieldRow(path, type_name(field.annotation), default_text(field), first_line))
+        model, in_list = nested_model(field.annotation)
+        if model is not None:
+            for name, child in model.model_fields.items():
+                walk(f"{path}{'[]' if in_list else ''}.{name}", child)
+
+    walk(section, PipelineConfig.model_fields[section])
+    return rows
+
+
+def section_rows() -> list[tuple[str, str, str]]:
+    """(section, type, description) of every top-level key of a config."""
+    return [
+        (name, type_name(field.annotation), (field.description or "").strip())
+        for name, field in PipelineConfig.model_fields.items()
+    ]
+
+
+def section_schema(schema: dict, section: str) -> dict:
+    """The JSON Schema of one section: its property, and only the definitions it refers to (directly or not)."""
+    definitions, wanted, seen = schema.get("$defs", {}), [schema["properties"][section]], set()
+    while wanted:
+        node = wanted.pop()
+        if isinstance(node, dict):
+            reference = node.get("$ref", "")
+            name = reference.removeprefix("#/$defs/")
+            if reference and name not in seen:
+                seen.add(name)
+                wanted.append(definitions[name])
+            wanted.extend(node.values())
+        elif isinstance(node, list):
+            wanted.extend(node)
+    section_schema = dict(schema["properties"][section])
+    if seen:
+        section_schema["$defs"] = {name: definitions[name] for name in sorted(seen)}
+    return section_schema
+
+
+SCHEMA_WIDTH = 160  # piped schema tables: wide enough that a field's path and type stay on one line
+
+
+def schema_command(arguments: argparse.Namespace) -> int:
+    """`stillhouse schema [SECTION] [--json]`: the sections, one section's fields as a table, or JSON Schema."""
+    from stillhouse.config import did_you_mean
+
+    sections = PipelineConfig.model_fields
+    section = arguments.section
+    if section is not None and section not in sections:
+        suggestion = did_you_mean((), section).removeprefix("; did you mean `").removesuffix("`?")
+        hint = f"did you mean '{suggestion}'?" if suggestion else f"sections: {', '.join(sections)}"
+        print(f"error: unknown section {section!r}; {hint}", file=sys.stderr)
+        return 2
+    if arguments.json:
+        schema = PipelineConfig.model_json_schema()
+        if section is not None:
+            schema = section_schema(schema, section)
+        print(json.dumps(schema, indent=2))
+        return 0
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console() if sys.stdout.isatty() else Console(width=SCHEMA_WIDTH)
+    if section is None:
+        table = Table(title="Config sections (stillhouse schema SECTION for its fields, --json for JSON Schema)")
+        table.box = box.SIMPLE
+        for column in ("section", "type", "description"):
+            table.add_column(column, overflow="fold")
+        for name, kind, description in section_rows():
+            table.add_row(name, kind, description)
+        console.print(table)
+        return 0
+    rows = config_fields(section)
+    if len(rows) > 1:  # a section: its own row is the table's title
+        rows = rows[1:]
+        title = f"{section}: every field (set one with --set {section}.FIELD=VALUE)"
+    else:
+        title = f"{section} (set it with --set {section}=VALUE)"
+    table = Table(title=title, box=box.SIMPLE)
+    table.add_column("field", no_wrap=True)
+    table.add_column("type", overflow="fold", max_width=28)  # a Literal of many values wraps, not the description
+    table.add_column("default", overflow="fold", max_width=20)
+    table.add_column("description", overflow="fold", ratio=1)
+    for row in rows:
+        table.add_row(row.path, row.type, row.default, row.description)
+    console.print(table)
+    return 0
 
 
 def plan_command(arguments: argparse.Namespace) -> int:
@@ -298,14 +535,25 @@ def quiet_tracebacks_of_user_errors() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `stillhouse` command; a reader that stops early (`stillhouse schema --json | head`) ends it quietly."""
+    try:
+        code = run_command(argv)
+        sys.stdout.flush()  # here, not at interpreter exit, where a closed pipe can't be caught
+        return code
+    except BrokenPipeError:
+        # The reader has what it wanted. Point stdout at /dev/null so the interpreter's last flush doesn't complain.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def run_command(argv: list[str] | None = None) -> int:
     apply_embedded_defaults()  # before Prefect, MLflow or the Hub client is imported
     logging.getLogger("stillhouse").setLevel(logging.INFO)  # the core's own lines (resuming, mixtures) are shown
     arguments = build_parser().parse_args(argv)
     if arguments.command == "demo":
         arguments.config = DEMO_CONFIG
     if arguments.command == "schema":
-        print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
-        return 0
+        return schema_command(arguments)
     if arguments.command == "plan":
         return plan_command(arguments)
     if arguments.command == "pull":
@@ -345,10 +593,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print("registered: " + ", ".join(names))
         return 0
+    command = "stillhouse " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     try:
         config = load_config(resolve_config(arguments.config), arguments.overrides)
         if config.publish.endpoint and "huggingface.co" not in config.publish.endpoint:
             os.environ.setdefault("HF_HUB_DISABLE_XET", "1")  # a self-hosted Hub speaks plain LFS, not xet
+        from stillhouse.health import redact_url_credentials
         from stillhouse.preflight import preflight
         from stillhouse.registry.publish import check_signing
         from stillhouse.registry.tracking import without_tracking_credentials
@@ -363,10 +613,13 @@ def main(argv: list[str] | None = None) -> int:
 
         if arguments.command == "validate":  # bad hardware flags fail before anything is read
             from stillhouse.planning import check_plan, hardware_from_flags, plan_pipeline
+            from stillhouse.preflight import validation_summary
 
             hardware = hardware_from_flags(arguments.gpus, arguments.gpu_memory, arguments.nodes)
             checks()
+            summary = validation_summary(config)  # every row read and mapped; config.json and tokenizer files only
             check_plan(plan_pipeline(config, hardware))  # config.json files only: no weights load
+            print("\n".join(validation_lines(summary)))
             print(f"{arguments.config}: OK ({config.name}; fits {hardware.describe()})")
             return 0
         from stillhouse.flows.local_server import temporary_prefect_server
@@ -377,7 +630,14 @@ def main(argv: list[str] | None = None) -> int:
             from stillhouse.flows.distill import distill
 
             quiet_tracebacks_of_user_errors()
-            result = distill(config, until=arguments.until, checked=True)
+            result = distill(
+                config,
+                until=arguments.until,
+                checked=True,
+                # Prefect keeps a flow run's parameters: no password from a --set tracking.uri reaches it.
+                overrides=redact_url_credentials(list(arguments.overrides)),
+                command=redact_url_credentials(command),
+            )
     except (ConfigError, StillhouseError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -389,9 +649,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
-    print_summary(
-        result, config, "stillhouse " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    )
+    print_summary(result, config, command)
     return (
         0 if result.verdict is None or result.verdict.passed else 3
     )  # 3: ran fine, but the gate kept the student back

@@ -60,14 +60,25 @@ class PipelineResult(BaseModel):
 
 
 @flow(name="distill", log_prints=True, on_crashed=[mark_mlflow_run_crashed])
-def distill(config: PipelineConfig, until: Stage = Stage.publish, checked: bool = False) -> PipelineResult:
+def distill(
+    config: PipelineConfig,
+    until: Stage = Stage.publish,
+    checked: bool = False,
+    overrides: list[str] | None = None,
+    command: str | None = None,
+) -> PipelineResult:
     """Run the pipeline up to and including ``until``; ``checked``: the caller already ran `preflight` on this
-    config."""
+    config. ``overrides`` (the `--set` values already in ``config``) and ``command`` (the command line) name and
+    describe the MLflow run; they change nothing else."""
     if not checked:  # the CLI checks before Prefect starts; a deployment's run checks here
         preflight(config)
     # The flow run's UI page only when a Prefect server is configured (the ephemeral API has no UI).
     tracking = start_pipeline_run(
-        config, flow_run.get_id(), flow_run.get_flow_run_ui_url() if PREFECT_UI_URL.value() else None
+        config,
+        flow_run.get_id(),
+        flow_run.get_flow_run_ui_url() if PREFECT_UI_URL.value() else None,
+        overrides=overrides,
+        command=command,
     )
     link_mlflow_run(tracking)  # and the Prefect run points at its MLflow run
     result = PipelineResult(

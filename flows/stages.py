@@ -30,6 +30,7 @@ from stillhouse.flows.bundled import resolve_config
 from stillhouse.flows.distill import PipelineResult, distill
 from stillhouse.flows.environment import apply_embedded_defaults
 from stillhouse.flows.hooks import link_mlflow_run, record_failure
+from stillhouse.health import redact_url_credentials
 from stillhouse.preflight import preflight
 from stillhouse.refs import EvalReport, ModelRef, Stage
 from stillhouse.registry.model_registry import champion_version
@@ -58,7 +59,7 @@ def load_named_config(config: str, overrides: list[str] | None = None) -> Pipeli
 def run_until(config: str, overrides: list[str] | None, until: Stage) -> PipelineResult:
     settings = load_named_config(config, overrides)
     with concurrency(GPU_LIMIT, occupy=1, strict=False):
-        return distill(settings, until=until)
+        return distill(settings, until=until, overrides=redact_url_credentials(list(overrides or [])))
 
 
 @flow(name="stillhouse-pipeline", log_prints=True)
@@ -134,7 +135,9 @@ def evaluate_champion(config: str = "configs/demo.yaml", overrides: list[str] | 
     preflight(settings)
     version, champion = champion_student(settings)
     with concurrency(GPU_LIMIT, occupy=1, strict=False):
-        tracking = start_pipeline_run(settings, flow_run.get_id())
+        tracking = start_pipeline_run(
+            settings, flow_run.get_id(), overrides=redact_url_credentials(list(overrides or []))
+        )
         tag_run(tracking, {"stillhouse.champion_version": version})
         link_mlflow_run(tracking)
         try:

@@ -2,10 +2,12 @@
 
 The card is a README.md (`huggingface_hub.ModelCard`) whose metadata names the license, base
 model, teacher, data, method (`distillation_method`'s short tag) and the evals of teacher and
-student; its body says how the student was made, in words generated from the config
+student (models and data by their public names, `stillhouse.public_names`, never local paths); its
+body says how the student was made, in words generated from the config
 (`method_description`), with the same evaluation table as the terminal's. ``stillhouse.json``
-holds `provenance_record`: the teacher id and exact revision, tokenizer fingerprint, store
-fingerprints, the config (URL credentials dropped), the MLflow run, the Prefect flow run and the
+holds `provenance_record`: the teacher's public name and exact revision, tokenizer fingerprint, store
+fingerprints, the config (URL credentials dropped, local paths replaced by public names or ``<local path>``),
+the MLflow run that trained the student and the one that published it, the Prefect flow run and the
 code version; the stage adds the sha256 of every file beside it (``files``), `content_sha256` (what
 identifies this publish on the Hub, so an interrupted push completes instead of committing twice)
 and, when the folder is signed, the signature's file and the sha256 of the public key that checks it.
@@ -18,8 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from pathlib import Path
+from importlib.metadata import PackageNotFoundError, metadata
+from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -27,6 +29,7 @@ from stillhouse.config import PipelineConfig
 from stillhouse.evaluation.report import comparison_rows
 from stillhouse.health import redact_url_credentials
 from stillhouse.licenses import LICENSES, LicenseCheck
+from stillhouse.public_names import LOCAL, PublicNames, is_hub_id, is_local_path, public_names
 from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
 
 CARD_TEMPLATE = """---
@@ -35,7 +38,7 @@ CARD_TEMPLATE = """---
 
 # {{ model_name }}
 
-A student distilled by [Stillhouse](https://github.com/stillhouse) from the teacher **{{ teacher }}**
+A student distilled by {{ project }} from the teacher **{{ teacher }}**
 (revision `{{ teacher_revision }}`) with {{ method_long }}.
 It has {{ parameters }} parameters{{ ratio }}{{ base_model_sentence }}.
 
@@ -48,7 +51,7 @@ It has {{ parameters }} parameters{{ ratio }}{{ base_model_sentence }}.
 | method | {{ method_long }} |
 | data | {{ data }} |
 | prompts | {{ train_rows }} for training, {{ eval_rows }} held out for evaluation |
-| teacher outputs | {{ sample_rows }} responses, {{ generated_tokens }} generated tokens |
+| teacher outputs | {{ sample_rows }} responses (to training and held-out prompts), {{ generated_tokens }} tokens |
 | training | {{ train_seconds }} ({{ train_steps }}) |
 
 ## Evaluation (held-out prompts)
@@ -65,8 +68,8 @@ relying on it.
 
 ## Limitations
 
-A distilled student reproduces its teacher's mistakes and biases and adds its own: it was trained on
-{{ sample_rows }} teacher responses only, is weaker than the teacher outside that distribution, and
+A distilled student reproduces its teacher's mistakes and biases and adds its own: it was trained on the
+teacher's responses to {{ train_rows }} training prompts only, is weaker than the teacher outside that distribution, and
 was not safety-tuned beyond what it learned from the teacher. The evaluation above covers
 {{ eval_rows }} held-out prompts from the same data, not general ability.
 
@@ -92,8 +95,8 @@ or, with checksums verified against `stillhouse.json`: `stillhouse pull {{ repo 
 
 `stillhouse.json` records the teacher revision, tokenizer fingerprint, the store fingerprints of
 every stage (data `{{ data_fingerprint }}`, teacher outputs `{{ samples_fingerprint }}`, student
-`{{ student_fingerprint }}`), the full config and the sha256 of every file. Tracked as MLflow run
-{{ mlflow_link }}{{ flow_run_sentence }}; code version `{{ code_version }}`.
+`{{ student_fingerprint }}`), the full config and the sha256 of every file. Trained in MLflow run
+{{ mlflow_link }}{{ flow_run_sentence }}{{ publish_run_sentence }}; code version `{{ code_version }}`.
 """
 
 PROVENANCE_FILE = "stillhouse.json"
@@ -203,18 +206,19 @@ def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str | 
     return f"{redact_url_credentials(tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-def hub_datasets(config: PipelineConfig) -> list[str]:
-    """Hub dataset ids among the curation sources; local files and the demo are named in the card's body only."""
-    names = [entry.source for entry in config.curate.source_list()]
-    return [name for name in names if not name.startswith(("builtin:", "/", ".", "~")) and not Path(name).exists()]
-
-
-def looks_like_hub_id(reference: str | None) -> bool:
-    return (
-        bool(reference)
-        and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", reference) is not None
-        and not Path(reference).exists()
-    )
+def project_link(urls: list[str] | None = None) -> str:
+    """ "Stillhouse", linked to the project's page when the installed package declares one (pyproject's
+    ``[project.urls]``, read back as ``Project-URL: Label, URL``); never a made-up address."""
+    if urls is None:
+        try:
+            urls = metadata("stillhouse").get_all("Project-URL") or []
+        except PackageNotFoundError:
+            urls = []
+    by_label = {label.strip().lower(): url.strip() for label, _, url in (entry.partition(",") for entry in urls)}
+    for label in ("homepage", "repository", "source", "source code", "documentation"):
+        if by_label.get(label, "").startswith("https://"):
+            return f"[Stillhouse]({by_label[label]})"
+    return "Stillhouse"
 
 
 def eval_results(metrics: dict[str, float], dataset_name: str) -> list[EvalResult]:
@@ -253,7 +257,7 @@ def evaluation_rows(metrics: dict[str, float]) -> list[str]:
     return lines
 
 
-def license_section(config: PipelineConfig, check: LicenseCheck) -> str:
+def license_section(config: PipelineConfig, check: LicenseCheck, names: PublicNames) -> str:
     student = LICENSES.get(check.student_license)
     lines = [
         f"This model is released under **{student.name if student else config.publish.license}**"
@@ -261,12 +265,8 @@ def license_section(config: PipelineConfig, check: LicenseCheck) -> str:
     ]
     if check.teacher_license:
         lines.append(
-            f"The teacher {config.sample.teacher} is under `{check.teacher_license}`"
-            + (
-                f"; the base model {config.train.student} under `{check.base_model_license}`."
-                if config.train.student
-                else "."
-            )
+            f"The teacher {names.teacher} is under `{check.teacher_license}`"
+            + (f"; the base model {names.base_model} under `{check.base_model_license}`." if names.base_model else ".")
         )
     if check.obligations:
         lines.append("\nTerms passed on from the teacher and base model:\n")
@@ -296,53 +296,57 @@ def model_card(
     lineage: dict,
 ) -> ModelCard:
     """The model card: Hub metadata (license, base_model, tags, datasets, model-index for teacher and student) and a
-    body."""
+    body.
+
+    Models and data are named by their public names (`stillhouse.public_names`), never by the local paths they
+    were read from; the MLflow run is the one that trained the student (``lineage["mlflow_run_id"]``), and the
+    run that published it is named beside it when it is another.
+    """
     metrics, method = report.metrics, distillation_method(config)
-    data_sources = [entry.source for entry in config.curate.source_list()]
+    names = public_names(config)
     student_license = LICENSES.get(check.student_license)
     license_fields = (
         {"license": check.student_license}
         if student_license is None or student_license.hub_id
         else {"license": "other", "license_name": check.student_license, "license_link": student_license.url}
     )
-    base_model = config.train.student if looks_like_hub_id(config.train.student) else None
     model_name = (config.publish.repo_id or config.name).split("/")[-1]
     data = ModelCardData(
         **license_fields,
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=["distillation", "stillhouse", *method.split("+"), f"distillation-{method.split('+')[0]}"],
-        base_model=base_model,
-        datasets=hub_datasets(config) or None,
+        base_model=names.base_model if is_hub_id(names.base_model) else None,  # the Hub links it: ids only
+        datasets=[name for name in names.datasets if is_hub_id(name)] or None,
         model_name=model_name,
         eval_results=eval_results(metrics, f"{config.name} held-out prompts") or None,
     )
     data.stillhouse = {
-        "teacher": config.sample.teacher,
+        "teacher": names.teacher,
         "teacher_revision": samples.teacher_revision,
         "method": method,
-        "data": data_sources,
+        "data": names.datasets,
         "mlflow_run_id": lineage.get("mlflow_run_id"),
     }
     run_url = lineage.get("mlflow_run_url")
     run_id = lineage.get("mlflow_run_id") or "(not tracked)"
     flow_run = lineage.get("prefect_flow_run_id")
+    publish_run = lineage.get("mlflow_publish_run_id")
     return ModelCard.from_template(
         data,
         template_str=CARD_TEMPLATE,
         model_name=model_name,
-        teacher=config.sample.teacher,
+        project=project_link(),
+        teacher=names.teacher,
         teacher_revision=samples.teacher_revision,
         method_long=method_description(config),
         parameters=f"{student.parameters:,}",
         ratio=f" ({metrics['parameter_ratio']:.1%} of the teacher's)"
         if "parameter_ratio" in metrics
         else "",  # a served teacher's size is unknown
-        base_model_sentence=f", fine-tuned from {config.train.student}"
-        if config.train.student
-        else ", trained from scratch",
-        base_model=config.train.student or "none: initialized from scratch",
-        data=", ".join(data_sources),
+        base_model_sentence=f", fine-tuned from {names.base_model}" if names.base_model else ", trained from scratch",
+        base_model=names.base_model or "none: initialized from scratch",
+        data=", ".join(names.datasets),
         train_rows=f"{dataset.train_rows:,}",
         eval_rows=f"{dataset.eval_rows:,}",
         sample_rows=f"{samples.rows:,}",
@@ -350,7 +354,7 @@ def model_card(
         train_seconds=f"{student.train_seconds:,.0f} s of training",
         train_steps=f"{config.train.max_steps} steps, batch {config.train.batch_size}",
         metric_rows="\n".join(evaluation_rows(metrics)) or "| (none) | – | – |",
-        license_text=license_section(config, check),
+        license_text=license_section(config, check, names),
         repo=config.publish.repo_id or "PATH_TO_THIS_FOLDER",
         data_fingerprint=dataset.fingerprint,
         samples_fingerprint=samples.fingerprint,
@@ -359,8 +363,26 @@ def model_card(
         if run_url
         else f"`{run_id}` (experiment `{config.tracking.experiment}`)",
         flow_run_sentence=f" from Prefect flow run `{flow_run}`" if flow_run else "",
+        publish_run_sentence=f"; published from MLflow run `{publish_run}`"
+        if publish_run and publish_run != lineage.get("mlflow_run_id")
+        else "",
         code_version=lineage.get("code_version", "unknown"),
     )
+
+
+def public_values(value: Any, replacements: dict[str, str]) -> Any:
+    """``value`` (JSON-like) with every local path replaced: a reference that has a public name by that name, any
+    other path on this machine (the store, a sqlite tracking database, a key file) by ``<local path>``."""
+    if isinstance(value, dict):
+        return {key: public_values(item, replacements) for key, item in value.items()}
+    if isinstance(value, list):
+        return [public_values(item, replacements) for item in value]
+    if isinstance(value, str):
+        if value in replacements:
+            return replacements[value]
+        if value.startswith(("/", "~", "file:", "sqlite:///")):
+            return LOCAL
+    return value
 
 
 def provenance_record(
@@ -371,19 +393,40 @@ def provenance_record(
     report: EvalReport,
     lineage: dict,
 ) -> dict:
-    """What ``stillhouse.json`` says about where the student came from (the file checksums are added when written)."""
-    return {
+    """What ``stillhouse.json`` says about where the student came from (the file checksums are added when written).
+
+    It is published with the card: the teacher, base model and data are named by their public names, and
+    every other local path (the store, an sqlite tracking database, a signing key file) reads ``<local path>``;
+    what identifies their content stays: the teacher's revision (a hash of a local folder's files) and the
+    store fingerprints.
+    """
+    names = public_names(config)
+    replacements = {}
+    if is_local_path(config.sample.teacher):
+        replacements[config.sample.teacher] = names.teacher if config.publish.teacher_name else LOCAL
+    if is_local_path(config.train.student):
+        replacements[config.train.student] = names.base_model if config.publish.base_model_name else LOCAL
+    for entry in config.curate.source_list():
+        if is_local_path(entry.source):
+            replacements[entry.source] = LOCAL
+    record = {
         "pipeline": config.name,
         "teacher": {
-            "id": config.sample.teacher,
+            "id": names.teacher,
             "revision": samples.teacher_revision,
             "tokenizer_fingerprint": samples.tokenizer_fingerprint,
         },
-        "base_model": config.train.student,
+        "base_model": names.base_model,
         "method": distillation_method(config),
         "fingerprints": {ref.stage: ref.fingerprint for ref in (dataset, samples, student, report)},
-        "data": {"train_rows": dataset.train_rows, "eval_rows": dataset.eval_rows, "sample_rows": samples.rows},
+        "data": {
+            "sources": names.datasets,
+            "train_rows": dataset.train_rows,
+            "eval_rows": dataset.eval_rows,
+            "sample_rows": samples.rows,
+        },
         # Secrets never live in the config (only the *names* of environment variables), and URL credentials are dropped.
         "config": redact_url_credentials(config.model_dump(mode="json")),
         **lineage,
     }
+    return public_values(record, replacements)

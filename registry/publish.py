@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -35,11 +36,20 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
 from stillhouse.config import PipelineConfig, SigningConfig
-from stillhouse.errors import InputError
+from stillhouse.errors import InputError, StillhouseError
 from stillhouse.licenses import LicenseCheck
 from stillhouse.models import load_causal_lm, load_tokenizer
+from stillhouse.public_names import private_lines, public_names
 from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
-from stillhouse.registry.card import PROVENANCE_FILE, SIGNATURE_FILE, content_sha256, model_card, provenance_record
+from stillhouse.registry.card import (
+    CARD_TEMPLATE,
+    PROVENANCE_FILE,
+    SIGNATURE_FILE,
+    content_sha256,
+    mlflow_run_url,
+    model_card,
+    provenance_record,
+)
 from stillhouse.registry.hub import download_revision
 from stillhouse.registry.model_registry import RegisteredModel
 from stillhouse.registry.tracking import TrackingContext
@@ -110,6 +120,68 @@ def write_publish_folder(
         if key:  # last: the signature covers stillhouse.json too
             sign_folder(folder, key[0])
     return folder
+
+
+# -- nothing private on the Hub ----------------------------------------------------------------------
+
+TEXT_SUFFIXES = (".md", ".json", ".jinja", ".txt", ".yaml", ".yml")
+# The card template's own words: a login name that is one of them can't be told apart from the card's text.
+CARD_WORDS = frozenset(word.lower() for word in re.findall(r"[A-Za-z][A-Za-z0-9_-]+", CARD_TEMPLATE))
+
+
+def check_folder_is_public(folder: Path, config: PipelineConfig) -> None:
+    """Right before a push: no text file of ``folder`` (the card, stillhouse.json, configs) holds an absolute local
+    path, the home folder or the user's login name; `StillhouseError` quoting the first lines found otherwise.
+
+    `check_public_names` refused local model and data paths before the run; this reads what is really about
+    to leave the machine, whatever put it there.
+    """
+    allowed = [config.publish.repo_id or "", *public_names(config).given]
+    found = [
+        f"{path.name}: {line[:200]}"
+        for path in sorted(folder.iterdir())
+        if path.is_file() and path.suffix in TEXT_SUFFIXES
+        for line in private_lines(path.read_text(errors="replace"), allowed, ordinary_words=CARD_WORDS)
+    ]
+    if found:
+        shown = "\n".join(f"  {line}" for line in found[:10]) + (
+            f"\n  ... {len(found) - 10} more" if len(found) > 10 else ""
+        )
+        raise StillhouseError(
+            f"publish: not pushing {config.publish.repo_id}: the folder {folder} names a local path, the home folder "
+            f"or the login name:\n{shown}\nSet publish.teacher_name, publish.base_model_name and "
+            "publish.dataset_names to public names, and keep local paths and the login name out of the names the "
+            "card shows (config name, registry.model_name)"
+        )
+
+
+def training_run(tracking: TrackingContext, student: ModelRef, registered: RegisteredModel | None) -> dict:
+    """The MLflow runs that trained ``student``: the pipeline run (``mlflow_run_id``) and its nested stage run.
+
+    A rerun reuses the stored student, so the run publishing it is often not the one that trained it. The
+    training stage's nested run carries the student's fingerprint and ``stillhouse.cached = false`` (the stage
+    computed it); the newest such run in this experiment is the one whose weights the store holds. Without
+    one (the store came from elsewhere), the registered version's run stands in, then this run.
+    """
+    client = MlflowClient(tracking.tracking_uri)
+    found = client.search_runs(
+        [tracking.experiment_id],
+        filter_string=f"tags.`stillhouse.stage` = '{student.stage}' and "
+        f"tags.`stillhouse.fingerprint` = '{student.fingerprint}' and tags.`stillhouse.cached` = 'false'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    stage_run = found[0] if found else (client.get_run(registered.run_id) if registered is not None else None)
+    parent_id = stage_run.data.tags.get("mlflow.parentRunId") if stage_run is not None else None
+    parent = client.get_run(parent_id) if parent_id else client.get_run(tracking.parent_run_id)
+    experiment_id = parent.info.experiment_id
+    return {
+        "mlflow_run_id": parent.info.run_id,
+        "mlflow_experiment_id": experiment_id,
+        "mlflow_run_url": mlflow_run_url(tracking.tracking_uri, experiment_id, parent.info.run_id),
+        "mlflow_train_stage_run_id": stage_run.info.run_id if found else None,
+        "prefect_flow_run_id": parent.data.tags.get("prefect.flow_run_id") or None,
+    }
 
 
 # -- signing ----------------------------------------------------------------------------------------

@@ -31,6 +31,12 @@ from stillhouse.health import redact_url_credentials, split_url_credentials
 from stillhouse.refs import DatasetRef, SamplesRef
 
 DEFAULT_HOME = Path(".stillhouse")
+# Read by MLflow's UI (mlflow/server/js: `mlflow.experimentKind`, value CUSTOM_MODEL_DEVELOPMENT): the experiment
+# opens in its "Model training" view (runs, metrics, models) rather than the GenAI one (traces, prompts).
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+# MLflow shows this tag as a run's (or experiment's) description, rendered as Markdown.
+DESCRIPTION_TAG = "mlflow.note.content"
+RUN_NAME_LIMIT = 120  # what fits MLflow's run table; the full overrides are in the description
 
 
 class TrackingContext(BaseModel):
@@ -41,6 +47,7 @@ class TrackingContext(BaseModel):
     parent_run_id: str
     flow_run_id: str | None = None
     flow_run_url: str | None = None
+    method: str = ""  # the distillation method (`kd`, `sft`, `gkd+dpo`): stage runs are named after stage and method
 
 
 @cache
@@ -162,12 +169,15 @@ def ensure_experiment(name: str, uri: str) -> str:
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        key, kind = EXPERIMENT_KIND_TAG
+        if key not in experiment.tags:  # made before the tag existed, or by hand: a kind someone chose stays
+            MlflowClient(uri).set_experiment_tag(experiment.experiment_id, key, kind)
         return experiment.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:///"):  # embedded: keep artifacts beside the database, not in ./mlruns
         artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
     try:
-        return mlflow.create_experiment(name, artifact_location=artifact_location)
+        return mlflow.create_experiment(name, artifact_location=artifact_location, tags=dict([EXPERIMENT_KIND_TAG]))
     except MlflowException as error:
         experiment = mlflow.get_experiment_by_name(name)  # a concurrent first run created it a moment ago
         if experiment is None:
@@ -187,11 +197,47 @@ def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def short_override(override: str) -> str:
+    """``train.kd.temperature=2`` -> ``temperature=2``: the key's last part is what tells runs apart in a list."""
+    path, separator, value = override.partition("=")
+    return f"{path.rsplit('.', 1)[-1]}={value}" if separator else override
+
+
+def pipeline_run_name(config: PipelineConfig, overrides: list[str] | None = None) -> str:
+    """``nu-sft · kd``, plus the overrides in short form (``nu-sft · kd · max_steps=100``), cut to fit MLflow's list."""
+    from stillhouse.registry.card import distillation_method
+
+    name = f"{config.name} · {distillation_method(config)}"
+    if overrides:
+        name += " · " + " ".join(short_override(override) for override in overrides)
+    return name if len(name) <= RUN_NAME_LIMIT else name[: RUN_NAME_LIMIT - 1] + "…"
+
+
+def run_description(config: PipelineConfig, overrides: list[str] | None, command: str | None) -> str:
+    """The run's description (Markdown): the command that ran it and each override, so a run says how to rerun it."""
+    lines = [f"**{config.name}**, method `{config.train.method}`, teacher `{config.sample.teacher}`"]
+    if command:
+        lines += ["", "```", redact_url_credentials(command), "```"]
+    if overrides:
+        lines += ["", "Overrides:", *(f"- `{redact_url_credentials(override)}`" for override in overrides)]
+    elif not command:
+        lines += ["", "No overrides: the config file as written."]
+    return "\n".join(lines)
+
+
 def start_pipeline_run(
-    config: PipelineConfig, flow_run_id: str | None, flow_run_url: str | None = None
+    config: PipelineConfig,
+    flow_run_id: str | None,
+    flow_run_url: str | None = None,
+    *,
+    overrides: list[str] | None = None,
+    command: str | None = None,
 ) -> TrackingContext:
-    """The parent run; ``flow_run_url`` is the Prefect UI page of the flow run when a Prefect server (PREFECT_UI_URL)
-    is configured."""
+    """The parent run, named after the config, the method and ``overrides`` (the `--set` values of this run);
+    ``command`` (the command line) and the overrides go in its description. ``flow_run_url`` is the Prefect UI page
+    of the flow run when a Prefect server (PREFECT_UI_URL) is configured."""
+    from stillhouse.registry.card import distillation_method
+
     uri = tracking_uri(config.tracking)
     experiment_id = ensure_experiment(config.tracking.experiment, uri)
     client = MlflowClient(uri)
@@ -201,11 +247,13 @@ def start_pipeline_run(
         parent_run_id="",
         flow_run_id=flow_run_id,
         flow_run_url=flow_run_url,
+        method=distillation_method(config),
     )
     run = client.create_run(
         experiment_id,
-        run_name=config.name,
+        run_name=redact_url_credentials(pipeline_run_name(config, overrides)),
         tags={
+            DESCRIPTION_TAG: run_description(config, overrides, command),
             "stillhouse.pipeline": config.name,
             "teacher": config.sample.teacher,
             "student": config.train.student
@@ -235,7 +283,7 @@ def start_stage_run(context: TrackingContext, stage: str, params: dict[str, Any]
     client = MlflowClient(context.tracking_uri)
     run = client.create_run(
         context.experiment_id,
-        run_name=stage,
+        run_name=f"{stage} · {context.method}" if context.method else stage,
         tags={"mlflow.parentRunId": context.parent_run_id, "stillhouse.stage": stage},
     )
     client.log_batch(
@@ -317,6 +365,11 @@ def log_stage(
         metric_history=metric_history,
     )
     return run_id
+
+
+def version_aliases(uri: str, model_name: str, version: str) -> list[str]:
+    """The aliases a registered version holds now (`candidate`, `champion`, ...), as MLflow's registry says."""
+    return sorted(MlflowClient(uri).get_model_version(model_name, version).aliases)
 
 
 def tag_run(context: TrackingContext, tags: dict[str, str], run_id: str | None = None) -> None:

@@ -3,14 +3,17 @@ links.
 
     published = publish_task(config, dataset, samples, student, report, registered, tracking)
 
-Order: the license check (again: the config may have changed since preflight), the signing key
-(when ``publish.signing`` is set), the student's stored files hashed against their manifest (weights
-that changed after training are refused, never pushed), the folder (model, card, stillhouse.json,
-model.sig), the push (one commit + a tag; each Hub call retried inside `push_folder`,
+Order: the license check and the public names of teacher, base model and data (again: the config
+may have changed since preflight), the signing key (when ``publish.signing`` is set), the student's
+stored files hashed against their manifest (weights that changed after training are refused, never
+pushed), the folder (model, card, stillhouse.json, model.sig), a last read of its text for local
+paths and the login name, the push (one commit + a tag; each Hub call retried inside `push_folder`,
 so the task itself has no Prefect retries that would redo a finished commit), the round trip
 (download the revision into a fresh cache and compare greedy generations), then MLflow: the parent
 run, the publish run and the model version get the Hub repo, commit, tag and URLs, and the
-round-trip result. A failed round trip fails the task after it is recorded.
+round-trip result. A failed round trip fails the task after it is recorded. The card and
+stillhouse.json name the MLflow run that trained the student (`training_run`), which a rerun that
+only publishes is not, and the publishing run beside it.
 """
 
 from __future__ import annotations
@@ -27,22 +30,27 @@ from stillhouse.config import PipelineConfig
 from stillhouse.data.curate import read_split
 from stillhouse.errors import StillhouseError
 from stillhouse.licenses import check_pipeline_licenses
+from stillhouse.public_names import check_public_names
 from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
-from stillhouse.registry.card import mlflow_run_url, redact_url_credentials
+from stillhouse.registry.card import redact_url_credentials
 from stillhouse.registry.hub import push_folder
 from stillhouse.registry.model_registry import RegisteredModel
 from stillhouse.registry.publish import (
     PublishedModel,
     RoundTrip,
+    check_folder_is_public,
     check_signing,
     link_to_hub_revision,
     round_trip,
+    training_run,
     write_publish_folder,
 )
 from stillhouse.registry.tracking import TrackingContext, code_version, log_stage, section_params
 from stillhouse.store import Store, fingerprint
 
-CODE_VERSION = 3  # 2: stillhouse.json, license section, tag, round trip; 3: content_sha256, signature
+# 2: stillhouse.json, license section, tag, round trip; 3: content_sha256, signature; 4: public names, no local
+# paths, the teacher's terms, the training run
+CODE_VERSION = 4
 
 
 @task(name="push-to-hub", cache_policy=NO_CACHE)
@@ -100,6 +108,7 @@ def publish_task(
     check = check_pipeline_licenses(config)
     if settings.repo_id:
         check.enforce(settings.license_override)
+        check_public_names(config)
     elif not check.ok:
         logger.warning("publish: the folder is written, but pushing it would be refused:\n%s", check.report())
     check_signing(config)  # the library and the key, before anything is written
@@ -120,14 +129,14 @@ def publish_task(
         if settings.repo_id
         else None
     )
+    trained = training_run(tracking, student, registered)
     lineage = {
-        "mlflow_run_id": tracking.parent_run_id,
-        "mlflow_experiment_id": tracking.experiment_id,
+        **trained,  # mlflow_run_id and its URL, experiment and Prefect flow run: the run that trained the student
+        "mlflow_publish_run_id": tracking.parent_run_id,
+        "prefect_publish_flow_run_id": tracking.flow_run_id,
         "mlflow_tracking_uri": redact_url_credentials(tracking.tracking_uri),
-        "mlflow_run_url": mlflow_run_url(tracking.tracking_uri, tracking.experiment_id, tracking.parent_run_id),
         "registered_model": registered.model_dump(exclude={"cached"}) if registered else None,
-        "prefect_flow_run_id": tracking.flow_run_id,
-        "prefect_flow_run_url": tracking.flow_run_url,
+        "prefect_flow_run_url": tracking.flow_run_url if trained["mlflow_run_id"] == tracking.parent_run_id else None,
         "code_version": code_version(),
         "store": redact_url_credentials(config.store.root),
         "publish_fingerprint": publish_fingerprint,  # part of content_sha256: a rerun finds its own Hub commit by it
@@ -139,8 +148,15 @@ def publish_task(
         )
         if not settings.repo_id:
             return PublishedModel(folder=str(folder)).model_dump()
+        check_folder_is_public(folder, config)  # what is about to leave the machine, read once more
+        published_from = (
+            f" (published from run {tracking.parent_run_id})"
+            if trained["mlflow_run_id"] != tracking.parent_run_id
+            else ""
+        )
         description = (
-            f"MLflow run {tracking.parent_run_id}; publish fingerprint {publish_fingerprint}; code {code_version()}"
+            f"MLflow run {trained['mlflow_run_id']}{published_from}; publish fingerprint {publish_fingerprint}; "
+            f"code {code_version()}"
         )
         pushed = push_task(str(folder), config, tag, description)
         checked = round_trip_task(pushed, config, dataset) if settings.round_trip_prompts > 0 else None

@@ -10,6 +10,7 @@ import pytest
 from stillhouse.config import PipelineConfig
 from stillhouse.evaluation.report import comparison_rows
 from stillhouse.licenses import LicenseCheck
+from stillhouse.public_names import check_public_names, public_names
 from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
 from stillhouse.registry.card import distillation_method, evaluation_rows, method_description, model_card
 
@@ -149,10 +150,7 @@ def test_the_evaluation_table_uses_the_terminal_tables_labels():
     assert len(cells) == 4  # exact match, KL, perplexity, parameters; the baseline-only speed row is left out
 
 
-def test_the_card_carries_the_method_line_the_short_tag_and_the_table():
-    pipeline = config(
-        train={"method": "kd", "kd": {"kind": "reverse_kl", "teacher": "online"}}, feedback={"method": "dpo"}
-    )
+def card_refs() -> tuple[DatasetRef, SamplesRef, ModelRef, EvalReport]:
     common = {"path": "/x", "cached": True}
     dataset = DatasetRef(
         stage="curate", fingerprint="d" * 16, train_rows=96, eval_rows=24, has_references=True, counts={}, **common
@@ -178,10 +176,60 @@ def test_the_card_carries_the_method_line_the_short_tag_and_the_table():
         **common,
     )
     report = EvalReport(stage="evaluate", fingerprint="e" * 16, metrics=METRICS, **common)
+    return dataset, samples, student, report
+
+
+def test_the_card_carries_the_method_line_the_short_tag_and_the_table():
+    pipeline = config(
+        train={"method": "kd", "kd": {"kind": "reverse_kl", "teacher": "online"}}, feedback={"method": "dpo"}
+    )
     check = LicenseCheck("apache-2.0", "apache-2.0", "apache-2.0")
-    card = model_card(pipeline, dataset, samples, student, report, check, {})
+    card = model_card(pipeline, *card_refs(), check, {})
 
     assert f"| method | {method_description(pipeline)} |" in card.content
     assert card.data.stillhouse["method"] == "kd+dpo" and {"kd", "dpo", "distillation-kd"} <= set(card.data.tags)
     for line in evaluation_rows(METRICS):
         assert line in card.content
+
+
+def test_hub_ids_name_themselves_and_fill_the_metadata():
+    pipeline = config(curate={"source": "HuggingFaceH4/ultrachat_200k"}, publish={"repo_id": "alice/student"})
+    check_public_names(pipeline)  # Hub ids are public: nothing to set
+    card = model_card(pipeline, *card_refs(), LicenseCheck("apache-2.0", "apache-2.0", "apache-2.0"), {})
+    assert card.data.base_model == "org/student" and card.data.datasets == ["HuggingFaceH4/ultrachat_200k"]
+    assert "from the teacher **org/teacher**" in card.content and "fine-tuned from org/student" in card.content
+
+
+def test_the_demo_teacher_and_task_are_public_as_the_projects_demo():
+    pipeline = config(
+        curate={"source": "builtin:demo"},
+        sample={"teacher": "builtin:demo-teacher"},
+        train={
+            "student": None,
+            "architecture": {"hidden_size": 16, "num_layers": 2, "intermediate_size": 32, "num_heads": 2},
+        },
+        publish={"repo_id": "alice/demo-student"},
+    )
+    check_public_names(pipeline)  # the project's own demo needs no publish.*_name
+    names = public_names(pipeline)
+    assert names.teacher == "the Stillhouse demo teacher (builtin:demo-teacher)" and names.base_model is None
+    card = model_card(pipeline, *card_refs(), LicenseCheck("apache-2.0", "apache-2.0", None), {})
+    assert "from the teacher **the Stillhouse demo teacher (builtin:demo-teacher)**" in card.content
+    assert "| data | the Stillhouse demo task (builtin:demo) |" in card.content
+    assert card.data.datasets is None and card.data.base_model is None  # nothing on the Hub to link
+
+
+def test_a_publish_only_run_is_named_beside_the_training_run():
+    lineage = {"mlflow_run_id": "trained-run", "mlflow_publish_run_id": "publish-run"}
+    card = model_card(config(), *card_refs(), LicenseCheck("apache-2.0", "apache-2.0", "apache-2.0"), lineage)
+    assert "Trained in MLflow run\n`trained-run`" in card.content
+    assert "; published from MLflow run `publish-run`" in card.content and card.data.stillhouse["mlflow_run_id"] == (
+        "trained-run"
+    )
+    same = model_card(
+        config(),
+        *card_refs(),
+        LicenseCheck("apache-2.0", "apache-2.0", "apache-2.0"),
+        {"mlflow_run_id": "one-run", "mlflow_publish_run_id": "one-run"},
+    )
+    assert "published from" not in same.content

@@ -59,14 +59,21 @@ def test_bad_hardware_flags_are_refused_with_the_fix(tmp_path, pipeline_raw, cap
 
 
 def test_schema_lists_fields_with_descriptions(capsys):
-    assert main(["schema"]) == 0
+    assert main(["schema", "--json"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert "top_k_logprobs" in json.dumps(schema) and schema["properties"]["train"]
+    assert main(["schema", "sample"]) == 0
+    assert "sample.top_k_logprobs" in capsys.readouterr().out
 
 
 def test_validate_accepts_a_good_config(tmp_path, pipeline_raw, capsys):
     assert main(["validate", str(write_config(tmp_path, pipeline_raw))]) == 0
-    assert "OK" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].startswith(f"{tmp_path / 'exp.yaml'}: OK (tiny;")
+    # 122 rows: one empty, one exact duplicate; a student from train.architecture takes the teacher's vocabulary.
+    assert "121 prompts (1 empty, 1 exact duplicate) -> train" in out
+    assert "Student: train.architecture (built from scratch): llama, 2 layers x 16 hidden" in out
+    assert "vocabulary 85 (tokenizer: the teacher's)" in out  # the demo's character tokenizer
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,9 @@ def test_permissive_teacher_and_base_model_let_the_student_pick_its_license():
     )
     assert check.ok
     assert check.obligations == [
-        "The base model org/base is licensed under Apache License 2.0 (https://www.apache.org/licenses/LICENSE-2.0)."
+        "The teacher is licensed under Apache License 2.0 (https://www.apache.org/licenses/LICENSE-2.0); "
+        "the student was trained on its outputs.",
+        "The base model org/base is licensed under Apache License 2.0 (https://www.apache.org/licenses/LICENSE-2.0).",
     ]
 
 

@@ -191,7 +191,7 @@ def test_the_installed_wheel_runs_the_demo_schema_validate_and_deploy_help_from_
     ).stdout.splitlines()
     assert str(installed.parent) in where[0] and "site-packages" in where[0] and where[1] == "[]"
 
-    schema = stillhouse("schema")
+    schema = stillhouse("schema", "--json")
     assert schema.returncode == 0 and "train" in json.loads(schema.stdout)["properties"]
 
     shutil.copy(REPO / "configs" / "demo.yaml", work / "mine.yaml")

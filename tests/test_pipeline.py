@@ -26,7 +26,12 @@ def by_stage_after(client, result) -> dict:
 
 def test_pipeline_end_to_end_then_from_cache(prefect_harness, pipeline_raw, hub, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    pipeline_raw["publish"] = {"repo_id": "alice/tiny-student", "endpoint": hub.url}
+    pipeline_raw["publish"] = {
+        "repo_id": "alice/tiny-student",
+        "endpoint": hub.url,
+        "teacher_name": "alice/tiny-teacher",  # the teacher is a local folder: the card names it by its public name
+        "dataset_names": ["alice/tiny-prompts"],
+    }
     config = parse_config(pipeline_raw)
     result = distill(config)
 
@@ -83,7 +88,8 @@ def test_pipeline_end_to_end_then_from_cache(prefect_harness, pipeline_raw, hub,
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     assert model.generate(**inputs, max_new_tokens=4).shape[1] > inputs["input_ids"].shape[1]
     card = (folder / "README.md").read_text()
-    assert "license: apache-2.0" in card and "stillhouse" in card and str(config.sample.teacher) in card
+    assert "license: apache-2.0" in card and "stillhouse" in card and "alice/tiny-teacher" in card
+    assert str(config.sample.teacher) not in card
     provenance = json.loads((folder / "stillhouse.json").read_text())
     assert (
         provenance["mlflow_run_id"] == result.mlflow_run_id

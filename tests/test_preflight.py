@@ -104,3 +104,31 @@ def test_more_vllm_gpus_than_this_machine_has_are_refused_before_anything_loads(
     ):
         preflight(config)
     assert loaded == []
+
+
+def test_run_checks_the_first_batch_and_validate_every_row(tmp_path, pipeline_raw):
+    """`preflight` (run) reads a source's first batch; `validation_summary` (validate) every row, with curation's
+    own row errors, and counts what `on_error: skip` would drop."""
+    import json
+
+    from stillhouse.config import apply_overrides, parse_config
+    from stillhouse.errors import InputError
+    from stillhouse.preflight import check_sources, validation_summary
+
+    rows = [json.dumps({"prompt": f"reverse: {'abc'[i % 3]}{i}", "reference": "x"}) for i in range(250)]
+    rows[219] = '{"prompt": "reverse: cut'  # line 220, in the third batch of 100
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    raw = apply_overrides(
+        pipeline_raw, [f"curate.source={data}", "curate.batch_rows=100", "curate.category_column=null"]
+    )
+    config = parse_config(raw)
+    check_sources(config)  # the first 100 rows are fine
+    with pytest.raises(InputError, match=r"prompts.jsonl: line 220: not valid JSON.*set curate.on_error: skip"):
+        validation_summary(config)
+
+    skipping = validation_summary(parse_config(apply_overrides(raw, ["curate.on_error=skip"])))
+    (source,) = skipping.sources
+    assert (source.rows, source.skipped, source.format) == (249, 1, "columns")
+    assert source.train_rows + source.eval_rows == 249 and 0 < source.eval_rows < 249
+    assert skipping.store == str((tmp_path / "store").resolve()) and skipping.top_k == 4

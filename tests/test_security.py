@@ -267,6 +267,8 @@ def test_tokens_never_reach_anything_the_pipeline_writes(
         pipeline_raw["publish"] = {
             "repo_id": "alice/tiny-student",
             "endpoint": hub.url,
+            "teacher_name": "alice/tiny-teacher",
+            "dataset_names": ["alice/tiny-prompts"],
             "teacher_license": "apache-2.0",
             "signing": {"key": "env:STILLHOUSE_TEST_SIGNING_KEY"},
         }

@@ -416,7 +416,14 @@ def test_overwritten_student_weights_never_reach_the_hub(
     content[len(content) // 2 : len(content) // 2 + 4096] = b"\x7f" * 4096  # 4 KiB of the weights, overwritten
     weights.write_bytes(bytes(content))
     tampered = hashlib.sha256(content).hexdigest()
-    pipeline_raw["publish"] = {"repo_id": REPO, "endpoint": hub.url, "retry_backoff_s": 0.01, "round_trip_prompts": 2}
+    pipeline_raw["publish"] = {
+        "repo_id": REPO,
+        "endpoint": hub.url,
+        "retry_backoff_s": 0.01,
+        "round_trip_prompts": 2,
+        "teacher_name": "alice/tiny-teacher",
+        "dataset_names": ["alice/tiny-prompts"],
+    }
 
     # The publish stage on its own, handed the student the pipeline trained: it hashes what it would push, and refuses.
     config = parse_config(pipeline_raw)

@@ -1232,6 +1232,44 @@ class PublishConfig(StrictModel):
         min_length=1,
         description="Publish despite a license check failure; your reason, written into the model card.",
     )
+    teacher_name: str | None = Field(
+        None,
+        min_length=1,
+        description="The teacher's public name on the model card and in stillhouse.json (e.g. "
+        "`Qwen/Qwen2.5-1.5B-Instruct`); null uses sample.teacher when that is a Hub id, a served model's name or a "
+        "`builtin:` model. Needed to push (publish.repo_id) a student whose teacher was read from a local folder.",
+    )
+    base_model_name: str | None = Field(
+        None,
+        min_length=1,
+        description="The public name of train.student (the base model) on the card and in its `base_model:` "
+        "metadata (a Hub id links there); null uses train.student when that is a Hub id. Needed to push a student "
+        "fine-tuned from a local folder.",
+    )
+    dataset_names: list[str] = Field(
+        default_factory=list,
+        description="Public names of the training data, shown on the card instead of curate's sources; the Hub ids "
+        "among them (`org/name`) go into the card's `datasets:` metadata. Empty uses the sources when they are Hub "
+        "ids or `builtin:`; needed to push a student trained on local files.",
+    )
+
+    @field_validator("teacher_name", "base_model_name", "dataset_names")
+    @classmethod
+    def _public_names(cls, value: str | list[str] | None, info) -> str | list[str] | None:
+        """A public name is what a reader of the Hub page can look up: refuse a local path (the very thing these
+        fields keep off the card) and text that can't sit on one line of YAML metadata."""
+        where = f"publish.{info.field_name}"
+        for name in [value] if isinstance(value, str) else value or []:
+            check_name(name, where)
+            if not name.strip():
+                raise ValueError(f"{where}: a name is empty; write the public name, e.g. Qwen/Qwen2.5-1.5B-Instruct")
+            if name.startswith(("/", "~", "./", "../", "file:")) or "\\" in name or re.match(r"[A-Za-z]:[\\/]", name):
+                raise ValueError(
+                    f"{where}: {excerpt(name)} is a local path; write the public name readers can look up "
+                    "instead (a Hub id such as Qwen/Qwen2.5-1.5B-Instruct, or a short description)"
+                )
+        return value
+
     tag: str = Field(
         "v{version}",
         min_length=1,

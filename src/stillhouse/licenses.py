@@ -574,10 +574,11 @@ def check_licenses(
                     terms.clauses.get("outputs"),
                 )
             )
+        passed_on = len(check.obligations)
         if terms.name_prefix and (derivative or terms.naming_covers_outputs):
             if repo_id is None:
                 check.obligations.append(
-                    f"Name: a published copy's name must start with “{terms.name_prefix}” ({terms.name})."
+                    f"Name: a published copy's name must start with “{terms.name_prefix}” ({who}: {terms.name})."
                 )
             elif not _name_starts_with(repo_id, terms.name_prefix):
                 check.violations.append(
@@ -589,19 +590,34 @@ def check_licenses(
                 )
         if terms.attribution and (derivative or terms.naming_covers_outputs or "attribution" in terms.clauses):
             check.obligations.append(f"{terms.attribution}. ({who[0].upper() + who[1:]}: {terms.name}, {terms.url})")
-        if terms.use_policy and (derivative or terms.naming_covers_outputs):
+        # The teacher's use policy and non-commercial terms are passed on even where the student is not its
+        # derivative: where a license leaves room for a model trained on its outputs, take the stricter reading.
+        if terms.use_policy:
             check.obligations.append(
                 f"Use of this model is subject to {terms.use_policy}, passed on from the {who} ({terms.name})."
             )
-        elif derivative and "notice" in terms.clauses:
-            check.obligations.append(f"The {who} is licensed under {terms.name} ({terms.url}).")
+        if not terms.commercial:
+            check.obligations.append(f"Non-commercial use only, passed on from the {who} ({terms.name}, {terms.url}).")
+        if "notice" in terms.clauses or len(check.obligations) == passed_on:
+            # Every model's own terms are named, the teacher's too: the card's list is the union of both roles.
+            check.obligations.append(
+                f"The {who} is licensed under {terms.name} ({terms.url})"
+                + ("." if derivative else "; the student was trained on its outputs.")
+            )
     check.obligations = list(dict.fromkeys(check.obligations))
     return check
 
 
 def check_pipeline_licenses(config) -> LicenseCheck:
-    """`check_licenses` for a PipelineConfig: the ids from `publish`, else from the models' local README front matter."""
+    """`check_licenses` for a PipelineConfig: the ids from `publish`, else from the models' local README front matter.
+
+    The models are named by their public names (`stillhouse.public_names`): these messages and duties are
+    written into the model card.
+    """
+    from stillhouse.public_names import public_names
+
     publish, base_model = config.publish, config.train.student
+    names = public_names(config)
     teacher_license = publish.teacher_license or local_model_license(config.sample.teacher)
     base_model_license = publish.base_model_license or local_model_license(base_model)
     return check_licenses(
@@ -610,8 +626,8 @@ def check_pipeline_licenses(config) -> LicenseCheck:
         teacher_license,
         base_model_license,
         has_base_model=base_model is not None,
-        teacher_name=config.sample.teacher,
-        base_model_name=base_model or "",
+        teacher_name=names.teacher,
+        base_model_name=names.base_model or "",
     )
 
 

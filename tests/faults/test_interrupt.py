@@ -90,7 +90,12 @@ def test_an_interrupted_run_stops_fast_says_where_and_the_rerun_resumes(how, tmp
     runs = {
         r.info.run_name: r.info.status for r in client.search_runs([client.get_experiment_by_name(how).experiment_id])
     }
-    assert runs == {"demo": "KILLED", "curate": "FINISHED", "sample": "FINISHED", "train": "KILLED"}
+    assert runs == {
+        "demo · sft": "KILLED",
+        "curate · sft": "FINISHED",
+        "sample · sft": "FINISHED",
+        "train · sft": "KILLED",
+    }
 
     rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     output = rerun.stdout + rerun.stderr
