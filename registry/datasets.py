@@ -17,7 +17,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.types import ColSpec, Schema
 
 from stillhouse.refs import DatasetRef, PairsRef
-from stillhouse.registry.tracking import TrackingContext
+from stillhouse.registry.tracking import TrackingContext, use_tracking_uri
 
 COLUMNS = (("prompt_id", True), ("messages", True), ("reference", False), ("category", False), ("source", False))
 SPLIT_CONTEXTS = {"train": "training", "eval": "evaluation"}
@@ -36,7 +36,7 @@ def split_dataset(dataset: DatasetRef, split: str, name: str) -> MetaDataset:
 
 def log_curated_dataset(context: TrackingContext, run_id: str, dataset: DatasetRef, name: str) -> None:
     """Log both splits as dataset inputs of ``run_id`` and the curation report folder as its artifacts."""
-    mlflow.set_tracking_uri(context.tracking_uri)
+    use_tracking_uri(context.tracking_uri)
     with mlflow.start_run(run_id=run_id):
         for split, purpose in SPLIT_CONTEXTS.items():
             mlflow.log_input(split_dataset(dataset, split, name), context=purpose)
@@ -47,7 +47,7 @@ def log_curated_dataset(context: TrackingContext, run_id: str, dataset: DatasetR
 
 def log_preference_pairs(context: TrackingContext, run_id: str, pairs: PairsRef, name: str) -> None:
     """The judged preference pairs as a dataset input of the judge run (digest: the judge stage's fingerprint)."""
-    mlflow.set_tracking_uri(context.tracking_uri)
+    use_tracking_uri(context.tracking_uri)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source((Path(pairs.path) / "pairs.parquet").resolve().as_uri())

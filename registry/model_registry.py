@@ -19,7 +19,7 @@ from stillhouse.licenses import LICENSES
 from stillhouse.models import load_causal_lm, load_tokenizer
 from stillhouse.refs import DatasetRef, ModelRef, SamplesRef
 from stillhouse.registry.datasets import split_dataset
-from stillhouse.registry.tracking import TrackingContext, prepare_database
+from stillhouse.registry.tracking import TrackingContext, prepare_database, use_tracking_uri
 
 # mlflow.transformers.log_model infers torchvision otherwise, which breaks beside the CPU torch build.
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers"]
@@ -51,7 +51,7 @@ def log_training_inputs(
 
     Digests are the store fingerprints, so the MLflow UI shows the same dataset for every version trained on it.
     """
-    mlflow.set_tracking_uri(context.tracking_uri)
+    use_tracking_uri(context.tracking_uri)
     with (
         warnings.catch_warnings()
     ):  # MLflow registers its local-file source twice and warns that the choice is ambiguous
@@ -87,7 +87,7 @@ def register_student(
     A version already registered for the same trained student (same train fingerprint) is reused,
     so rerunning an unchanged config does not pile up identical versions.
     """
-    mlflow.set_tracking_uri(context.tracking_uri)
+    use_tracking_uri(context.tracking_uri)
     client = MlflowClient(context.tracking_uri)
     existing = find_version(client, config.model_name, student.fingerprint)
     if existing is not None:

@@ -147,6 +147,21 @@ def without_tracking_credentials(config: PipelineConfig) -> PipelineConfig:
 _prepared_databases: set[str] = set()
 
 
+def use_tracking_uri(uri: str) -> None:
+    """`mlflow.set_tracking_uri` for this process only.
+
+    MLflow also exports the URI as $MLFLOW_TRACKING_URI, for subprocesses; in a process that runs several
+    pipelines (`stillhouse serve`, a worker, a notebook) the next config without `tracking.uri` would then track
+    into the previous one's server instead of its own default. The variable keeps what the user set.
+    """
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def prepare_database(uri: str) -> None:
     """Create (or migrate) an embedded sqlite database under a lock, once per process.
 
@@ -166,7 +181,7 @@ def prepare_database(uri: str) -> None:
 def ensure_experiment(name: str, uri: str) -> str:
     """The id of experiment ``name`` at ``uri``, created when missing (also when another run creates it meanwhile)."""
     prepare_database(uri)
-    mlflow.set_tracking_uri(uri)
+    use_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         key, kind = EXPERIMENT_KIND_TAG

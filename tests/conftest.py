@@ -98,6 +98,19 @@ def upload_to_default_hub(hub, monkeypatch, folder: Path, repo_id: str) -> None:
     api.upload_folder(folder_path=str(folder), repo_id=repo_id)
 
 
+@pytest.fixture(autouse=True)
+def mlflow_environment_kept():
+    """A test that tracks into a server in this process must not point later tests' subprocesses at it."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    before = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("teacher"), hidden_size=48, seed=1)

@@ -3,6 +3,8 @@
 .venv/bin/python -m pytest tests/test_registry_mlflow.py -q
 """
 
+import os
+
 import mlflow
 import pytest
 from conftest import build_tiny_model
@@ -83,3 +85,18 @@ def test_two_first_runs_of_a_fresh_project_share_the_new_database(tmp_path):
         results = [run.communicate(timeout=120) for run in runs]
         assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in results]
         assert len({out.strip() for out, _ in results}) == 1  # the same experiment id
+
+
+def test_tracking_into_one_server_leaves_the_next_runs_default_alone(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports $MLFLOW_TRACKING_URI; in a process running several pipelines (serve, a
+    worker) the next config without tracking.uri would then track into the previous run's server."""
+    from stillhouse.config import TrackingConfig
+    from stillhouse.registry.tracking import ensure_experiment, tracking_uri, use_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ensure_experiment("first", f"sqlite:///{tmp_path / 'first.db'}")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert tracking_uri(TrackingConfig()).endswith(".stillhouse/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # the user's own choice is kept
+    use_tracking_uri(f"sqlite:///{tmp_path / 'second.db'}")
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
