@@ -175,6 +175,7 @@ def test_validate_prints_rows_splits_models_k_and_the_store(tmp_path, user_model
     config_path = user_config(tmp_path, user_models, data)
     completed = stillhouse("validate", config_path.name, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "deprecated" not in completed.stderr, completed.stderr  # no library noise (transformers 5: torch_dtype)
     out = completed.stdout
 
     # The split it announces is the one curation then makes (no filter removes any of these rows).

@@ -254,7 +254,8 @@ def shape_of(model, reference: str) -> ModelShape:
         if isinstance(module, torch.nn.Linear) and module is not output
     )
     heads = config.num_attention_heads
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    # transformers 5 reads config.json's `torch_dtype` into `dtype`; the old attribute only warns.
+    dtype = getattr(config, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     return ModelShape(
         reference=reference,
