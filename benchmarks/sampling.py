@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/sampling.py [--prompts 256] [--repeats 3] [--batch-size 128] [--batch-tokens 4096]
         [--threads CORES]
 
-1. Throughput on the bundled demo teacher, greedy, ``--threads`` torch threads for both: the naive loop sends one prompt
-   at a time through ``model.generate``; the engine (`stillhouse.sampling.hf_engine.generate`) sorts by
+1. Throughput on the bundled demo teacher, greedy, ``--threads`` torch threads for both, against a naive loop: a
+   strawman kept to show what batching alone gives. The honest peer, left-padded batched ``model.generate``, is
+   benchmarks/peer_sampling.py's (1.2-1.9x, see there). The naive loop sends one prompt at a time through
+   ``model.generate``; the engine (`stillhouse.sampling.hf_engine.generate`) sorts by
    length, batches under a token budget and decodes greedily in its own loop that retires finished
    rows. Both must give the same tokens. Medians over repeats, the modes alternating. The engine is
    measured without and with top-k capture (k = 16). ``prefill_ceiling_over_naive`` is the speed-up an

@@ -3,14 +3,16 @@
 Prompts are sorted by length and batched with left padding, each batch as large as ``batch_size``
 prompts and a token budget allow. Results come back in the caller's order.
 
-Greedy decoding runs its own loop (`greedy_batch`) instead of `model.generate`: it retires each row
+Greedy decoding runs its own loop (`greedy_generate`) instead of `model.generate`: it retires each row
 from the batch and the KV cache as soon as the row has finished, where `generate` keeps computing
 finished rows until the batch's longest answer ends, and it skips `generate`'s per-step set-up,
-which dominates for small models. Its outputs equal `generate`'s (tested). benchmarks/sampling.py
-measures the whole engine at about 10x the tokens/s of one-prompt-at-a-time `generate` on the demo
-teacher with both cores of a 2-core CPU (7-8x on one thread), where processing the prompts is more
-than half of the time. Sampling (temperature > 0) and models whose generation config changes greedy
-decoding (a repetition penalty, forced or suppressed tokens, ...) go through `model.generate`.
+which dominates for small models; prompts waiting in the queue join as rows retire (continuous batching). Its
+outputs equal `generate`'s (tested). Against the peer a user would write, left-padded batched `model.generate`
+with the same batch size (benchmarks/peer_sampling.py, one thread, medians of 3 alternating repeats, 2026-11-30
+on a shared 2-core CPU): 1.94x its tokens/s on a decode-dominated shape (a random 50M Llama, 48 prompts of
+48-80 tokens, answers of 1-128 tokens, 16 rows at once), 1.74x with top-16 capture, and 1.23x (1.26x) on the
+demo teacher, whose answers are about 6 tokens. Sampling (temperature > 0) and models whose generation config
+changes greedy decoding (a repetition penalty, forced or suppressed tokens, ...) go through `model.generate`.
 
     from stillhouse.sampling.hf_engine import generate, render_prompts   # a model at hand (the student, a judge)
     engine = HFEngine(model, tokenizer, batch_size=64)                    # the teacher, as an engine (engine.py)
