@@ -1,11 +1,17 @@
-"""Throughput of whole training steps on the demo student, by distillation mode.
+"""Throughput of whole training steps on the demo student, by distillation mode, against our own SFT.
 
     .venv/bin/python benchmarks/kd_training_step.py [--steps 100] [--repeats 3]
 
 Curates and samples the demo data into a temporary store, then trains the demo student for
 ``--steps`` optimizer steps in each mode (SFT; KD on the stored top-16; KD with the teacher online,
-dense and top-16; on-policy GKD with λ=0.5) and prints JSON: trained tokens/s per mode (median of the
-repeats) and each mode's time relative to SFT, all measured in this run with one torch thread.
+dense and top-16; on-policy GKD with λ=0.5) and prints JSON: each mode's time relative to SFT and
+tokens/s (medians of the repeats, modes alternating within each repeat, one torch thread).
+
+The peer here is our own SFT in the same run: these figures say what each mode costs over plain SFT, not how
+fast we are against another library (benchmarks/peer_training.py compares with TRL's SFTTrainer and GKDTrainer).
+Times are `train_student`'s whole stage (examples, Trainer set-up, saving the student included). The tokens/s
+assume every step trains the teacher's mean response length; on-policy steps train the student's rollouts,
+whose lengths differ, so for GKD that figure is nominal (peer_training.py counts the tokens each step scores).
 """
 
 from __future__ import annotations

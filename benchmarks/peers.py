@@ -51,6 +51,14 @@ def ratios_of(name: str, result: dict) -> dict:
         return {f"{name}.error": " ".join(result["error"])}
     if "ratios" in result:
         return {f"{name}.{key}": value for key, value in result["ratios"].items()}
+    # peer_training: per pair, ours over the peer's tokens/s.
+    paired = {
+        key: value["ours_over_peer"]
+        for key, value in result.items()
+        if isinstance(value, dict) and "ours_over_peer" in value
+    }
+    if paired:
+        return {f"{name}.{key}": value for key, value in paired.items()}
     # peer_losses: per case, TRL's time over ours (above 1: we are faster) and our peak memory over TRL's.
     return {
         f"{name}.{case}.{label}": pair[key]

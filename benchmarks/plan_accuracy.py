@@ -152,10 +152,11 @@ def synthetic_examples(count: int, length: int, vocab: int, with_top_k: bool, se
         prompt = size // 4
         example = {"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "prompt_length": prompt}
         if with_top_k:
-            top = torch.randint(0, vocab, (size, TOP_K), generator=generator)
-            logprobs = (torch.randn(size, TOP_K + 1, generator=generator)).log_softmax(-1)[:, :TOP_K]
-            example["top_k_ids"] = top.tolist()
-            example["top_k_logprobs"] = logprobs.sort(-1, descending=True).values.tolist()
+            response = size - prompt
+            top = torch.randint(0, vocab, (response, TOP_K), generator=generator)
+            logprobs = torch.randn(response, TOP_K + 1, generator=generator).log_softmax(-1)[:, :TOP_K]
+            example["response_top_k_ids"] = top.to(torch.int32)
+            example["response_top_k_logprobs"] = logprobs.sort(-1, descending=True).values
         examples.append(example)
     return examples
 

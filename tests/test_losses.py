@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from stillhouse.training.losses import TopK, cross_entropy, forward_kl
+from stillhouse.training.losses import TopK, cross_entropy, forward_kl, top_k_logprobs
 
 B, T, V = 2, 5, 11
 
@@ -537,3 +537,14 @@ def test_dense_without_gradients_and_with_a_student_that_needs_none():
     with torch.no_grad():
         torch.testing.assert_close(distillation_loss(student.requires_grad_(), teacher, labels, kind="jsd"), expected)
     torch.testing.assert_close(distillation_loss(student.detach(), teacher, labels, kind="jsd"), expected)
+
+
+def test_top_k_logprobs_equals_log_softmax_top_k_for_strided_and_bf16_logits():
+    """The online teacher's top-k, block by block: the same as whole-tensor log_softmax + topk."""
+    logits = torch.randn(3, 9, 50)
+    expected_values, expected_ids = logits.log_softmax(-1).topk(5, dim=-1)
+    got = top_k_logprobs(logits[:, :-1], 5)  # a strided view, as the trainer passes it
+    assert torch.equal(got.ids, expected_ids[:, :-1]) and torch.allclose(got.logprobs, expected_values[:, :-1])
+    half = top_k_logprobs(logits.bfloat16(), 5)
+    assert half.logprobs.dtype == torch.float32
+    torch.testing.assert_close(half.logprobs, logits.bfloat16().float().log_softmax(-1).topk(5, dim=-1).values)

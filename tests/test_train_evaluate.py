@@ -55,9 +55,10 @@ def test_examples_mask_the_prompt_and_align_top_k_with_labels(sampled, tiny_teac
     assert example["labels"][:prompt_length] == [-100] * prompt_length
     assert example["labels"][prompt_length:] == example["input_ids"][prompt_length:]
     assert tokenizer.decode(example["input_ids"][:prompt_length]).endswith("<|assistant|>")
-    assert len(example["top_k_ids"]) == len(example["input_ids"])
+    # Top-k of the response positions only (PadCollator places row j at label position prompt_length + j).
+    assert example["response_top_k_ids"].shape == (len(example["input_ids"]) - prompt_length, samples.top_k_logprobs)
     # The teacher's top-1 at a greedy-generated position is the token it generated there.
-    assert [ids[0] for ids in example["top_k_ids"][prompt_length:]] == example["labels"][prompt_length:]
+    assert example["response_top_k_ids"][:, 0].tolist() == example["labels"][prompt_length:]
 
 
 @pytest.mark.parametrize("method", ["sft", "kd"])

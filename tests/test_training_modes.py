@@ -100,6 +100,36 @@ def test_on_policy_training_scores_the_students_own_samples(sampled):
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
 
 
+def test_on_policy_training_takes_off_policy_targets_from_the_stored_top_k(sampled, monkeypatch):
+    """With the online teacher compared by its top-4 (= the stored k), only on-policy steps run the teacher."""
+    from stillhouse.training.train import DistillationTrainer
+
+    store, dataset, samples = sampled
+    forwards, rollouts = [], []
+    scored = DistillationTrainer.teacher_distribution
+    rollout = DistillationTrainer.student_rollout
+
+    def counting_teacher(self, inputs, stored, first=0):
+        forwards.append(stored is None)
+        return scored(self, inputs, stored, first)
+
+    def counting_rollout(self, *args):
+        rollouts.append(1)
+        return rollout(self, *args)
+
+    monkeypatch.setattr(DistillationTrainer, "teacher_distribution", counting_teacher)
+    monkeypatch.setattr(DistillationTrainer, "student_rollout", counting_rollout)
+    config = kd_config(
+        kd={"teacher": "online", "lmbda": 0.5, "online_top_k": 4, "kind": "jsd", "rollout_max_new_tokens": 6},
+        max_steps=10,
+        logging_steps=5,
+    )
+    student = train_student(config, dataset, samples, store)
+    assert all(torch.isfinite(torch.tensor([point["loss"] for point in student.loss_history])))
+    assert 0 < len(rollouts) < 10 and len(forwards) == 10
+    assert sum(forwards) == len(rollouts)  # the teacher ran on the rollouts alone
+
+
 def test_rollout_labels_cover_generated_tokens_up_to_the_first_eos(tiny_teacher):
     from transformers import TrainingArguments
 

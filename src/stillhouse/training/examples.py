@@ -39,7 +39,11 @@ def build_examples(
     pair: TokenizerPair | None = None,
     with_teacher_prompts: bool = False,
 ) -> list[dict]:
-    """Token ids, labels (prompt masked) and, ``with_top_k``, top-k targets aligned with the labels.
+    """Token ids, labels (prompt masked) and, ``with_top_k``, the stored top-k of the response positions.
+
+    ``with_top_k`` (shared tokenizer) adds ``response_top_k_ids`` (int32) / ``response_top_k_logprobs`` (fp32)
+    ``[response positions kept, k]`` tensors: row j is the teacher's top-k for response token j, i.e. for label
+    position ``prompt_length + j``; `PadCollator` places them there.
 
     ``prompt_ids`` keeps only those prompts' responses (all of the split when None).
 
@@ -89,12 +93,11 @@ def build_examples(
             )
             example["cross_ids"], example["cross_logprobs"], example["cross_mask"] = (t[0] for t in targets)
         elif with_top_k:
-            k = samples.top_k_logprobs
-            # Teacher top-k for response token j sits at label position len(prompt) + j.
-            example["top_k_ids"] = ([[0] * k] * len(prompt_tokens) + [list(ids) for ids in row.top_k_ids])[:max_seq_len]
-            example["top_k_logprobs"] = ([[0.0] * k] * len(prompt_tokens) + [list(lp) for lp in row.top_k_logprobs])[
-                :max_seq_len
-            ]
+            # Response positions only, as tensors made once here: the collator places them at label positions
+            # prompt_length + j by slicing (no per-batch conversion of nested lists, no rows of zeros for the prompt).
+            kept = max(len(input_ids) - len(prompt_tokens), 0)
+            example["response_top_k_ids"] = torch.tensor(row.top_k_ids[:kept], dtype=torch.int32)
+            example["response_top_k_logprobs"] = torch.tensor(row.top_k_logprobs[:kept], dtype=torch.float32)
         if with_teacher_prompts:
             example["teacher_prompt_ids"] = pair.teacher(teacher_rendered[index], add_special_tokens=False)["input_ids"]
             example["response_text"] = row.response_text
@@ -105,33 +108,44 @@ def build_examples(
 class PadCollator:
     """Right-pads a batch; labels with -100, top-k targets with zeros (masked by the labels).
 
-    With ``with_prompts`` it also returns the prompts alone, left-padded, for on-policy rollouts.
-    Cross-tokenizer targets (``cross_*``) are padded the same way, ``cross_mask`` with False; a live teacher's
-    ``teacher_prompt_ids`` and ``response_text`` pass through as lists.
+    An example's ``response_top_k_ids`` / ``response_top_k_logprobs`` ``[response positions, k]`` are copied by
+    slicing into the batch's ``top_k_ids`` / ``top_k_logprobs`` ``[B, width, k]`` at the label positions
+    ``prompt_length + j``, zeros elsewhere. With ``with_prompts`` it also returns the prompts alone, left-padded, for
+    on-policy rollouts. Cross-tokenizer targets (``cross_*``) are padded the same way, ``cross_mask`` with False;
+    a live teacher's ``teacher_prompt_ids`` and ``response_text`` pass through as lists.
     """
 
     def __init__(self, pad_token_id: int, with_prompts: bool = False):
         self.pad_token_id, self.with_prompts = pad_token_id, with_prompts
 
     def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(example["input_ids"]) for example in batch)
-        collated = {
-            "input_ids": torch.full((len(batch), width), self.pad_token_id),
-            "attention_mask": torch.zeros((len(batch), width), dtype=torch.long),
-            "labels": torch.full((len(batch), width), -100),
-        }
         if "top_k_ids" in batch[0]:
-            k = len(batch[0]["top_k_ids"][0])
+            raise ValueError(
+                "examples carry `top_k_ids` (the top-k of every position, prompt included), a layout PadCollator no "
+                "longer reads: give each example `response_top_k_ids` / `response_top_k_logprobs` tensors of its "
+                "response positions, as build_examples makes them"
+            )
+        lengths = [len(example["input_ids"]) for example in batch]
+        width = max(lengths)
+        # One tensor call per field for the whole batch (one per example costs more than the copy itself).
+        collated = {
+            "input_ids": torch.tensor(
+                [list(example["input_ids"]) + [self.pad_token_id] * (width - n) for example, n in zip(batch, lengths)]
+            ),
+            "attention_mask": (torch.arange(width) < torch.tensor(lengths)[:, None]).long(),
+            "labels": torch.tensor(
+                [list(example["labels"]) + [-100] * (width - n) for example, n in zip(batch, lengths)]
+            ),
+        }
+        if "response_top_k_ids" in batch[0]:
+            k = batch[0]["response_top_k_ids"].shape[-1]
             collated["top_k_ids"] = torch.zeros((len(batch), width, k), dtype=torch.long)
             collated["top_k_logprobs"] = torch.zeros((len(batch), width, k))
-        for row, example in enumerate(batch):
-            length = len(example["input_ids"])
-            collated["input_ids"][row, :length] = torch.tensor(example["input_ids"])
-            collated["attention_mask"][row, :length] = 1
-            collated["labels"][row, :length] = torch.tensor(example["labels"])
-            if "top_k_ids" in example:
-                collated["top_k_ids"][row, :length] = torch.tensor(example["top_k_ids"])
-                collated["top_k_logprobs"][row, :length] = torch.tensor(example["top_k_logprobs"])
+            for row, example in enumerate(batch):
+                start = example["prompt_length"]
+                end = start + len(example["response_top_k_ids"])
+                collated["top_k_ids"][row, start:end] = example["response_top_k_ids"]
+                collated["top_k_logprobs"][row, start:end] = example["response_top_k_logprobs"]
         if "cross_ids" in batch[0]:
             collated.update(_padded_cross_targets(batch, width))
         if "teacher_prompt_ids" in batch[0]:
@@ -143,7 +157,7 @@ class PadCollator:
             collated["prompt_attention_mask"] = torch.zeros((len(batch), prompt_width), dtype=torch.long)
             for row, example in enumerate(batch):
                 length = example["prompt_length"]
-                collated["prompt_input_ids"][row, prompt_width - length :] = torch.tensor(example["input_ids"][:length])
+                collated["prompt_input_ids"][row, prompt_width - length :] = collated["input_ids"][row, :length]
                 collated["prompt_attention_mask"][row, prompt_width - length :] = 1
         return collated
 

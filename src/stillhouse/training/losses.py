@@ -205,6 +205,22 @@ def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, *, ignore_
     return (per_position * mask).sum() / mask.sum().clamp(min=1)
 
 
+def top_k_logprobs(logits: torch.Tensor, k: int) -> TopK:
+    """A dense teacher's top-k: ids and log-probs ``[B, T, k]`` (fp32, of its full distribution at τ = 1) from
+    logits ``[B, T, V]`` of any dtype and strides. Blocks of rows (views) go through fp32 one at a time, so the
+    logits are never copied whole (a bf16 teacher's output is never held in fp32)."""
+    batch, length, vocab_size = logits.shape
+    values = torch.empty((batch, length, k), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((batch, length, k), dtype=torch.long, device=logits.device)
+    block_rows = _rows_per_block(vocab_size, logits.device)
+    for row in range(batch):
+        for start in range(0, length, block_rows):
+            block = slice(start, start + block_rows)
+            top = logits[row, block].float().log_softmax(-1).topk(k, dim=-1)
+            values[row, block], ids[row, block] = top.values, top.indices
+    return TopK(ids, values)
+
+
 # --- the divergences ----------------------------------------------------------------------------
 
 

@@ -14,6 +14,12 @@
   ``kd.kind``, ``uld`` compares sorted probability vectors. A stored top-k is mapped once, when the examples are
   built; a live teacher (online, served, on-policy) scores the response text in its own tokens every batch.
 
+What a step computes. Logits (student and teacher) exist only for the positions from a batch's first response
+token on: prompt positions count in no loss. The online teacher runs in inference mode, in its own dtype. On-policy
+rollouts come from `sample_rollouts` (``generate``'s tokens without its per-step overhead), and an off-policy batch
+takes the stored top-k instead of a teacher forward where that is what the teacher would give
+(`reuses_stored_top_k`). benchmarks/peer_training.py measures SFT and GKD against TRL's trainers.
+
 Sequence-level KD (GKD's ``seq_kd``) is what the offline data already is: the teacher's own responses.
 TRL's GKDTrainer is not used because it supports only its JSD on full teacher logits; stored top-k
 teachers and the other divergences go through one trainer here.
@@ -43,6 +49,7 @@ Processes. ``num_processes`` > 1, ``nodes`` > 1 or ``strategy: fsdp`` run this s
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -61,9 +68,11 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    DynamicCache,
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -75,6 +84,7 @@ from stillhouse.config import KDConfig, OpenAIEngineConfig, TrainConfig
 from stillhouse.errors import InputError, Interrupted, StillhouseError
 from stillhouse.models import count_parameters, load_causal_lm, load_tokenizer, resolve_model, vocabulary_difference
 from stillhouse.refs import DatasetRef, ModelRef, SamplesRef
+from stillhouse.sampling.hf_engine import cache_argument
 from stillhouse.store import Store, fingerprint, write_json_atomic
 from stillhouse.training.cross_tokenizer import (
     CrossTargets,
@@ -86,7 +96,13 @@ from stillhouse.training.cross_tokenizer import (
     teacher_sequences,
 )
 from stillhouse.training.examples import PadCollator, build_examples
-from stillhouse.training.losses import TopK, cross_entropy, distillation_loss, distillation_loss_from_hidden
+from stillhouse.training.losses import (
+    TopK,
+    cross_entropy,
+    distillation_loss,
+    distillation_loss_from_hidden,
+    top_k_logprobs,
+)
 
 if TYPE_CHECKING:
     from stillhouse.training.served_teacher import ServedTeacher
@@ -381,7 +397,10 @@ class DistillationTrainer(Trainer):
             stored, ce_weight = None, 0.0  # the student's own samples are scored, not imitated
             if cross is not None:  # the teacher scores the student's text, not the stored response
                 cross = {"teacher_prompt_ids": cross["teacher_prompt_ids"]}
-        targets = labels[:, 1:]  # the output at t predicts the token at t+1
+        # Only the window of shifted positions from the first counted one on is scored: the prompt columns before
+        # it get no logits (student or teacher) and no loss. Position t predicts the token at t+1.
+        first = scored_from(labels)
+        targets = labels[:, first + 1 :]
         divergence = {
             "kind": self.kd.kind,
             "beta": self.kd.beta,
@@ -392,32 +411,33 @@ class DistillationTrainer(Trainer):
         if self.loss_chunk_size:
             # Memory-bounded: losses from the final hidden state, [B*T, V] logits never exist at once.
             outputs, hidden = self.final_hidden_state(model, inputs)
+            hidden = hidden[:, first:-1]
             # Under FSDP the weight may be a shard: gathered here, its gradient flows back sharded.
             weight = gathered_weight(self.accelerator.unwrap_model(model).get_output_embeddings().weight)
             weight = weight[: self.vocab_size]
 
             def loss_of(teacher, labels=targets, **options):
                 return distillation_loss_from_hidden(
-                    hidden[:, :-1], weight, teacher, labels, chunk_size=self.loss_chunk_size, **options
+                    hidden, weight, teacher, labels, chunk_size=self.loss_chunk_size, **options
                 )
 
             # Cross-entropy is forward KL to a one-hot teacher: its only outcome is the label (log-prob 0).
             one_hot = TopK(targets.clamp(min=0).unsqueeze(-1), torch.zeros(targets.shape + (1,), device=targets.device))
             loss = ce_weight * loss_of(one_hot, kind="forward_kl") if ce_weight > 0 else hidden.new_zeros(())
             if self.kd_weight > 0 and cross is not None:  # align byte (uld needs whole logits: refused chunked)
-                aligned = self.cross_tokenizer_targets(labels, cross)
+                aligned = self.cross_tokenizer_targets(labels, cross, first)
                 kd_labels = targets.masked_fill(~aligned.mask, -100)  # no shared boundary, no target
                 loss = loss + self.kd_weight * loss_of(TopK(aligned.ids, aligned.logprobs), kd_labels, **divergence)
             elif self.kd_weight > 0:
-                loss = loss + self.kd_weight * loss_of(self.teacher_distribution(inputs, stored), **divergence)
+                loss = loss + self.kd_weight * loss_of(self.teacher_distribution(inputs, stored, first), **divergence)
         else:
-            outputs = model(**inputs)
-            logits = outputs.logits[:, :-1, : self.vocab_size]  # rows past the shared vocabulary are padding
+            outputs, skipped = forward_window(model, self.accelerator.unwrap_model(model), inputs, first)
+            logits = outputs.logits[:, skipped:-1, : self.vocab_size]  # rows past the shared vocabulary are padding
             loss = ce_weight * cross_entropy(logits, targets) if ce_weight > 0 else logits.new_zeros(())
             if self.kd_weight > 0 and cross is not None:
                 loss = loss + self.kd_weight * cross_tokenizer_loss(
                     logits,
-                    self.cross_tokenizer_targets(labels, cross),
+                    self.cross_tokenizer_targets(labels, cross, first),
                     targets,
                     align=self.kd.align,
                     uld_exact_weight=self.kd.uld_exact_weight,
@@ -425,7 +445,7 @@ class DistillationTrainer(Trainer):
                 )
             elif self.kd_weight > 0:
                 loss = loss + self.kd_weight * distillation_loss(
-                    logits, self.teacher_distribution(inputs, stored), targets, **divergence
+                    logits, self.teacher_distribution(inputs, stored, first), targets, **divergence
                 )
         return (loss, outputs) if return_outputs else loss
 
@@ -448,25 +468,34 @@ class DistillationTrainer(Trainer):
             handle.remove()
         return outputs, captured["hidden"]
 
-    def teacher_distribution(self, inputs: dict, stored: TopK | None) -> torch.Tensor | TopK:
-        """The teacher at each shifted position: stored top-k, the served teacher's top-k, or the online
-        teacher's logits / top-k."""
-        if self.teacher is None:
-            return TopK(stored.ids[:, 1:], stored.logprobs[:, 1:])
+    def teacher_distribution(self, inputs: dict, stored: TopK | None, first: int = 0) -> torch.Tensor | TopK:
+        """The teacher at the shifted positions ``first`` .. T-2 (``[B, T-1-first, V]`` logits or ``[..., k]``
+        top-k): the stored top-k, the served teacher's top-k, or the online teacher's logits / top-k.
+
+        A stored top-k stands in for a live teacher too (an off-policy batch of on-policy training) when the
+        examples carry it: `build_examples` adds it only where it is what the live teacher would give
+        (`reuses_stored_top_k`), so those batches cost no teacher forward. The online teacher runs in inference
+        mode and computes logits for the window alone, in its own dtype: no fp32 copy of its whole output.
+        """
+        if stored is not None:
+            k = self.kd.online_top_k if self.teacher is not None else None  # a live teacher's k ≤ the stored k
+            return TopK(stored.ids[:, first + 1 :, :k], stored.logprobs[:, first + 1 :, :k])
         if self.kd.teacher == "served":  # [B, T-1, k] from the server: position t is its guess of token t+1
             served = self.teacher.top_k(inputs["input_ids"], inputs["attention_mask"])
             device = inputs["input_ids"].device
-            return TopK(served.ids.to(device), served.logprobs.to(device=device, dtype=torch.float32))
-        with torch.no_grad():
-            logits = self.teacher(**inputs).logits[:, :-1, : self.vocab_size].float()
-        if self.kd.online_top_k is None:
-            return logits
-        values, ids = logits.log_softmax(-1).topk(self.kd.online_top_k, dim=-1)
-        return TopK(ids, values)
+            return TopK(
+                served.ids[:, first:].to(device), served.logprobs[:, first:].to(device=device, dtype=torch.float32)
+            )
+        with torch.inference_mode():
+            outputs, skipped = forward_window(self.teacher, self.teacher, inputs, first)
+            logits = outputs.logits[:, skipped:-1, : self.vocab_size]
+            if self.kd.online_top_k is None:
+                return logits
+            return top_k_logprobs(logits, self.kd.online_top_k)
 
-    def cross_tokenizer_targets(self, labels: torch.Tensor, cross: dict) -> CrossTargets:
-        """``kd.align``: targets in the student's vocabulary for the shifted positions (``[B, T-1, k]``, mask
-        ``[B, T-1]``), aligned with ``labels[:, 1:]``.
+    def cross_tokenizer_targets(self, labels: torch.Tensor, cross: dict, first: int = 0) -> CrossTargets:
+        """``kd.align``: targets in the student's vocabulary for the shifted positions ``first`` .. T-2
+        (``[B, T-1-first, k]``, mask ``[B, T-1-first]``), aligned with ``labels[:, first + 1 :]``.
 
         The stored top-k was mapped when the examples were built. A live teacher scores the response text in its
         own tokens (its chat-template prompt + the text re-tokenized, its EOS where the student's response ended)
@@ -474,7 +503,7 @@ class DistillationTrainer(Trainer):
         """
         if self.teacher is None:
             ids, logprobs, mask = (cross[key] for key in ("cross_ids", "cross_logprobs", "cross_mask"))
-            return CrossTargets(ids[:, 1:], logprobs[:, 1:], mask[:, 1:])
+            return CrossTargets(ids[:, first + 1 :], logprobs[:, first + 1 :], mask[:, first + 1 :])
         starts, responses = [], []
         for row in labels.tolist():  # the response is the labels' one run of counted tokens
             start = next((j for j, label in enumerate(row) if label != -100), len(row))
@@ -505,36 +534,34 @@ class DistillationTrainer(Trainer):
             labels.shape[1],
             k=self.kd.online_top_k,
         )
-        return CrossTargets(*(values[:, 1:].to(labels.device) for values in targets))
+        return CrossTargets(*(values[:, first + 1 :].to(labels.device) for values in targets))
 
     def student_rollout(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        """Sample responses from the student; labels cover the generated tokens up to the first EOS.
+        """Sample responses from the student (`sample_rollouts`); labels cover the generated tokens up to the
+        first EOS.
 
-        Under FSDP every rank takes part in every layer's all-gather, so all ranks generate step for step
-        (``synced_gpus``) until the last one is done; a rank that stopped early would leave the others waiting.
+        Under FSDP every rank takes part in every layer's all-gather, so all ranks decode every step (none stops
+        when its own rows have ended); a rank that stopped early would leave the others waiting.
         """
         student = self.accelerator.unwrap_model(model)
         student.eval()
-        with torch.no_grad():
-            sequences = student.generate(
-                synced_gpus=self.is_fsdp_enabled and self.args.world_size > 1,
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                max_new_tokens=self.kd.rollout_max_new_tokens,
-                do_sample=True,
-                temperature=self.kd.rollout_temperature,
-                top_k=0,
-                top_p=1.0,
-                pad_token_id=self.pad_token_id,
-                eos_token_id=self.eos_token_id,
-            )
+        sequences = sample_rollouts(
+            student,
+            prompt_ids,
+            prompt_mask,
+            max_new_tokens=self.kd.rollout_max_new_tokens,
+            temperature=self.kd.rollout_temperature,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+            stop_when_done=not (self.is_fsdp_enabled and self.args.world_size > 1),
+        )
         student.train()
         generated = sequences[:, prompt_ids.shape[1] :]
         is_eos = generated.eq(self.eos_token_id)
         after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
         attention_mask = torch.cat([prompt_mask, (~after_eos).long()], dim=1)
         labels = torch.cat([torch.full_like(prompt_ids, -100), generated.masked_fill(after_eos, -100)], dim=1)
-        # Prompts are left-padded here, so positions come from the mask (as generate computed them).
+        # Prompts are left-padded here, so positions come from the mask (as the rollout computed them).
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         return {"input_ids": sequences, "attention_mask": attention_mask, "position_ids": position_ids}, labels
 
@@ -543,6 +570,83 @@ class DistillationTrainer(Trainer):
         holding that file holds every rank's files (`last_complete_checkpoint` relies on it)."""
         super()._save_rng_state(output_dir)
         self.accelerator.wait_for_everyone()
+
+
+def scored_from(labels: torch.Tensor) -> int:
+    """The first shifted position whose target counts: ``labels[:, 1:]``'s first column with a label other than
+    -100 in any row (0 when none counts). Positions before it are prompt in every row and need no logits."""
+    counted = labels[:, 1:].ne(-100).any(0)
+    return int(counted.float().argmax()) if bool(counted.any()) else 0
+
+
+def forward_window(model, base, inputs: dict, first: int) -> tuple:
+    """(``model(**inputs)``, columns of its logits to skip): logits for the positions ``first`` .. T-1 alone where
+    the model's forward takes ``logits_to_keep`` (transformers' models do: the LM head skips the rest), else for
+    every position, the first ``first`` of them to be skipped by the caller. ``base`` is ``model`` unwrapped
+    (DDP, peft), whose forward's signature says."""
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    if "logits_to_keep" in inspect.signature(base.forward).parameters:
+        return model(**inputs, logits_to_keep=inputs["input_ids"].shape[1] - first), 0
+    return model(**inputs), first
+
+
+@torch.no_grad()  # not inference mode: FSDP2 would keep all-gather buffers made here as inference tensors
+def sample_rollouts(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    stop_when_done: bool = True,
+) -> torch.Tensor:
+    """Prompts ``[B, P]`` (left-padded, ``prompt_mask`` 1 on tokens) followed by up to ``max_new_tokens`` tokens
+    sampled at ``temperature`` from the whole distribution: ``[B, P + generated]``; a row's tokens after its EOS
+    are ``pad_token_id``.
+
+    The tokens are `model.generate(do_sample=True, temperature=..., top_k=0, top_p=1.0)`'s under the same torch
+    seed (tested): the same forwards (positions from the mask, a KV cache), the same softmax and
+    `torch.multinomial` draw per step. It skips `generate`'s per-call set-up and per-step logits processors and
+    stopping criteria, which cost more than a small student's forwards. With ``stop_when_done`` it stops once every
+    row has ended; otherwise (FSDP ranks decoding in step) it decodes all ``max_new_tokens`` steps.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model wraps it
+    cache = DynamicCache(config=base.config)
+    cache_name = cache_argument(base)  # the forward's name for the KV cache (it changed in transformers 5.2x)
+    mask = prompt_mask
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate computes them under left padding
+    logits = model(
+        input_ids=prompt_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_name: cache},
+    ).logits[:, -1]
+    position = positions[:, -1:]
+    running = torch.ones(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)
+    chosen_tokens = []
+    for step in range(max_new_tokens):
+        probabilities = torch.softmax(logits.float() / temperature, dim=-1)
+        chosen = torch.multinomial(probabilities, num_samples=1).squeeze(1)
+        chosen = torch.where(running, chosen, pad_token_id)
+        chosen_tokens.append(chosen)
+        if eos_token_id is not None:
+            running &= chosen.ne(eos_token_id)
+        if step == max_new_tokens - 1 or (stop_when_done and not bool(running.any())):
+            break
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        position = position + 1
+        logits = model(
+            input_ids=chosen[:, None],
+            attention_mask=mask,
+            position_ids=position,
+            use_cache=True,
+            **{cache_name: cache},
+        ).logits[:, -1]
+    return torch.cat([prompt_ids, torch.stack(chosen_tokens, dim=1)], dim=1)
 
 
 class ProgressCallback(TrainerCallback):
@@ -614,19 +718,34 @@ def check_teacher_capabilities(config: TrainConfig, samples: SamplesRef) -> None
     )
 
 
-def run_training(
+def reuses_stored_top_k(config: TrainConfig, samples: SamplesRef, shared_vocabulary: bool) -> bool:
+    """Whether a live teacher's off-policy batches (on-policy training, ``kd.lmbda`` > 0) take the stored top-k
+    instead of a teacher forward: only where it is what that teacher would give them, its top-``online_top_k``
+    (≤ the stored k) of the same response in the same tokens. A dense teacher (``online_top_k`` null) and a
+    teacher of other tokens (``kd.align``) score every batch."""
+    kd = config.kd
+    return (
+        config.method == "kd"
+        and kd.teacher != "offline"
+        and kd.lmbda > 0
+        and kd.align == "none"
+        and shared_vocabulary
+        and kd.online_top_k is not None
+        and 0 < kd.online_top_k <= samples.top_k_logprobs
+    )
+
+
+def build_trainer(
     config: TrainConfig,
     dataset: DatasetRef,
     samples: SamplesRef,
     folder: Path,
     progress: Callable[[float], None] | None = None,
     teacher_endpoint: OpenAIEngineConfig | None = None,
-) -> dict:
-    """Train in this process (one rank of several under torchrun); returns the manifest's content.
-
-    ``teacher_endpoint`` is the sample stage's ``sample.openai``, the server of ``kd.teacher: served`` when
-    ``kd.served`` is null.
-    """
+) -> tuple[DistillationTrainer, PreTrainedTokenizerBase]:
+    """(trainer, the student's tokenizer): the student, its examples (``trainer.train_dataset``) and the teacher
+    wired into a `DistillationTrainer` whose checkpoints go to ``folder/checkpoints``. `run_training` trains it;
+    benchmarks/peer_training.py times it."""
     if config.threads:
         torch.set_num_threads(config.threads)
     check_teacher_capabilities(config, samples)
@@ -648,7 +767,8 @@ def run_training(
         tokenizer,
         split="train",
         shared_vocabulary=difference is None,
-        with_top_k=config.method == "kd" and live_teacher is None,
+        with_top_k=config.method == "kd"
+        and (live_teacher is None or reuses_stored_top_k(config, samples, difference is None)),
         max_seq_len=config.max_seq_len,
         align=align,
         pair=pair,
@@ -728,6 +848,25 @@ def run_training(
         pair=pair,
         **weights,
     )
+    return trainer, tokenizer
+
+
+def run_training(
+    config: TrainConfig,
+    dataset: DatasetRef,
+    samples: SamplesRef,
+    folder: Path,
+    progress: Callable[[float], None] | None = None,
+    teacher_endpoint: OpenAIEngineConfig | None = None,
+) -> dict:
+    """Train in this process (one rank of several under torchrun); returns the manifest's content.
+
+    ``teacher_endpoint`` is the sample stage's ``sample.openai``, the server of ``kd.teacher: served`` when
+    ``kd.served`` is null.
+    """
+    trainer, tokenizer = build_trainer(config, dataset, samples, folder, progress, teacher_endpoint)
+    checkpoints, fsdp = folder / "checkpoints", config.strategy == "fsdp"
+    world_size = config.nodes * config.num_processes
     resume = last_complete_checkpoint(checkpoints)  # a crashed run's progress, when it saved any
     if resume is not None and trainer.is_world_process_zero():
         log.info("train: resuming from %s (of %d steps)", Path(resume).name, config.max_steps)
@@ -740,8 +879,8 @@ def run_training(
         # Ctrl-C (KeyboardInterrupt), or SIGTERM as an orchestrator turns it into a BaseException of its own.
         raise interrupted(trainer.state.global_step, config.max_steps, checkpoints) from None
     finally:
-        if live_teacher == "served":
-            teacher.close()
+        if config.method == "kd" and config.kd.teacher == "served":
+            trainer.teacher.close()
     seconds = time.perf_counter() - started
     history = [
         {"step": e["step"], "loss": e["loss"], "learning_rate": e["learning_rate"]}
@@ -753,7 +892,7 @@ def run_training(
         "train_seconds": round(seconds, 2),
         "final_loss": history[-1]["loss"] if history else None,
         "loss_history": history,
-        "examples": len(examples),
+        "examples": len(trainer.train_dataset),
         "resumed_from": resume,
         "optimizer_steps": trainer.state.global_step,
     }
