@@ -58,8 +58,10 @@ def test_perplexity_kl_top1_and_kl_by_position_by_hand():
     example = {
         "input_ids": [0, 1, 1],
         "labels": [-100, 1, 1],
-        "top_k_ids": [[0, 0, 0], [1, 0, 2], [0, 1, 2]],
-        "top_k_logprobs": [[0.0] * 3, [log(0.5), log(0.25), log(0.25)], [log(0.5), log(0.25), log(0.25)]],
+        # One row per response position, as build_examples makes them (PadCollator puts row j at prompt + j).
+        "prompt_length": 1,
+        "response_top_k_ids": torch.tensor([[1, 0, 2], [0, 1, 2]], dtype=torch.int32),
+        "response_top_k_logprobs": torch.tensor([[log(0.5), log(0.25), log(0.25)]] * 2),
     }
     scores = score_responses(FixedDistribution(), [example], pad_token_id=0, batch_size=4, vocab_size=3)
     assert math.exp(scores["cross_entropy"]) == pytest.approx(4.0)  # -ln q(1) = ln 4 at both positions
