@@ -1,0 +1,456 @@
+"""What white-box distillation buys over SFT, at equal wall-clock training budgets.
+
+    python benchmarks/distill_quality.py                 # 3 seeds, 60 s of training per method and seed
+    python benchmarks/distill_quality.py --quick         # 1 seed, 60 s per method: a first look (~8 min)
+    python benchmarks/distill_quality.py --out benchmarks/results/distill_quality-cpu-DATE.json
+
+Methods, each the Stillhouse train stage with one config (`METHODS`): SFT on the teacher's sampled answers; top-k
+KD (forward KL to the stored top-16); on-policy GKD with forward and with reverse KL (half the batches are the
+student's own samples, scored by the teacher in memory); cross-tokenizer KD (`kd.align: uld` and `byte`) into a
+student with a byte-level BPE tokenizer of its own.
+
+The bundled demo tasks have one right answer each, and the demo teacher is nearly one-hot on them, so its logits
+say little more than its greedy answers. This benchmark uses its own task mix where they do, and its own teacher:
+
+    pick a letter: qdmxk        ->  any one of q, d, m, x, k       (several valid answers, teacher uniform over them)
+    a number from 23 to 29      ->  any of 23 ... 29                (same)
+    sort letters: qdmx          ->  dmqx                            (one answer)
+    reverse: kfpa               ->  apfk                            (one answer)
+
+The teacher (the demo teacher's shape, 1.06 M parameters, 4.2 MB) is trained here on answers drawn uniformly from
+the valid ones, so its distribution spreads over them; it is sampled at temperature 1 for the students' data.
+It is trained from `TEACHER_SEED` on the first run (about 10 minutes on one CPU thread) and cached under
+``--cache``: a second teacher file is not committed, and anyone can rebuild it byte for byte from this script.
+
+Budget: every method gets the same training time. A short pilot run measures each method's seconds per optimizer
+step (on-policy steps generate, so they are slower), and the method then trains for ``budget / seconds_per_step``
+steps with a full warmup + cosine schedule. Seconds are the process's CPU time: training runs on one thread, so that
+is the wall clock of an idle machine, and other jobs on a shared machine don't skew the pilots. Both the wall-clock
+``train_seconds`` and ``train_cpu_seconds`` are reported. Figures, over the held-out split (prompts
+the curate stage kept out of training):
+
+- exact match: the student's greedy answer is one of the valid answers (the one answer, for one-answer tasks);
+- KL: KL(teacher || student) over whole answers, on the several-answer prompts: each model's probability of every
+  valid answer plus one bucket for everything else. It is tokenizer-free, so it compares cross-tokenizer students too.
+
+Means with 95% intervals (Student t) over the seeds. The last line printed is the JSON result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import string
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+TEACHER_SEED = 0
+TASK_NAMES = ("pick_letter", "number_range", "sort_letters", "reverse")
+SEVERAL_ANSWERS = ("pick_letter", "number_range")
+STUDENT_SHAPE = {"hidden_size": 64, "num_layers": 4, "intermediate_size": 240, "num_heads": 4}
+
+# name -> train config changes over `base_train`; "student: bpe" marks the cross-tokenizer students.
+METHODS: dict[str, dict] = {
+    "sft": {"method": "sft"},
+    "top_k_kd": {"method": "kd", "kd_weight": 1.0, "ce_weight": 0.0, "kd": {"kind": "forward_kl"}},
+    "gkd_forward_kl": {
+        "method": "kd",
+        "kd_weight": 1.0,
+        "ce_weight": 0.0,
+        "kd": {"kind": "forward_kl", "teacher": "online", "lmbda": 0.5, "rollout_max_new_tokens": 10},
+    },
+    "gkd_reverse_kl": {
+        "method": "kd",
+        "kd_weight": 1.0,
+        "ce_weight": 0.0,
+        "kd": {"kind": "reverse_kl", "teacher": "online", "lmbda": 0.5, "rollout_max_new_tokens": 10},
+    },
+    "cross_tokenizer_uld": {"method": "kd", "kd_weight": 1.0, "ce_weight": 0.5, "kd": {"align": "uld"}, "bpe": True},
+    "cross_tokenizer_byte": {"method": "kd", "kd_weight": 1.0, "ce_weight": 0.5, "kd": {"align": "byte"}, "bpe": True},
+}
+WHITE_BOX = [name for name in METHODS if name != "sft"]
+
+
+# ---------------------------------------------------------------------------------------------------------- tasks
+def _letters(rng: random.Random, low: int = 3, high: int = 6) -> str:
+    return "".join(rng.sample(string.ascii_lowercase, rng.randint(low, high)))
+
+
+def make_prompt(rng: random.Random) -> dict:
+    """One row: prompt, task, and every valid answer (a one-element list for one-answer tasks)."""
+    task = rng.choice(TASK_NAMES)
+    if task == "pick_letter":
+        word = _letters(rng)
+        return {"prompt": f"pick a letter: {word}", "task": task, "answers": list(word)}
+    if task == "number_range":
+        low = rng.randint(10, 90)
+        high = min(99, low + rng.randint(2, 8))
+        return {
+            "prompt": f"a number from {low} to {high}",
+            "task": task,
+            "answers": [str(n) for n in range(low, high + 1)],
+        }
+    word = _letters(rng)
+    answer = "".join(sorted(word)) if task == "sort_letters" else word[::-1]
+    return {
+        "prompt": f"{'sort letters' if task == 'sort_letters' else 'reverse'}: {word}",
+        "task": task,
+        "answers": [answer],
+    }
+
+
+def valid_answers(prompt: str) -> list[str]:
+    """The valid answers of a prompt, recomputed from its text."""
+    head, _, rest = prompt.partition(": ")
+    if head == "pick a letter":
+        return list(rest)
+    if prompt.startswith("a number from "):
+        low, high = (int(part) for part in prompt.removeprefix("a number from ").split(" to "))
+        return [str(n) for n in range(low, high + 1)]
+    return ["".join(sorted(rest)) if head == "sort letters" else rest[::-1]]
+
+
+# -------------------------------------------------------------------------------------------------------- teacher
+def train_teacher(folder: Path, steps: int, seed: int = TEACHER_SEED) -> dict:
+    """The demo teacher's shape and loop, on this task mix; answers of several-answer prompts drawn uniformly."""
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    from stillhouse.demo.tokenizer import build_char_tokenizer
+    from stillhouse.demo.train_teacher import encode_batch, teacher_config
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    tokenizer = build_char_tokenizer()
+    model = LlamaForCausalLM(teacher_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+    )
+    stream = random.Random(seed)
+    started = time.perf_counter()
+    model.train()
+    for step in range(1, steps + 1):
+        rows = [make_prompt(stream) for _ in range(64)]
+        batch = [{"prompt": row["prompt"], "reference": stream.choice(row["answers"])} for row in rows]
+        input_ids, labels = encode_batch(tokenizer, batch)
+        loss = model(input_ids=input_ids, attention_mask=input_ids.ne(tokenizer.pad_token_id), labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 250 == 0 or step == steps:
+            print(
+                f"teacher step {step}/{steps}  loss {loss.item():.4f}  {time.perf_counter() - started:.0f}s",
+                file=sys.stderr,
+            )
+    model.eval()
+    model.generation_config = GenerationConfig(
+        max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# distill_quality benchmark teacher\n")
+    record = {"steps": steps, "seed": seed, "train_seconds": round(time.perf_counter() - started, 1)}
+    (folder / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def bpe_student(folder: Path, seed: int) -> Path:
+    """A random Llama student (the same shape) with a byte-level BPE tokenizer and ChatML: another vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stillhouse.demo.tiny_models import bpe_tokenizer
+
+    if (folder / "config.json").is_file():
+        return folder
+    rng = random.Random(99)
+    texts = [f"{row['prompt']}\n{' '.join(row['answers'])}" for row in (make_prompt(rng) for _ in range(3000))]
+    tokenizer = bpe_tokenizer(texts, vocab_size=300)
+    torch.manual_seed(seed)
+    shape = STUDENT_SHAPE
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=shape["hidden_size"],
+            intermediate_size=shape["intermediate_size"],
+            num_hidden_layers=shape["num_layers"],
+            num_attention_heads=shape["num_heads"],
+            num_key_value_heads=shape["num_heads"],
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+        )
+    )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# random BPE student\n")
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------------- measures
+def answer_logprobs(model, tokenizer, prompts: list[str], answers: list[list[str]]) -> list[list[float]]:
+    """log p(answer + EOS | chat prompt) of every candidate answer, in the model's own tokens."""
+    from stillhouse.sampling.hf_engine import render_prompts
+
+    rendered = render_prompts(tokenizer, [[{"role": "user", "content": prompt}] for prompt in prompts])
+    pairs = []
+    for index, (prompt, candidates) in enumerate(zip(rendered, answers)):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for candidate in candidates:
+            answer_ids = tokenizer(candidate, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            pairs.append((index, prompt_ids, answer_ids))
+    scores: list[list[float]] = [[] for _ in prompts]
+    with torch.inference_mode():
+        for start in range(0, len(pairs), 256):
+            chunk = pairs[start : start + 256]
+            width = max(len(p) + len(a) for _, p, a in chunk)
+            ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
+            mask = torch.zeros_like(ids)
+            for row, (_, prompt_ids, answer_ids) in enumerate(chunk):
+                sequence = prompt_ids + answer_ids
+                ids[row, : len(sequence)] = torch.tensor(sequence)
+                mask[row, : len(sequence)] = 1
+            logprobs = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+            for row, (index, prompt_ids, answer_ids) in enumerate(chunk):
+                positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) + len(answer_ids) - 1)
+                scores[index].append(float(logprobs[row, positions, torch.tensor(answer_ids)].sum()))
+    return scores
+
+
+def answer_kl(teacher_scores: list[list[float]], student_scores: list[list[float]]) -> float:
+    """Mean KL(teacher || student) over {each valid answer, everything else}, per prompt."""
+    total = 0.0
+    for teacher_row, student_row in zip(teacher_scores, student_scores):
+        p = [math.exp(value) for value in teacher_row]
+        q = [math.exp(value) for value in student_row]
+        p.append(max(0.0, 1.0 - sum(p)))
+        q.append(max(0.0, 1.0 - sum(q)))
+        total += sum(pi * (math.log(pi) - math.log(max(qi, 1e-12))) for pi, qi in zip(p, q) if pi > 0)
+    return total / max(1, len(teacher_scores))
+
+
+def exact_match(model, tokenizer, rows) -> dict[str, float]:
+    """Share of held-out prompts whose greedy answer is valid, overall and per task."""
+    from stillhouse.sampling.hf_engine import generate, render_prompts
+
+    prompts = render_prompts(tokenizer, [[{"role": "user", "content": row.prompt}] for row in rows])
+    generations = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=128)
+    hits: dict[str, list[bool]] = {task: [] for task in TASK_NAMES}
+    for row, generation in zip(rows, generations):
+        hits[row.category].append(generation.text.strip() in valid_answers(row.prompt))
+    scores = {task: sum(values) / len(values) for task, values in hits.items() if values}
+    scores["overall"] = sum(sum(values) for values in hits.values()) / len(rows)
+    return scores
+
+
+def held_out_rows(frame) -> list[SimpleNamespace]:
+    """(prompt text, category) of a curated split's rows."""
+    return [
+        SimpleNamespace(prompt=json.loads(messages)[-1]["content"], category=category)
+        for messages, category in zip(frame["messages"], frame["category"])
+    ]
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of its 95% Student-t interval (None from one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    t = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776}.get(len(values), 1.96)
+    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+# ------------------------------------------------------------------------------------------------------ the runs
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed and 60 s per method")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--budget", type=float, default=60.0, help="training seconds (one-thread CPU time) per method and seed"
+    )
+    parser.add_argument("--rows", type=int, default=3000, help="prompts generated (10%% held out)")
+    parser.add_argument("--teacher-steps", type=int, default=1200)
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every training run")
+    parser.add_argument("--cache", type=Path, default=Path(".stillhouse/benchmarks/distill_quality"))
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.budget = 1, 60.0
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stillhouse.config import CurateConfig, SampleConfig, TrainConfig
+    from stillhouse.data.curate import curate, read_split
+    from stillhouse.sampling.sample import sample_teacher
+    from stillhouse.store import Store
+    from stillhouse.training.train import train_student
+
+    torch.set_num_threads(args.threads)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    teacher_dir = args.cache / f"teacher-seed{TEACHER_SEED}-steps{args.teacher_steps}"
+    if not (teacher_dir / "config.json").is_file():
+        print(f"training the benchmark teacher into {teacher_dir} (first run only)", file=sys.stderr)
+        train_teacher(teacher_dir, args.teacher_steps)
+    prompts_file = args.cache / f"prompts-{args.rows}.jsonl"
+    if not prompts_file.is_file():
+        rng = random.Random(12345)  # not the teacher's stream
+        rows = [make_prompt(rng) for _ in range(args.rows)]
+        prompts_file.write_text(
+            "".join(
+                json.dumps({"prompt": r["prompt"], "reference": r["answers"][0], "task": r["task"]}) + "\n"
+                for r in rows
+            )
+        )
+
+    store = Store(args.cache / "store")
+    dataset = curate(CurateConfig(source=str(prompts_file), category_column="task", eval_fraction=0.1), store)
+    samples = sample_teacher(
+        SampleConfig(teacher=str(teacher_dir), max_new_tokens=12, temperature=1.0, top_k_logprobs=16, batch_size=128),
+        dataset,
+        store,
+    )
+    held_out = held_out_rows(read_split(dataset, "eval"))
+    train_prompts = {row.prompt for row in held_out_rows(read_split(dataset, "train"))}
+    assert not train_prompts & {row.prompt for row in held_out}, "a held-out prompt is in the training split"
+    several = [row for row in held_out if row.category in SEVERAL_ANSWERS]
+    candidates = [valid_answers(row.prompt) for row in several]
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    teacher_tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher_scores = answer_logprobs(teacher, teacher_tokenizer, [row.prompt for row in several], candidates)
+    teacher_figures = {
+        "exact_match": exact_match(teacher, teacher_tokenizer, held_out),
+        "parameters": sum(p.numel() for p in teacher.parameters()),
+        "size_mb": round((teacher_dir / "model.safetensors").stat().st_size / 1e6, 2),
+        # How spread the teacher is on several-answer prompts: its probability of its own top answer.
+        "top_answer_probability": statistics.fmean(math.exp(max(row)) for row in teacher_scores),
+        "valid_answer_mass": statistics.fmean(sum(math.exp(v) for v in row) for row in teacher_scores),
+    }
+    print(f"teacher: {json.dumps(teacher_figures)}", file=sys.stderr)
+
+    base_train = {
+        "architecture": STUDENT_SHAPE,
+        "batch_size": 64,
+        "learning_rate": 3e-3,
+        "lr_scheduler": "cosine",
+        "warmup_ratio": 0.05,
+        "threads": args.threads,
+        "device": "cpu",
+        "logging_steps": 50,
+    }
+
+    def train_config(name: str, seed: int, steps: int) -> TrainConfig:
+        changes = dict(METHODS[name])
+        changes.pop("bpe", None)
+        raw = {**base_train, **changes, "max_steps": steps, "seed": seed}
+        if METHODS[name].get("bpe"):
+            raw.pop("architecture")
+            raw["student"] = str(bpe_student(args.cache / f"bpe-student-seed{seed}", seed))
+        return TrainConfig.model_validate(raw)
+
+    def timed_training(config: TrainConfig, run_store: Store):
+        """The student, the (CPU seconds, fraction done) marks of its progress, and the stage's CPU seconds.
+
+        CPU time of this process, not wall clock: the runs are single-threaded, so it is what the wall clock would
+        read on an idle machine, and a machine shared with other jobs doesn't hand one method more steps than
+        another (measured wall-clock pilots did, by up to 1.7x)."""
+        marks: list[tuple[float, float]] = []
+        started = time.process_time()
+        student = train_student(
+            config, dataset, samples, run_store, progress=lambda f: marks.append((time.process_time(), f))
+        )
+        return student, marks, time.process_time() - started
+
+    names = [name for name in args.methods.split(",") if name]
+    pilot_steps = 40
+    results: dict[str, dict] = {}
+    for name in names:
+        # Pilot: seconds per optimizer step in steady state (from the progress marks, startup excluded).
+        with tempfile.TemporaryDirectory(dir=args.cache) as scratch:
+            _, marks, _ = timed_training(train_config(name, 0, pilot_steps), Store(Path(scratch)))
+        (t0, f0), (t1, f1) = marks[len(marks) // 4], marks[-1]
+        seconds_per_step = (t1 - t0) / max(1e-9, (f1 - f0) * pilot_steps)
+        steps = max(20, int(args.budget / seconds_per_step))
+        runs = []
+        for seed in range(args.seeds):
+            config = train_config(name, seed, steps)
+            with tempfile.TemporaryDirectory(dir=args.cache) as scratch:
+                student_ref, _, cpu_seconds = timed_training(config, Store(Path(scratch)))
+                model = AutoModelForCausalLM.from_pretrained(student_ref.model_path).eval()
+                tokenizer = AutoTokenizer.from_pretrained(student_ref.model_path)
+                em = exact_match(model, tokenizer, held_out)
+                scores = answer_logprobs(model, tokenizer, [row.prompt for row in several], candidates)
+            runs.append(
+                {
+                    "seed": seed,
+                    "exact_match": em,
+                    "kl": answer_kl(teacher_scores, scores),
+                    "train_seconds": student_ref.train_seconds,
+                    "train_cpu_seconds": round(cpu_seconds, 1),
+                }
+            )
+            print(f"{name} seed {seed}: {json.dumps(runs[-1])}", file=sys.stderr)
+        em_mean, em_ci = mean_ci95([run["exact_match"]["overall"] for run in runs])
+        kl_mean, kl_ci = mean_ci95([run["kl"] for run in runs])
+        results[name] = {
+            "exact_match_mean": round(100 * em_mean, 2),
+            "exact_match_ci95": None if em_ci is None else round(100 * em_ci, 2),
+            "kl_mean": round(kl_mean, 4),
+            "kl_ci95": None if kl_ci is None else round(kl_ci, 4),
+            "train_seconds": round(statistics.fmean(run["train_seconds"] for run in runs), 1),
+            "train_cpu_seconds": round(statistics.fmean(run["train_cpu_seconds"] for run in runs), 1),
+            "optimizer_steps": steps,
+            "pilot_seconds_per_step": round(seconds_per_step, 4),
+            "exact_match_by_task": {
+                task: round(100 * statistics.fmean(run["exact_match"][task] for run in runs), 2)
+                for task in TASK_NAMES
+                if task in runs[0]["exact_match"]
+            },
+            "runs": runs,
+        }
+
+    white_box = [name for name in names if name in WHITE_BOX]
+    best = max(white_box, key=lambda name: results[name]["exact_match_mean"]) if white_box else None
+    output = {
+        "benchmark": "distill_quality",
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}",
+        "load_average_at_end": round(os.getloadavg()[0], 2),
+        "seeds": args.seeds,
+        "budget_seconds": args.budget,
+        "exact_match_unit": "percent of held-out prompts whose greedy answer is valid",
+        "kl_unit": "nats, KL(teacher||student) over whole answers of the several-answer prompts",
+        "held_out_prompts": len(held_out),
+        "train_prompts": len(train_prompts),
+        "teacher": teacher_figures,
+        "methods": results,
+        "best_white_box": best,
+        "best_white_box_minus_sft": round(results[best]["exact_match_mean"] - results["sft"]["exact_match_mean"], 2)
+        if best and "sft" in results
+        else None,
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(output, indent=2) + "\n")
+    print(json.dumps(output))
+
+
+if __name__ == "__main__":
+    main()
