@@ -33,7 +33,14 @@ REPO = "alice/tiny-student"
 def first_release(tmp_path, pipeline_raw, hub, monkeypatch):
     """(config, v1 commit, v1 files): a student published as tag v1, and a config for the next push."""
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    pipeline_raw["publish"] = {"repo_id": REPO, "endpoint": hub.url, "hub_retries": 2, "retry_backoff_s": 0.01}
+    pipeline_raw["publish"] = {
+        "repo_id": REPO,
+        "endpoint": hub.url,
+        "hub_retries": 2,
+        "retry_backoff_s": 0.01,
+        "teacher_name": "alice/tiny-teacher",
+        "dataset_names": ["alice/tiny-prompts"],
+    }
     config = parse_config(pipeline_raw)
     v1 = build_tiny_model(tmp_path / "v1", hidden_size=16, seed=1)
     folder = write_publish_folder(tmp_path / "out-v1", config, *refs(v1), check_pipeline_licenses(config), LINEAGE)
@@ -104,7 +111,14 @@ def test_the_flow_fails_with_a_clear_message_and_the_run_is_marked_failed(
     prefect_harness, pipeline_raw, hub, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    pipeline_raw["publish"] = {"repo_id": REPO, "endpoint": hub.url, "hub_retries": 1, "retry_backoff_s": 0.01}
+    pipeline_raw["publish"] = {
+        "repo_id": REPO,
+        "endpoint": hub.url,
+        "hub_retries": 1,
+        "retry_backoff_s": 0.01,
+        "teacher_name": "alice/tiny-teacher",
+        "dataset_names": ["alice/tiny-prompts"],
+    }
     config_path = tmp_path / "broken-hub.yaml"
     config_path.write_text(yaml.safe_dump(pipeline_raw))
     hub.inject("POST", r"/commit/", status=503, times=100)

@@ -53,7 +53,14 @@ def config_path(registered, tmp_path, tiny_teacher, prompts_jsonl, hub) -> Path:
         elif source.exists():
             shutil.copy2(source, tmp_path / name)
     raw = tiny_pipeline_raw(tmp_path, tiny_teacher, prompts_jsonl)
-    raw["publish"] = {"repo_id": REPO, "endpoint": hub.url, "retry_backoff_s": 0.01, "round_trip_prompts": 2}
+    raw["publish"] = {
+        "repo_id": REPO,
+        "endpoint": hub.url,
+        "retry_backoff_s": 0.01,
+        "round_trip_prompts": 2,
+        "teacher_name": "alice/tiny-teacher",
+        "dataset_names": ["alice/tiny-prompts"],
+    }
     path = tmp_path / "publish.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
