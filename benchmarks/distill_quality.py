@@ -1,8 +1,15 @@
 """What white-box distillation buys over SFT, at equal wall-clock training budgets.
 
-    python benchmarks/distill_quality.py                 # 3 seeds, 60 s of training per method and seed
-    python benchmarks/distill_quality.py --quick         # 1 seed, 60 s per method: a first look (~8 min)
     python benchmarks/distill_quality.py --out benchmarks/results/distill_quality-cpu-DATE.json
+                                                          # 3 seeds x budgets 30, 60, 120 s: ~45 min on 2 cores
+    python benchmarks/distill_quality.py --quick          # 1 seed, 60 s per method: a first look
+    python benchmarks/distill_quality.py --budgets 60 --methods sft,top_k_kd --seeds 3
+
+The table (and `best_white_box_minus_sft`) is the largest budget's; every budget's means go to ``by_budget`` and to
+the plot (held-out exact match against training seconds, one line per method, written beside ``--out``). The JSON
+and the plot are logged to MLflow (``--tracking-uri``, experiment ``benchmark-distill_quality``), with each method's
+means as metrics whose step is the budget in seconds, so MLflow's chart view draws the same curves. Runs go
+``--jobs`` at a time (default: one per core), each on one torch thread.
 
 Methods, each the Stillhouse train stage with one config (`METHODS`): SFT on the teacher's sampled answers; top-k
 KD (forward KL to the stored top-16); on-policy GKD with forward and with reverse KL (half the batches are the
@@ -277,32 +284,184 @@ def mean_ci95(values: list[float]) -> tuple[float, float | None]:
 
 
 # ------------------------------------------------------------------------------------------------------ the runs
+def timed_training(config, dataset, samples, run_store):
+    """The student, the (CPU seconds, fraction done) marks of its progress, and the stage's CPU seconds.
+
+    CPU time of this process, not wall clock: the runs are single-threaded, so it is what the wall clock would read on
+    an idle machine, and a machine shared with other jobs doesn't hand one method more steps than another (measured
+    wall-clock pilots did, by up to 1.7x)."""
+    from stillhouse.training.train import train_student
+
+    marks: list[tuple[float, float]] = []
+    started = time.process_time()
+    student = train_student(
+        config, dataset, samples, run_store, progress=lambda f: marks.append((time.process_time(), f))
+    )
+    return student, marks, time.process_time() - started
+
+
+def run_job(job: dict) -> dict:
+    """One training run in a worker process: a pilot (``steps`` only) or a full run evaluated on the held-out split."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stillhouse.config import TrainConfig
+    from stillhouse.store import Store
+
+    torch.set_num_threads(job["threads"])
+    config = TrainConfig.model_validate(job["train"])
+    with tempfile.TemporaryDirectory(dir=job["cache"]) as scratch:
+        student, marks, cpu_seconds = timed_training(config, job["dataset"], job["samples"], Store(Path(scratch)))
+        if job["kind"] == "pilot":
+            # Seconds per optimizer step in steady state (from the progress marks, startup excluded).
+            (t0, f0), (t1, f1) = marks[len(marks) // 4], marks[-1]
+            return {**job["key"], "seconds_per_step": (t1 - t0) / max(1e-9, (f1 - f0) * config.max_steps)}
+        model = AutoModelForCausalLM.from_pretrained(student.model_path).eval()
+        tokenizer = AutoTokenizer.from_pretrained(student.model_path)
+        em = exact_match(model, tokenizer, job["held_out"])
+        scores = answer_logprobs(model, tokenizer, [row.prompt for row in job["several"]], job["candidates"])
+    return {
+        **job["key"],
+        "exact_match": em,
+        "kl": answer_kl(job["teacher_scores"], scores),
+        "optimizer_steps": config.max_steps,
+        "train_seconds": student.train_seconds,
+        "train_cpu_seconds": round(cpu_seconds, 1),
+    }
+
+
+def run_jobs(jobs: list[dict], workers: int) -> list[dict]:
+    """Run ``jobs`` on ``workers`` processes (one torch thread each), printing each result as it arrives."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    if workers == 1:
+        results = []
+        for job in jobs:
+            results.append(run_job(job))
+            print(f"  {json.dumps(results[-1])}", file=sys.stderr)
+        return results
+    results = []
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in as_completed([pool.submit(run_job, job) for job in jobs]):
+            results.append(future.result())
+            print(f"  {json.dumps(results[-1])}", file=sys.stderr)
+    return results
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Means and 95% intervals of one method's runs at one budget."""
+    em_mean, em_ci = mean_ci95([run["exact_match"]["overall"] for run in runs])
+    kl_mean, kl_ci = mean_ci95([run["kl"] for run in runs])
+    return {
+        "exact_match_mean": round(100 * em_mean, 2),
+        "exact_match_ci95": None if em_ci is None else round(100 * em_ci, 2),
+        "kl_mean": round(kl_mean, 4),
+        "kl_ci95": None if kl_ci is None else round(kl_ci, 4),
+        "train_seconds": round(statistics.fmean(run["train_seconds"] for run in runs), 1),
+        "train_cpu_seconds": round(statistics.fmean(run["train_cpu_seconds"] for run in runs), 1),
+        "optimizer_steps": runs[0]["optimizer_steps"],
+        "exact_match_by_task": {
+            task: round(100 * statistics.fmean(run["exact_match"][task] for run in runs), 2)
+            for task in TASK_NAMES
+            if task in runs[0]["exact_match"]
+        },
+        "runs": sorted(runs, key=lambda run: run["seed"]),
+    }
+
+
+def plot_curves(by_budget: dict[str, dict[str, dict]], path: Path) -> None:
+    """Held-out exact match against training seconds, one line per method, 95% intervals as bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.2))
+    methods = list(next(iter(by_budget.values())))
+    for name in methods:
+        points = [(float(budget), summary[name]) for budget, summary in by_budget.items() if name in summary]
+        axes.errorbar(
+            [budget for budget, _ in points],
+            [point["exact_match_mean"] for _, point in points],
+            yerr=[point["exact_match_ci95"] or 0 for _, point in points],
+            marker="o",
+            capsize=3,
+            label=name,
+            linestyle="--" if name == "sft" else "-",
+        )
+    axes.set_xlabel("training seconds per run (one CPU thread)")
+    axes.set_ylabel("held-out exact match (%)")
+    axes.set_ylim(0, 100)
+    axes.set_title("distill_quality: equal training budgets, mean of seeds, 95% intervals")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def log_to_mlflow(output: dict, files: list[Path], uri: str) -> str:
+    """One MLflow run holding the table (metrics per method and budget, step = budget seconds) and the files."""
+    import mlflow
+
+    from stillhouse.registry.tracking import ensure_experiment
+
+    experiment_id = ensure_experiment("benchmark-distill_quality", uri)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"distill_quality · {output['date']}") as run:
+        mlflow.log_params(
+            {
+                "seeds": output["seeds"],
+                "budgets_seconds": ",".join(output["by_budget"]),
+                "methods": ",".join(output["methods"]),
+                "machine": output["machine"],
+            }
+        )
+        for budget, summary in output["by_budget"].items():
+            for name, figures in summary.items():
+                step = int(float(budget))
+                mlflow.log_metric(f"{name}.exact_match_mean", figures["exact_match_mean"], step=step)
+                mlflow.log_metric(f"{name}.kl_mean", figures["kl_mean"], step=step)
+        if output["best_white_box_minus_sft"] is not None:
+            mlflow.log_metric("best_white_box_minus_sft", output["best_white_box_minus_sft"])
+        for file in files:
+            mlflow.log_artifact(str(file))
+        return run.info.run_id
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed and 60 s per method")
+    parser.add_argument("--quick", action="store_true", help="1 seed, one 60 s budget")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument(
-        "--budget", type=float, default=60.0, help="training seconds (one-thread CPU time) per method and seed"
+        "--budgets",
+        default="30,60,120",
+        help="training seconds (one-thread CPU time) per run, comma-separated; the table is the largest",
     )
     parser.add_argument("--rows", type=int, default=3000, help="prompts generated (10%% held out)")
     parser.add_argument("--teacher-steps", type=int, default=1200)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of every training run")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="training runs at once, one thread each")
     parser.add_argument("--cache", type=Path, default=Path(".stillhouse/benchmarks/distill_quality"))
-    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here, and the plot beside it")
+    parser.add_argument(
+        "--tracking-uri",
+        default="sqlite:///.stillhouse/mlflow.db",
+        help="MLflow to log the table and plot to (experiment benchmark-distill_quality); 'none' skips it",
+    )
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.budget = 1, 60.0
+        args.seeds, args.budgets = 1, "60"
+    budgets = sorted(float(budget) for budget in args.budgets.split(","))
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stillhouse.config import CurateConfig, SampleConfig, TrainConfig
+    from stillhouse.config import CurateConfig, SampleConfig
     from stillhouse.data.curate import curate, read_split
     from stillhouse.sampling.sample import sample_teacher
     from stillhouse.store import Store
-    from stillhouse.training.train import train_student
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)
     args.cache.mkdir(parents=True, exist_ok=True)
     teacher_dir = args.cache / f"teacher-seed{TEACHER_SEED}-steps{args.teacher_steps}"
     if not (teacher_dir / "config.json").is_file():
@@ -351,104 +510,106 @@ def main() -> None:
         "learning_rate": 3e-3,
         "lr_scheduler": "cosine",
         "warmup_ratio": 0.05,
-        "threads": args.threads,
+        "threads": 1,
         "device": "cpu",
         "logging_steps": 50,
     }
+    names = [name for name in args.methods.split(",") if name]
+    for seed in range(args.seeds):  # made here, before the workers could race to write them
+        if any(METHODS[name].get("bpe") for name in names):
+            bpe_student(args.cache / f"bpe-student-seed{seed}", seed)
 
-    def train_config(name: str, seed: int, steps: int) -> TrainConfig:
+    def train_config(name: str, seed: int, steps: int) -> dict:
         changes = dict(METHODS[name])
         changes.pop("bpe", None)
         raw = {**base_train, **changes, "max_steps": steps, "seed": seed}
         if METHODS[name].get("bpe"):
             raw.pop("architecture")
-            raw["student"] = str(bpe_student(args.cache / f"bpe-student-seed{seed}", seed))
-        return TrainConfig.model_validate(raw)
+            raw["student"] = str(args.cache / f"bpe-student-seed{seed}")
+        return raw
 
-    def timed_training(config: TrainConfig, run_store: Store):
-        """The student, the (CPU seconds, fraction done) marks of its progress, and the stage's CPU seconds.
-
-        CPU time of this process, not wall clock: the runs are single-threaded, so it is what the wall clock would
-        read on an idle machine, and a machine shared with other jobs doesn't hand one method more steps than
-        another (measured wall-clock pilots did, by up to 1.7x)."""
-        marks: list[tuple[float, float]] = []
-        started = time.process_time()
-        student = train_student(
-            config, dataset, samples, run_store, progress=lambda f: marks.append((time.process_time(), f))
-        )
-        return student, marks, time.process_time() - started
-
-    names = [name for name in args.methods.split(",") if name]
+    shared = {"cache": str(args.cache), "threads": 1, "dataset": dataset, "samples": samples}
     pilot_steps = 40
-    results: dict[str, dict] = {}
-    for name in names:
-        # Pilot: seconds per optimizer step in steady state (from the progress marks, startup excluded).
-        with tempfile.TemporaryDirectory(dir=args.cache) as scratch:
-            _, marks, _ = timed_training(train_config(name, 0, pilot_steps), Store(Path(scratch)))
-        (t0, f0), (t1, f1) = marks[len(marks) // 4], marks[-1]
-        seconds_per_step = (t1 - t0) / max(1e-9, (f1 - f0) * pilot_steps)
-        steps = max(20, int(args.budget / seconds_per_step))
-        runs = []
-        for seed in range(args.seeds):
-            config = train_config(name, seed, steps)
-            with tempfile.TemporaryDirectory(dir=args.cache) as scratch:
-                student_ref, _, cpu_seconds = timed_training(config, Store(Path(scratch)))
-                model = AutoModelForCausalLM.from_pretrained(student_ref.model_path).eval()
-                tokenizer = AutoTokenizer.from_pretrained(student_ref.model_path)
-                em = exact_match(model, tokenizer, held_out)
-                scores = answer_logprobs(model, tokenizer, [row.prompt for row in several], candidates)
-            runs.append(
-                {
-                    "seed": seed,
-                    "exact_match": em,
-                    "kl": answer_kl(teacher_scores, scores),
-                    "train_seconds": student_ref.train_seconds,
-                    "train_cpu_seconds": round(cpu_seconds, 1),
-                }
-            )
-            print(f"{name} seed {seed}: {json.dumps(runs[-1])}", file=sys.stderr)
-        em_mean, em_ci = mean_ci95([run["exact_match"]["overall"] for run in runs])
-        kl_mean, kl_ci = mean_ci95([run["kl"] for run in runs])
-        results[name] = {
-            "exact_match_mean": round(100 * em_mean, 2),
-            "exact_match_ci95": None if em_ci is None else round(100 * em_ci, 2),
-            "kl_mean": round(kl_mean, 4),
-            "kl_ci95": None if kl_ci is None else round(kl_ci, 4),
-            "train_seconds": round(statistics.fmean(run["train_seconds"] for run in runs), 1),
-            "train_cpu_seconds": round(statistics.fmean(run["train_cpu_seconds"] for run in runs), 1),
-            "optimizer_steps": steps,
-            "pilot_seconds_per_step": round(seconds_per_step, 4),
-            "exact_match_by_task": {
-                task: round(100 * statistics.fmean(run["exact_match"][task] for run in runs), 2)
-                for task in TASK_NAMES
-                if task in runs[0]["exact_match"]
-            },
-            "runs": runs,
+    pilots = run_jobs(
+        [
+            {**shared, "kind": "pilot", "key": {"method": name}, "train": train_config(name, 0, pilot_steps)}
+            for name in names
+        ],
+        args.jobs,
+    )
+    seconds_per_step = {pilot["method"]: pilot["seconds_per_step"] for pilot in pilots}
+    evaluation = {"held_out": held_out, "several": several, "candidates": candidates, "teacher_scores": teacher_scores}
+    jobs = [
+        {
+            **shared,
+            **evaluation,
+            "kind": "run",
+            "key": {"method": name, "budget": budget, "seed": seed},
+            "train": train_config(name, seed, max(20, int(budget / seconds_per_step[name]))),
         }
-
+        # Longest first: the pool's last minutes aren't one long run on one core while the other idles.
+        for budget in sorted(budgets, reverse=True)
+        for name in names
+        for seed in range(args.seeds)
+    ]
+    runs = run_jobs(jobs, args.jobs)
+    by_budget = {
+        f"{budget:g}": {
+            name: {
+                **summarize([run for run in runs if run["method"] == name and run["budget"] == budget]),
+                "pilot_seconds_per_step": round(seconds_per_step[name], 4),
+            }
+            for name in names
+        }
+        for budget in budgets
+    }
+    table = by_budget[f"{budgets[-1]:g}"]
     white_box = [name for name in names if name in WHITE_BOX]
-    best = max(white_box, key=lambda name: results[name]["exact_match_mean"]) if white_box else None
+    best = max(white_box, key=lambda name: table[name]["exact_match_mean"]) if white_box else None
     output = {
         "benchmark": "distill_quality",
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.jobs} runs at once, one torch thread each",
         "load_average_at_end": round(os.getloadavg()[0], 2),
         "seeds": args.seeds,
-        "budget_seconds": args.budget,
+        "budget_seconds": budgets[-1],
         "exact_match_unit": "percent of held-out prompts whose greedy answer is valid",
         "kl_unit": "nats, KL(teacher||student) over whole answers of the several-answer prompts",
         "held_out_prompts": len(held_out),
         "train_prompts": len(train_prompts),
         "teacher": teacher_figures,
-        "methods": results,
+        "methods": table,
+        "by_budget": {
+            budget: {name: {k: v for k, v in figures.items() if k != "runs"} for name, figures in summary.items()}
+            for budget, summary in by_budget.items()
+        },
         "best_white_box": best,
-        "best_white_box_minus_sft": round(results[best]["exact_match_mean"] - results["sft"]["exact_match_mean"], 2)
-        if best and "sft" in results
+        "best_white_box_minus_sft": round(table[best]["exact_match_mean"] - table["sft"]["exact_match_mean"], 2)
+        if best and "sft" in table
+        else None,
+        "best_white_box_minus_sft_by_budget": {
+            budget: round(
+                max(summary[name]["exact_match_mean"] for name in white_box) - summary["sft"]["exact_match_mean"], 2
+            )
+            for budget, summary in by_budget.items()
+        }
+        if white_box and "sft" in names
         else None,
     }
+    files = []
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(output, indent=2) + "\n")
+        plot = args.out.with_suffix(".png")
+        plot_curves(by_budget, plot)
+        files = [args.out, plot]
+    else:
+        plot = args.cache / "distill_quality.png"
+        plot_curves(by_budget, plot)
+        files = [plot]
+    if args.tracking_uri != "none":
+        output["mlflow_run_id"] = log_to_mlflow(output, files, args.tracking_uri)
+    print(f"plot: {plot}", file=sys.stderr)
     print(json.dumps(output))
 
 

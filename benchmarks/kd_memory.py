@@ -14,6 +14,11 @@ hidden state and the LM-head weight.
   Its teacher is k ids and log-probs per position instead of dense logits: the inputs differ by design.
 - ``fused_dense``: `distillation_loss_from_hidden` with the naive case's dense teacher, forward KL: the same
   inputs and loss as ``naive``.
+- ``matmul_floor`` (no loss): only the three matrix products every exact full-vocabulary loss needs, chunk by chunk:
+  the student's logits ``hidden @ W.T`` and, from a logits-shaped gradient, ``grad_hidden = g @ W`` and
+  ``grad_W = g.T @ hidden``. No loss that scores the student's whole vocabulary (a top-k teacher still needs the
+  student's log-sum-exp over all V, and its gradient reaches every logit) can take less time than this, so
+  ``naive / matmul_floor`` is the largest speed-up over naive that any such loss could reach.
 
 Each repeat of each case runs in its own process (``--case``), one at a time, the cases alternating. A
 process builds its inputs (hidden state, weight, teacher, labels), resets its peak RSS
@@ -42,7 +47,7 @@ from stillhouse.training.losses import TopK, distillation_loss_from_hidden
 
 TOKENS, HIDDEN, TOP_K = 2048, 896, 128
 VOCAB_SIZES = (32_000, 151_936)
-CASES = ("naive", "fused_top_k", "fused_dense")
+CASES = ("naive", "fused_top_k", "fused_dense", "matmul_floor")
 TARGETS = {"peak_above_inputs": 0.05, "working_memory": 0.05, "seconds": 0.5}  # fused_top_k / naive, at most
 
 
@@ -77,6 +82,8 @@ def run_case(case: str, vocab_size: int, chunk_size: int) -> dict:
     labels = torch.randint(0, vocab_size, (1, TOKENS), generator=generator)
     if case == "fused_top_k":
         teacher = top_k_teacher(vocab_size, generator)
+    elif case == "matmul_floor":
+        teacher = None
     else:
         teacher = torch.randn(1, TOKENS, vocab_size, generator=generator) * 2
     ctypes.CDLL(None).malloc_trim(0)  # free heap pages back to the OS, or the loss could reuse them unseen
@@ -85,7 +92,16 @@ def run_case(case: str, vocab_size: int, chunk_size: int) -> dict:
     rss_inputs = status_bytes("VmRSS")
 
     wall, cpu = time.perf_counter(), time.process_time()
-    if case == "naive":
+    if case == "matmul_floor":
+        with torch.no_grad():
+            weight.grad, hidden.grad = torch.zeros_like(weight), torch.zeros_like(hidden)
+            for start in range(0, TOKENS, chunk_size):
+                chunk = hidden[0, start : start + chunk_size]
+                logits = chunk @ weight.T  # stands in for the gradient w.r.t. the logits: the same shape and work
+                hidden.grad[0, start : start + chunk_size] = logits @ weight
+                weight.grad.addmm_(logits.T, chunk)
+        loss = logits.sum()
+    elif case == "naive":
         student_logprobs = (hidden @ weight.T).log_softmax(-1)
         loss = F.kl_div(
             student_logprobs.flatten(0, 1),
@@ -95,7 +111,8 @@ def run_case(case: str, vocab_size: int, chunk_size: int) -> dict:
         )
     else:
         loss = distillation_loss_from_hidden(hidden, weight, teacher, labels, kind="forward_kl", chunk_size=chunk_size)
-    loss.backward()
+    if case != "matmul_floor":
+        loss.backward()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
 
     peak_above_inputs = status_bytes("VmHWM") - rss_inputs
@@ -175,6 +192,17 @@ def main() -> None:
         report["cases"][str(vocab_size)] = medians | {
             "fused_top_k_over_naive": ratios(medians["fused_top_k"], medians["naive"]),
             "fused_dense_over_naive": ratios(medians["fused_dense"], medians["naive"]),
+            # The most any exact full-vocabulary loss could gain over naive: its matrix products alone take this long.
+            "largest_possible_speedup_over_naive": round(
+                medians["naive"]["cpu_seconds"] / medians["matmul_floor"]["cpu_seconds"], 3
+            ),
+            # The least peak any loss returning the same gradients could reach, as a share of naive's: the gradients.
+            "smallest_possible_peak_ratio": round(
+                medians["naive"]["gradients_mb"] / medians["naive"]["peak_above_inputs_mb"], 3
+            ),
+            "fused_top_k_over_matmul_floor": round(
+                medians["fused_top_k"]["cpu_seconds"] / medians["matmul_floor"]["cpu_seconds"], 3
+            ),
             "fused_dense_loss_equals_naive": abs(medians["fused_dense"]["loss"] - medians["naive"]["loss"])
             <= 1e-5 * abs(medians["naive"]["loss"]) + 1e-6,
         }
