@@ -375,3 +375,31 @@ def test_preflight_accepts_a_student_with_its_own_tokenizer_only_with_align(pipe
         preflight(parse_config(pipeline_raw))
     pipeline_raw["train"]["kd"] = {"align": "byte"}
     preflight(parse_config(pipeline_raw))
+
+
+def test_evaluation_reports_the_kl_of_a_student_with_its_own_tokenizer(sampled, bpe_student, tokenizers, tmp_path):
+    """The evaluate stage compares a student of another family with the teacher through the byte mapping: its
+    ``kl_teacher_student`` is the forward KL on the mapped top-k at the aligned response positions, the same
+    figure the training loss of ``align: byte`` would give on the eval split."""
+    from stillhouse.config import EvaluateConfig
+    from stillhouse.evaluation.evaluate import evaluate_student
+    from stillhouse.refs import ModelRef
+
+    _, dataset, samples = sampled
+    _, student, pair = tokenizers
+    student_ref = ModelRef(
+        stage="train",
+        fingerprint="bpe-student",
+        path=str(bpe_student),
+        cached=True,
+        model_path=str(bpe_student),
+        parameters=0,
+        train_seconds=0,
+        final_loss=None,
+        loss_history=[],
+    )
+    config = EvaluateConfig(max_new_tokens=8, batch_size=16, metrics=["kl", "agreement", "perplexity"])
+    metrics = evaluate_student(config, dataset, samples, student_ref, Store(tmp_path)).metrics
+    expected = held_out_losses(bpe_student, dataset, samples, student, pair)["kl"]
+    assert metrics["kl_teacher_student"] == pytest.approx(expected, rel=1e-4)
+    assert 0.0 <= metrics["student_top1_agreement"] <= 1.0 and math.isfinite(metrics["student_perplexity"])

@@ -5,7 +5,10 @@ Metric groups (``evaluate.metrics``; null computes every group the data supports
 - ``perplexity``: ``<role>_perplexity`` of the teacher's held-out responses (prompt tokens masked);
 - ``reference_perplexity``: ``<role>_reference_perplexity`` of the reference answers;
 - ``kl``: ``kl_teacher_student`` (``kl_teacher_baseline``), mean forward KL(teacher‖model) per response
-  token on the stored top-k, and the KL by response position for the report;
+  token on the stored top-k, and the KL by response position for the report. A model with a tokenizer of its own
+  (a student of another family) is compared with the teacher's top-k mapped onto its tokens by byte prefixes
+  (``train.kd.align: byte``'s mapping, the residual mass in the tail bucket), at the response positions where both
+  tokenizations share a boundary;
 - ``agreement``: ``student_teacher_agreement`` (share of prompts with the teacher's answer) and
   ``student_top1_agreement`` (share of response tokens whose argmax is the teacher's top-1);
 - ``exact_match``: ``<role>_exact_match`` and ``<role>_exact_match/<category>`` against the references,
@@ -39,6 +42,7 @@ of the stage's folder.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 import time
@@ -69,10 +73,12 @@ from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
 from stillhouse.sampling.hf_engine import generate, render_prompts
 from stillhouse.sampling.teacher_outputs import read_teacher_outputs
 from stillhouse.store import Store, fingerprint
+from stillhouse.training.cross_tokenizer import pair_tokenizers
 from stillhouse.training.examples import PadCollator, build_examples
 from stillhouse.training.losses import TopK, cross_entropy, forward_kl
 
-CODE_VERSION = 2
+CODE_VERSION = 3  # 3: KL and top-1 agreement across tokenizers
+log = logging.getLogger(__name__)
 MAX_KL_POSITIONS = 256  # KL by position is reported for the first this many response tokens
 
 
@@ -90,7 +96,8 @@ def score_responses(
 
     Returns ``cross_entropy`` (and ``kl``, ``top1_agreement``, ``kl_by_position``: the mean KL at
     response position 0, 1, ... over the examples that reach it). Logit rows past ``vocab_size``
-    (embedding padding) are not tokens and are left out.
+    (embedding padding) are not tokens and are left out. Examples with the teacher's top-k mapped onto this
+    model's tokens (``cross_*``, `build_examples` with ``align="byte"``) are compared where ``cross_mask`` holds.
     """
     collate = PadCollator(pad_token_id)
     totals = defaultdict(float)
@@ -106,9 +113,17 @@ def score_responses(
         tokens = counted.sum().item()
         totals["tokens"] += tokens
         totals["cross_entropy"] += cross_entropy(logits, targets).item() * tokens
+        teacher = None
         if "top_k_ids" in batch:
             teacher = TopK(batch["top_k_ids"][:, 1:], batch["top_k_logprobs"][:, 1:])
-            totals["kl"] += forward_kl(logits, teacher, targets).item() * tokens
+        elif "cross_ids" in batch:  # across tokenizers: the positions with a shared boundary only
+            teacher = TopK(batch["cross_ids"][:, 1:], batch["cross_logprobs"][:, 1:])
+            counted = counted & batch["cross_mask"][:, 1:]
+            targets = targets.masked_fill(~counted, -100)
+        if teacher is not None:
+            compared = counted.sum().item()
+            totals["compared"] += compared
+            totals["kl"] += forward_kl(logits, teacher, targets).item() * compared
             totals["top1"] += (logits.argmax(-1).eq(teacher.ids[..., 0]) & counted).sum().item()
             offsets = counted.cumsum(dim=1) - 1  # response position of each counted target
             for position in range(min(int(offsets.max().item()) + 1, max_positions)):
@@ -122,8 +137,9 @@ def score_responses(
     tokens = max(totals["tokens"], 1)
     scores: dict[str, float | list[float]] = {"cross_entropy": totals["cross_entropy"] / tokens}
     if "kl" in totals:
-        scores["kl"] = totals["kl"] / tokens
-        scores["top1_agreement"] = totals["top1"] / tokens
+        compared = max(totals["compared"], 1)
+        scores["kl"] = totals["kl"] / compared
+        scores["top1_agreement"] = totals["top1"] / compared
         reached = int(kl_counts.gt(0).sum().item())
         scores["kl_by_position"] = (kl_sums[:reached] / kl_counts[:reached]).tolist()
     return scores
@@ -212,22 +228,34 @@ def response_metrics(
 ) -> tuple[dict[str, float], list[float] | None]:
     """Groups ``perplexity``, ``kl`` and ``agreement`` (top-1), from one scoring pass over the teacher's responses.
 
-    Returns ``<role>_perplexity``, ``kl_teacher_<role>`` and ``<role>_top1_agreement`` (these two only where the
-    model shares the teacher's vocabulary and its top-k is stored), and the KL by response position (or None).
+    Returns ``<role>_perplexity``, ``kl_teacher_<role>`` and ``<role>_top1_agreement`` (these two where the
+    teacher's top-k is stored and its tokenizer known: in the model's own tokens through the byte mapping when the
+    vocabularies differ), and the KL by response position (or None).
     """
     shared_vocabulary = teacher_tokenizer is not None and vocabulary_difference(tokenizer, teacher_tokenizer) is None
-    with_top_k = (
-        role != "teacher" and shared_vocabulary and samples.top_k_logprobs > 0 and bool(groups & {"kl", "agreement"})
+    compared = (
+        role != "teacher"
+        and teacher_tokenizer is not None
+        and samples.top_k_logprobs > 0
+        and bool(groups & {"kl", "agreement"})
     )
+    pair = None
+    if compared and not shared_vocabulary:
+        try:
+            pair = pair_tokenizers(teacher_tokenizer, tokenizer, teacher_name="sample.teacher", student_name=role)
+        except InputError as error:  # e.g. a slow tokenizer without byte offsets: no KL, the rest is measured
+            log.warning("evaluate: no KL or top-1 agreement for %s: %s", role, error)
     examples = build_examples(
         dataset,
         samples,
         tokenizer,
         split="eval",
         shared_vocabulary=shared_vocabulary,
-        with_top_k=with_top_k,
+        with_top_k=compared and (shared_vocabulary or pair is not None),
         max_seq_len=100_000,
         prompt_ids=set(prompts.frame["prompt_id"]),
+        align="byte" if pair is not None else "none",
+        pair=pair,
     )
     scores = score_responses(model, examples, tokenizer.pad_token_id, batch_size, vocab_size=len(tokenizer))
     metrics, kl_by_position = {}, None
