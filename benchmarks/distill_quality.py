@@ -13,8 +13,12 @@ means as metrics whose step is the budget in seconds, so MLflow's chart view dra
 
 Methods, each the Stillhouse train stage with one config (`METHODS`): SFT on the teacher's sampled answers; top-k
 KD (forward KL to the stored top-16); on-policy GKD with forward and with reverse KL (half the batches are the
-student's own samples, scored by the teacher in memory); cross-tokenizer KD (`kd.align: uld` and `byte`) into a
-student with a byte-level BPE tokenizer of its own.
+student's own samples, scored by the teacher in memory), from scratch and, as the GKD and MiniLLM papers run it,
+from an SFT student (`sft_then_gkd`: half the budget SFT, then forward-KL GKD from that student); cross-tokenizer KD
+(`kd.align: uld` and `byte`) into a student with a byte-level BPE tokenizer of its own.
+
+Finished pilots and runs are appended to ``runs-rows<R>-teacher<S>.jsonl`` in ``--cache``; a rerun with the same
+settings reuses them, so adding a method or a seed runs only what is new, and an interrupted run resumes.
 
 The bundled demo tasks have one right answer each, and the demo teacher is nearly one-hot on them, so its logits
 say little more than its greedy answers. This benchmark uses its own task mix where they do, and its own teacher:
@@ -83,10 +87,13 @@ METHODS: dict[str, dict] = {
         "ce_weight": 0.0,
         "kd": {"kind": "reverse_kl", "teacher": "online", "lmbda": 0.5, "rollout_max_new_tokens": 10},
     },
+    # The GKD and MiniLLM papers start on-policy training from an SFT student: half the budget SFT, half GKD from it.
+    "sft_then_gkd": {"then": "gkd_forward_kl", "first": "sft"},
     "cross_tokenizer_uld": {"method": "kd", "kd_weight": 1.0, "ce_weight": 0.5, "kd": {"align": "uld"}, "bpe": True},
     "cross_tokenizer_byte": {"method": "kd", "kd_weight": 1.0, "ce_weight": 0.5, "kd": {"align": "byte"}, "bpe": True},
 }
 WHITE_BOX = [name for name in METHODS if name != "sft"]
+CHAINED = {name: (method["first"], method["then"]) for name, method in METHODS.items() if "then" in method}
 
 
 # ---------------------------------------------------------------------------------------------------------- tasks
@@ -311,16 +318,29 @@ def run_job(job: dict) -> dict:
     config = TrainConfig.model_validate(job["train"])
     with tempfile.TemporaryDirectory(dir=job["cache"]) as scratch:
         student, marks, cpu_seconds = timed_training(config, job["dataset"], job["samples"], Store(Path(scratch)))
+        if job.get("then"):  # the second phase of a chained method starts from the first one's student
+            first_seconds, first_steps = student.train_seconds, config.max_steps
+            second = {key: value for key, value in job["then"].items() if key != "architecture"}
+            config = TrainConfig.model_validate({**second, "student": student.model_path})
+            student, _, more_cpu_seconds = timed_training(config, job["dataset"], job["samples"], Store(Path(scratch)))
+            cpu_seconds += more_cpu_seconds
+            student = student.model_copy(update={"train_seconds": round(first_seconds + student.train_seconds, 2)})
+            config = config.model_copy(update={"max_steps": first_steps + config.max_steps})
         if job["kind"] == "pilot":
             # Seconds per optimizer step in steady state (from the progress marks, startup excluded).
             (t0, f0), (t1, f1) = marks[len(marks) // 4], marks[-1]
-            return {**job["key"], "seconds_per_step": (t1 - t0) / max(1e-9, (f1 - f0) * config.max_steps)}
+            return {
+                **job["key"],
+                "kind": "pilot",
+                "seconds_per_step": (t1 - t0) / max(1e-9, (f1 - f0) * config.max_steps),
+            }
         model = AutoModelForCausalLM.from_pretrained(student.model_path).eval()
         tokenizer = AutoTokenizer.from_pretrained(student.model_path)
         em = exact_match(model, tokenizer, job["held_out"])
         scores = answer_logprobs(model, tokenizer, [row.prompt for row in job["several"]], job["candidates"])
     return {
         **job["key"],
+        "kind": "run",
         "exact_match": em,
         "kl": answer_kl(job["teacher_scores"], scores),
         "optimizer_steps": config.max_steps,
@@ -530,29 +550,76 @@ def main() -> None:
 
     shared = {"cache": str(args.cache), "threads": 1, "dataset": dataset, "samples": samples}
     pilot_steps = 40
-    pilots = run_jobs(
+    # Finished pilots and runs are kept in runs.jsonl and reused by a rerun with the same settings (one that adds a
+    # method or a seed runs only what is new): the whole benchmark is most of an hour on two cores.
+    record = args.cache / f"runs-rows{args.rows}-teacher{args.teacher_steps}.jsonl"
+    done = [json.loads(line) for line in record.read_text().splitlines() if line.strip()] if record.is_file() else []
+
+    def identity(kind: str, key: dict) -> str:
+        return json.dumps({"kind": kind, **{name: key.get(name) for name in ("method", "budget", "seed", "steps")}})
+
+    def run_new(jobs: list[dict]) -> list[dict]:
+        known = {identity(result["kind"], result): result for result in done}
+        results = [
+            known[identity(job["kind"], job["key"])] for job in jobs if identity(job["kind"], job["key"]) in known
+        ]
+        if results:
+            print(f"reusing {len(results)} finished {jobs[0]['kind']}s from {record}", file=sys.stderr)
+        for result in run_jobs([job for job in jobs if identity(job["kind"], job["key"]) not in known], args.jobs):
+            results.append(result)
+            with record.open("a") as file:
+                file.write(json.dumps(result) + "\n")
+        return results
+
+    piloted = sorted({part for name in names for part in CHAINED.get(name, (name,))})
+    pilots = run_new(
         [
-            {**shared, "kind": "pilot", "key": {"method": name}, "train": train_config(name, 0, pilot_steps)}
-            for name in names
-        ],
-        args.jobs,
+            {
+                **shared,
+                "kind": "pilot",
+                "key": {"method": name, "steps": pilot_steps},
+                "train": train_config(name, 0, pilot_steps),
+            }
+            for name in piloted
+        ]
     )
     seconds_per_step = {pilot["method"]: pilot["seconds_per_step"] for pilot in pilots}
+
+    def steps_for(name: str, budget: float) -> int:
+        return max(20, int(budget / seconds_per_step[name]))
+
+    def run_job_of(name: str, budget: float, seed: int) -> dict:
+        if name in CHAINED:
+            first, then = CHAINED[name]
+            steps = (steps_for(first, budget / 2), steps_for(then, budget / 2))
+            return {
+                "train": train_config(first, seed, steps[0]),
+                "then": train_config(then, seed, steps[1]),
+                "steps": sum(steps),
+            }
+        return {"train": train_config(name, seed, steps_for(name, budget)), "steps": steps_for(name, budget)}
+
     evaluation = {"held_out": held_out, "several": several, "candidates": candidates, "teacher_scores": teacher_scores}
-    jobs = [
-        {
-            **shared,
-            **evaluation,
-            "kind": "run",
-            "key": {"method": name, "budget": budget, "seed": seed},
-            "train": train_config(name, seed, max(20, int(budget / seconds_per_step[name]))),
-        }
-        # Longest first: the pool's last minutes aren't one long run on one core while the other idles.
-        for budget in sorted(budgets, reverse=True)
-        for name in names
-        for seed in range(args.seeds)
-    ]
-    runs = run_jobs(jobs, args.jobs)
+    jobs = []
+    # Longest first: the pool's last minutes aren't one long run on one core while the other idles.
+    for budget in sorted(budgets, reverse=True):
+        for name in names:
+            for seed in range(args.seeds):
+                planned = run_job_of(name, budget, seed)
+                jobs.append(
+                    {
+                        **shared,
+                        **evaluation,
+                        "kind": "run",
+                        "key": {"method": name, "budget": budget, "seed": seed, "steps": planned.pop("steps")},
+                        **planned,
+                    }
+                )
+    runs = run_new(jobs)
+    for name in CHAINED:
+        if name in names:
+            first, then = CHAINED[name]
+            seconds_per_step[name] = (seconds_per_step[first] + seconds_per_step[then]) / 2
     by_budget = {
         f"{budget:g}": {
             name: {
