@@ -399,17 +399,18 @@ def plot_curves(by_budget: dict[str, dict[str, dict]], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(7, 4.2))
     methods = list(next(iter(by_budget.values())))
     for name in methods:
-        points = [(float(budget), summary[name]) for budget, summary in by_budget.items() if name in summary]
+        # x: the CPU seconds the runs actually trained (the pilots' estimate of a step sets the steps of a budget)
+        points = [summary[name] for summary in by_budget.values() if name in summary]
         axes.errorbar(
-            [budget for budget, _ in points],
-            [point["exact_match_mean"] for _, point in points],
-            yerr=[point["exact_match_ci95"] or 0 for _, point in points],
+            [point["train_cpu_seconds"] for point in points],
+            [point["exact_match_mean"] for point in points],
+            yerr=[point["exact_match_ci95"] or 0 for point in points],
             marker="o",
             capsize=3,
             label=name,
             linestyle="--" if name == "sft" else "-",
         )
-    axes.set_xlabel("training seconds per run (one CPU thread)")
+    axes.set_xlabel("training CPU seconds per run (one thread), mean of seeds")
     axes.set_ylabel("held-out exact match (%)")
     axes.set_ylim(0, 100)
     axes.set_title("distill_quality: equal training budgets, mean of seeds, 95% intervals")
