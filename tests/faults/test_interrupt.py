@@ -40,6 +40,13 @@ def processes_with(marker: str) -> list[int]:
     return found
 
 
+def as_at_a_terminal() -> None:
+    """In the child before it starts: SIGINT handled by default, as in a terminal's foreground job. A suite started in
+    the background by a shell without job control (`make test &` in a script) passes SIGINT down as ignored, and
+    Python then never turns it into KeyboardInterrupt: the run would finish instead of stopping."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_an_interrupted_run_stops_fast_says_where_and_the_rerun_resumes(how, tmp_path):
     config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
@@ -58,7 +65,13 @@ def test_an_interrupted_run_stops_fast_says_where_and_the_rerun_resumes(how, tmp
 
     with open(tmp_path / "err.txt", "w") as errors:
         run = subprocess.Popen(
-            command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True
+            command,
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+            start_new_session=True,
+            preexec_fn=as_at_a_terminal,
         )
         try:
             deadline = time.monotonic() + 600
