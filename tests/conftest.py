@@ -80,6 +80,23 @@ def curate_and_sample(store_root: Path, teacher: Path, prompts: Path):
     return store, dataset, samples
 
 
+def model_ref(path: Path | str, name: str, loss_history: list[dict] | None = None):
+    """A `ModelRef` for a model folder made outside the train stage (a fixture's model, as if trained)."""
+    from stillhouse.refs import ModelRef
+
+    return ModelRef(
+        stage="train",
+        fingerprint=name,
+        path=str(path),
+        cached=True,
+        model_path=str(path),
+        parameters=0,
+        train_seconds=0,
+        final_loss=None,
+        loss_history=loss_history or [],
+    )
+
+
 def upload_to_default_hub(hub, monkeypatch, folder: Path, repo_id: str) -> None:
     """Make the loopback ``hub`` the client's default endpoint (as for a model id in a config) and upload ``folder``.
 

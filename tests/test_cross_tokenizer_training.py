@@ -11,15 +11,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import model_ref
 from openai_server import FakeOpenAIServer
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 import stillhouse.demo
-from stillhouse.config import CurateConfig, KDConfig, OpenAIEngineConfig, SampleConfig, TrainConfig, parse_config
+from stillhouse.config import (
+    CurateConfig,
+    EvaluateConfig,
+    KDConfig,
+    OpenAIEngineConfig,
+    SampleConfig,
+    TrainConfig,
+    parse_config,
+)
 from stillhouse.data.curate import curate
 from stillhouse.demo.tasks import make_examples
 from stillhouse.demo.tiny_models import bpe_tokenizer
 from stillhouse.errors import InputError
+from stillhouse.evaluation.evaluate import evaluate_student
 from stillhouse.models import load_tokenizer
 from stillhouse.preflight import preflight
 from stillhouse.sampling.sample import sample_teacher
@@ -381,23 +391,9 @@ def test_evaluation_reports_the_kl_of_a_student_with_its_own_tokenizer(sampled, 
     """The evaluate stage compares a student of another family with the teacher through the byte mapping: its
     ``kl_teacher_student`` is the forward KL on the mapped top-k at the aligned response positions, the same
     figure the training loss of ``align: byte`` would give on the eval split."""
-    from stillhouse.config import EvaluateConfig
-    from stillhouse.evaluation.evaluate import evaluate_student
-    from stillhouse.refs import ModelRef
-
     _, dataset, samples = sampled
     _, student, pair = tokenizers
-    student_ref = ModelRef(
-        stage="train",
-        fingerprint="bpe-student",
-        path=str(bpe_student),
-        cached=True,
-        model_path=str(bpe_student),
-        parameters=0,
-        train_seconds=0,
-        final_loss=None,
-        loss_history=[],
-    )
+    student_ref = model_ref(bpe_student, "bpe-student")
     config = EvaluateConfig(max_new_tokens=8, batch_size=16, metrics=["kl", "agreement", "perplexity"])
     metrics = evaluate_student(config, dataset, samples, student_ref, Store(tmp_path)).metrics
     expected = held_out_losses(bpe_student, dataset, samples, student, pair)["kl"]

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import model_ref
 
 from stillhouse.config import GateConfig
 from stillhouse.evaluation.gate import check_candidate
@@ -139,17 +140,7 @@ def test_evaluate_register_gate_in_mlflow(prefect_harness, tmp_path, tiny_teache
     config = parse_config(raw)
 
     def as_student(path: Path, name: str) -> ModelRef:
-        return ModelRef(
-            stage="train",
-            fingerprint=name,
-            path=str(path),
-            cached=True,
-            model_path=str(path),
-            parameters=0,
-            train_seconds=0,
-            final_loss=None,
-            loss_history=[{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}],
-        )
+        return model_ref(path, name, loss_history=[{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}])
 
     @flow
     def evaluate_and_gate(student: ModelRef):

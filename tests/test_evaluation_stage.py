@@ -4,12 +4,12 @@ import math
 
 import pytest
 from conftest import build_tiny_model, curate_and_sample
+from conftest import model_ref as shared_model_ref
 
 from stillhouse.config import EvaluateConfig, LmEvalConfig
 from stillhouse.errors import InputError
 from stillhouse.evaluation.evaluate import evaluate_student, report_files
 from stillhouse.evaluation.lm_eval_adapter import lm_eval_available
-from stillhouse.refs import ModelRef
 
 
 @pytest.fixture(scope="module")
@@ -17,18 +17,8 @@ def sampled(tmp_path_factory, tiny_teacher, prompts_jsonl):
     return curate_and_sample(tmp_path_factory.mktemp("store"), tiny_teacher, prompts_jsonl)
 
 
-def model_ref(path, name: str) -> ModelRef:
-    return ModelRef(
-        stage="train",
-        fingerprint=name,
-        path=str(path),
-        cached=True,
-        model_path=str(path),
-        parameters=0,
-        train_seconds=0,
-        final_loss=None,
-        loss_history=[{"step": 5, "loss": 2.0}, {"step": 10, "loss": 1.5}],
-    )
+def model_ref(path, name: str):
+    return shared_model_ref(path, name, loss_history=[{"step": 5, "loss": 2.0}, {"step": 10, "loss": 1.5}])
 
 
 def test_every_metric_group_with_a_baseline(sampled, tiny_teacher, tmp_path):

@@ -4,13 +4,12 @@ import ast
 import inspect
 
 import pytest
-from conftest import curate_and_sample
+from conftest import curate_and_sample, model_ref
 from transformers import AutoModelForCausalLM
 
 from stillhouse.config import EvaluateConfig, TrainConfig
 from stillhouse.evaluation.evaluate import evaluate_student
 from stillhouse.models import load_tokenizer
-from stillhouse.refs import ModelRef
 from stillhouse.training.examples import build_examples
 from stillhouse.training.train import train_student
 
@@ -83,16 +82,7 @@ def test_training_lowers_the_loss_and_saves_a_loadable_student(sampled, method):
 
 def test_evaluating_the_teacher_against_itself_gives_zero_kl_and_full_agreement(sampled, tiny_teacher):
     store, dataset, samples = sampled
-    as_student = ModelRef(
-        stage="train",
-        fingerprint="teacher-copy",
-        path=str(tiny_teacher),
-        cached=True,
-        model_path=str(tiny_teacher),
-        parameters=0,
-        train_seconds=0,
-        final_loss=None,
-    )
+    as_student = model_ref(tiny_teacher, "teacher-copy")
     report = evaluate_student(EvaluateConfig(max_new_tokens=8, max_prompts=15), dataset, samples, as_student, store)
     metrics = report.metrics
     assert metrics["kl_teacher_student"] < 1e-3  # float16 storage of the top-k is the only difference
