@@ -361,7 +361,8 @@ GATHER = textwrap.dedent(
     (sum((inputs[r] @ full.T).pow(2).sum() for r in range(world)) / world).backward()
     torch.testing.assert_close(head.weight.grad.full_tensor(), full.grad)
     assert head.weight.grad.to_local().shape[0] == (4, 3)[rank]
-    print("rank", rank, "ok", flush=True)
+    sys.stdout.write(f"rank {rank} ok\\n")  # one write: print writes each argument apart, and two ranks interleave
+    sys.stdout.flush()
     dist.destroy_process_group()
     """
 )
