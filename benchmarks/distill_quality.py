@@ -141,36 +141,28 @@ def train_teacher(folder: Path, steps: int, seed: int = TEACHER_SEED) -> dict:
     from transformers import GenerationConfig, LlamaForCausalLM
 
     from stillhouse.demo.tokenizer import build_char_tokenizer
-    from stillhouse.demo.train_teacher import encode_batch, teacher_config
+    from stillhouse.demo.train_teacher import teacher_config, train_loop
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     tokenizer = build_char_tokenizer()
     model = LlamaForCausalLM(teacher_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
-    )
     stream = random.Random(seed)
-    started = time.perf_counter()
-    model.train()
-    for step in range(1, steps + 1):
+
+    def draw_rows() -> list[dict]:  # answers of several-answer prompts drawn uniformly
         rows = [make_prompt(stream) for _ in range(64)]
-        batch = [{"prompt": row["prompt"], "reference": stream.choice(row["answers"])} for row in rows]
-        input_ids, labels = encode_batch(tokenizer, batch)
-        loss = model(input_ids=input_ids, attention_mask=input_ids.ne(tokenizer.pad_token_id), labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 250 == 0 or step == steps:
-            print(
-                f"teacher step {step}/{steps}  loss {loss.item():.4f}  {time.perf_counter() - started:.0f}s",
-                file=sys.stderr,
-            )
-    model.eval()
+        return [{"prompt": row["prompt"], "reference": stream.choice(row["answers"])} for row in rows]
+
+    started = time.perf_counter()
+    train_loop(
+        model,
+        tokenizer,
+        draw_rows,
+        steps=steps,
+        lr=3e-3,
+        log_every=250,
+        log=lambda line: print(f"teacher {line}", file=sys.stderr),
+    )
     model.generation_config = GenerationConfig(
         max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
     )

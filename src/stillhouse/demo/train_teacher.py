@@ -16,6 +16,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -63,6 +64,39 @@ def encode_batch(tokenizer, rows: list[dict]) -> tuple[torch.Tensor, torch.Tenso
     return input_ids, label_ids
 
 
+def train_loop(
+    model,
+    tokenizer,
+    draw_rows: Callable[[], list[dict]],
+    *,
+    steps: int,
+    lr: float,
+    log_every: int,
+    log: Callable[[str], None] = print,
+) -> None:
+    """The teacher's recipe: AdamW (betas 0.9, 0.98) with 5% warmup and cosine decay, gradients clipped at 1, one
+    batch of ``draw_rows()`` (``{"prompt", "reference"}`` rows) per step. Also trains
+    benchmarks/distill_quality.py's teacher on its own task mix."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+    )
+    started = time.perf_counter()
+    model.train()
+    for step in range(1, steps + 1):
+        input_ids, labels = encode_batch(tokenizer, draw_rows())
+        loss = model(input_ids=input_ids, attention_mask=input_ids.ne(tokenizer.pad_token_id), labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % log_every == 0 or step == steps:
+            log(f"step {step}/{steps}  loss {loss.item():.4f}  {time.perf_counter() - started:.0f}s")
+    model.eval()
+
+
 def held_out_accuracy(model, tokenizer, rows: list[dict]) -> dict[str, float]:
     prompts = render_prompts(tokenizer, [[{"role": "user", "content": row["prompt"]}] for row in rows])
     generations = generate(model, tokenizer, prompts, max_new_tokens=16, batch_size=128)
@@ -88,27 +122,16 @@ def main() -> None:
     torch.manual_seed(args.seed)
     tokenizer = build_char_tokenizer()
     model = LlamaForCausalLM(teacher_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warmup = max(1, args.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps)),
-    )
     stream = random.Random(args.seed)
     started = time.perf_counter()
-    model.train()
-    for step in range(1, args.steps + 1):
-        input_ids, labels = encode_batch(tokenizer, [make_example(stream) for _ in range(args.batch_size)])
-        loss = model(input_ids=input_ids, attention_mask=input_ids.ne(tokenizer.pad_token_id), labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == args.steps:
-            print(f"step {step}/{args.steps}  loss {loss.item():.4f}  {time.perf_counter() - started:.0f}s", flush=True)
-
-    model.eval()
+    train_loop(
+        model,
+        tokenizer,
+        lambda: [make_example(stream) for _ in range(args.batch_size)],
+        steps=args.steps,
+        lr=args.lr,
+        log_every=100,
+    )
     scores = held_out_accuracy(model, tokenizer, make_examples(args.held_out, seed=HELD_OUT_SEED))
     print("held-out exact match:", json.dumps(scores))
     args.out.mkdir(parents=True, exist_ok=True)
