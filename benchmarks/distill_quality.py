@@ -289,7 +289,7 @@ def timed_training(config, dataset, samples, run_store):
     CPU time of this process, not wall clock: the runs are single-threaded, so it is what the wall clock would read on
     an idle machine, and a machine shared with other jobs doesn't hand one method more steps than another (measured
     wall-clock pilots did, by up to 1.7x)."""
-    from stillhouse.training.train import train_student
+    from stillhouse.training.stage import train_student
 
     marks: list[tuple[float, float]] = []
     started = time.process_time()

@@ -39,7 +39,7 @@ from stillhouse.models import load_causal_lm, load_tokenizer
 from stillhouse.sampling.hf_engine import generate, render_prompts
 from stillhouse.sampling.sample import sample_teacher
 from stillhouse.store import Store
-from stillhouse.training.train import train_student
+from stillhouse.training.stage import train_student
 
 
 def fresh_eval_prompts(train_prompts: set[str], count: int, seed: int = 987) -> pd.DataFrame:

@@ -30,7 +30,7 @@ from stillhouse.data.curate import curate
 from stillhouse.sampling.sample import sample_teacher
 from stillhouse.sampling.teacher_outputs import read_teacher_outputs
 from stillhouse.store import Store
-from stillhouse.training.train import train_student
+from stillhouse.training.stage import train_student
 
 STUDENT = {"hidden_size": 64, "num_layers": 4, "intermediate_size": 240, "num_heads": 4}
 MODES = {

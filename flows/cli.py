@@ -546,6 +546,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def console_main() -> None:
+    """The `stillhouse` command as installed: `main`, then, after a pipeline run, an exit without library teardown.
+
+    When `main` returns from `run` or `demo`, everything the run leaves is written: the store's outputs are sealed,
+    the MLflow run is ended (its writes are synchronous), Prefect's log and event workers are drained and a
+    temporary server is stopped. What the interpreter would still do is stop the libraries' background threads and
+    run their atexit hooks: 1.1 s of a fully cached demo rerun's 8 s, measured (medians of 3). `main` itself returns
+    normally, for callers in Python.
+    """
+    code = main()
+    if sys.argv[1:2] in (["run"], ["demo"]):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def run_command(argv: list[str] | None = None) -> int:
     apply_embedded_defaults()  # before Prefect, MLflow or the Hub client is imported
     logging.getLogger("stillhouse").setLevel(logging.INFO)  # the core's own lines (resuming, mixtures) are shown
@@ -600,8 +617,8 @@ def run_command(argv: list[str] | None = None) -> int:
             os.environ.setdefault("HF_HUB_DISABLE_XET", "1")  # a self-hosted Hub speaks plain LFS, not xet
         from stillhouse.health import redact_url_credentials
         from stillhouse.preflight import preflight
-        from stillhouse.registry.publish import check_signing
-        from stillhouse.registry.tracking import without_tracking_credentials
+        from stillhouse.registry.credentials import without_tracking_credentials
+        from stillhouse.registry.signing import check_signing
 
         # A password in tracking.uri moves to MLflow's environment variables before the config reaches Prefect
         # (which stores a flow run's parameters), MLflow's params or any log line.
@@ -625,8 +642,13 @@ def run_command(argv: list[str] | None = None) -> int:
         from stillhouse.flows.local_server import temporary_prefect_server
 
         stop_on_sigterm()
-        # The checks run while Prefect's temporary server starts: before any stage runs or any model loads.
-        with temporary_prefect_server(ready=checks):
+
+        def checks_and_imports() -> None:
+            checks()
+            import stillhouse.flows.distill  # noqa: F401  (Prefect, MLflow: seconds of imports)
+
+        # The checks and the flow's imports run while Prefect's temporary server starts: before any stage runs.
+        with temporary_prefect_server(ready=checks_and_imports):
             from stillhouse.flows.distill import distill
 
             quiet_tracebacks_of_user_errors()
@@ -656,4 +678,4 @@ def run_command(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -33,13 +33,13 @@ from stillhouse.flows.hooks import link_mlflow_run, record_failure
 from stillhouse.health import redact_url_credentials
 from stillhouse.preflight import preflight
 from stillhouse.refs import EvalReport, ModelRef, Stage
+from stillhouse.registry.credentials import without_tracking_credentials
 from stillhouse.registry.model_registry import champion_version
 from stillhouse.registry.tracking import (
     finish_pipeline_run,
     start_pipeline_run,
     tag_run,
     tracking_uri,
-    without_tracking_credentials,
 )
 from stillhouse.store import Store
 from stillhouse.tasks.curate import curate_task

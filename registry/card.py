@@ -31,6 +31,7 @@ from stillhouse.health import redact_url_credentials
 from stillhouse.licenses import LICENSES, LicenseCheck
 from stillhouse.public_names import LOCAL, PublicNames, is_hub_id, is_local_path, public_names
 from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
+from stillhouse.registry.signing import SIGNATURE_FILE
 
 CARD_TEMPLATE = """---
 {{ card_data }}
@@ -100,7 +101,6 @@ every stage (data `{{ data_fingerprint }}`, teacher outputs `{{ samples_fingerpr
 """
 
 PROVENANCE_FILE = "stillhouse.json"
-SIGNATURE_FILE = "model.sig"  # model-signing's bundle: written after stillhouse.json, so not listed in it
 # Files that differ between two runs of the same publish (they name the MLflow and Prefect runs): left out of
 # `content_sha256`, which is the same for every run that publishes the same thing.
 RUN_SPECIFIC_FILES = frozenset({"README.md", PROVENANCE_FILE, SIGNATURE_FILE})

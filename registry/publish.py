@@ -21,22 +21,19 @@ but itself and git's), and ``stillhouse.json`` names the sha256 of the public ke
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
-from stillhouse.config import PipelineConfig, SigningConfig
-from stillhouse.errors import InputError, StillhouseError
+from stillhouse.config import PipelineConfig
+from stillhouse.errors import StillhouseError
 from stillhouse.licenses import LicenseCheck
 from stillhouse.models import load_causal_lm, load_tokenizer
 from stillhouse.public_names import private_lines, public_names
@@ -44,7 +41,6 @@ from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
 from stillhouse.registry.card import (
     CARD_TEMPLATE,
     PROVENANCE_FILE,
-    SIGNATURE_FILE,
     content_sha256,
     mlflow_run_url,
     model_card,
@@ -52,6 +48,7 @@ from stillhouse.registry.card import (
 )
 from stillhouse.registry.hub import download_revision
 from stillhouse.registry.model_registry import RegisteredModel
+from stillhouse.registry.signing import SIGNATURE_FILE, check_signing, model_signing_version, sign_folder, signing_key
 from stillhouse.registry.tracking import TrackingContext
 from stillhouse.store import file_sha256
 
@@ -182,122 +179,6 @@ def training_run(tracking: TrackingContext, student: ModelRef, registered: Regis
         "mlflow_train_stage_run_id": stage_run.info.run_id if found else None,
         "prefect_flow_run_id": parent.data.tags.get("prefect.flow_run_id") or None,
     }
-
-
-# -- signing ----------------------------------------------------------------------------------------
-
-
-def import_model_signing(needed_by: str = "publish.signing is set", instead: str = "set publish.signing: null"):
-    try:
-        import model_signing
-    except ImportError as error:
-        raise InputError(
-            f"{needed_by}, but the model-signing library is not installed ({error}); "
-            f"pip install 'stillhouse[signing]' (model-signing), or {instead}"
-        ) from None
-    return model_signing
-
-
-def model_signing_version() -> str:
-    return import_model_signing().__version__
-
-
-def signature_hashing(allow_symlinks: bool = False):
-    """How the folder is hashed for its signature: every file's sha256, except the signature and git's files.
-
-    Verifying a Hub download allows symlinks: the Hub cache links each snapshot file to its blob.
-    """
-    from model_signing import hashing
-
-    return (
-        hashing.Config()
-        .use_file_serialization(hashing_algorithm="sha256")
-        .set_ignored_paths(paths=[SIGNATURE_FILE], ignore_git_paths=True)
-        .set_allow_symlinks(allow_symlinks)
-    )
-
-
-def public_key_sha256(public_key) -> str:
-    """The sha256 of a public key's DER SubjectPublicKeyInfo: what stillhouse.json and `pull` name a key by."""
-    from cryptography.hazmat.primitives import serialization
-
-    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).hexdigest()
-
-
-def read_signing_key(settings: SigningConfig) -> tuple[bytes, str]:
-    """(the private key's PEM, the sha256 of its public key); `InputError` naming publish.signing.key otherwise."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    reference = settings.key
-    if reference.startswith("env:"):
-        name = reference.removeprefix("env:")
-        pem = os.environ.get(name, "").encode()
-        where = f"${name}"
-        if not pem.strip():
-            raise InputError(f"publish.signing.key is {reference!r}, but ${name} is empty; export the PEM key in it")
-    else:
-        path = Path(reference).expanduser()
-        where = str(path)
-        try:
-            pem = path.read_bytes()
-        except OSError as error:
-            raise InputError(
-                f"publish.signing.key: can't read {path} ({error.strerror}); give a PEM private key file or env:NAME"
-            ) from None
-    hint = "generate one with `openssl ecparam -name prime256v1 -genkey -noout -out signing-key.pem`"
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as error:  # the message never quotes the key
-        raise InputError(
-            f"publish.signing.key: {where} is not an unencrypted PEM private key ({type(error).__name__}); {hint}"
-        ) from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
-        raise InputError(
-            f"publish.signing.key: {where} holds a {type(key).__name__.lstrip('_')}, but model-signing signs with "
-            f"elliptic-curve keys (P-256, P-384, P-521); {hint}"
-        )
-    return pem, public_key_sha256(key.public_key())
-
-
-def check_signing(config: PipelineConfig) -> str | None:
-    """Before a run: the library is installed and the key reads; returns the public key's sha256 (None: unsigned)."""
-    if config.publish.signing is None:
-        return None
-    import_model_signing()
-    return read_signing_key(config.publish.signing)[1]
-
-
-@contextmanager
-def signing_key(settings: SigningConfig) -> Iterator[tuple[Path, str]]:
-    """(a path to the private key PEM, the sha256 of its public key) while signing.
-
-    model-signing reads the key from a path: a key from the environment is written to a file only this
-    user can read, in a fresh temporary folder outside the store, and removed right after.
-    """
-    import_model_signing()
-    pem, fingerprint = read_signing_key(settings)
-    if not settings.key.startswith("env:"):
-        yield Path(settings.key).expanduser(), fingerprint
-        return
-    with tempfile.TemporaryDirectory(prefix="stillhouse-signing-") as private:
-        path = Path(private) / "key.pem"
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(pem)
-        yield path, fingerprint
-
-
-def sign_folder(folder: Path, private_key: Path) -> Path:
-    """Sign every file of ``folder`` (but the signature and git's files) into ``folder/model.sig``."""
-    from model_signing import signing
-
-    signature = folder / SIGNATURE_FILE
-    signing.Config().use_elliptic_key_signer(private_key=private_key).set_hashing_config(signature_hashing()).sign(
-        folder, signature
-    )
-    return signature
 
 
 def link_to_hub_revision(tracking: TrackingContext, registered: RegisteredModel | None, tags: dict[str, str]) -> None:

@@ -35,14 +35,9 @@ from pydantic import BaseModel
 from rich.markup import escape
 
 from stillhouse.errors import InputError, StillhouseError
+from stillhouse.registry.card import PROVENANCE_FILE
 from stillhouse.registry.hub import describe_hub_error, hub_api
-from stillhouse.registry.publish import (
-    PROVENANCE_FILE,
-    SIGNATURE_FILE,
-    import_model_signing,
-    public_key_sha256,
-    signature_hashing,
-)
+from stillhouse.registry.signing import SIGNATURE_FILE, import_model_signing, public_key_sha256, signature_hashing
 from stillhouse.store import file_sha256
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

@@ -27,8 +27,9 @@ from pydantic import BaseModel
 
 import stillhouse
 from stillhouse.config import PipelineConfig, TrackingConfig
-from stillhouse.health import redact_url_credentials, split_url_credentials
+from stillhouse.health import redact_url_credentials
 from stillhouse.refs import DatasetRef, SamplesRef
+from stillhouse.registry.credentials import credentials_to_environment
 
 DEFAULT_HOME = Path(".stillhouse")
 # Read by MLflow's UI (mlflow/server/js: `mlflow.experimentKind`, value CUSTOM_MODEL_DEVELOPMENT): the experiment
@@ -115,33 +116,6 @@ def tracking_uri(config: TrackingConfig) -> str:
         return clean
     DEFAULT_HOME.mkdir(exist_ok=True)
     return f"sqlite:///{(DEFAULT_HOME / 'mlflow.db').resolve()}"
-
-
-def credentials_to_environment(uri: str) -> str:
-    """``uri`` without ``user:password@``; those go to $MLFLOW_TRACKING_USERNAME / $MLFLOW_TRACKING_PASSWORD.
-
-    MLflow's client sends those as basic auth on every request to the server, so the URI it is given,
-    and prints ("View run … at"), holds no secret. Credentials in the URI win over the variables: the
-    config says which server and which user.
-    """
-    clean, user, password = split_url_credentials(uri)
-    if user is not None:
-        os.environ["MLFLOW_TRACKING_USERNAME"] = user
-        if password is not None:
-            os.environ["MLFLOW_TRACKING_PASSWORD"] = password
-    return clean
-
-
-def without_tracking_credentials(config: PipelineConfig) -> PipelineConfig:
-    """``config`` with ``tracking.uri``'s credentials moved to the environment (see `credentials_to_environment`).
-
-    Apply it before a flow is called with the config: Prefect stores a flow run's parameters (and
-    shows them in its UI and events), so a password must be gone from them before the run starts.
-    """
-    if not config.tracking.uri or "@" not in config.tracking.uri:
-        return config
-    tracking = config.tracking.model_copy(update={"uri": credentials_to_environment(config.tracking.uri)})
-    return config.model_copy(update={"tracking": tracking})
 
 
 _prepared_databases: set[str] = set()

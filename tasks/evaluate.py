@@ -7,8 +7,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from stillhouse.config import PipelineConfig
-from stillhouse.evaluation.evaluate import evaluate_student, report_files
 from stillhouse.evaluation.report import report_markdown
+from stillhouse.evaluation.stage import evaluate_student, report_files
 from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
 from stillhouse.registry.tracking import TrackingContext, log_files, section_params
 from stillhouse.store import Store

@@ -6,7 +6,6 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from stillhouse.config import PipelineConfig
-from stillhouse.feedback.stage import collect_preferences, train_on_feedback
 from stillhouse.refs import DatasetRef, ModelRef, PairsRef, SamplesRef
 from stillhouse.registry.datasets import log_preference_pairs
 from stillhouse.registry.tracking import TrackingContext, section_params
@@ -25,6 +24,9 @@ def judge_task(
     config: PipelineConfig, dataset: DatasetRef, samples: SamplesRef, student: ModelRef, tracking: TrackingContext
 ) -> PairsRef:
     def compute() -> PairsRef:
+        # Imported when a feedback chain runs: torch and TRL would otherwise load for every pipeline, cached or not.
+        from stillhouse.feedback.stage import collect_preferences
+
         return collect_preferences(
             config.feedback,
             dataset,
@@ -48,10 +50,15 @@ def feedback_train_task(
         history = [{k if k != "loss" else "train_loss": v for k, v in point.items()} for point in trained.loss_history]
         return StageRecord(metrics={"train_seconds": trained.train_seconds}, metric_history=history)
 
+    def compute() -> ModelRef:
+        from stillhouse.feedback.stage import train_on_feedback
+
+        return train_on_feedback(config.feedback, dataset, pairs, student, Store.from_config(config.store))
+
     return run_stage(
         "feedback",
         tracking,
-        lambda: train_on_feedback(config.feedback, dataset, pairs, student, Store.from_config(config.store)),
+        compute,
         params=section_params(config, "feedback"),
         record=record,
     ).result

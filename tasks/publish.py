@@ -39,12 +39,12 @@ from stillhouse.registry.publish import (
     PublishedModel,
     RoundTrip,
     check_folder_is_public,
-    check_signing,
     link_to_hub_revision,
     round_trip,
     training_run,
     write_publish_folder,
 )
+from stillhouse.registry.signing import check_signing
 from stillhouse.registry.tracking import TrackingContext, code_version, log_stage, section_params
 from stillhouse.store import Store, fingerprint
 

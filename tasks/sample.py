@@ -40,6 +40,7 @@ from stillhouse.sampling.sample import (
     finish_sampling,
     plan_shards,
     sample_shard,
+    sampled_before,
     uses_vllm_replicas,
 )
 from stillhouse.store import Store
@@ -137,6 +138,18 @@ def sample_flow(config: PipelineConfig, dataset: DatasetRef, tracking: TrackingC
     """Sample the teacher (only the missing shards) and, with ``tracking``, record the stage."""
     if tracking is None:
         return sample_shards(config, dataset)[0]
+    return tracked_sampling(config, dataset, tracking)
+
+
+@task(name="sample-teacher-reused", cache_policy=NO_CACHE)
+def reused_samples_task(config: PipelineConfig, dataset: DatasetRef, tracking: TrackingContext) -> SamplesRef:
+    """The sample stage when the store already holds its output: a task, as every other stage is. A subflow's own
+    run costs about a second of a cached rerun's eight with nothing to sample."""
+    return tracked_sampling(config, dataset, tracking)
+
+
+def tracked_sampling(config: PipelineConfig, dataset: DatasetRef, tracking: TrackingContext) -> SamplesRef:
+    """`sample_shards`, recorded as the stage's MLflow run (with the prompts truncated or skipped as overlong)."""
     counts: dict[str, int] = {}  # prompts truncated or skipped as overlong, from the plan
 
     def compute() -> SamplesRef:
@@ -187,5 +200,8 @@ class _Progress:
 
 
 def sample_task(config: PipelineConfig, dataset: DatasetRef, tracking: TrackingContext) -> SamplesRef:
-    """The sampling stage as a subflow on the task runner named in config (kept under its old name for callers)."""
+    """The sampling stage as a subflow on the task runner named in config (kept under its old name for callers), or
+    a task that reuses the store's complete output."""
+    if tracking is not None and sampled_before(config.sample, dataset, Store.from_config(config.store)):
+        return reused_samples_task(config, dataset, tracking)
     return sample_flow.with_options(task_runner=shard_task_runner(config.sample))(config, dataset, tracking)

@@ -11,7 +11,7 @@ from stillhouse.registry.tracking import TrackingContext, section_params
 from stillhouse.store import Store
 from stillhouse.tasks.reporting import progress_artifact
 from stillhouse.tasks.stage import StageRecord, run_stage
-from stillhouse.training.train import train_student
+from stillhouse.training.stage import train_student
 
 
 def training_record(student: ModelRef) -> StageRecord:

@@ -19,8 +19,15 @@ os.environ.pop("HF_TOKEN", None)
 import json
 from pathlib import Path
 
+import prefect.main  # noqa: F401  (see below)
 import pytest
 import torch
+
+# Prefect binds its console log handler to the sys.stderr of the moment `prefect.main` is first imported (its
+# setup_logging). `stillhouse` imports Prefect only when a flow runs, so that moment fell inside whichever test ran
+# a flow first; under capfd/capsys that stderr is closed when the test ends, and every later test's flow logging
+# failed on it ("I/O operation on closed file", e.g. test_security then test_cli). Imported here, at collection,
+# the handler binds pytest's session-wide capture, which stays open.
 
 # Tiny models on a 2-core machine: with two threads while another process kept one core busy, a tiny model's
 # `generate` was measured ~80x slower; one thread avoids that contention.

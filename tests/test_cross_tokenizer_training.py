@@ -29,12 +29,13 @@ from stillhouse.data.curate import curate
 from stillhouse.demo.tasks import make_examples
 from stillhouse.demo.tiny_models import bpe_tokenizer
 from stillhouse.errors import InputError
-from stillhouse.evaluation.evaluate import evaluate_student
+from stillhouse.evaluation.stage import evaluate_student
 from stillhouse.models import load_tokenizer
 from stillhouse.preflight import preflight
 from stillhouse.sampling.sample import sample_teacher
 from stillhouse.sampling.teacher_outputs import read_teacher_outputs
 from stillhouse.store import Store
+from stillhouse.training.checks import check_vocabularies
 from stillhouse.training.cross_tokenizer import (
     CrossTargets,
     check_kd_tokenizers,
@@ -45,7 +46,8 @@ from stillhouse.training.cross_tokenizer import (
 from stillhouse.training.examples import PadCollator, build_examples
 from stillhouse.training.losses import KINDS, TopK, distillation_loss
 from stillhouse.training.served_teacher import ServedTeacher
-from stillhouse.training.train import DistillationTrainer, check_vocabularies, train_student
+from stillhouse.training.stage import train_student
+from stillhouse.training.train import DistillationTrainer
 
 DEMO_TEACHER = Path(stillhouse.demo.__file__).parent / "teacher"
 K = 8

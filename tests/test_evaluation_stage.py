@@ -8,8 +8,8 @@ from conftest import model_ref as shared_model_ref
 
 from stillhouse.config import EvaluateConfig, LmEvalConfig
 from stillhouse.errors import InputError
-from stillhouse.evaluation.evaluate import evaluate_student, report_files
 from stillhouse.evaluation.lm_eval_adapter import lm_eval_available
+from stillhouse.evaluation.stage import evaluate_student, report_files
 
 
 @pytest.fixture(scope="module")

@@ -121,7 +121,7 @@ def test_judged_pairs_then_training_from_an_sft_student(tmp_path, tiny_teacher, 
 
     from stillhouse.config import FeedbackConfig, TrainConfig
     from stillhouse.feedback.stage import collect_preferences, read_pairs, train_on_feedback
-    from stillhouse.training.train import train_student
+    from stillhouse.training.stage import train_student
 
     store, dataset, samples = curate_and_sample(tmp_path / "store", tiny_teacher, prompts_jsonl)
     sft = train_student(

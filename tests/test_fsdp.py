@@ -23,12 +23,15 @@ from conftest import build_tiny_model, curate_and_sample
 from faults.kill9 import run_then_kill
 from transformers import AutoModelForCausalLM
 
+from stillhouse import hardware
 from stillhouse.config import TrainConfig
 from stillhouse.errors import InputError
 from stillhouse.models import load_tokenizer
 from stillhouse.store import MANIFEST, Store
 from stillhouse.training import train as training
-from stillhouse.training.train import check_training_hardware, fsdp_settings, last_complete_checkpoint, train_student
+from stillhouse.training.checks import check_training_hardware, cpu_cores
+from stillhouse.training.stage import train_student
+from stillhouse.training.train import fsdp_settings, last_complete_checkpoint
 
 ARCHITECTURE = {"hidden_size": 16, "num_layers": 2, "intermediate_size": 32, "num_heads": 2}
 
@@ -98,12 +101,13 @@ def test_fsdp_wraps_each_decoder_layer_and_maps_the_train_fsdp_settings(tiny_tea
 
 def test_more_processes_than_the_machine_has_are_refused_before_the_store_is_touched(sampled, tmp_path, monkeypatch):
     _, dataset, samples = sampled
-    cores = training.cpu_cores()
+    cores = cpu_cores()
     store = Store(tmp_path / "store")
     with pytest.raises(InputError, match=rf"num_processes is {cores + 1} per node, but this machine has {cores} CPU"):
         train_student(sharded(num_processes=cores + 1, batch_size=16 * (cores + 1)), dataset, samples, store)
     assert not store.root.exists()
 
+    monkeypatch.setattr(hardware, "may_have_gpus", lambda: True)  # GPU device files, as on a GPU machine
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(InputError, match=r"num_processes is 4 per node, but this machine has 2 CUDA GPUs.*train.nodes"):
@@ -279,7 +283,7 @@ torch.set_num_threads(1)
 from stillhouse.config import TrainConfig
 from stillhouse.refs import DatasetRef, SamplesRef
 from stillhouse.store import Store
-from stillhouse.training.train import train_student
+from stillhouse.training.stage import train_student
 config = TrainConfig.model_validate_json(open(sys.argv[1]).read())
 dataset = DatasetRef.model_validate_json(open(sys.argv[2]).read())
 samples = SamplesRef.model_validate_json(open(sys.argv[3]).read())

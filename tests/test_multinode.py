@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from stillhouse.config import TrainConfig
 from stillhouse.store import MANIFEST
-from stillhouse.training.train import train_student
+from stillhouse.training.stage import train_student
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ torch.set_num_threads(1)
 from stillhouse.config import TrainConfig
 from stillhouse.refs import DatasetRef, SamplesRef
 from stillhouse.store import Store
-from stillhouse.training.train import train_student
+from stillhouse.training.stage import train_student
 config = TrainConfig.model_validate_json(open(sys.argv[1]).read())
 dataset = DatasetRef.model_validate_json(open(sys.argv[2]).read())
 samples = SamplesRef.model_validate_json(open(sys.argv[3]).read())

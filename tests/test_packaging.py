@@ -122,7 +122,7 @@ def test_the_wheel_holds_only_the_stillhouse_package_and_its_data(wheel):
         assert path in names, path
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert (
-        "stillhouse = stillhouse.flows.cli:main" in metadata
+        "stillhouse = stillhouse.flows.cli:console_main" in metadata
         and "demo-teacher = stillhouse.demo:teacher_folder" in metadata
     )
 

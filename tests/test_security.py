@@ -233,7 +233,7 @@ def test_tokens_never_reach_anything_the_pipeline_writes(
     from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
 
     from stillhouse.flows.distill import distill
-    from stillhouse.registry.tracking import without_tracking_credentials
+    from stillhouse.registry.credentials import without_tracking_credentials
 
     home = tmp_path / "hf-home"
     for name, value in {

@@ -22,7 +22,7 @@ from stillhouse.config import OpenAIEngineConfig, TrainConfig
 from stillhouse.models import load_tokenizer
 from stillhouse.sampling.openai_engine import EngineError
 from stillhouse.training.served_teacher import ServedTeacher
-from stillhouse.training.train import train_student
+from stillhouse.training.stage import train_student
 
 SERVED_NAME = "tiny-teacher"
 MAX_LOGPROBS = 20  # the test server's --max-logprobs, vLLM's default

@@ -29,14 +29,14 @@ from stillhouse.config import (
 from stillhouse.data.curate import curate, read_split
 from stillhouse.errors import InputError
 from stillhouse.evaluation import metrics as m
-from stillhouse.evaluation.evaluate import evaluate_student, read_generations
+from stillhouse.evaluation.stage import evaluate_student, read_generations
 from stillhouse.models import load_causal_lm
 from stillhouse.preflight import preflight
 from stillhouse.refs import SamplesRef
 from stillhouse.sampling.sample import sample_teacher
 from stillhouse.sampling.teacher_outputs import read_teacher_outputs
 from stillhouse.store import Store
-from stillhouse.training.train import train_student
+from stillhouse.training.stage import train_student
 
 SERVED_NAME = "tiny-teacher"
 

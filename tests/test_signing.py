@@ -20,8 +20,9 @@ from stillhouse.config import parse_config
 from stillhouse.errors import InputError, StillhouseError
 from stillhouse.licenses import check_pipeline_licenses
 from stillhouse.registry.hub import push_folder
-from stillhouse.registry.publish import public_key_sha256, write_publish_folder
+from stillhouse.registry.publish import write_publish_folder
 from stillhouse.registry.pull import download, pull_command
+from stillhouse.registry.signing import public_key_sha256
 
 pytest.importorskip("model_signing")  # the `signing` extra
 
@@ -156,7 +157,7 @@ def test_a_key_from_the_environment_signs_and_never_lands_on_disk(tmp_path, pipe
 def test_a_bad_signing_key_fails_naming_the_field_before_anything_is_written(
     tmp_path, pipeline_raw, hub, monkeypatch, make, message
 ):
-    from stillhouse.registry.publish import check_signing
+    from stillhouse.registry.signing import check_signing
 
     monkeypatch.delenv("STILLHOUSE_NO_SUCH_KEY", raising=False)
     key = tmp_path / "key.pem"

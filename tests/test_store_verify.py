@@ -253,7 +253,7 @@ def trained_store(tmp_path_factory, tiny_teacher, prompts_jsonl):
     from stillhouse.config import CurateConfig, SampleConfig, TrainConfig
     from stillhouse.data.curate import curate
     from stillhouse.sampling.sample import sample_teacher
-    from stillhouse.training.train import train_student
+    from stillhouse.training.stage import train_student
 
     root = tmp_path_factory.mktemp("trained") / "store"
     store = Store(root)
@@ -288,7 +288,7 @@ class Stages:
 
     def train(self, **changes):
         from stillhouse.config import TrainConfig
-        from stillhouse.training.train import train_student
+        from stillhouse.training.stage import train_student
 
         samples = self.sample()
         return train_student(TrainConfig.model_validate({**TRAIN, **changes}), self.dataset, samples, self.store)

@@ -8,10 +8,10 @@ from conftest import curate_and_sample, model_ref
 from transformers import AutoModelForCausalLM
 
 from stillhouse.config import EvaluateConfig, TrainConfig
-from stillhouse.evaluation.evaluate import evaluate_student
+from stillhouse.evaluation.stage import evaluate_student
 from stillhouse.models import load_tokenizer
 from stillhouse.training.examples import build_examples
-from stillhouse.training.train import train_student
+from stillhouse.training.stage import train_student
 
 ARCHITECTURE = {"hidden_size": 16, "num_layers": 2, "intermediate_size": 32, "num_heads": 2}
 
@@ -97,7 +97,7 @@ def test_evaluation_scores_exact_match_against_references(sampled):
     config = TrainConfig(architecture=ARCHITECTURE, method="sft", max_steps=2, batch_size=8)
     student = train_student(config, dataset, samples, store)
     report = evaluate_student(EvaluateConfig(max_new_tokens=8), dataset, samples, student, store)
-    from stillhouse.evaluation.evaluate import read_generations
+    from stillhouse.evaluation.stage import read_generations
 
     table = read_generations(report)
     assert len(table) == dataset.eval_rows

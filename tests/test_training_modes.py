@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from stillhouse.config import EvaluateConfig, TrainConfig
 from stillhouse.errors import InputError
-from stillhouse.evaluation.evaluate import evaluate_student
+from stillhouse.evaluation.stage import evaluate_student
 from stillhouse.models import load_tokenizer, vocabulary_difference
-from stillhouse.training.train import train_student
+from stillhouse.training.stage import train_student
 
 ARCHITECTURE = {"hidden_size": 16, "num_layers": 2, "intermediate_size": 32, "num_heads": 2}
 

@@ -18,19 +18,39 @@ from conftest import build_tiny_model
 
 from stillhouse.flows.cli import main
 
+STORED_STAGES = ("curate", "sample", "train", "evaluate", "register")
+# `stillhouse ARGUMENTS`, then a last line naming the heavy libraries the command imported.
+HEAVY_IMPORTS_PROBE = """
+import json, sys
+from stillhouse.flows.cli import main
+code = main(sys.argv[1:])
+heavy = ('torch', 'transformers', 'peft', 'trl', 'mlflow', 'prefect', 'datasketch')
+print('HEAVY=' + json.dumps([name for name in heavy if name in sys.modules]))
+sys.exit(code)
+"""
 
-def stillhouse(*arguments: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`stillhouse ARGUMENTS` in ``cwd``, output piped (not a terminal), as a user's shell or CI would run it."""
+
+def stillhouse(
+    *arguments: str, cwd: Path, timeout: int = 600, report_heavy_imports: bool = False
+) -> subprocess.CompletedProcess:
+    """`stillhouse ARGUMENTS` in ``cwd``, output piped (not a terminal), as a user's shell or CI would run it.
+    ``report_heavy_imports``: the output ends with the line `heavy_imports` reads."""
     env = {**os.environ, "PREFECT_HOME": str(cwd / "prefect-home"), "COLUMNS": "80"}
     env.pop("PREFECT_API_URL", None)
+    command = ["-c", HEAVY_IMPORTS_PROBE] if report_heavy_imports else ["-m", "stillhouse.flows.cli"]
     return subprocess.run(
-        [sys.executable, "-m", "stillhouse.flows.cli", *arguments],
+        [sys.executable, *command, *arguments],
         cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def heavy_imports(completed: subprocess.CompletedProcess) -> list[str]:
+    """The heavy libraries a `stillhouse(..., report_heavy_imports=True)` command imported."""
+    return json.loads(completed.stdout.strip().splitlines()[-1].removeprefix("HEAVY="))
 
 
 def messages_rows(count: int) -> list[dict]:
@@ -162,6 +182,19 @@ def test_a_failure_inside_a_stage_ends_in_one_error_line_without_a_traceback(tmp
     assert "curate" in completed.stdout + completed.stderr  # it did fail in the stage, not in preflight
 
 
+def test_validate_reads_files_without_importing_torch_transformers_or_mlflow(tmp_path, user_models):
+    """`validate` stays under 2 s by reading config.json and tokenizer files itself (README: measured figures); a
+    module that pulls torch, transformers or MLflow back into its path breaks that, and this test names it."""
+    data = write_jsonl(tmp_path / "prompts.jsonl", messages_rows(60))
+    mine = user_config(tmp_path, user_models, data, train={"method": "sft"})  # the user's own folders, SFT
+    repository = Path(__file__).parents[1]
+    for config, folder in (("configs/demo.yaml", repository), (mine.name, tmp_path)):
+        completed = stillhouse("validate", config, cwd=folder, timeout=120, report_heavy_imports=True)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        assert ": OK (" in completed.stdout, completed.stdout
+        assert heavy_imports(completed) == [], config
+
+
 @pytest.mark.slow
 def test_validate_prints_rows_splits_models_k_and_the_store(tmp_path, user_models):
     from transformers import AutoModelForCausalLM
@@ -240,6 +273,21 @@ def test_a_run_is_named_after_its_method_and_overrides_and_the_summary_copies_cl
     header = next(line for line in out.splitlines() if "stage" in line and "seconds" in line)
     assert "output" in header and "computed" in out, header  # the third column has a name
     assert "Traceback" not in out + completed.stderr
+
+
+@pytest.mark.slow
+def test_a_cached_rerun_of_the_demo_imports_no_model_library(tmp_path):
+    """A rerun of the demo config, every stage reused, imports neither torch nor transformers (nor peft, TRL): with
+    Prefect's and MLflow's, their imports were most of a cached rerun's time (README: measured figures)."""
+    demo = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    small = ["--set", "curate.demo_rows=300", "--set", "train.max_steps=4", "--set", "evaluate.max_new_tokens=4"]
+    first = stillhouse("run", demo, *small, cwd=tmp_path)
+    assert first.returncode in (0, 3), (first.stdout + first.stderr)[-4000:]  # 3: the gate kept it back
+    again = stillhouse("run", demo, *small, cwd=tmp_path, report_heavy_imports=True)
+    assert again.returncode == first.returncode, (again.stdout + again.stderr)[-4000:]
+    stages = {line.split()[1]: line for line in again.stdout.splitlines() if line.startswith("│ ")}
+    assert all("reused from store" in stages[stage] for stage in STORED_STAGES), stages
+    assert heavy_imports(again) == ["mlflow", "prefect"], again.stdout.splitlines()[-1]
 
 
 # --- item 9: schema ---------------------------------------------------------------------------------------------

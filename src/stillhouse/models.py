@@ -16,13 +16,18 @@ import hashlib
 import json
 import re
 from pathlib import Path
-
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from stillhouse.builtins import MODELS, is_builtin, load_builtin
 from stillhouse.errors import InputError
 from stillhouse.store import file_sha256
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+# torch and transformers are imported where a model or tokenizer loads: `stillhouse validate` reads configs and
+# tokenizer files only, and importing both costs about 3 s of its 2 s budget on a 2-core machine.
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -96,14 +101,80 @@ def resolve_model(reference: str, field: str) -> str:
     return reference
 
 
+def model_file(location: str, name: str, revision: str | None = None) -> Path | None:
+    """``name`` of a local model folder or a Hub model (downloaded, or from the cache offline); None if it has none
+    or it can't be fetched (the transformers path that follows then raises the precise error)."""
+    folder = Path(location)
+    if folder.is_dir():
+        return folder / name if (folder / name).is_file() else None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(location, name, revision=revision))
+    except Exception:  # not found, gated, offline without a cached copy: the fallback names the problem
+        return None
+
+
+def plain_config(location: str, revision: str | None = None) -> dict[str, Any] | None:
+    """config.json as transformers reads it, without importing transformers: the file's dict when it names a
+    `model_type` and carries no `auto_map` (a model's own code may give its keys other meanings).
+
+    None otherwise (no file, unreadable JSON, remote code): callers then ask `AutoConfig`, whose error names what
+    is wrong. Keys the file leaves out are the config class's defaults, which this dict doesn't have: callers
+    that need one fall back to `AutoConfig` too.
+    """
+    path = model_file(location, "config.json", revision)
+    if path is None:
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str) or "auto_map" in config:
+        return None
+    return config
+
+
+def plain_chat_tokenizer(location: str, revision: str | None = None) -> bool:
+    """Whether the tokenizer files alone show a loadable tokenizer with a chat template, without transformers:
+    tokenizer.json parses with the `tokenizers` library, tokenizer_config.json (if any) is JSON without `auto_map`,
+    and a template is there (chat_template.jinja, chat_template.json or tokenizer_config.json's `chat_template`).
+
+    False means "not shown this way", not "broken": callers then load it with `load_tokenizer`, whose errors (or the
+    missing template's) name the problem.
+    """
+    tokenizer_json = model_file(location, "tokenizer.json", revision)
+    if tokenizer_json is None:
+        return False
+    settings_file = model_file(location, "tokenizer_config.json", revision)
+    try:
+        settings = json.loads(settings_file.read_text()) if settings_file is not None else {}
+        from tokenizers import Tokenizer  # 20 ms, where transformers' AutoTokenizer costs seconds to import
+
+        Tokenizer.from_file(str(tokenizer_json))
+    except Exception:  # unreadable or a format `tokenizers` doesn't know: the transformers path decides
+        return False
+    if not isinstance(settings, dict) or "auto_map" in settings:
+        return False
+    return bool(
+        settings.get("chat_template")
+        or model_file(location, "chat_template.jinja", revision)
+        or model_file(location, "chat_template.json", revision)
+    )
+
+
 def vocab_size(model: str, revision: str | None = None, *, trust_remote_code: bool = False) -> int:
     """The vocabulary size from the model's config alone (cheap: no weights are read)."""
+    from transformers import AutoConfig
+
     return AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code).vocab_size
 
 
 def load_tokenizer(
     model: str, revision: str | None = None, *, trust_remote_code: bool = False
 ) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -112,6 +183,8 @@ def load_tokenizer(
 
 
 def pick_device(device: str) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -130,6 +203,9 @@ def load_causal_lm(
 
     ``field`` names the config field the model came from, for the error messages.
     """
+    import torch
+    from transformers import AutoModelForCausalLM
+
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     if Path(model).is_dir():
         check_safetensors_weights(Path(model), field)
@@ -182,6 +258,9 @@ def vocabulary_difference(student: PreTrainedTokenizerBase, teacher: PreTrainedT
     return "; ".join(p for p in parts if p)
 
 
+_local_revisions: dict[tuple, str] = {}
+
+
 def model_revision(model: str, revision: str | None, *, trust_remote_code: bool = False) -> str:
     """The exact revision: for a local folder, a hash of every file loading can read; else the Hub revision.
 
@@ -196,8 +275,17 @@ def model_revision(model: str, revision: str | None, *, trust_remote_code: bool 
         files = sorted(
             p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() != ".md"
         )
-        digest = hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}" for p in files).encode()).hexdigest()
-        return f"local-sha256:{digest[:16]}"
+        # One run asks several times (preflight, the sample stage, a cached-stage check); a 70B teacher's folder
+        # takes minutes to hash, so a folder whose files kept their names, sizes and modification times isn't
+        # hashed again by this process.
+        listing = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+        key = (str(path.resolve()), listing)
+        if key not in _local_revisions:
+            digest = hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}" for p in files).encode()).hexdigest()
+            _local_revisions[key] = f"local-sha256:{digest[:16]}"
+        return _local_revisions[key]
+    from transformers import AutoConfig
+
     config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
     return getattr(config, "_commit_hash", None) or revision or "main"
 

@@ -6,9 +6,12 @@
     Console().print(render(plan))
     check_plan(plan)            # InputError naming the stage, the estimate, the memory and the fix
 
-Model shapes come from each model's config.json alone (a local folder, a `builtin:` model, or the Hub
-through `AutoConfig`, which downloads config.json and never weights); parameter counts come from the
-model built on PyTorch's meta device, which allocates nothing.
+Model shapes come from each model's config.json alone (a local folder, a `builtin:` model, or the Hub, which
+gives config.json and never weights). For Llama-layered models (llama, mistral, qwen2, qwen3) the parameter
+counts are arithmetic on that file, without importing torch or transformers (3 s on a 2-core machine, more than
+`stillhouse validate` may take); every other model, and a config.json with keys that arithmetic doesn't know,
+is built through transformers on PyTorch's meta device, which allocates nothing. Both give the same shape
+(tests/test_planning_shapes.py).
 
 The memory model (bytes per device; P parameters, P_t trainable, W processes, N = micro-batch x
 max_seq_len tokens, V vocabulary, L layers, h hidden size, I MLP width, d head size):
@@ -49,6 +52,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from stillhouse.builtins import is_builtin
 from stillhouse.config import PipelineConfig, SampleConfig, TrainConfig
@@ -145,13 +149,18 @@ def parse_memory(text: str) -> int:
 
 def detect_hardware() -> Hardware:
     """This machine: its CUDA GPUs, or else its CPU with the RAM as the one device's memory."""
-    import torch
+    from stillhouse.hardware import may_have_gpus
 
-    if torch.cuda.is_available():
-        properties = torch.cuda.get_device_properties(0)
-        return Hardware(
-            gpus_per_node=torch.cuda.device_count(), gpu_memory_bytes=properties.total_memory, name=properties.name
-        )
+    if may_have_gpus():  # torch only where a GPU can be: importing it takes most of `validate`'s 2 s
+        import torch
+
+        if torch.cuda.is_available():
+            properties = torch.cuda.get_device_properties(0)
+            return Hardware(
+                gpus_per_node=torch.cuda.device_count(),
+                gpu_memory_bytes=properties.total_memory,
+                name=properties.name,
+            )
     return Hardware(
         gpus_per_node=1, gpu_memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), cpu=True
     )
@@ -224,7 +233,18 @@ class ModelShape:
 
 @functools.lru_cache(maxsize=32)
 def model_shape(reference: str, revision: str | None = None, trust_remote_code: bool = False) -> ModelShape:
-    """The shape of ``reference`` (a local folder, `builtin:` model or Hub id) from its config.json alone."""
+    """The shape of ``reference`` (a local folder, `builtin:` model or Hub id) from its config.json alone:
+    by arithmetic where `shape_from_config` knows the architecture, else built on the meta device."""
+    from stillhouse.models import plain_config, resolve_model
+
+    location = resolve_model(reference, "model") if is_builtin(reference) else reference
+    config = plain_config(location, revision)
+    shape = shape_from_config(config, reference) if config is not None else None
+    return shape or meta_model_shape(reference, revision, trust_remote_code)
+
+
+def meta_model_shape(reference: str, revision: str | None = None, trust_remote_code: bool = False) -> ModelShape:
+    """The shape of ``reference`` through transformers: `AutoConfig`, then the model built on the meta device."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -278,27 +298,254 @@ def shape_of(model, reference: str) -> ModelShape:
     )
 
 
+# Llama-layered decoders whose shape is arithmetic on config.json: embeddings, decoder layers of q/k/v/o
+# projections, a gated MLP (gate, up, down) and two RMSNorms, a final RMSNorm, an LM head (tied or not). For each,
+# the config.json keys besides COMMON_KEYS that it may hold and the types transformers' config class accepts; a key
+# not listed (MoE, per-layer settings, quantization, anything new) sends the model to the meta device instead.
+NONE = type(None)
+ARCHITECTURE_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
+    "llama": {"attention_bias": (bool,), "mlp_bias": (bool,), "head_dim": (int, NONE), "pretraining_tp": (int, NONE)},
+    "mistral": {"head_dim": (int, NONE), "sliding_window": (int, NONE)},
+    "qwen2": {
+        "head_dim": (int,),
+        "use_sliding_window": (bool,),
+        "sliding_window": (int, NONE),
+        "max_window_layers": (int,),
+        "layer_types": (list, NONE),
+    },
+    "qwen3": {
+        "attention_bias": (bool,),
+        "head_dim": (int,),
+        "use_sliding_window": (bool,),
+        "sliding_window": (int, NONE),
+        "max_window_layers": (int,),
+        "layer_types": (list, NONE),
+    },
+}
+COMMON_KEYS: dict[str, tuple[type, ...]] = {
+    "model_type": (str,),
+    "vocab_size": (int,),
+    "hidden_size": (int,),
+    "intermediate_size": (int,),
+    "num_hidden_layers": (int,),
+    "num_attention_heads": (int,),
+    "num_key_value_heads": (int,),
+    "max_position_embeddings": (int,),
+    "tie_word_embeddings": (bool,),
+    "hidden_act": (str,),
+    "dtype": (str, NONE),
+    "torch_dtype": (str, NONE),
+    # No parameter depends on these (RoPE and attention windows have none).
+    "architectures": (list, NONE),
+    "transformers_version": (str, NONE),
+    "_name_or_path": (str,),
+    "bos_token_id": (int, NONE),
+    "eos_token_id": (int, list, NONE),
+    "pad_token_id": (int, NONE),
+    "initializer_range": (float,),
+    "rms_norm_eps": (float,),
+    "use_cache": (bool,),
+    "attention_dropout": (float, int),
+    "rope_theta": (float, int),
+    "rope_scaling": (dict, NONE),
+    "rope_parameters": (dict, NONE),
+}
+# Keys whose class default would otherwise apply: left out of config.json, they send the model to the meta device
+# rather than have their defaults copied here. Llama alone may leave out num_key_value_heads (LlamaConfig takes
+# num_attention_heads) and head_dim (hidden_size // num_attention_heads, as mistral and qwen2 do).
+REQUIRED_KEYS = {
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "hidden_act",
+}
+ARCHITECTURE_REQUIRED_KEYS = {
+    "llama": {"attention_bias", "mlp_bias"},
+    "mistral": {"num_key_value_heads"},
+    "qwen2": {"num_key_value_heads"},
+    "qwen3": {"num_key_value_heads", "attention_bias", "head_dim"},
+}
+PARAMETER_FREE_ACTIVATIONS = {
+    "silu",
+    "swish",
+    "gelu",
+    "gelu_new",
+    "gelu_fast",
+    "gelu_pytorch_tanh",
+    "quick_gelu",
+    "relu",
+}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# RoPE types transformers accepts with the keys each needs (it refuses a config.json without them), and the keys
+# they may carry besides.
+ROPE_NEEDS = {
+    "default": set(),
+    "linear": {"factor"},
+    "dynamic": {"factor"},
+    "yarn": {"factor"},
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor"},
+}
+ROPE_NUMBERS = {
+    "rope_theta",
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+    "attention_factor",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+}
+
+
+def shape_from_config(config: dict[str, Any], reference: str) -> ModelShape | None:
+    """`ModelShape` of a llama, mistral, qwen2 or qwen3 model by arithmetic on its config.json dict, without torch:
+    the same as `shape_of` the model transformers builds from that file.
+
+    None wherever that can't be certain (`arithmetic_applies`); the caller then builds the model.
+    """
+    if not arithmetic_applies(config):
+        return None
+    model_type = config["model_type"]
+    vocab, hidden, inner = config["vocab_size"], config["hidden_size"], config["intermediate_size"]
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim") or hidden // heads
+    attention_bias = config.get("attention_bias", False)  # llama and qwen3: on all four projections
+    qkv_bias = attention_bias or model_type == "qwen2"  # qwen2: on q, k and v always, never on o
+    mlp_bias = config.get("mlp_bias", False)  # llama only
+    qk_norm = model_type == "qwen3"  # an RMSNorm over each head's queries and keys
+    # (name, in, out, bias) in the order `named_modules` gives them.
+    linears = [
+        ("q_proj", hidden, heads * head_dim, qkv_bias),
+        ("k_proj", hidden, kv_heads * head_dim, qkv_bias),
+        ("v_proj", hidden, kv_heads * head_dim, qkv_bias),
+        ("o_proj", heads * head_dim, hidden, attention_bias),
+        ("gate_proj", hidden, inner, mlp_bias),
+        ("up_proj", hidden, inner, mlp_bias),
+        ("down_proj", inner, hidden, mlp_bias),
+    ]
+    layer_parameters = sum(fan_in * fan_out + (fan_out if bias else 0) for _, fan_in, fan_out, bias in linears)
+    layer_parameters += 2 * hidden + (2 * head_dim if qk_norm else 0)  # the two RMSNorms (and q_norm, k_norm)
+    embeddings = vocab * hidden
+    # A tied LM head is the embedding's tensor, which `parameters()` counts once.
+    root_parameters = embeddings + hidden + (0 if config["tie_word_embeddings"] else embeddings)
+    lora_sizes = tuple((name, fan_in + fan_out) for name, fan_in, fan_out, _ in linears) * layers
+    # transformers reads `dtype`, or the older `torch_dtype` when `dtype` is null; neither means float32.
+    dtype = config.get("dtype") if config.get("dtype") is not None else config.get("torch_dtype")
+    return ModelShape(
+        reference=reference,
+        parameters=root_parameters + layers * layer_parameters,
+        root_parameters=root_parameters,
+        output_parameters=embeddings,
+        layer_parameters=layer_parameters,
+        lora_parameters_per_rank=sum(size for _, size in lora_sizes),
+        lora_sizes=lora_sizes,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=inner,
+        max_position_embeddings=config["max_position_embeddings"],
+        checkpoint_dtype_bytes=DTYPE_BYTES[dtype or "float32"],
+        qk_norm=qk_norm,
+    )
+
+
+def arithmetic_applies(config: dict[str, Any]) -> bool:
+    """Whether `shape_from_config` can be sure of this config.json: a Llama-layered architecture, only keys it
+    knows, every key it needs (else the config class's default would apply), values transformers accepts (else the
+    meta path gives transformers' error) and no parameters it doesn't count."""
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURE_KEYS:
+        return False
+    types = COMMON_KEYS | ARCHITECTURE_KEYS[model_type]
+    if any(key not in types or type(value) not in types[key] for key, value in config.items()):
+        return False
+    if not REQUIRED_KEYS | ARCHITECTURE_REQUIRED_KEYS[model_type] <= config.keys():
+        return False
+    vocab, hidden, heads = config["vocab_size"], config["hidden_size"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim") or (hidden // heads if heads > 0 else 0)
+    layers, positions = config["num_hidden_layers"], config["max_position_embeddings"]
+    if min(vocab, hidden, config["intermediate_size"], layers, heads, kv_heads, head_dim, positions) < 1:
+        return False  # zero sizes: shape_of reads some of them as their defaults
+    if hidden % heads or heads % kv_heads or head_dim % 2:
+        return False  # LlamaConfig refuses the first; RoPE refuses odd head sizes above 4, left to it here
+    pad = config.get("pad_token_id")
+    eos = config.get("eos_token_id")
+    layer_types = config.get("layer_types")
+    dtype = config.get("dtype") if config.get("dtype") is not None else config.get("torch_dtype")
+    return (
+        config["hidden_act"] in PARAMETER_FREE_ACTIVATIONS  # xielu and prelu hold parameters in every layer
+        and (pad is None or -vocab <= pad < vocab)  # torch refuses a padding id outside the embedding
+        and (not isinstance(eos, list) or all(type(token) is int for token in eos))
+        and all(type(name) is str for name in config.get("architectures") or [])
+        and 0 <= config.get("initializer_range", 0.02) <= 1
+        and plain_rope(config.get("rope_scaling"))
+        and plain_rope(config.get("rope_parameters"))
+        and (
+            layer_types is None
+            or len(layer_types) == layers
+            and all(kind in ("full_attention", "sliding_attention") for kind in layer_types)
+        )
+        and (dtype or "float32") in DTYPE_BYTES
+    )
+
+
+def plain_rope(rope: dict[str, Any] | None) -> bool:
+    """Whether transformers accepts this `rope_scaling` / `rope_parameters`: one RoPE for every layer, of a type it
+    knows, with the keys that type needs. RoPE holds no parameters; one transformers refuses fails the meta path."""
+    if not rope:
+        return True
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    numbers = {key: value for key, value in rope.items() if key not in ("rope_type", "type")}
+    return (
+        isinstance(kind, str)
+        and kind in ROPE_NEEDS
+        and ROPE_NEEDS[kind] <= numbers.keys() <= ROPE_NUMBERS
+        and all(type(value) in (int, float) for value in numbers.values())
+        and numbers.get("original_max_position_embeddings", 1) > 0  # yarn divides by it
+    )
+
+
 def student_shape(train: TrainConfig, teacher: ModelShape | None) -> ModelShape:
     """The student: its config.json, or the Llama `build_student` makes from ``train.architecture``."""
     if train.student is not None:
         return model_shape(train.student, None, train.trust_remote_code)
+    shape = train.architecture
+    # The LlamaConfig `build_student` (training/train.py) makes, with LlamaConfig's defaults spelled out.
+    config = {
+        "model_type": "llama",
+        "vocab_size": teacher.vocab_size if teacher else 32000,
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.intermediate_size,
+        "num_hidden_layers": shape.num_layers,
+        "num_attention_heads": shape.num_heads,
+        "num_key_value_heads": shape.num_heads,
+        "max_position_embeddings": max(train.max_seq_len, 128),
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+    return shape_from_config(config, "train.architecture") or student_shape_on_meta(config)
+
+
+def student_shape_on_meta(config: dict[str, Any]) -> ModelShape:
+    """The student `student_shape` describes, built on the meta device (where arithmetic can't: an odd head size)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shape = train.architecture
     with torch.device("meta"):
-        model = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=teacher.vocab_size if teacher else 32000,
-                hidden_size=shape.hidden_size,
-                intermediate_size=shape.intermediate_size,
-                num_hidden_layers=shape.num_layers,
-                num_attention_heads=shape.num_heads,
-                num_key_value_heads=shape.num_heads,
-                max_position_embeddings=max(train.max_seq_len, 128),
-                tie_word_embeddings=True,
-            )
-        )
+        model = LlamaForCausalLM(LlamaConfig(**{key: value for key, value in config.items() if key != "model_type"}))
     return shape_of(model, "train.architecture")
 
 

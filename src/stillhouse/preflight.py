@@ -23,12 +23,11 @@ from stillhouse.data.sources import Problems, Source, read_batches, resolve_sour
 from stillhouse.errors import InputError
 from stillhouse.health import check_tracking_server
 from stillhouse.licenses import preflight_licenses
-from stillhouse.models import load_tokenizer, resolve_model, vocabulary_difference
+from stillhouse.models import load_tokenizer, plain_config, resolve_model, vocabulary_difference
 from stillhouse.planning import ModelShape
 from stillhouse.public_names import check_public_names
 from stillhouse.sampling.sample import TeacherFacts, check_teacher
-from stillhouse.training.served_teacher import ServedTeacher, served_endpoint
-from stillhouse.training.train import check_training_hardware, check_vocabularies
+from stillhouse.training.checks import check_training_hardware, check_vocabularies
 
 
 def preflight(config: PipelineConfig) -> None:
@@ -97,6 +96,8 @@ def check_served_teacher(config: PipelineConfig, teacher: TeacherFacts) -> None:
             kd_teacher=kd.teacher,
         )
     )
+    from stillhouse.training.served_teacher import ServedTeacher, served_endpoint  # torch: a served teacher only
+
     connection, model = served_endpoint(kd, config.sample)
     # One try, no backoff: a preflight reports a dead server at once instead of retrying it for a minute.
     field = "train.kd.served" if kd.served is not None else "sample.openai"
@@ -350,15 +351,19 @@ def check_format_columns(source: Source, columns: list[str], label: str) -> None
 def model_summary(
     role: str, reference: str, shape: ModelShape, revision: str | None, trust_remote_code: bool
 ) -> ModelSummary:
-    from transformers import AutoConfig
-
     location = resolve_model(reference, "sample.teacher" if role == "teacher" else "train.student")
-    try:
-        model_type = AutoConfig.from_pretrained(
-            location, revision=revision, trust_remote_code=trust_remote_code
-        ).model_type
-    except (OSError, ValueError) as error:
-        model_type = f"unknown ({first_line(error)})"
+    plain = plain_config(location, revision)
+    if plain is not None:
+        model_type = plain["model_type"]
+    else:  # remote code, or a file AutoConfig explains better
+        from transformers import AutoConfig
+
+        try:
+            model_type = AutoConfig.from_pretrained(
+                location, revision=revision, trust_remote_code=trust_remote_code
+            ).model_type
+        except (OSError, ValueError) as error:
+            model_type = f"unknown ({first_line(error)})"
     return ModelSummary(
         role=role,
         reference=reference,

@@ -21,7 +21,8 @@ from stillhouse.config import TrainConfig
 from stillhouse.errors import StillhouseError
 from stillhouse.sampling.teacher_outputs import SCHEMA_V1, read_shard
 from stillhouse.store import MANIFEST
-from stillhouse.training.train import NonFiniteLossError, train_student
+from stillhouse.training.stage import train_student
+from stillhouse.training.train import NonFiniteLossError
 
 pytestmark = pytest.mark.slow
 

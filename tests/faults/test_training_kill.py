@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from stillhouse.config import TrainConfig
 from stillhouse.store import MANIFEST, Store
-from stillhouse.training.train import last_complete_checkpoint, train_student
+from stillhouse.training.stage import train_student
+from stillhouse.training.train import last_complete_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,7 @@ torch.set_num_threads(1)
 from stillhouse.config import TrainConfig
 from stillhouse.refs import DatasetRef, SamplesRef
 from stillhouse.store import Store
-from stillhouse.training.train import train_student
+from stillhouse.training.stage import train_student
 config = TrainConfig.model_validate_json(open(sys.argv[1]).read())
 dataset = DatasetRef.model_validate_json(open(sys.argv[2]).read())
 samples = SamplesRef.model_validate_json(open(sys.argv[3]).read())

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import xxhash
-from datasketch import MinHash, MinHashLSH
 
 
 def first_occurrences(keys: np.ndarray) -> np.ndarray:
@@ -38,6 +37,9 @@ class MinHasher:
     """datasketch MinHash signatures (uint32, one row per text) with a fixed seed, so reruns agree."""
 
     def __init__(self, num_perm: int, shingle_size: int, seed: int = 1):
+        # datasketch (0.3 s to import, with scipy) loads when a curation dedups, not when a check reads a split.
+        from datasketch import MinHash
+
         self.shingle_size = shingle_size
         self.num_perm = num_perm
         self.empty = MinHash(num_perm=num_perm, seed=seed, hashfunc=xxhash.xxh32_intdigest)
@@ -54,6 +56,8 @@ class MinHasher:
 def band_parameters(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows per band) as datasketch picks them, weighted 1:9 against missed pairs since
     candidates are verified."""
+    from datasketch import MinHashLSH
+
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
     return lsh.b, lsh.r
 

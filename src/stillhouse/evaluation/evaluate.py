@@ -55,7 +55,6 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from stillhouse import capabilities
 from stillhouse.config import EvaluateConfig, LmEvalConfig
 from stillhouse.data.curate import read_split
 from stillhouse.errors import InputError
@@ -69,15 +68,13 @@ from stillhouse.models import (
     resolve_model,
     vocabulary_difference,
 )
-from stillhouse.refs import DatasetRef, EvalReport, ModelRef, SamplesRef
+from stillhouse.refs import DatasetRef, ModelRef, SamplesRef
 from stillhouse.sampling.hf_engine import generate, render_prompts
 from stillhouse.sampling.teacher_outputs import read_teacher_outputs
-from stillhouse.store import Store, fingerprint
 from stillhouse.training.cross_tokenizer import pair_tokenizers
 from stillhouse.training.examples import PadCollator, build_examples
 from stillhouse.training.losses import TopK, cross_entropy, forward_kl
 
-CODE_VERSION = 3  # 3: KL and top-1 agreement across tokenizers
 log = logging.getLogger(__name__)
 MAX_KL_POSITIONS = 256  # KL by position is reported for the first this many response tokens
 
@@ -457,25 +454,6 @@ def judged_win_rates(
     return rates
 
 
-def check_eval_set(config: EvaluateConfig, dataset: DatasetRef) -> None:
-    """Refuse an empty eval split, or explicitly chosen reference metrics on data without references.
-
-    Whether the data has references is known for sure only after curation (a reference column can be empty),
-    so these are errors the user fixes, not internal ones.
-    """
-    if dataset.eval_rows == 0:
-        raise InputError("evaluate: the eval split has no rows; add data or raise curate.eval_fraction")
-    listed = config.metrics or []
-    for problem in (
-        capabilities.reference_metrics_problem(listed_metric_groups=listed, has_references=dataset.has_references),
-        capabilities.verifier_win_rate_problem(
-            listed_metric_groups=listed, win_rate_judge=config.win_rate_judge, has_references=dataset.has_references
-        ),
-    ):
-        if problem:
-            raise InputError(problem)
-
-
 def roles_to_evaluate(
     config: EvaluateConfig, samples: SamplesRef, student: ModelRef, baseline: ModelRef | None
 ) -> dict[str, str]:
@@ -488,114 +466,71 @@ def roles_to_evaluate(
     return roles
 
 
-def evaluate_student(
+def measure(
+    folder: Path,
     config: EvaluateConfig,
     dataset: DatasetRef,
     samples: SamplesRef,
     student: ModelRef,
-    store: Store,
     progress: Callable[[float], None] | None = None,
     baseline: ModelRef | None = None,
-) -> EvalReport:
-    """Measure teacher, student and baseline on the eval split; the result is cached in the store by fingerprint.
+) -> dict:
+    """Measure every role on the eval split into ``folder`` (generations, report): the evaluate stage's work,
+    which `stillhouse.evaluation.stage.evaluate_student` runs when the store doesn't hold it yet."""
+    prompts, stored_teacher_answers = select_eval_prompts(config, dataset, samples)
+    groups = set(config.selected_groups(dataset.has_references, samples.top_k_logprobs > 0))
+    roles = roles_to_evaluate(config, samples, student, baseline)
+    teacher_tokenizer = load_tokenizer(samples.teacher_tokenizer) if samples.teacher_tokenizer else None
 
-    ``baseline`` (e.g. the SFT student a feedback stage started from) is evaluated as role ``baseline``
-    and takes precedence over ``config.baseline``.
-    """
-    check_eval_set(config, dataset)
-    # Config validation refuses a served teacher as the win-rate judge; met here, it is an internal error.
-    capabilities.assert_no_problem(
-        capabilities.win_rate_judge_problem(
-            teacher_is_served=samples.teacher_is_served,
-            listed_metric_groups=config.metrics or [],
-            win_rate_judge=config.win_rate_judge,
-            judge_model=config.judge_model,
-        )
+    metrics: dict[str, float] = {}
+    answers: dict[str, list[str]] = {}
+    kl_by_position: dict[str, list[float]] = {}
+    for step, (role, path) in enumerate(roles.items()):
+        if role == "teacher" and samples.teacher_is_served:
+            answers[role] = stored_teacher_answers  # no weights here: nothing to load or measure
+        else:
+            measured = measure_role(role, path, config, groups, dataset, samples, prompts, teacher_tokenizer)
+            metrics.update(measured.metrics)
+            answers[role] = measured.answers
+            if measured.kl_by_position is not None:
+                kl_by_position[role] = measured.kl_by_position
+        if progress is not None:
+            progress((step + 1) / len(roles))
+    metrics.update(m.student_teacher_ratios(metrics))
+
+    table = prompts.frame[["prompt_id", "messages", "reference", "category"]].assign(
+        **{f"{role}_answer": answers[role] for role in roles}
     )
-    settings = config.model_dump(
-        mode="json", exclude={"gate"}
-    )  # the gate decides promotion; it doesn't change measurements
-    inputs = {"dataset": dataset.fingerprint, "samples": samples.fingerprint, "student": student.fingerprint}
-    if baseline is not None:
-        inputs["baseline"] = baseline.fingerprint
-    stage_fingerprint = fingerprint("evaluate", settings, inputs, CODE_VERSION)
+    if "agreement" in groups:
+        metrics.update(answer_agreement_metrics(answers))
+    if "rouge_l_teacher" in groups:
+        metrics.update(rouge_l_teacher_metrics(answers))
+    if prompts.with_references.any():
+        if "exact_match" in groups:
+            accuracy, correct_by_role = exact_match_metrics(answers, prompts)
+            metrics.update(accuracy)
+            for role, correct in correct_by_role.items():
+                table[f"{role}_correct"] = correct  # NaN where a prompt has no reference
+        if "rouge_l_reference" in groups:
+            metrics.update(rouge_l_reference_metrics(answers, prompts))
+    if "win_rate" in groups:
+        metrics.update(judged_win_rates(config, samples.teacher, prompts.conversations, answers, prompts.references()))
 
-    def compute(folder: Path) -> dict:
-        prompts, stored_teacher_answers = select_eval_prompts(config, dataset, samples)
-        groups = set(config.selected_groups(dataset.has_references, samples.top_k_logprobs > 0))
-        roles = roles_to_evaluate(config, samples, student, baseline)
-        teacher_tokenizer = load_tokenizer(samples.teacher_tokenizer) if samples.teacher_tokenizer else None
-
-        metrics: dict[str, float] = {}
-        answers: dict[str, list[str]] = {}
-        kl_by_position: dict[str, list[float]] = {}
-        for step, (role, path) in enumerate(roles.items()):
-            if role == "teacher" and samples.teacher_is_served:
-                answers[role] = stored_teacher_answers  # no weights here: nothing to load or measure
-            else:
-                measured = measure_role(role, path, config, groups, dataset, samples, prompts, teacher_tokenizer)
-                metrics.update(measured.metrics)
-                answers[role] = measured.answers
-                if measured.kl_by_position is not None:
-                    kl_by_position[role] = measured.kl_by_position
-            if progress is not None:
-                progress((step + 1) / len(roles))
-        metrics.update(m.student_teacher_ratios(metrics))
-
-        table = prompts.frame[["prompt_id", "messages", "reference", "category"]].assign(
-            **{f"{role}_answer": answers[role] for role in roles}
+    metrics = {name: float(value) for name, value in metrics.items() if not math.isnan(value)}
+    table.to_parquet(folder / "generations.parquet", index=False)
+    if config.report:
+        write_report(
+            folder / "report",
+            metrics,
+            title="Teacher vs student",
+            loss_history=student.loss_history,
+            kl_by_position=kl_by_position,
+            eval_prompts=len(prompts.frame),
         )
-        if "agreement" in groups:
-            metrics.update(answer_agreement_metrics(answers))
-        if "rouge_l_teacher" in groups:
-            metrics.update(rouge_l_teacher_metrics(answers))
-        if prompts.with_references.any():
-            if "exact_match" in groups:
-                accuracy, correct_by_role = exact_match_metrics(answers, prompts)
-                metrics.update(accuracy)
-                for role, correct in correct_by_role.items():
-                    table[f"{role}_correct"] = correct  # NaN where a prompt has no reference
-            if "rouge_l_reference" in groups:
-                metrics.update(rouge_l_reference_metrics(answers, prompts))
-        if "win_rate" in groups:
-            metrics.update(
-                judged_win_rates(config, samples.teacher, prompts.conversations, answers, prompts.references())
-            )
-
-        metrics = {name: float(value) for name, value in metrics.items() if not math.isnan(value)}
-        table.to_parquet(folder / "generations.parquet", index=False)
-        if config.report:
-            write_report(
-                folder / "report",
-                metrics,
-                title="Teacher vs student",
-                loss_history=student.loss_history,
-                kl_by_position=kl_by_position,
-                eval_prompts=len(prompts.frame),
-            )
-        return {
-            "metrics": metrics,
-            "eval_prompts": len(prompts.frame),
-            "kl_by_position": kl_by_position,
-            "metric_groups": sorted(groups),
-            "teacher_answers": "stored" if samples.teacher_is_served else "generated",
-        }
-
-    output = store.build("evaluate", stage_fingerprint, compute)
-    return EvalReport(
-        stage="evaluate",
-        fingerprint=stage_fingerprint,
-        path=str(output.path),
-        cached=output.cached,
-        metrics=output.manifest["metrics"],
-    )
-
-
-def read_generations(report: EvalReport) -> pd.DataFrame:
-    return pd.read_parquet(Path(report.path) / "generations.parquet")
-
-
-def report_files(report: EvalReport) -> list[Path]:
-    """The report's files (Markdown, HTML, PNG) in the stage folder; empty when evaluate.report was off."""
-    folder = Path(report.path) / "report"
-    return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    return {
+        "metrics": metrics,
+        "eval_prompts": len(prompts.frame),
+        "kl_by_position": kl_by_position,
+        "metric_groups": sorted(groups),
+        "teacher_answers": "stored" if samples.teacher_is_served else "generated",
+    }

@@ -37,13 +37,14 @@ from stillhouse.models import (
     load_causal_lm,
     load_tokenizer,
     model_revision,
+    plain_chat_tokenizer,
+    plain_config,
     remote_code_error,
     resolve_model,
     tokenizer_fingerprint,
 )
 from stillhouse.refs import DatasetRef, SamplesRef
 from stillhouse.sampling.engine import Engine, Generation, Prompt, SamplingSettings
-from stillhouse.sampling.hf_engine import HFEngine, render_prompts
 from stillhouse.sampling.teacher_outputs import FORMAT_VERSION as TEACHER_OUTPUTS_FORMAT
 from stillhouse.sampling.teacher_outputs import (
     LOGPROB_STEP,
@@ -107,6 +108,40 @@ def check_teacher(config: SampleConfig) -> TeacherFacts:
     if config.engine == "openai":
         return _check_openai_teacher(config)
     teacher = resolve_model(config.teacher, "sample.teacher")
+    vocabulary, context = teacher_config_facts(config, teacher)
+    if not Path(teacher).is_dir():  # a Hub teacher: refuse pickle-only weights now, not when the first shard loads them
+        check_hub_safetensors(teacher, config.revision, "sample.teacher")
+    if config.top_k_logprobs > vocabulary:
+        raise InputError(
+            f"sample.top_k_logprobs: k={config.top_k_logprobs} is larger than the teacher's vocabulary ({vocabulary}); "
+            f"use a k of at most {vocabulary} (16-64 is typical)"
+        )
+    context = config.context_length or context
+    if config.engine == "vllm" and config.vllm.max_model_len is not None:  # vLLM plans its KV cache for no more
+        context = min(context, config.vllm.max_model_len) if context else config.vllm.max_model_len
+    _check_context(config, context)
+    if not plain_chat_tokenizer(teacher, config.revision):  # else its files show it loads, template included
+        tokenizer = load_tokenizer(teacher, config.revision, trust_remote_code=config.trust_remote_code)
+        _check_chat_template(tokenizer, config.teacher, "sample.teacher")
+    if config.engine == "vllm":
+        from stillhouse.sampling.vllm_engine import check_vllm_engine
+
+        check_vllm_engine(config.vllm)  # vLLM and a GPU here, or Ray; enough GPUs for tensor x pipeline x replicas
+    return TeacherFacts(
+        path=teacher,
+        revision=model_revision(teacher, config.revision, trust_remote_code=config.trust_remote_code),
+        vocab_size=vocabulary,
+        context_length=context,
+        tokenizer_path=teacher,
+    )
+
+
+def teacher_config_facts(config: SampleConfig, teacher: str) -> tuple[int, int | None]:
+    """(vocabulary size, context length) of the teacher's config: from config.json as it is where that holds both
+    (`plain_config`: no transformers import), else through `AutoConfig` (remote code, class defaults, errors)."""
+    plain = plain_config(teacher, config.revision)
+    if plain is not None and isinstance(plain.get("vocab_size"), int) and "max_position_embeddings" in plain:
+        return plain["vocab_size"], plain["max_position_embeddings"]
     try:
         from transformers import AutoConfig
 
@@ -121,31 +156,7 @@ def check_teacher(config: SampleConfig) -> TeacherFacts:
             f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); check the id and revision, "
             "or log in for gated models"
         ) from None
-    if not Path(teacher).is_dir():  # a Hub teacher: refuse pickle-only weights now, not when the first shard loads them
-        check_hub_safetensors(teacher, config.revision, "sample.teacher")
-    vocabulary = model_config.vocab_size
-    if config.top_k_logprobs > vocabulary:
-        raise InputError(
-            f"sample.top_k_logprobs: k={config.top_k_logprobs} is larger than the teacher's vocabulary ({vocabulary}); "
-            f"use a k of at most {vocabulary} (16-64 is typical)"
-        )
-    context = config.context_length or getattr(model_config, "max_position_embeddings", None)
-    if config.engine == "vllm" and config.vllm.max_model_len is not None:  # vLLM plans its KV cache for no more
-        context = min(context, config.vllm.max_model_len) if context else config.vllm.max_model_len
-    _check_context(config, context)
-    tokenizer = load_tokenizer(teacher, config.revision, trust_remote_code=config.trust_remote_code)
-    _check_chat_template(tokenizer, config.teacher, "sample.teacher")
-    if config.engine == "vllm":
-        from stillhouse.sampling.vllm_engine import check_vllm_engine
-
-        check_vllm_engine(config.vllm)  # vLLM and a GPU here, or Ray; enough GPUs for tensor x pipeline x replicas
-    return TeacherFacts(
-        path=teacher,
-        revision=model_revision(teacher, config.revision, trust_remote_code=config.trust_remote_code),
-        vocab_size=vocabulary,
-        context_length=context,
-        tokenizer_path=teacher,
-    )
+    return model_config.vocab_size, getattr(model_config, "max_position_embeddings", None)
 
 
 def _check_openai_teacher(config: SampleConfig) -> TeacherFacts:
@@ -236,6 +247,8 @@ class PreparedPrompts:
 
 def prepare_prompts(config: SampleConfig, tokenizer, context: int | None, frame: pd.DataFrame) -> PreparedPrompts:
     """Render and tokenize prompts, applying `overlong_prompts` to those that leave no room for the answer."""
+    from stillhouse.sampling.hf_engine import render_prompts  # torch: imported where prompts render, not by checks
+
     rendered = render_prompts(tokenizer, [json.loads(m) for m in frame["messages"]])
     prepared = PreparedPrompts([], [], 0, 0)
     limit = None if context is None else context - config.max_new_tokens
@@ -256,6 +269,12 @@ def prepare_prompts(config: SampleConfig, tokenizer, context: int | None, frame:
         prepared.positions.append(position)
         prepared.token_ids.append(ids)
     return prepared
+
+
+def sampled_before(config: SampleConfig, dataset: DatasetRef, store: Store) -> bool:
+    """Whether the store holds this teacher's complete output for these prompts (nothing to sample, no waiting)."""
+    facts = check_teacher(config)
+    return store.manifest("sample", stage_fingerprint(config, dataset, facts.revision)) is not None
 
 
 def plan_shards(config: SampleConfig, dataset: DatasetRef, store: Store) -> ShardPlan:
@@ -316,6 +335,8 @@ def load_engine(config: SampleConfig, facts: TeacherFacts) -> tuple[Engine, PreT
     (the settings come with each call); only the `hf` engine's batch sizes are taken from the config
     here, on a copy that shares the loaded model. An HTTP client is cheap: one per endpoint and model.
     """
+    from stillhouse.sampling.hf_engine import HFEngine
+
     if config.engine == "openai":
         identity = [config.teacher, config.openai.model_dump(mode="json")]
     else:

@@ -79,17 +79,16 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from stillhouse import capabilities
 from stillhouse.config import KDConfig, OpenAIEngineConfig, TrainConfig
 from stillhouse.errors import InputError, Interrupted, StillhouseError
-from stillhouse.models import count_parameters, load_causal_lm, load_tokenizer, resolve_model, vocabulary_difference
-from stillhouse.refs import DatasetRef, ModelRef, SamplesRef
+from stillhouse.models import count_parameters, load_causal_lm, load_tokenizer, resolve_model
+from stillhouse.refs import DatasetRef, SamplesRef
 from stillhouse.sampling.hf_engine import cache_argument
-from stillhouse.store import Store, fingerprint, write_json_atomic
+from stillhouse.store import write_json_atomic
+from stillhouse.training.checks import check_vocabularies, on_cpu
 from stillhouse.training.cross_tokenizer import (
     CrossTargets,
     TokenizerPair,
-    check_kd_tokenizers,
     cross_tokenizer_loss,
     online_targets,
     pair_tokenizers,
@@ -103,15 +102,12 @@ from stillhouse.training.losses import (
     distillation_loss_from_hidden,
     top_k_logprobs,
 )
+from stillhouse.training.stage import check_teacher_capabilities, served_teacher_endpoint, uses_torchrun
 
 if TYPE_CHECKING:
     from stillhouse.training.served_teacher import ServedTeacher
 
-CODE_VERSION = 2
 TRAINER_STATE = "trainer_state.json"  # the last file Trainer writes into a checkpoint
-# How a run is started, not what it computes: left out of the fingerprint, so a rerun with a new rendezvous
-# (as torchrun wants one per run) still resumes from the stage's checkpoints.
-LAUNCH_FIELDS = {"threads", "device", "trust_remote_code", "rendezvous", "rendezvous_id"}
 # Set by `launch_training` for the torchrun workers: they stop when the process that started them is gone.
 LAUNCHER_PID_ENV = "STILLHOUSE_LAUNCHER_PID"
 # Batch entries of the cross-tokenizer path (`build_examples`), popped before the student's forward.
@@ -151,109 +147,6 @@ def build_student(config: TrainConfig, teacher_path: str):
         )
     )
     return model, tokenizer
-
-
-def check_vocabularies(config: TrainConfig, teacher_tokenizer) -> str | None:
-    """None when the student shares the teacher's vocabulary (stored token ids and top-k apply as they are),
-    else what differs.
-
-    Reads tokenizers only. A student built from scratch takes the teacher's tokenizer. A served teacher whose
-    tokenizer is unknown (``teacher_tokenizer`` None) shares nothing: its responses are re-tokenized as text.
-    White-box ``kd`` between different vocabularies is refused unless ``kd.align`` is set
-    (`cross_tokenizer.check_kd_tokenizers`); with it, both tokenizers must place their tokens in the text.
-    """
-    check_align_settings(config)
-    kd_aligned = config.method == "kd" and config.kd.align != "none" and teacher_tokenizer is not None
-    if config.student is None:
-        if kd_aligned:  # the student takes the teacher's tokenizer: the one it must be alignable
-            check_kd_tokenizers(teacher_tokenizer, teacher_tokenizer, config.kd.align)
-        return None
-    if teacher_tokenizer is None:
-        difference = "the served teacher's tokenizer is unknown (sample.openai.tokenizer is null)"
-    else:
-        student_tokenizer = load_tokenizer(
-            resolve_model(config.student, "train.student"), trust_remote_code=config.trust_remote_code
-        )
-        if config.method == "kd":
-            return check_kd_tokenizers(teacher_tokenizer, student_tokenizer, config.kd.align)
-        difference = vocabulary_difference(student_tokenizer, teacher_tokenizer)
-    if config.method == "kd" and difference is not None:
-        raise InputError(
-            "train.method: `kd` compares token distributions, but the student's vocabulary differs from the teacher's "
-            f"({difference}); use method `sft` (black-box) or a student of the teacher's family"
-        )
-    return difference
-
-
-def check_align_settings(config: TrainConfig) -> None:
-    """Refuse ``kd.align`` settings the cross-tokenizer path can't run, naming the field to change."""
-    kd = config.kd
-    if config.method != "kd" or kd.align == "none":
-        return
-    if kd.align == "uld" and config.loss_chunk_size is not None:
-        raise InputError(
-            "train.kd.align: uld sorts the student's whole next-token distribution, which train.loss_chunk_size "
-            "never holds at once; set train.loss_chunk_size: null, or use train.kd.align: byte (chunked)"
-        )
-    if kd.teacher == "online" and kd.online_top_k is None:
-        raise InputError(
-            f"train.kd.align: {kd.align} maps the teacher's top-k onto the student's tokens, but "
-            "train.kd.online_top_k is null (the online teacher's full distribution); set train.kd.online_top_k "
-            "(e.g. 20: the rest of its mass is kept as one outcome)"
-        )
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on (its affinity mask: what a container or taskset allows)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def check_training_hardware(config: TrainConfig) -> None:
-    """Refuse a process count this machine can't run: more processes per node than CUDA GPUs on a GPU
-    machine (``device: auto``), or than CPU cores on a CPU run. Reads no weights and writes nothing.
-
-    ``num_processes`` is per node: each node checks its own hardware.
-    """
-    if not on_cpu(config):
-        available, what = torch.cuda.device_count(), "CUDA GPUs"
-        fix = "one process per GPU"
-    else:
-        available, what = cpu_cores(), "CPU cores"
-        fix = "at most one process per core"
-    if config.num_processes <= available:
-        return
-    more = (
-        "; to shard a student over more processes than one machine has, add machines with train.nodes"
-        if config.strategy == "fsdp"
-        else ""
-    )
-    raise InputError(
-        f"train.num_processes is {config.num_processes} per node, but this machine has {available} {what}: "
-        f"set train.num_processes to at most {available} ({fix}){more}"
-    )
-
-
-def served_teacher_endpoint(config: TrainConfig, sample_openai: OpenAIEngineConfig | None) -> OpenAIEngineConfig:
-    """The server of ``kd.teacher: served``: ``kd.served``, else the sample stage's ``sample.openai``."""
-    endpoint = config.kd.served or sample_openai
-    if endpoint is None:
-        raise InputError(
-            "train.kd.teacher: served needs the teacher's server: set train.kd.served (base_url, api_key_env, ...) "
-            "or pass the sample stage's sample.openai"
-        )
-    return endpoint
-
-
-def on_cpu(config: TrainConfig) -> bool:
-    return config.device == "cpu" or not torch.cuda.is_available()
-
-
-def uses_torchrun(config: TrainConfig) -> bool:
-    """Whether the stage runs in torchrun workers (several processes or nodes, or sharded) or in this process."""
-    return config.num_processes > 1 or config.nodes > 1 or config.strategy == "fsdp"
 
 
 def fsdp_settings(config: TrainConfig, model) -> dict:
@@ -697,27 +590,6 @@ def with_lora(model, config: TrainConfig):
     return get_peft_model(model, adapters)
 
 
-def check_teacher_capabilities(config: TrainConfig, samples: SamplesRef) -> None:
-    """Refuse a training that needs what the sampled teacher can't give: weights here, a known tokenizer, stored top-k.
-
-    Config validation refuses such a config before anything runs (`stillhouse.capabilities`), so meeting one
-    here is an internal error: a hand-built config or reference, or a bug.
-    """
-    tokenizer_known = samples.teacher_tokenizer is not None
-    capabilities.assert_no_problem(
-        capabilities.online_teacher_problem(
-            teacher_is_served=samples.teacher_is_served, method=config.method, kd_teacher=config.kd.teacher
-        ),
-        capabilities.kd_vocabulary_problem(teacher_tokenizer_known=tokenizer_known, method=config.method),
-        capabilities.student_from_scratch_problem(
-            teacher_tokenizer_known=tokenizer_known, student_from_scratch=config.student is None
-        ),
-        capabilities.offline_kd_top_k_problem(
-            method=config.method, kd_teacher=config.kd.teacher, top_k_stored=samples.top_k_logprobs > 0
-        ),
-    )
-
-
 def reuses_stored_top_k(config: TrainConfig, samples: SamplesRef, shared_vocabulary: bool) -> bool:
     """Whether a live teacher's off-policy batches (on-policy training, ``kd.lmbda`` > 0) take the stored top-k
     instead of a teacher forward: only where it is what that teacher would give them, its top-``online_top_k``
@@ -1034,59 +906,3 @@ def launch_training(
             "rerun to resume from its last checkpoint"
         )
     return json.loads((folder / "result.json").read_text())
-
-
-def train_student(
-    config: TrainConfig,
-    dataset: DatasetRef,
-    samples: SamplesRef,
-    store: Store,
-    progress: Callable[[float], None] | None = None,
-    teacher_endpoint: OpenAIEngineConfig | None = None,
-) -> ModelRef:
-    """The trained student, from the store when this config was trained on these inputs before.
-
-    ``teacher_endpoint``: the sample stage's ``sample.openai``, used by ``kd.teacher: served`` when ``kd.served``
-    is null. Before anything is written to the store, a student that doesn't share the teacher's vocabulary
-    (``kd`` without ``kd.align``), a process count the machine lacks and a missing teacher server are refused.
-    """
-    if config.student is not None:
-        resolve_model(config.student, "train.student")
-    stage_fingerprint = fingerprint(
-        "train",
-        config.model_dump(mode="json", exclude=LAUNCH_FIELDS),
-        {"dataset": dataset.fingerprint, "samples": samples.fingerprint},
-        CODE_VERSION,
-    )
-    trained = store.manifest("train", stage_fingerprint) is not None
-    if not trained:  # it will be trained here: check first, write nothing yet
-        check_training_hardware(config)
-        check_teacher_capabilities(config, samples)
-        check_vocabularies(config, load_tokenizer(samples.teacher_tokenizer) if samples.teacher_tokenizer else None)
-        if config.method == "kd" and config.kd.teacher == "served":
-            served_teacher_endpoint(config, teacher_endpoint)
-        if config.nodes > 1 and store.remote:
-            raise InputError(
-                f"train.nodes is {config.nodes}, but the store is {store.url}: the nodes' processes write their "
-                "checkpoint shards into one stage folder, so the store must be a folder every node mounts "
-                "(e.g. NFS), not an object store"
-            )
-
-    def compute(folder: Path) -> dict:
-        if uses_torchrun(config):
-            result = launch_training(config, dataset, samples, folder, teacher_endpoint)
-        else:
-            result = run_training(config, dataset, samples, folder, progress, teacher_endpoint)
-        return {"model_path": str(folder / "model"), **result}
-
-    if config.nodes > 1 and not trained:
-        # Every node runs this stage at once. The store's lock would keep all nodes but one outside the
-        # rendezvous (and that one waiting there for them), so the nodes train without it; the store seals
-        # the output with the manifest of whichever node gets there first, and the others reuse it.
-        folder = store.path("train", stage_fingerprint)
-        folder.mkdir(parents=True, exist_ok=True)
-        result = compute(folder)
-        output = store.build("train", stage_fingerprint, lambda _: result)
-    else:
-        output = store.build("train", stage_fingerprint, compute)
-    return ModelRef.from_manifest("train", stage_fingerprint, output.path, output.cached, output.manifest)
