@@ -188,3 +188,14 @@ def test_off_policy_batches_reuse_the_stored_top_k_of_the_online_teacher(sampled
     assert not reuses_stored_top_k(config(online_top_k=STORED_K + 1), samples, shared_vocabulary=True)
     assert not reuses_stored_top_k(config(lmbda=0.0), samples, shared_vocabulary=True)
     assert not reuses_stored_top_k(config(), samples, shared_vocabulary=False)
+
+
+def test_adam_beta2_reaches_the_optimizer_and_the_fingerprint(sampled, tmp_path):
+    from stillhouse.training.stage import LAUNCH_FIELDS
+
+    trainer = trainer_for(sampled, tmp_path, method="sft", adam_beta2=0.98)
+    trainer.create_optimizer()
+    assert {group["betas"] for group in trainer.optimizer.param_groups} == {(0.9, 0.98)}
+    # An optimizer setting changes what is trained: it is part of the train stage's fingerprint.
+    assert "adam_beta2" not in LAUNCH_FIELDS
+    assert TrainConfig(architecture=ARCHITECTURE).adam_beta2 == 0.999  # AdamW's (and transformers') default

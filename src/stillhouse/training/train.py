@@ -661,6 +661,7 @@ def build_trainer(
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_ratio,
         weight_decay=config.weight_decay,
+        adam_beta2=config.adam_beta2,
         logging_steps=config.logging_steps,
         report_to="none",
         save_strategy="steps" if config.save_steps else "no",
