@@ -198,7 +198,8 @@ def test_the_counted_activations_hold_no_parameters():
 @pytest.mark.parametrize(
     "architecture, vocab_size",
     [
-        ({"hidden_size": 64, "num_layers": 4, "intermediate_size": 240, "num_heads": 4}, 85),  # the demo's
+        ({"hidden_size": 64, "num_layers": 4, "intermediate_size": 240, "num_heads": 4}, 85),  # the demo's, before
+        ({"hidden_size": 64, "num_layers": 6, "intermediate_size": 128, "num_heads": 4}, 85),  # the demo's
         ({"hidden_size": 48, "num_layers": 1, "intermediate_size": 7, "num_heads": 3}, None),  # no teacher: 32000
         ({"hidden_size": 12, "num_layers": 2, "intermediate_size": 20, "num_heads": 4}, 50),  # head size 3: meta
     ],
