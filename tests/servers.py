@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+
 BIN = Path(sys.executable).parent
 
 
@@ -54,6 +56,42 @@ def wait_until_healthy(url: str, process: subprocess.Popen, log_path: Path, time
         if process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"{url} did not answer (exit code {process.poll()}):\n{log_path.read_text()[-3000:]}")
         time.sleep(0.3)
+
+
+class _PrefectRetries(httpx.HTTPTransport):
+    """Retries the answers Prefect's own client retries (429, 502, 503; PREFECT_CLIENT_MAX_RETRIES), plus 500: a
+    sqlite-backed server on a loaded 2-core machine answers "database is locked" as a 500 now and then."""
+
+    retried = frozenset({429, 500, 502, 503})
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(5):
+            response = super().handle_request(request)
+            if response.status_code not in self.retried or attempt == 4:
+                return response
+            response.read()
+            response.close()
+            time.sleep(2**attempt)
+        raise AssertionError("unreachable")
+
+
+def _raise_with_the_answer(response: httpx.Response) -> None:
+    if response.is_error:
+        response.read()
+        raise AssertionError(
+            f"{response.request.method} {response.request.url}: {response.status_code} {response.text}"
+        )
+
+
+def prefect_api_client(api_url: str, timeout_s: float = 30.0) -> httpx.Client:
+    """An httpx client for a Prefect server's REST API that retries as Prefect's client does and fails on an error
+    answer with the server's own words, so a test never reads an error body as data (a KeyError: 'id')."""
+    return httpx.Client(
+        base_url=api_url,
+        timeout=timeout_s,
+        transport=_PrefectRetries(),
+        event_hooks={"response": [_raise_with_the_answer]},
+    )
 
 
 @contextmanager

@@ -10,10 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
-from servers import background, free_port, prefect_env, prefect_server
+from servers import background, free_port, prefect_api_client, prefect_env, prefect_server
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).parents[1]
@@ -48,7 +47,7 @@ def stillhouse_deploy(arguments: list[str], api_url: str | None, home: Path) -> 
 
 def server_state(api_url: str) -> dict[str, list[str]]:
     """What is registered: deployments, work pools, global concurrency limits."""
-    with httpx.Client(base_url=api_url, timeout=10) as client:
+    with prefect_api_client(api_url) as client:
         return {
             "deployments": sorted(d["name"] for d in client.post("/deployments/filter", json={}).json()),
             "pools": sorted(p["name"] for p in client.post("/work_pools/filter", json={}).json()),
@@ -114,7 +113,7 @@ def test_deploy_registers_every_deployment_with_active_schedules_pools_and_the_g
         state["deployments"]
     )
     assert {"local", "gpu"} <= set(state["pools"]) and "gpu" in state["limits"]
-    with httpx.Client(base_url=prefect_api, timeout=10) as client:
+    with prefect_api_client(prefect_api) as client:
         deployments = {d["name"]: d for d in client.post("/deployments/filter", json={}).json()}
         gpu_pool = client.get("/work_pools/gpu").json()
         limit = client.get("/v2/concurrency_limits/gpu").json()
@@ -160,14 +159,14 @@ def test_serve_schedules_the_pipeline_in_its_own_process_and_refuses_a_bad_cron(
     ) as serving:
         deadline = time.monotonic() + 120
         while True:
-            with httpx.Client(base_url=prefect_api, timeout=10) as client:
+            with prefect_api_client(prefect_api) as client:
                 served = [d for d in client.post("/deployments/filter", json={}).json() if d["name"] == "tiny-serve"]
             if served or serving.poll() is not None or time.monotonic() > deadline:
                 break
             time.sleep(1)
         assert served, (tmp_path / "serve.log").read_text()[-3000:]
         # A run of the served schedule, now: the serving process picks it up and runs the whole pipeline.
-        with httpx.Client(base_url=prefect_api, timeout=10) as client:
+        with prefect_api_client(prefect_api) as client:
             flow_run = client.post(f"/deployments/{served[0]['id']}/create_flow_run", json={}).json()
             deadline = time.monotonic() + 300
             while True:

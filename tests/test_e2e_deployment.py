@@ -16,12 +16,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 from conftest import tiny_pipeline_raw
 from mlflow.tracking import MlflowClient
-from servers import BIN, background, mlflow_server, prefect_env, prefect_server
+from servers import BIN, background, mlflow_server, prefect_api_client, prefect_env, prefect_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).parents[1]
@@ -81,7 +80,7 @@ def deployed_run(tmp_path_factory, tiny_teacher, prompts_jsonl):
             folder / "deploy.log",
             300,
         )
-        api = stack.enter_context(httpx.Client(base_url=prefect_api, timeout=30))
+        api = stack.enter_context(prefect_api_client(prefect_api))
         deployment = api.get("/deployments/name/stillhouse-pipeline/nightly").json()
         flow_run = api.post(
             f"/deployments/{deployment['id']}/create_flow_run", json={"parameters": {"until": "register"}}
@@ -106,7 +105,7 @@ def deployed_run(tmp_path_factory, tiny_teacher, prompts_jsonl):
 def test_deploy_registers_active_schedules_and_a_triggered_run_completes_on_a_worker(deployed_run):
     run = deployed_run
     assert run.flow_run["state"]["type"] == "COMPLETED", (run.log_dir / "worker.log").read_text()[-4000:]
-    with httpx.Client(base_url=run.prefect_api, timeout=30) as api:
+    with prefect_api_client(run.prefect_api) as api:
         deployments = {d["name"]: d for d in api.post("/deployments/filter", json={}).json()}
         artifacts = api.post("/artifacts/filter", json={}).json()
     for name, cron in (("nightly", "0 2 * * *"), ("weekly-champion", "0 6 * * 1")):
@@ -134,7 +133,7 @@ def test_deploy_registers_active_schedules_and_a_triggered_run_completes_on_a_wo
 
 
 def _subflow_runs(run: DeployedRun) -> list[dict]:
-    with httpx.Client(base_url=run.prefect_api, timeout=30) as api:
+    with prefect_api_client(run.prefect_api) as api:
         return api.post("/flow_runs/filter", json={}).json()
 
 

@@ -21,10 +21,9 @@ import tomllib
 import zipfile
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
-from servers import prefect_env, prefect_server
+from servers import prefect_api_client, prefect_env, prefect_server
 
 REPO = Path(__file__).parents[1]
 FOLDERS = {
@@ -242,7 +241,7 @@ def test_the_installed_wheel_deploys_its_bundled_prefect_yaml(installed, tmp_pat
             timeout=600,
         )
         assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
-        with httpx.Client(base_url=api_url, timeout=10) as client:
+        with prefect_api_client(api_url) as client:
             deployments = {d["name"]: d for d in client.post("/deployments/filter", json={}).json()}
     nightly = deployments["nightly"]
     assert (
