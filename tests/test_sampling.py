@@ -64,6 +64,42 @@ def test_the_greedy_loop_retiring_finished_rows_equals_model_generate():
             assert ids == output.logits[position][0].log_softmax(-1).topk(4).indices.tolist()
 
 
+
+def test_prompts_joining_as_rows_retire_reuse_their_shared_instruction_and_answer_as_generate_does():
+    # 64 demo prompts through 16 rows: rows retire at different steps and prompts join in small groups that share
+    # their task's instruction ("<|user|>sort numbers: "), whose keys and values are kept from the group before.
+    from stillhouse.demo.tasks import make_examples
+
+    model, tokenizer = load_causal_lm(str(DEMO_TEACHER_DIR), device="cpu"), load_tokenizer(str(DEMO_TEACHER_DIR))
+    rendered = render_prompts(tokenizer, [[{"role": "user", "content": e["prompt"]}] for e in make_examples(64, 5)])
+    inputs_seen = []
+    hook = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: inputs_seen.append(kwargs["input_ids"].tolist()), with_kwargs=True
+    )
+    try:
+        ours = generate(model, tokenizer, rendered, max_new_tokens=12, batch_size=16, top_k_logprobs=4)
+    finally:
+        hook.remove()
+    # A shared prefix runs as one row; the same prefix again right after it would be work done twice.
+    prefixes = [tokenizer.decode(ids[0]) for ids in inputs_seen if len(ids) == 1 and len(ids[0]) > 1]
+    assert prefixes and all(a != b for a, b in zip(prefixes, prefixes[1:])), prefixes
+    for prompt, generation in zip(rendered, ours):
+        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        output = model.generate(
+            **inputs,
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+        expected = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+        if tokenizer.eos_token_id in expected:
+            expected = expected[: expected.index(tokenizer.eos_token_id) + 1]
+        assert generation.token_ids == expected, prompt
+        expected_top = torch.stack(output.logits[: len(expected)]).squeeze(1).log_softmax(-1).topk(4).values
+        assert torch.allclose(torch.tensor(generation.top_k_logprobs), expected_top, atol=1e-4), prompt
+
 def test_a_generation_config_that_changes_greedy_decoding_goes_through_generate(teacher):
     model, tokenizer = teacher
     rendered = render_prompts(tokenizer, PROMPTS[:2])
