@@ -27,6 +27,23 @@ def teacher(tiny_teacher):
     return load_causal_lm(str(tiny_teacher), device="cpu"), load_tokenizer(str(tiny_teacher))
 
 
+def generate_one(model, tokenizer, prompt: str, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """`model.generate` on one prompt, greedy: its answer up to the first EOS and its logits ``[steps, vocab]``."""
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    output = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    answer = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    if tokenizer.eos_token_id in answer:
+        answer = answer[: answer.index(tokenizer.eos_token_id) + 1]
+    return answer, torch.cat(output.logits)
+
+
 def test_batched_generation_equals_one_at_a_time(teacher):
     model, tokenizer = teacher
     rendered = render_prompts(tokenizer, PROMPTS)
@@ -47,22 +64,10 @@ def test_the_greedy_loop_retiring_finished_rows_equals_model_generate():
         "rows must finish at different steps for this test to mean anything"
     )
     for prompt, generation in zip(rendered, ours):
-        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        output = model.generate(
-            **inputs,
-            max_new_tokens=12,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-        expected = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-        if tokenizer.eos_token_id in expected:
-            expected = expected[: expected.index(tokenizer.eos_token_id) + 1]
+        expected, logits = generate_one(model, tokenizer, prompt, max_new_tokens=12)
         assert generation.token_ids == expected
         for position, ids in enumerate(generation.top_k_ids):
-            assert ids == output.logits[position][0].log_softmax(-1).topk(4).indices.tolist()
-
+            assert ids == logits[position].log_softmax(-1).topk(4).indices.tolist()
 
 
 def test_prompts_joining_as_rows_retire_reuse_their_shared_instruction_and_answer_as_generate_does():
@@ -84,21 +89,11 @@ def test_prompts_joining_as_rows_retire_reuse_their_shared_instruction_and_answe
     prefixes = [tokenizer.decode(ids[0]) for ids in inputs_seen if len(ids) == 1 and len(ids[0]) > 1]
     assert prefixes and all(a != b for a, b in zip(prefixes, prefixes[1:])), prefixes
     for prompt, generation in zip(rendered, ours):
-        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        output = model.generate(
-            **inputs,
-            max_new_tokens=12,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-        expected = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-        if tokenizer.eos_token_id in expected:
-            expected = expected[: expected.index(tokenizer.eos_token_id) + 1]
+        expected, logits = generate_one(model, tokenizer, prompt, max_new_tokens=12)
         assert generation.token_ids == expected, prompt
-        expected_top = torch.stack(output.logits[: len(expected)]).squeeze(1).log_softmax(-1).topk(4).values
+        expected_top = logits[: len(expected)].log_softmax(-1).topk(4).values
         assert torch.allclose(torch.tensor(generation.top_k_logprobs), expected_top, atol=1e-4), prompt
+
 
 def test_a_generation_config_that_changes_greedy_decoding_goes_through_generate(teacher):
     model, tokenizer = teacher

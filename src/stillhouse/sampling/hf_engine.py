@@ -419,10 +419,9 @@ class _ContinuousBatch:
         while shared < shortest - 1 and all(prompt[shared] == prompts[0][shared] for prompt in prompts):
             shared += 1  # at most shortest - 1: every row keeps a token of its own to predict from
         kept = len(self.prefix_tokens)
-        if kept and kept <= shared and prompts[0][:kept] == self.prefix_tokens and (count - 1) * (shared - kept) < (
-            SHARED_PREFIX_TOKENS
-        ):
-            # The kept prefix, unless a longer one saves enough positions to be worth its own forward.
+        starts_with_kept = 0 < kept <= shared and prompts[0][:kept] == self.prefix_tokens
+        # The kept prefix, unless a longer one saves enough positions to be worth its own forward.
+        if starts_with_kept and (count - 1) * (shared - kept) < SHARED_PREFIX_TOKENS:
             shared = kept
             cache = DynamicCache(
                 ddp_cache_data=[(k.expand(count, -1, -1, -1), v.expand(count, -1, -1, -1)) for k, v in self.prefix],
@@ -441,7 +440,10 @@ class _ContinuousBatch:
                     **{self.cache_name: cache},
                 )
                 # Kept as computed: the copies below and every later update make new tensors, never write these.
-                self.prefix_tokens, self.prefix = prompts[0][:shared], [(l.keys, l.values) for l in cache.layers]
+                self.prefix_tokens, self.prefix = (
+                    prompts[0][:shared],
+                    [(layer.keys, layer.values) for layer in cache.layers],
+                )
                 cache.batch_repeat_interleave(count)
         rests = [prompt[shared:] for prompt in prompts]
         width = max(map(len, rests))
