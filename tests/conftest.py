@@ -5,6 +5,7 @@ tokenizer, the Hub is the loopback server in hub_server.py, MLflow is a sqlite f
 """
 
 import os
+import tempfile
 
 # Before anything imports huggingface_hub or Prefect (they read these at import time).
 os.environ["HF_HUB_DISABLE_XET"] = "1"  # the loopback Hub (hub_server.py) speaks plain LFS, not xet
@@ -15,6 +16,8 @@ os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("HF_TOKEN", None)
+# Large files' digests (models.cached_file_sha256) go to a cache of this session, not the user's ~/.cache.
+os.environ["STILLHOUSE_HASH_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="stillhouse-hashes-"), "file-sha256.json")
 
 import json
 from pathlib import Path

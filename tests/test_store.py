@@ -1,6 +1,7 @@
 """The content-addressed store: stable fingerprints, reuse of complete outputs, redo of incomplete ones."""
 
 import json
+import os
 
 import pytest
 
@@ -79,3 +80,47 @@ def test_editing_the_teachers_chat_template_changes_the_sample_fingerprint(tmp_p
         (teacher / name).write_text((teacher / name).read_text() + " ")
         assert model_revision(str(teacher), None) != revision
         revision = model_revision(str(teacher), None)
+
+
+def test_a_large_teacher_file_is_hashed_once_across_runs_and_again_when_its_content_changes(tmp_path):
+    """Each run is a new process: large weights hash once per content (their digest is kept in a cache file),
+    and a rewrite that keeps size and modification time (``cp -p``, ``touch -d``) still changes the revision."""
+    import subprocess
+    import sys
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text('{"model_type": "llama"}')
+    weights = teacher / "model.safetensors"
+    weights.write_bytes(b"\x01" * (1 << 20))
+    cache = tmp_path / "hashes.json"
+    # Files from 1 MiB count as large here; each child reports the revision and how many files it hashed.
+    probe = (
+        "import sys, stillhouse.models as m, stillhouse.store as s\n"
+        "m.HASH_CACHE_MIN_BYTES = 1 << 20\n"
+        "hashed = []\n"
+        "real = s.file_sha256\n"
+        "m.file_sha256 = lambda path: hashed.append(path.name) or real(path)\n"
+        "print(m.model_revision(sys.argv[1], None), ','.join(sorted(hashed)))\n"
+    )
+
+    def run() -> tuple[str, str]:
+        env = {**os.environ, "STILLHOUSE_HASH_CACHE": str(cache)}
+        output = subprocess.run(
+            [sys.executable, "-c", probe, str(teacher)], capture_output=True, text=True, env=env, check=True
+        ).stdout.split()
+        return output[0], (output[1] if len(output) > 1 else "")
+
+    first, hashed = run()
+    assert hashed == "config.json,model.safetensors" and cache.is_file()
+    again, hashed = run()
+    assert again == first and hashed == "config.json", "the weights' digest comes from the cache"
+
+    status = weights.stat()
+    weights.write_bytes(b"\x02" * (1 << 20))  # same size, then the old modification time put back
+    os.utime(weights, ns=(status.st_atime_ns, status.st_mtime_ns))
+    changed, hashed = run()
+    assert changed != first and hashed == "config.json,model.safetensors"
+
+    cache.write_text("{not json")  # a damaged cache is ignored and rewritten, never an error
+    assert run()[0] == changed and json.loads(cache.read_text())

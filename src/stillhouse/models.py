@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -259,6 +260,50 @@ def vocabulary_difference(student: PreTrainedTokenizerBase, teacher: PreTrainedT
 
 
 _local_revisions: dict[tuple, str] = {}
+# Files at least this large keep their sha256 across processes (`cached_file_sha256`): a 70B teacher's weights
+# (140 GB) took minutes to hash at every `stillhouse run`. Smaller ones are read again; that costs little.
+HASH_CACHE_MIN_BYTES = 64 << 20
+HASH_CACHE_ENV = "STILLHOUSE_HASH_CACHE"
+HASH_CACHE_ENTRIES = 4096
+
+
+def hash_cache_path() -> Path:
+    """``$STILLHOUSE_HASH_CACHE``, else ``$XDG_CACHE_HOME/stillhouse/file-sha256.json`` (``~/.cache/...``)."""
+    if os.environ.get(HASH_CACHE_ENV):
+        return Path(os.environ[HASH_CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stillhouse" / "file-sha256.json"
+
+
+def cached_file_sha256(path: Path) -> str:
+    """`file_sha256`, remembered for a large file while its identity stays: resolved path, inode, size, and its
+    modification and status-change times. Any write to the file moves its ctime, which no tool can set back (touch
+    and ``cp -p`` restore mtime only), so rewritten content of the same size and mtime is hashed again.
+
+    The cache is a JSON file of the newest `HASH_CACHE_ENTRIES` entries; one that can't be read or written is
+    ignored (the file is hashed, as without a cache), so a read-only home never fails a run.
+    """
+    status = path.stat()
+    if status.st_size < HASH_CACHE_MIN_BYTES:
+        return file_sha256(path)
+    key = f"{path.resolve()}|{status.st_ino}|{status.st_size}|{status.st_mtime_ns}|{status.st_ctime_ns}"
+    cache_file = hash_cache_path()
+    try:
+        known = json.loads(cache_file.read_text())
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    digest = known.pop(key, None)
+    if not isinstance(digest, str) or len(digest) != 64:
+        digest = file_sha256(path)
+    known[key] = digest  # newest last: the oldest go first when the cache is full
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps(dict(list(known.items())[-HASH_CACHE_ENTRIES:])))
+        os.replace(partial, cache_file)  # whole or not at all, also with two runs writing at once
+    except OSError:
+        pass
+    return digest
 
 
 def model_revision(model: str, revision: str | None, *, trust_remote_code: bool = False) -> str:
@@ -277,11 +322,11 @@ def model_revision(model: str, revision: str | None, *, trust_remote_code: bool 
         )
         # One run asks several times (preflight, the sample stage, a cached-stage check); a 70B teacher's folder
         # takes minutes to hash, so a folder whose files kept their names, sizes and modification times isn't
-        # hashed again by this process.
+        # hashed again by this process, and its large files not by the next one either (`cached_file_sha256`).
         listing = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
         key = (str(path.resolve()), listing)
         if key not in _local_revisions:
-            digest = hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}" for p in files).encode()).hexdigest()
+            digest = hashlib.sha256("".join(f"{p.name}:{cached_file_sha256(p)}" for p in files).encode()).hexdigest()
             _local_revisions[key] = f"local-sha256:{digest[:16]}"
         return _local_revisions[key]
     from transformers import AutoConfig
