@@ -465,3 +465,53 @@ def test_a_teacher_revision_that_does_not_exist_is_named(hub, tiny_teacher, monk
         r".*check the id and revision",
         outcome,
     ), outcome
+
+
+def test_an_unreachable_hub_fails_validate_once_naming_the_teacher_and_the_fix(tmp_path, pipeline_raw):
+    """`stillhouse validate` with a Hub teacher while the Hub drops every connection and the cache is empty: one
+    round of the Hub client's retries, not a second one through transformers (with refused connections each round
+    is about 25 s of backoff), then an error that says the Hub can't be reached and what to do. The endpoint is a
+    local socket that accepts and closes; it counts the attempts."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    attempts = []
+
+    def drop_connections() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed at the end of the test
+                return
+            attempts.append(1)
+            connection.close()
+
+    threading.Thread(target=drop_connections, daemon=True).start()
+    raw = {**pipeline_raw, "sample": {**pipeline_raw["sample"], "teacher": "example-org/hub-teacher"}}
+    config = tmp_path / "hub-teacher.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": f"http://127.0.0.1:{listener.getsockname()[1]}",
+        "HF_HOME": str(tmp_path / "empty-hf-home"),
+    }
+    try:
+        validated = subprocess.run(
+            [sys.executable, "-m", "stillhouse.flows.cli", "validate", str(config)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+    finally:
+        listener.close()
+    assert validated.returncode == 2, validated.stderr[-2000:]
+    assert "sample.teacher/sample.revision: cannot read 'example-org/hub-teacher'" in validated.stderr
+    assert "the Hub can't be reached and the local cache has no copy" in validated.stderr
+    assert "Traceback" not in validated.stderr
+    # At most one file's request and its 5 retries (the client retries a dropped connection once).
+    assert len(attempts) <= 6, f"{len(attempts)} connections"

@@ -102,18 +102,35 @@ def resolve_model(reference: str, field: str) -> str:
     return reference
 
 
-def model_file(location: str, name: str, revision: str | None = None) -> Path | None:
+def model_file(location: str, name: str, revision: str | None = None, *, required: bool = False) -> Path | None:
     """``name`` of a local model folder or a Hub model (downloaded, or from the cache offline); None if it has none
-    or it can't be fetched (the transformers path that follows then raises the precise error)."""
+    or it can't be fetched (the transformers path that follows then raises the precise error).
+
+    With ``required``, a Hub that can't be reached for a file the cache doesn't hold raises `HubUnreachable`
+    instead: transformers would repeat the same requests, with the same backoff (about 25 s of retries when
+    connections are refused), only to fail the same way.
+    """
     folder = Path(location)
     if folder.is_dir():
         return folder / name if (folder / name).is_file() else None
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(hf_hub_download(location, name, revision=revision))
-    except Exception:  # not found, gated, offline without a cached copy: the fallback names the problem
+    except Exception as error:  # not found, gated, offline without a cached copy: the fallback names the problem
+        # No answer at all: refused or timed out (the client's LocalEntryNotFoundError) or dropped mid-request (its
+        # HTTP library's TransportError, raised as is; matched by name, as that library changed with the client).
+        unreachable = isinstance(error, LocalEntryNotFoundError) or any(
+            cls.__name__ == "TransportError" for cls in type(error).__mro__
+        )
+        if required and unreachable:
+            raise HubUnreachable(f"{type(error).__name__}: {str(error).splitlines()[0][:200]}") from error
         return None
+
+
+class HubUnreachable(OSError):
+    """The Hub gave no answer for a file the local cache doesn't hold (`model_file` with ``required``)."""
 
 
 def plain_config(location: str, revision: str | None = None) -> dict[str, Any] | None:
@@ -122,9 +139,10 @@ def plain_config(location: str, revision: str | None = None) -> dict[str, Any] |
 
     None otherwise (no file, unreadable JSON, remote code): callers then ask `AutoConfig`, whose error names what
     is wrong. Keys the file leaves out are the config class's defaults, which this dict doesn't have: callers
-    that need one fall back to `AutoConfig` too.
+    that need one fall back to `AutoConfig` too. A Hub that can't be reached raises `HubUnreachable`, as
+    `AutoConfig` would fail, without a second round of retries.
     """
-    path = model_file(location, "config.json", revision)
+    path = model_file(location, "config.json", revision, required=True)
     if path is None:
         return None
     try:

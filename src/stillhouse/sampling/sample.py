@@ -33,6 +33,7 @@ from stillhouse.config import SampleConfig
 from stillhouse.data.curate import read_split
 from stillhouse.errors import InputError
 from stillhouse.models import (
+    HubUnreachable,
     check_hub_safetensors,
     load_causal_lm,
     load_tokenizer,
@@ -139,10 +140,10 @@ def check_teacher(config: SampleConfig) -> TeacherFacts:
 def teacher_config_facts(config: SampleConfig, teacher: str) -> tuple[int, int | None]:
     """(vocabulary size, context length) of the teacher's config: from config.json as it is where that holds both
     (`plain_config`: no transformers import), else through `AutoConfig` (remote code, class defaults, errors)."""
-    plain = plain_config(teacher, config.revision)
-    if plain is not None and isinstance(plain.get("vocab_size"), int) and "max_position_embeddings" in plain:
-        return plain["vocab_size"], plain["max_position_embeddings"]
     try:
+        plain = plain_config(teacher, config.revision)
+        if plain is not None and isinstance(plain.get("vocab_size"), int) and "max_position_embeddings" in plain:
+            return plain["vocab_size"], plain["max_position_embeddings"]
         from transformers import AutoConfig
 
         model_config = AutoConfig.from_pretrained(
@@ -151,10 +152,15 @@ def teacher_config_facts(config: SampleConfig, teacher: str) -> tuple[int, int |
     except (OSError, ValueError) as error:
         if "trust_remote_code" in str(error):
             raise remote_code_error(config.teacher, "sample.teacher") from None
+        fix = (
+            "the Hub can't be reached and the local cache has no copy: check the network (or HF_ENDPOINT), or "
+            f"download it once where the Hub is reachable (`hf download {config.teacher}`) and share HF_HOME"
+            if isinstance(error, HubUnreachable)
+            else "check the id and revision, or log in for gated models"
+        )
         raise InputError(
             f"sample.teacher/sample.revision: cannot read {config.teacher!r} at revision {config.revision or 'main'!r} "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); check the id and revision, "
-            "or log in for gated models"
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); {fix}"
         ) from None
     return model_config.vocab_size, getattr(model_config, "max_position_embeddings", None)
 
