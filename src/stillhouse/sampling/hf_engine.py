@@ -414,8 +414,8 @@ class _ContinuousBatch:
         then each row's rest runs after it, left-padded: a row's columns are [prefix, padding, rest], its position
         ids count its own tokens, so each row's keys are what its prompt alone would give. The last prefix's keys
         and values are kept (one row): a later group that starts with it skips its forward. Prompts join in token
-        order, so consecutive groups share their instruction: on the demo teacher this halved the prefill
-        forwards (29 of 53 forwards were prefills, 14 of them prefixes already computed).
+        order, so consecutive groups share their instruction: on 256 demo prompts, 14 of the 29 prefill forwards
+        recomputed the prefix just computed; with it kept, 19 prefill forwards and 43 forwards in all (were 53).
         """
         count, shortest = len(prompts), min(map(len, prompts))
         shared = 0
