@@ -18,7 +18,7 @@ from stillhouse.refs import DatasetRef, ModelRef, SamplesRef
 from stillhouse.store import Store, fingerprint
 from stillhouse.training.checks import check_training_hardware, check_vocabularies
 
-CODE_VERSION = 2
+CODE_VERSION = 3  # 3: CPU training in several processes averages their gradients (each trained its own replica)
 # How a run is started, not what it computes: left out of the fingerprint, so a rerun with a new rendezvous
 # (as torchrun wants one per run) still resumes from the stage's checkpoints.
 LAUNCH_FIELDS = {"threads", "device", "trust_remote_code", "rendezvous", "rendezvous_id"}

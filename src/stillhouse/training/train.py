@@ -78,6 +78,7 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.training_args import ParallelMode
 
 from stillhouse.config import KDConfig, OpenAIEngineConfig, TrainConfig
 from stillhouse.errors import InputError, Interrupted, StillhouseError
@@ -672,7 +673,9 @@ def build_trainer(
         seed=config.seed,
         data_seed=config.seed,
         remove_unused_columns=False,
-        use_cpu=config.device == "cpu",
+        # On the CPU whether asked for or the only device: with `device: auto` on a CPU-only machine accelerate
+        # would otherwise set up torchrun workers as undistributed, each training its own replica on its shard.
+        use_cpu=cpu,
         bf16=config.bf16,
         dataloader_pin_memory=not cpu,
         dataloader_drop_last=len(examples) >= config.batch_size,
@@ -740,6 +743,14 @@ def run_training(
     trainer, tokenizer = build_trainer(config, dataset, samples, folder, progress, teacher_endpoint)
     checkpoints, fsdp = folder / "checkpoints", config.strategy == "fsdp"
     world_size = config.nodes * config.num_processes
+    if world_size > 1 and trainer.args.parallel_mode != ParallelMode.DISTRIBUTED:
+        # Each process would train a replica of its own on its shard of the data, and rank 0 save a student that
+        # saw 1/world_size of it: refused before the first step (a StillhouseError, so the launcher shows it).
+        raise StillhouseError(
+            f"train: {world_size} processes were started, but the Trainer set them up as "
+            f"{trainer.args.parallel_mode.value} ({trainer.args.distributed_state.distributed_type}), so their "
+            f"gradients would not be averaged; set train.num_processes to 1 (device {config.device})"
+        )
     resume = last_complete_checkpoint(checkpoints)  # a crashed run's progress, when it saved any
     if resume is not None and trainer.is_world_process_zero():
         log.info("train: resuming from %s (of %d steps)", Path(resume).name, config.max_steps)
@@ -813,6 +824,7 @@ def process_figures(trainer: Trainer) -> list[dict]:
     figures = {
         "rank": trainer.args.process_index,
         "local_parameters": local,
+        "parameter_checksum": parameter_checksum(trainer.accelerator.unwrap_model(trainer.model)),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # KiB on Linux
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_initialized() else None,
     }
@@ -821,6 +833,15 @@ def process_figures(trainer: Trainer) -> list[dict]:
     gathered = [None] * trainer.args.world_size
     torch.distributed.all_gather_object(gathered, figures)
     return gathered
+
+
+def parameter_checksum(model: torch.nn.Module) -> float:
+    """The sum of this rank's parameters (its shards under FSDP), in float64: equal on every data-parallel rank when
+    their gradients were averaged, different within a few steps when they were not."""
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        return sum(float((p.to_local() if isinstance(p, DTensor) else p).double().sum()) for p in model.parameters())
 
 
 def consolidated_student(sharded, full_state: dict, config: TrainConfig):
@@ -890,6 +911,8 @@ def launch_training(
     for leftover in ("error.txt", "result.json"):  # a failed run's
         (folder / leftover).unlink(missing_ok=True)
     environment = {**os.environ, LAUNCHER_PID_ENV: str(os.getpid())}
+    if config.threads and "OMP_NUM_THREADS" not in environment:  # torchrun would set 1 and print a banner saying so
+        environment["OMP_NUM_THREADS"] = str(config.threads)
     if config.device == "cpu":
         # A CPU run on a GPU machine hides the GPUs: torch FSDP2 builds its default device mesh on the machine's
         # accelerator (cuda:<local rank>) even for CPU tensors.
