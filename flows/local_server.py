@@ -30,6 +30,7 @@ from pathlib import Path
 from stillhouse.errors import StillhouseError
 
 STARTUP_TIMEOUT_S = 120.0
+SERVER_NICENESS = 10  # added to the run's nice value: the bookkeeping server yields the CPU to the run's work
 
 
 def free_port() -> int:
@@ -80,6 +81,7 @@ class TemporaryServer:
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
                     if answer.status == 200:
+                        self.yield_to_the_run()
                         return self.url
             except OSError:
                 pass
@@ -96,6 +98,21 @@ class TemporaryServer:
                     "point PREFECT_API_URL at a running server (prefect server start)"
                 )
             time.sleep(0.2)
+
+    def yield_to_the_run(self) -> None:
+        """Lower the server's CPU priority (nice `SERVER_NICENESS`), once it has started.
+
+        Idle, the server still polls its background-task queue (docket, every 250 ms) and holds about 15% of a
+        core. On a 2-core machine that is enough to stall a 2-thread training step, whose threads wait for each
+        other: the demo's training loop ran 1.5-1.6x faster with the server niced (400 steps, 2 alternating
+        repeats). Each thread is reniced (Linux gives every thread its own nice value, and new threads inherit
+        their creator's); the server still answers at once when a core is free. Best effort: not on every OS.
+        """
+        lower = min(19, os.getpriority(os.PRIO_PROCESS, 0) + SERVER_NICENESS)  # relative to the run's own
+        with contextlib.suppress(OSError):
+            for thread in os.listdir(f"/proc/{self.process.pid}/task"):
+                with contextlib.suppress(OSError):
+                    os.setpriority(os.PRIO_PROCESS, int(thread), lower)
 
     def stop(self) -> None:
         """TERM the server's process group, KILL it after 5 s: nothing is left behind."""
