@@ -199,9 +199,16 @@ def test_two_processes_follow_the_single_process_loss_curve(sampled):
     store, dataset, samples = sampled
     single = train_student(kd_config(max_steps=20, batch_size=16, threads=1), dataset, samples, store)
     # The 2-process run also takes the chunked loss path, which must give the same curve.
+    reported: list[float] = []
     double = train_student(
-        kd_config(max_steps=20, batch_size=16, threads=1, num_processes=2, loss_chunk_size=64), dataset, samples, store
+        kd_config(max_steps=20, batch_size=16, threads=1, num_processes=2, loss_chunk_size=64),
+        dataset,
+        samples,
+        store,
+        progress=reported.append,
     )
+    # The workers' progress reaches the launching process (the terminal, the Prefect UI) as in-process training's.
+    assert reported and reported == sorted(reported) and reported[-1] == 1.0, reported
     assert (Path(double.path) / "result.json").is_file()  # written by rank 0 of the torchrun launch
     # `device: auto` on a CPU-only machine: the ranks average their gradients, so their replicas stay equal (they
     # trained one replica each, on half the data, when accelerate set the workers up as undistributed).

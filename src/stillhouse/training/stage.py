@@ -101,7 +101,7 @@ def train_student(
         from stillhouse.training import train as training
 
         if uses_torchrun(config):
-            result = training.launch_training(config, dataset, samples, folder, teacher_endpoint)
+            result = training.launch_training(config, dataset, samples, folder, teacher_endpoint, progress)
         else:
             result = training.run_training(config, dataset, samples, folder, progress, teacher_endpoint)
         return {"model_path": str(folder / "model"), **result}

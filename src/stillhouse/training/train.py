@@ -30,7 +30,7 @@ from scratch with the teacher's tokenizer (``train.architecture``).
 Processes. ``num_processes`` > 1, ``nodes`` > 1 or ``strategy: fsdp`` run this stage under ``torchrun``
 (`launch_training`; gloo on CPU, NCCL on GPUs), one process per GPU:
 
-    python -m torch.distributed.run --nproc-per-node 2 -m stillhouse.training.worker STAGE_FOLDER/launch.json
+    python -m stillhouse.training.agent --nproc-per-node 2 -m stillhouse.training.worker STAGE_FOLDER/launch.json
 
 - ``strategy: ddp``: every process holds the whole student (data parallel).
 - ``strategy: fsdp``: torch FSDP2 through accelerate (`TrainingArguments(fsdp=..., fsdp_config=...)`) shards
@@ -57,6 +57,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -552,6 +553,30 @@ class ProgressCallback(TrainerCallback):
             self.progress(state.global_step / state.max_steps)
 
 
+AGENT_STOP_S = 5.0  # how long a stopped torchrun may take to stop its workers before it is killed
+STEP_FILE = "step.json"  # in the stage folder: the step global rank 0 of a torchrun launch has just finished
+
+
+class StepFileCallback(TrainerCallback):
+    """Global rank 0 of a torchrun launch writes each finished step to ``path``: the launching process reads it to
+    show progress (terminal and Prefect UI) and to say at which step a Ctrl-C stopped the workers."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # about 0.1 ms a step: a small file renamed into place
+            write_json_atomic(self.path, {"step": state.global_step, "max_steps": state.max_steps})
+
+
+def finished_step(folder: Path) -> int | None:
+    """The last step `StepFileCallback` wrote in ``folder``, or None before the first."""
+    try:
+        return int(json.loads((folder / STEP_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def last_complete_checkpoint(checkpoints: Path) -> str | None:
     """The newest ``checkpoint-N`` folder that Trainer finished writing, or None.
 
@@ -734,13 +759,16 @@ def run_training(
     folder: Path,
     progress: Callable[[float], None] | None = None,
     teacher_endpoint: OpenAIEngineConfig | None = None,
+    step_file: Path | None = None,
 ) -> dict:
     """Train in this process (one rank of several under torchrun); returns the manifest's content.
 
     ``teacher_endpoint`` is the sample stage's ``sample.openai``, the server of ``kd.teacher: served`` when
-    ``kd.served`` is null.
+    ``kd.served`` is null. ``step_file``: where global rank 0 writes each finished step (`StepFileCallback`).
     """
     trainer, tokenizer = build_trainer(config, dataset, samples, folder, progress, teacher_endpoint)
+    if step_file is not None:
+        trainer.add_callback(StepFileCallback(step_file))
     checkpoints, fsdp = folder / "checkpoints", config.strategy == "fsdp"
     world_size = config.nodes * config.num_processes
     if world_size > 1 and trainer.args.parallel_mode != ParallelMode.DISTRIBUTED:
@@ -880,11 +908,13 @@ def launch_training(
     samples: SamplesRef,
     folder: Path,
     teacher_endpoint: OpenAIEngineConfig | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> dict:
     """Run `run_training` in ``config.num_processes`` torchrun workers on this node; returns global rank 0's result.
 
     With ``nodes`` > 1 the torchrun agents of all nodes meet at ``config.rendezvous`` (c10d) and the workers of
-    every node share ``folder`` (see the module docstring).
+    every node share ``folder`` (see the module docstring). ``progress(fraction)`` follows global rank 0's steps
+    (`STEP_FILE`), as in-process training reports them.
     """
     spec = folder / "launch.json"
     write_json_atomic(  # atomically: on a shared folder, another node's workers may be reading it
@@ -897,7 +927,7 @@ def launch_training(
             "teacher_endpoint": teacher_endpoint.model_dump(mode="json") if teacher_endpoint else None,
         },
     )
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={config.num_processes}"]
+    command = [sys.executable, "-m", "stillhouse.training.agent", f"--nproc-per-node={config.num_processes}"]
     if config.nodes > 1:
         command += [
             f"--nnodes={config.nodes}",
@@ -908,7 +938,7 @@ def launch_training(
     else:
         command += ["--master-addr=127.0.0.1", f"--master-port={free_port()}"]
     command += ["-m", "stillhouse.training.worker", str(spec)]
-    for leftover in ("error.txt", "result.json"):  # a failed run's
+    for leftover in ("error.txt", "result.json", STEP_FILE):  # a failed run's
         (folder / leftover).unlink(missing_ok=True)
     environment = {**os.environ, LAUNCHER_PID_ENV: str(os.getpid())}
     if config.threads and "OMP_NUM_THREADS" not in environment:  # torchrun would set 1 and print a banner saying so
@@ -917,16 +947,42 @@ def launch_training(
         # A CPU run on a GPU machine hides the GPUs: torch FSDP2 builds its default device mesh on the machine's
         # accelerator (cuda:<local rank>) even for CPU tensors.
         environment["CUDA_VISIBLE_DEVICES"] = ""
+    # In a session of its own: a Ctrl-C in the terminal reaches this process only, which passes one SIGINT on
+    # (torchrun takes a second signal during its shutdown as a new error).
+    agent = subprocess.Popen(command, env=environment, start_new_session=True)
+    reported = 0
     try:
-        completed = subprocess.run(command, env=environment)
-    except KeyboardInterrupt:  # the workers got the same signal; `run` has stopped them
-        raise interrupted(None, config.max_steps, folder / "checkpoints") from None
-    if completed.returncode != 0:
+        while True:
+            try:
+                returncode = agent.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                returncode = None
+            step = finished_step(folder) or 0
+            # As often as in-process training reports (`ProgressCallback`): about 50 times a run, and the last step.
+            due = step - reported >= max(1, config.max_steps // 50) or (returncode is not None and step > reported)
+            if progress is not None and due:
+                progress(step / config.max_steps)
+                reported = step
+            if returncode is not None:
+                break
+    except BaseException as error:
+        # torchrun passes the SIGINT on to its workers, which stop where they are (a checkpoint being written is
+        # skipped on resume), and waits for them. Workers that outlive a killed torchrun kill themselves once this
+        # process is gone (`die_with_launcher`).
+        agent.send_signal(signal.SIGINT)
+        try:
+            agent.wait(timeout=AGENT_STOP_S)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+        if isinstance(error, Exception | SystemExit):
+            raise
+        # Ctrl-C (KeyboardInterrupt), or SIGTERM as an orchestrator turns it into a BaseException of its own.
+        raise interrupted(finished_step(folder), config.max_steps, folder / "checkpoints") from None
+    if returncode != 0:
         if (folder / "error.txt").is_file():
             raise StillhouseError((folder / "error.txt").read_text())
         processes = config.nodes * config.num_processes
         raise RuntimeError(
-            f"train: {processes}-process training failed (exit {completed.returncode}); "
-            "rerun to resume from its last checkpoint"
+            f"train: {processes}-process training failed (exit {returncode}); rerun to resume from its last checkpoint"
         )
     return json.loads((folder / "result.json").read_text())

@@ -1,6 +1,6 @@
 """One rank of a multi-process training stage; started by `launch_training` under torchrun.
 
-    python -m torch.distributed.run --nproc-per-node 2 -m stillhouse.training.worker STAGE_FOLDER/launch.json
+    python -m stillhouse.training.agent --nproc-per-node 2 -m stillhouse.training.worker STAGE_FOLDER/launch.json
 
 Global rank 0 writes ``result.json`` beside the spec; the launching process turns it into the manifest. A
 rank that stops on an error a user can fix (a NaN loss, bad input) writes its message to ``error.txt``, so
@@ -15,6 +15,7 @@ seeing its workers die, exits too.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -28,7 +29,7 @@ from stillhouse.config import OpenAIEngineConfig, TrainConfig
 from stillhouse.errors import StillhouseError
 from stillhouse.refs import DatasetRef, SamplesRef
 from stillhouse.store import write_json_atomic
-from stillhouse.training.train import LAUNCHER_PID_ENV, run_training
+from stillhouse.training.train import LAUNCHER_PID_ENV, STEP_FILE, run_training
 
 
 def die_with_launcher(launcher_pid: int, every_s: float = 0.5) -> None:
@@ -47,7 +48,20 @@ def die_with_launcher(launcher_pid: int, every_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="die-with-launcher", daemon=True).start()
 
 
+def show_stillhouse_logs() -> None:
+    """Print this package's INFO logs (a resume, dropped rows) to stderr, as the launching process's console does;
+    a worker has no Prefect logging set up, and Python alone would print warnings only."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s.%(msecs)03d | %(levelname)-7s | %(name)s - %(message)s", datefmt="%H:%M:%S")
+    )
+    package = logging.getLogger("stillhouse")
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+
+
 def main(spec_path: str) -> None:
+    show_stillhouse_logs()
     if os.environ.get(LAUNCHER_PID_ENV):
         die_with_launcher(int(os.environ[LAUNCHER_PID_ENV]))
     spec = json.loads(Path(spec_path).read_text())
@@ -60,10 +74,13 @@ def main(spec_path: str) -> None:
             SamplesRef.model_validate(spec["samples"]),
             folder,
             teacher_endpoint=OpenAIEngineConfig.model_validate(endpoint) if endpoint else None,
+            step_file=folder / STEP_FILE,
         )
     except StillhouseError as error:
         (folder / "error.txt").write_text(str(error))
         raise
+    except KeyboardInterrupt:  # torchrun passed on a Ctrl-C or SIGTERM: the launching process says where it stopped
+        sys.exit(130)
     if int(os.environ.get("RANK", "0")) == 0:  # the global rank 0 saved the student and counted its parameters
         write_json_atomic(folder / "result.json", result)
     # No rank ends before the result is written: another node's launcher reads it once its own workers are done
