@@ -566,7 +566,7 @@ class StepFileCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:  # about 0.1 ms a step: a small file renamed into place
-            write_json_atomic(self.path, {"step": state.global_step, "max_steps": state.max_steps})
+            write_json_atomic(self.path, {"step": state.global_step})
 
 
 def finished_step(folder: Path) -> int | None:
@@ -707,6 +707,14 @@ def build_trainer(
         ddp_backend="gloo" if cpu and uses_torchrun(config) else None,
         **(fsdp_settings(config, model) if fsdp else {}),
     )
+    if world_size > 1 and arguments.parallel_mode != ParallelMode.DISTRIBUTED:
+        # Each process would train a replica of its own on its shard of the data, and rank 0 save a student that
+        # saw 1/world_size of it: refused before a teacher loads (a StillhouseError, so the launcher shows it).
+        raise StillhouseError(
+            f"train: {world_size} processes were started, but the Trainer set them up as "
+            f"{arguments.parallel_mode.value} ({arguments.distributed_state.distributed_type}), so their "
+            f"gradients would not be averaged; set train.num_processes to 1 (device {config.device})"
+        )
     if fsdp and config.bf16:
         # bf16 copies of the parameters for compute, fp32 gradient reduction (accelerate's default reduces in bf16).
         arguments.fsdp_plugin_args["mixed_precision_policy"] = {
@@ -771,14 +779,6 @@ def run_training(
         trainer.add_callback(StepFileCallback(step_file))
     checkpoints, fsdp = folder / "checkpoints", config.strategy == "fsdp"
     world_size = config.nodes * config.num_processes
-    if world_size > 1 and trainer.args.parallel_mode != ParallelMode.DISTRIBUTED:
-        # Each process would train a replica of its own on its shard of the data, and rank 0 save a student that
-        # saw 1/world_size of it: refused before the first step (a StillhouseError, so the launcher shows it).
-        raise StillhouseError(
-            f"train: {world_size} processes were started, but the Trainer set them up as "
-            f"{trainer.args.parallel_mode.value} ({trainer.args.distributed_state.distributed_type}), so their "
-            f"gradients would not be averaged; set train.num_processes to 1 (device {config.device})"
-        )
     resume = last_complete_checkpoint(checkpoints)  # a crashed run's progress, when it saved any
     if resume is not None and trainer.is_world_process_zero():
         log.info("train: resuming from %s (of %d steps)", Path(resume).name, config.max_steps)
