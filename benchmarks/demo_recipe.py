@@ -3,9 +3,10 @@ answers to the eval split. How the README's table of demo variants was measured.
 
     python benchmarks/demo_recipe.py --set architecture.num_layers=6 --set adam_beta2=0.98 --set seed=1
 
-Each --set is a `train.` field of configs/demo.yaml (one torch thread unless --set threads=N). The curate and
-sample stages come from the store (`.stillhouse/store`), computed the first time. Prints one JSON line: exact match
-overall and per task, CPU and wall seconds of training, the student's parameters.
+Each --set is a `train.` field of configs/demo.yaml. Training runs in this one process (the demo's two processes
+are torchrun's, so compare their time with `stillhouse run`), on one torch thread unless --set threads=N. The curate
+and sample stages come from the store (`.stillhouse/store`), computed the first time. Prints one JSON line: exact
+match overall and per task, CPU and wall seconds of training, the student's parameters.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=Path(".stillhouse/store"))
     args = parser.parse_args()
     config = load_config(
-        REPOSITORY / "configs" / "demo.yaml", ["train.threads=1"] + [f"train.{o}" for o in args.overrides]
+        REPOSITORY / "configs" / "demo.yaml",
+        ["train.threads=1", "train.num_processes=1"] + [f"train.{o}" for o in args.overrides],
     )
     store = Store(args.store)
     dataset = curate(config.curate, store)

@@ -6,13 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny_model, curate_and_sample
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from stillhouse.config import EvaluateConfig, TrainConfig
 from stillhouse.errors import InputError
 from stillhouse.evaluation.stage import evaluate_student
 from stillhouse.models import load_tokenizer, vocabulary_difference
 from stillhouse.training.stage import train_student
+from stillhouse.training.train import routes_to_experts
 
 ARCHITECTURE = {"hidden_size": 16, "num_layers": 2, "intermediate_size": 32, "num_heads": 2}
 
@@ -195,7 +196,7 @@ def test_a_crashed_run_resumes_from_its_last_checkpoint(sampled):
 
 
 @pytest.mark.slow
-def test_two_processes_follow_the_single_process_loss_curve(sampled):
+def test_two_processes_follow_the_single_process_loss_curve(sampled, capfd):
     store, dataset, samples = sampled
     single = train_student(kd_config(max_steps=20, batch_size=16, threads=1), dataset, samples, store)
     # The 2-process run also takes the chunked loss path, which must give the same curve.
@@ -215,6 +216,8 @@ def test_two_processes_follow_the_single_process_loss_curve(sampled):
     ranks = json.loads((Path(double.path) / "result.json").read_text())["processes"]
     assert double.parameters == single.parameters and len(ranks) == 2
     assert ranks[0]["parameter_checksum"] == ranks[1]["parameter_checksum"], ranks
+    # A dense student: DDP does not search each step's graph for unused parameters (each rank warned that it did).
+    assert "find_unused_parameters=True" not in capfd.readouterr().err
     one, two = ([p["loss"] for p in run.loss_history] for run in (single, double))
     assert len(one) == len(two) == 4
     # Same global batch and schedule; the data order differs (DistributedSampler), so compare the curve loosely.
@@ -253,3 +256,12 @@ def test_chunked_losses_train_like_the_logits_path(sampled, method, kd):
     chunked = train_student(kd_config(**settings, loss_chunk_size=7), dataset, samples, store)
     for a, b in zip(plain.loss_history, chunked.loss_history, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
+
+
+def test_only_a_mixture_of_experts_student_has_ddp_search_for_unused_parameters():
+    shape = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    shape |= {"num_attention_heads": 2, "num_key_value_heads": 2}
+    dense = LlamaForCausalLM(LlamaConfig(**shape))
+    experts = MixtralForCausalLM(MixtralConfig(**shape, num_local_experts=4, num_experts_per_tok=1))
+    assert not routes_to_experts(dense)
+    assert routes_to_experts(experts)

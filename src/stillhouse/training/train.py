@@ -616,6 +616,13 @@ def with_lora(model, config: TrainConfig):
     return get_peft_model(model, adapters)
 
 
+def routes_to_experts(model) -> bool:
+    """Whether the student is a mixture of experts, whose batches can leave an expert's parameters unused."""
+    settings = model.config.get_text_config()
+    expert_counts = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+    return any(getattr(settings, name, None) for name in expert_counts)
+
+
 def reuses_stored_top_k(config: TrainConfig, samples: SamplesRef, shared_vocabulary: bool) -> bool:
     """Whether a live teacher's off-policy batches (on-policy training, ``kd.lmbda`` > 0) take the stored top-k
     instead of a teacher forward: only where it is what that teacher would give them, its top-``online_top_k``
@@ -705,6 +712,9 @@ def build_trainer(
         dataloader_pin_memory=not cpu,
         dataloader_drop_last=len(examples) >= config.batch_size,
         ddp_backend="gloo" if cpu and uses_torchrun(config) else None,
+        # DDP looks for parameters a forward left unused only where some can be: experts no token was routed to.
+        # Elsewhere the search is an extra walk of the autograd graph every step (and a warning from every rank).
+        ddp_find_unused_parameters=routes_to_experts(model),
         **(fsdp_settings(config, model) if fsdp else {}),
     )
     if world_size > 1 and arguments.parallel_mode != ParallelMode.DISTRIBUTED:
