@@ -65,6 +65,12 @@ def test_student_needs_exactly_one_source(pipeline_raw):
         parse_config(pipeline_raw)
 
 
+def test_a_schedule_whose_warmup_and_decay_overlap_is_refused(pipeline_raw):
+    pipeline_raw["train"] |= {"lr_scheduler": "warmup_stable_decay", "warmup_ratio": 0.3, "decay_ratio": 0.8}
+    with pytest.raises(ConfigError, match=r"warmup_ratio \(0.3\) \+ decay_ratio \(0.8\) is over 1"):
+        parse_config(pipeline_raw)
+
+
 def test_overrides_apply_with_yaml_types(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text((Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())

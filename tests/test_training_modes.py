@@ -227,6 +227,18 @@ def test_two_processes_follow_the_single_process_loss_curve(sampled, capfd):
     assert two[-1] < two[0]
 
 
+def test_warmup_stable_decay_holds_the_peak_rate_then_decays_over_the_last_steps(sampled):
+    store, dataset, samples = sampled
+    config = kd_config(
+        max_steps=20, logging_steps=1, lr_scheduler="warmup_stable_decay", warmup_ratio=0.1, decay_ratio=0.25
+    )
+    rates = [point["learning_rate"] for point in train_student(config, dataset, samples, store).loss_history]
+    assert len(rates) == 20, rates  # each step's rate
+    assert rates[:3] == [0.0, 0.005, 0.01], rates  # 2 warmup steps (10% of 20)
+    assert set(rates[2:16]) == {0.01}, rates  # the peak, until the last 5 steps (25% of 20) decay it to 0
+    assert all(later < earlier for earlier, later in zip(rates[15:], rates[16:])) and rates[-1] < 0.001, rates
+
+
 def test_gradient_accumulation_and_checkpointing_train_the_same_global_batch(sampled):
     store, dataset, samples = sampled
     plain = train_student(kd_config(max_steps=8, logging_steps=4), dataset, samples, store)

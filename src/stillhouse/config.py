@@ -690,10 +690,15 @@ class TrainConfig(StrictModel):
         64, gt=0, description="Sequences per optimizer step, over all processes and accumulation steps."
     )
     learning_rate: float = Field(1e-3, gt=0, lt=1, description="Peak learning rate of AdamW.")
-    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field(
-        "cosine", description="Learning-rate schedule after warmup."
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup", "warmup_stable_decay"] = Field(
+        "cosine",
+        description="Learning-rate schedule after warmup. `warmup_stable_decay` holds the peak rate, then decays it "
+        "to 0 (cosine) over the last `decay_ratio` of the steps.",
     )
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
+    decay_ratio: float = Field(
+        0.2, gt=0, le=1, description="Share of steps spent decaying (`lr_scheduler: warmup_stable_decay` only)."
+    )
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     adam_beta2: float = Field(
         0.999,
@@ -797,6 +802,11 @@ class TrainConfig(StrictModel):
             )
         if self.lora is not None and self.student is None:
             raise ValueError("lora needs a pretrained `student`; a student built from scratch trains every weight")
+        if self.lr_scheduler == "warmup_stable_decay" and self.warmup_ratio + self.decay_ratio > 1:
+            raise ValueError(
+                f"warmup_ratio ({self.warmup_ratio}) + decay_ratio ({self.decay_ratio}) is over 1: warming up and "
+                "decaying would take more than all the steps; lower one of them"
+            )
         return self
 
 

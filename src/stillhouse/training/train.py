@@ -692,6 +692,9 @@ def build_trainer(
         activation_checkpointing=config.gradient_checkpointing and not fsdp,  # FSDP checkpoints its own layers
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
+        lr_scheduler_kwargs={"num_decay_steps": round(config.decay_ratio * config.max_steps)}
+        if config.lr_scheduler == "warmup_stable_decay"
+        else {},
         warmup_steps=config.warmup_ratio,
         weight_decay=config.weight_decay,
         adam_beta2=config.adam_beta2,
