@@ -73,6 +73,7 @@ from transformers import (
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedConfig,
     PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
@@ -616,11 +617,12 @@ def with_lora(model, config: TrainConfig):
     return get_peft_model(model, adapters)
 
 
-def routes_to_experts(model) -> bool:
-    """Whether the student is a mixture of experts, whose batches can leave an expert's parameters unused."""
-    settings = model.config.get_text_config()
+def may_leave_parameters_unused(settings: PreTrainedConfig) -> bool:
+    """Whether a student of this config can leave some of its parameters out of a forward: a mixture of experts
+    (an expert no token was routed to) or a model with more than a text decoder (a vision tower text never runs)."""
+    text = settings.get_text_config()
     expert_counts = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-    return any(getattr(settings, name, None) for name in expert_counts)
+    return text is not settings or any(getattr(text, name, None) for name in expert_counts)
 
 
 def reuses_stored_top_k(config: TrainConfig, samples: SamplesRef, shared_vocabulary: bool) -> bool:
@@ -715,9 +717,9 @@ def build_trainer(
         dataloader_pin_memory=not cpu,
         dataloader_drop_last=len(examples) >= config.batch_size,
         ddp_backend="gloo" if cpu and uses_torchrun(config) else None,
-        # DDP looks for parameters a forward left unused only where some can be: experts no token was routed to.
-        # Elsewhere the search is an extra walk of the autograd graph every step (and a warning from every rank).
-        ddp_find_unused_parameters=routes_to_experts(model),
+        # DDP looks for parameters a forward left unused only where there can be some. Elsewhere the search is an
+        # extra walk of the autograd graph every step (and a warning from every rank).
+        ddp_find_unused_parameters=may_leave_parameters_unused(model.config),
         **(fsdp_settings(config, model) if fsdp else {}),
     )
     if world_size > 1 and arguments.parallel_mode != ParallelMode.DISTRIBUTED:
