@@ -199,3 +199,15 @@ def test_adam_beta2_reaches_the_optimizer_and_the_fingerprint(sampled, tmp_path)
     # An optimizer setting changes what is trained: it is part of the train stage's fingerprint.
     assert "adam_beta2" not in LAUNCH_FIELDS
     assert TrainConfig(architecture=ARCHITECTURE).adam_beta2 == 0.999  # AdamW's (and transformers') default
+
+
+def test_decay_ratio_is_part_of_the_fingerprint_only_where_the_schedule_reads_it():
+    from stillhouse.training.stage import fingerprinted_settings
+
+    def settings(**changes):
+        return fingerprinted_settings(TrainConfig(architecture=ARCHITECTURE, **changes))
+
+    assert settings(decay_ratio=0.1) == settings(decay_ratio=0.3)  # cosine: the same run, the same stored output
+    assert "decay_ratio" not in settings()
+    wsd = {"lr_scheduler": "warmup_stable_decay"}
+    assert settings(**wsd, decay_ratio=0.1) != settings(**wsd, decay_ratio=0.3)

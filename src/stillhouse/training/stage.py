@@ -61,6 +61,15 @@ def check_teacher_capabilities(config: TrainConfig, samples: SamplesRef) -> None
     )
 
 
+def fingerprinted_settings(config: TrainConfig) -> dict:
+    """The settings that determine what a run trains: all but `LAUNCH_FIELDS`, and `decay_ratio` only where the
+    schedule reads it (so adding it left every other run's stored output where it was)."""
+    settings = config.model_dump(mode="json", exclude=LAUNCH_FIELDS)
+    if config.lr_scheduler != "warmup_stable_decay":
+        del settings["decay_ratio"]
+    return settings
+
+
 def train_student(
     config: TrainConfig,
     dataset: DatasetRef,
@@ -79,7 +88,7 @@ def train_student(
         resolve_model(config.student, "train.student")
     stage_fingerprint = fingerprint(
         "train",
-        config.model_dump(mode="json", exclude=LAUNCH_FIELDS),
+        fingerprinted_settings(config),
         {"dataset": dataset.fingerprint, "samples": samples.fingerprint},
         CODE_VERSION,
     )
