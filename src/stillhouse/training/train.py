@@ -545,12 +545,17 @@ def sample_rollouts(
     return torch.cat([prompt_ids, torch.stack(chosen_tokens, dim=1)], dim=1)
 
 
+def progress_every(max_steps: int) -> int:
+    """Steps between two progress reports (terminal and Prefect UI): about 50 a run, in-process or under torchrun."""
+    return max(1, max_steps // 50)
+
+
 class ProgressCallback(TrainerCallback):
     def __init__(self, progress: Callable[[float], None]):
         self.progress = progress
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % max(1, state.max_steps // 50) == 0:
+        if state.global_step % progress_every(state.max_steps) == 0:
             self.progress(state.global_step / state.max_steps)
 
 
@@ -973,8 +978,8 @@ def launch_training(
             except subprocess.TimeoutExpired:
                 returncode = None
             step = finished_step(folder) or 0
-            # As often as in-process training reports (`ProgressCallback`): about 50 times a run, and the last step.
-            due = step - reported >= max(1, config.max_steps // 50) or (returncode is not None and step > reported)
+            # As often as in-process training reports (`ProgressCallback`), and the last step.
+            due = step - reported >= progress_every(config.max_steps) or (returncode is not None and step > reported)
             if progress is not None and due:
                 progress(step / config.max_steps)
                 reported = step
